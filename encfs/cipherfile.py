@@ -1,0 +1,259 @@
+"""Plaintext read/write/truncate/allocate over one backing file of encrypted blocks.
+
+One ``CipherFile`` exists per backing inode while it is open (hard links share it), so
+every handle on the file serialises partial-block read-modify-write under the same lock.
+Readers share the lock; writers and truncation hold it exclusively. All offsets are
+plaintext (``plain_off``) unless named ``cipher_off``; ``format.Geometry`` converts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+
+from encfs import crypto
+from encfs import format as fmt
+from encfs.errors import IntegrityError
+from encfs.keys import VolumeKeys
+
+FALLOC_FL_KEEP_SIZE = 0x01
+
+
+class RWLock:
+    """Many readers or one writer. Not reentrant; writers may starve under endless reads."""
+
+    __slots__ = ("_cond", "_readers", "_writer")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+
+    def acquire_read(self) -> None:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    def acquire_write(self) -> None:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+
+    def release_write(self) -> None:
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+class CipherFile:
+    """Encrypted content of one backing inode.
+
+    ``file_id`` is None while the backing file is empty (no header yet). Every method takes
+    the backing ``fd`` to use (any open fd of this inode; writes need one opened O_RDWR).
+    Raises ``IntegrityError`` for tampered data and ``OSError`` from the backing fs.
+    """
+
+    def __init__(self, keys: VolumeKeys, geometry: fmt.Geometry, backing_path: str) -> None:
+        self.keys = keys
+        self.geo = geometry
+        self.backing_path = backing_path
+        self.lock = RWLock()
+        self.refs = 0
+        self._file_id: bytes | None = None
+
+    # --- header -------------------------------------------------------------------------
+
+    def _file_id_for(self, fd: int) -> bytes | None:
+        """The file id, read from the header on first use; None for an empty file."""
+        file_id = self._file_id
+        if file_id is None:
+            raw = os.pread(fd, fmt.FILE_HEADER_LEN, 0)
+            if not raw:
+                return None
+            try:
+                file_id = fmt.parse_file_header(raw)
+            except Exception:
+                raise IntegrityError("file header damaged", backing_path=self.backing_path) from None
+            self._file_id = file_id
+        return file_id
+
+    def _ensure_header(self, fd: int) -> bytes:
+        """File id, writing a fresh header if the file is empty. Caller holds the write lock."""
+        file_id = self._file_id_for(fd)
+        if file_id is None:
+            file_id = crypto.random_bytes(fmt.FILE_ID_LEN)
+            _pwrite_all(fd, fmt.pack_file_header(file_id), 0)
+            self._file_id = file_id
+        return file_id
+
+    def plain_size(self, fd: int) -> int:
+        return self.geo.plain_size(os.fstat(fd).st_size)
+
+    # --- block helpers (caller holds the lock) -------------------------------------------
+
+    def _read_blocks(self, fd: int, file_id: bytes, first: int, end: int, plain_size: int) -> bytearray:
+        """Decrypt blocks [first, end) as far as they exist below ``plain_size``."""
+        geo = self.geo
+        end = min(end, -(-plain_size // geo.block_size))
+        if end <= first:
+            return bytearray()
+        cipher_off = geo.block_cipher_off(first)
+        cipher_len = geo.cipher_size(plain_size) - cipher_off
+        cipher_len = min(cipher_len, (end - first) * geo.cipher_block_size)
+        raw = os.pread(fd, cipher_len, cipher_off)
+        if len(raw) != cipher_len:
+            raise IntegrityError("file shorter than its size", backing_path=self.backing_path)
+        return self.keys.file_cipher(file_id).open(first, raw, self.backing_path)
+
+    def _rewrite_block(self, fd: int, file_id: bytes, block_no: int, plain: bytes | bytearray) -> None:
+        sealed = self.keys.file_cipher(file_id).seal(block_no, plain)
+        _pwrite_all(fd, sealed, self.geo.block_cipher_off(block_no))
+
+    def _pad_last_block(self, fd: int, file_id: bytes, plain_size: int, to_len: int) -> None:
+        """Re-seal the partial last block zero-padded to ``to_len`` bytes (growing the file)."""
+        geo = self.geo
+        last = geo.block_no(plain_size)
+        data = self._read_blocks(fd, file_id, last, last + 1, plain_size)
+        data.extend(bytes(to_len - len(data)))
+        self._rewrite_block(fd, file_id, last, data)
+
+    # --- public operations -----------------------------------------------------------------
+
+    def read(self, fd: int, plain_off: int, size: int) -> bytes:
+        self.lock.acquire_read()
+        try:
+            plain_size = self.plain_size(fd)
+            if plain_off >= plain_size or size <= 0:
+                return b""
+            size = min(size, plain_size - plain_off)
+            file_id = self._file_id_for(fd)
+            if file_id is None:
+                return b""
+            first, end = self.geo.block_range(plain_off, size)
+            plain = self._read_blocks(fd, file_id, first, end, plain_size)
+            skip = plain_off - self.geo.block_plain_off(first)
+            return bytes(memoryview(plain)[skip : skip + size])
+        finally:
+            self.lock.release_read()
+
+    def write(self, fd: int, plain_off: int, data: bytes) -> int:
+        length = len(data)
+        if not length:
+            return 0
+        geo = self.geo
+        bs = geo.block_size
+        self.lock.acquire_write()
+        try:
+            cipher_size_before = os.fstat(fd).st_size
+            plain_size = geo.plain_size(cipher_size_before)
+            file_id = self._ensure_header(fd)
+            try:
+                first, end = geo.block_range(plain_off, length)
+                if plain_off > plain_size and plain_size % bs and geo.block_no(plain_size) < first:
+                    self._pad_last_block(fd, file_id, plain_size, bs)
+                start = geo.block_plain_off(first)
+                write_end = plain_off + length
+                range_end = min(geo.block_plain_off(end), max(write_end, plain_size))
+                head = plain_off - start
+                if head == 0 and range_end == write_end:
+                    plain: bytes | bytearray = data
+                else:
+                    buf = bytearray(range_end - start)
+                    if head and start < plain_size:
+                        old = self._read_blocks(fd, file_id, first, first + 1, plain_size)
+                        buf[: len(old)] = old
+                    last = end - 1
+                    if range_end > write_end and (last != first or not head):
+                        old = self._read_blocks(fd, file_id, last, last + 1, plain_size)
+                        off = geo.block_plain_off(last) - start
+                        buf[off : off + len(old)] = old
+                    buf[head : head + length] = data
+                    plain = buf
+                sealed = self.keys.file_cipher(file_id).seal(first, plain)
+                _pwrite_all(fd, sealed, geo.block_cipher_off(first))
+            except OSError:
+                # Never leave a half-written extension behind (e.g. ENOSPC mid-block).
+                if os.fstat(fd).st_size > cipher_size_before:
+                    os.ftruncate(fd, cipher_size_before)
+                raise
+            return length
+        finally:
+            self.lock.release_write()
+
+    def truncate(self, fd: int, new_size: int) -> None:
+        geo = self.geo
+        bs = geo.block_size
+        self.lock.acquire_write()
+        try:
+            plain_size = self.plain_size(fd)
+            if new_size == plain_size:
+                return
+            if new_size == 0:
+                os.ftruncate(fd, 0)
+                self._file_id = None
+                return
+            file_id = self._ensure_header(fd)
+            if new_size < plain_size:
+                if new_size % bs:
+                    block_no = geo.block_no(new_size)
+                    data = self._read_blocks(fd, file_id, block_no, block_no + 1, plain_size)
+                    self._rewrite_block(fd, file_id, block_no, data[: new_size - geo.block_plain_off(block_no)])
+                os.ftruncate(fd, geo.cipher_size(new_size))
+                return
+            if plain_size % bs:
+                last = geo.block_no(plain_size)
+                if last == geo.block_no(new_size - 1):
+                    self._pad_last_block(fd, file_id, plain_size, new_size - geo.block_plain_off(last))
+                    return
+                self._pad_last_block(fd, file_id, plain_size, bs)
+            # The new tail stays a hole: all-zero cipher blocks read as zeros.
+            os.ftruncate(fd, geo.cipher_size(new_size))
+        finally:
+            self.lock.release_write()
+
+    def allocate(self, fd: int, mode: int, plain_off: int, length: int) -> None:
+        """fallocate(2) modes 0 and FALLOC_FL_KEEP_SIZE; others raise EOPNOTSUPP."""
+        if mode & ~FALLOC_FL_KEEP_SIZE:
+            raise OSError(errno.EOPNOTSUPP, "fallocate mode not supported")
+        end = plain_off + length
+        if not mode & FALLOC_FL_KEEP_SIZE and end > self.plain_size(fd):
+            self.truncate(fd, end)
+        geo = self.geo
+        first, last_end = geo.block_range(plain_off, length)
+        cipher_off = geo.block_cipher_off(first)
+        cipher_len = geo.block_cipher_off(last_end) - cipher_off
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            cipher_len = min(cipher_len, max(os.fstat(fd).st_size - cipher_off, 0))
+        if cipher_len > 0:
+            _fallocate(fd, mode, cipher_off, cipher_len)
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray, cipher_off: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, cipher_off)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write to backing file")
+        view = view[written:]
+        cipher_off += written
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+
+
+def _fallocate(fd: int, mode: int, cipher_off: int, cipher_len: int) -> None:
+    if _libc.fallocate(fd, mode, cipher_off, cipher_len) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

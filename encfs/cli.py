@@ -1,0 +1,463 @@
+"""The ``encfs`` command line: argv, exit codes and logging set-up live here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import logging
+import logging.handlers
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from encfs import __version__, errors, volume
+from encfs import format as fmt
+from encfs.vault import VaultSettings, connect, parse_vault_url
+
+log = logging.getLogger("encfs")
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes; README.md's table mirrors this enum."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    NO_VOLUME = 3
+    BAD_VOLUME = 4
+    HEADER_AUTH = 5
+    VOLUME_EXISTS = 6
+    VAULT_CONFIG = 10
+    VAULT_CREDENTIALS = 11
+    VAULT_DENIED = 12
+    VAULT_KEY_NOT_FOUND = 13
+    VAULT_KEY_DISABLED = 14
+    VAULT_KEY_RETIRED = 15
+    VAULT_SEALED = 16
+    VAULT_UNREACHABLE = 17
+    VAULT_TLS = 18
+    VAULT_PROTOCOL = 19
+    MOUNT_FAILED = 20
+    NOT_MOUNTED = 21
+    BUSY = 22
+    CORRUPT = 30
+
+
+_ERROR_CODES: tuple[tuple[type[errors.EncfsError], ExitCode], ...] = (
+    (errors.VolumeNotFound, ExitCode.NO_VOLUME),
+    (errors.HeaderAuthError, ExitCode.HEADER_AUTH),
+    (errors.FormatError, ExitCode.BAD_VOLUME),
+    (errors.VolumeExists, ExitCode.VOLUME_EXISTS),
+    (errors.VaultConfigError, ExitCode.VAULT_CONFIG),
+    (errors.VaultCredentialsError, ExitCode.VAULT_CREDENTIALS),
+    (errors.VaultPermissionDenied, ExitCode.VAULT_DENIED),
+    (errors.VaultKeyNotFound, ExitCode.VAULT_KEY_NOT_FOUND),
+    (errors.VaultKeyDisabled, ExitCode.VAULT_KEY_DISABLED),
+    (errors.VaultKeyVersionRetired, ExitCode.VAULT_KEY_RETIRED),
+    (errors.VaultSealed, ExitCode.VAULT_SEALED),
+    (errors.VaultUnreachable, ExitCode.VAULT_UNREACHABLE),
+    (errors.VaultTLSError, ExitCode.VAULT_TLS),
+    (errors.VaultProtocolError, ExitCode.VAULT_PROTOCOL),
+    (errors.MountError, ExitCode.MOUNT_FAILED),
+)
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    for kind, code in _ERROR_CODES:
+        if isinstance(exc, kind):
+            return code
+    return ExitCode.FAILURE
+
+
+DESCRIPTION = """\
+encfs keeps a directory of ciphertext (the cipher dir) and presents it, decrypted, as a FUSE
+mount. The volume key is wrapped by a key-encryption key in a vault (OpenBao or HashiCorp
+Vault transit); encfs asks the vault to unwrap it at mount time and wipes every key from
+memory when it unmounts. encfs is unrelated to, and not compatible with, the legacy EncFS.
+"""
+
+EPILOG = """\
+vault token (the host's identity), first found wins:
+  --token-file FILE (mode 0600), $CREDENTIALS_DIRECTORY/vault-token (systemd
+  LoadCredential=), $VAULT_TOKEN, $BAO_TOKEN. Never on the command line.
+
+exit codes:
+""" + "\n".join(f"  {code.value:3d}  {code.name.lower().replace('_', '-')}" for code in ExitCode) + """
+
+examples:
+  encfs init /srv/cipher --vault transit+https://vault.example:8200/transit/host-key \\
+      --token-file /etc/encfs/host.token
+  encfs mount /srv/cipher /srv/data --token-file /etc/encfs/host.token
+  encfs info /srv/cipher --json
+  encfs unmount /srv/data
+"""
+
+
+def _vault_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("vault access")
+    g.add_argument("--token-file", type=Path, metavar="FILE",
+                   help="file holding the host's vault token (must not be group/world readable)")
+    g.add_argument("--ca-file", type=Path, metavar="FILE",
+                   help="CA bundle to verify the vault's TLS certificate (default: system CAs)")
+    g.add_argument("--vault-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="timeout of each vault request (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="encfs",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"encfs {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "init", help="create a new volume in an empty cipher dir",
+        description="Create a volume: ask the vault for a fresh volume key (transit datakey), "
+        "store only its wrapped form in CIPHERDIR/encfs.volume and wipe the plaintext copy.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR",
+                   help="directory for the ciphertext (created if missing; must be empty)")
+    p.add_argument("--vault", required=True, metavar="URL",
+                   help="transit+https://HOST:PORT/MOUNT/KEY (transit+http only to loopback)")
+    p.add_argument("--block-size", type=int, default=fmt.DEFAULT_BLOCK_SIZE, metavar="BYTES",
+                   help="plaintext bytes per encrypted block, 4096..65536 in steps of 4096 "
+                   "(default: %(default)s)")
+    _vault_args(p)
+
+    p = sub.add_parser(
+        "mount", help="unlock a volume with the vault and mount it",
+        description="Unwrap the volume key with the vault and mount the plaintext view. "
+        "Returns once the mount is live and leaves the daemon running in the background, "
+        "unless --foreground is given (use that under systemd). If the vault refuses or "
+        "cannot be reached, nothing is mounted and the exit code says why.",
+    )
+    p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay attached; log to stderr; exit when unmounted")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                   help="mount options: allow_other, default_permissions, ro")
+    p.add_argument("--vault", dest="vault_url", metavar="URL",
+                   help="override the vault URL stored in the volume (same key, other address)")
+    p.add_argument("--log-file", type=Path, metavar="FILE",
+                   help="where the background daemon logs (default: syslog if available)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _vault_args(p)
+
+    p = sub.add_parser(
+        "unmount", aliases=["umount"], help="unmount; the daemon wipes its keys and exits",
+        description="Unmount MOUNTPOINT (fusermount3 -u) and wait for the daemon to wipe its "
+        "keys and exit.",
+    )
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("-z", "--lazy", action="store_true",
+                   help="detach now even if files are open (lazy unmount)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the daemon to exit (default: %(default)s)")
+
+    p = sub.add_parser(
+        "info", help="print the volume header (no secrets)",
+        description="Print the volume header. Needs no vault: the wrapped key is safe to show. "
+        "The header's tag is checked only by mount and fsck, which unwrap the key.",
+    )
+    p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser(
+        "fsck", help="authenticate every name and block of a volume",
+        description="Unwrap the key, then decrypt and authenticate every directory id, name, "
+        "file header, block, symlink and xattr. Lists each problem with its path and block. "
+        "Exit 0 when clean, 30 (corrupt) when anything failed. Read-only. Run it on an "
+        "unmounted volume (or accept that concurrent writes may show as problems).",
+    )
+    p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
+    p.add_argument("--json", action="store_true", help="problems as JSON lines")
+    _vault_args(p)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> VaultSettings:
+    return VaultSettings(token_file=args.token_file, ca_file=args.ca_file,
+                         timeout=args.vault_timeout)
+
+
+def setup_logging(verbose: int, *, stream: bool = True, log_file: Path | None = None,
+                  syslog: bool = False) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level)
+    fmt_line = logging.Formatter("%(asctime)s encfs[%(process)d] %(levelname)s %(message)s")
+    if stream:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("encfs: %(levelname)s: %(message)s"))
+        root.addHandler(handler)
+    if log_file is not None:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(fmt_line)
+        root.addHandler(handler)
+    if syslog and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("encfs[%(process)d]: %(levelname)s %(message)s"))
+        root.addHandler(handler)
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> ExitCode:
+    url = parse_vault_url(args.vault)
+    try:
+        fmt.validate_block_size(args.block_size)
+    except ValueError as exc:
+        print(f"encfs: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    vault = connect(url, _settings(args))
+    try:
+        header = volume.create(args.cipher_dir, vault, block_size=args.block_size)
+    finally:
+        vault.close()
+    print(f"created volume {header.volume_id.hex()} in {args.cipher_dir}")
+    print(f"  vault key: {url} (KEK version {header.kek_version})")
+    print(f"  mount it:  encfs mount {args.cipher_dir} MOUNTPOINT")
+    return ExitCode.OK
+
+
+def _mount_options(raw: Sequence[str]) -> dict[str, bool]:
+    known = {"allow_other", "default_permissions", "ro", "rw"}
+    opts: dict[str, bool] = {}
+    for group in raw:
+        for opt in filter(None, group.split(",")):
+            if opt not in known:
+                raise argparse.ArgumentTypeError(
+                    f"unknown mount option {opt!r} (known: {', '.join(sorted(known))})"
+                )
+            opts[opt] = True
+    return opts
+
+
+def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
+    from encfs.daemon import Daemon, MountConfig
+    from encfs.fs import FsOptions
+
+    try:
+        opts = _mount_options(args.options)
+    except argparse.ArgumentTypeError as exc:
+        print(f"encfs: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    if not args.foreground:
+        return _spawn_background(argv, args)
+    read_only = opts.get("ro", False) and not opts.get("rw", False)
+    config = MountConfig(
+        cipher_dir=args.cipher_dir.resolve(),
+        mountpoint=args.mountpoint.resolve(),
+        vault=_settings(args),
+        vault_url=args.vault_url,
+        allow_other=opts.get("allow_other", False),
+        default_permissions=opts.get("default_permissions", False),
+        read_only=read_only,
+        fs=FsOptions(read_only=read_only),
+        debug=args.verbose >= 3,
+    )
+    ready_fd: int | None = args.ready_fd
+
+    def on_ready() -> None:
+        if ready_fd is None:
+            return
+        # Background child: from now on log only to the log file / syslog, then tell the
+        # waiting parent that the mount is live (it exits, and our stderr pipe closes).
+        setup_logging(args.verbose, stream=False, log_file=args.log_file,
+                      syslog=args.log_file is None)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        os.write(ready_fd, b"READY\n")
+        os.close(ready_fd)
+
+    Daemon(config).run(on_ready=on_ready)
+    return ExitCode.OK
+
+
+def _spawn_background(argv: Sequence[str], args: argparse.Namespace) -> ExitCode:
+    """Run the daemon as a detached child; return once it reports the mount live or fails."""
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "encfs", *argv, "--foreground", "--ready-fd", str(write_end)]
+    child = subprocess.Popen(
+        cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, start_new_session=True,
+    )
+    os.close(write_end)
+    assert child.stderr is not None
+    stderr_fd = child.stderr.fileno()
+    deadline = time.monotonic() + max(60.0, 3 * args.vault_timeout)
+    ready = b""
+    err_text = b""
+    open_fds = {read_end, stderr_fd}
+    while open_fds and time.monotonic() < deadline:
+        readable, _, _ = select.select(list(open_fds), [], [], 0.5)
+        for fd in readable:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                open_fds.discard(fd)
+            elif fd == read_end:
+                ready += chunk
+            else:
+                err_text += chunk
+        if b"READY" in ready:
+            break
+    os.close(read_end)
+    child.stderr.close()
+    if b"READY" in ready:
+        sys.stderr.write(err_text.decode(errors="replace"))
+        print(f"mounted {args.cipher_dir} on {args.mountpoint} (daemon pid {child.pid})")
+        return ExitCode.OK
+    try:
+        code = child.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        sys.stderr.write(err_text.decode(errors="replace"))
+        print("encfs: error: the mount did not come up in time; daemon killed", file=sys.stderr)
+        return ExitCode.MOUNT_FAILED
+    sys.stderr.write(err_text.decode(errors="replace"))
+    return ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.MOUNT_FAILED
+
+
+def cmd_unmount(args: argparse.Namespace) -> ExitCode:
+    from encfs.daemon import runtime_file
+
+    mountpoint = args.mountpoint.resolve()
+    if not os.path.ismount(mountpoint):
+        print(f"encfs: error: {mountpoint} is not mounted", file=sys.stderr)
+        return ExitCode.NOT_MOUNTED
+    pid: int | None = None
+    try:
+        pid = int(json.loads(runtime_file(mountpoint).read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        pid = None
+    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
+    cmd = [tool, "-u", *(["-z"] if args.lazy else []), str(mountpoint)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        msg = proc.stderr.strip()
+        if "busy" in msg.lower():
+            print(f"encfs: error: {mountpoint} is busy (files open or a process's cwd); "
+                  "close them or use --lazy", file=sys.stderr)
+            return ExitCode.BUSY
+        print(f"encfs: error: unmount failed: {msg}", file=sys.stderr)
+        return ExitCode.FAILURE
+    if pid is not None:
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            print(f"encfs: warning: daemon {pid} still running after {args.timeout}s",
+                  file=sys.stderr)
+            return ExitCode.FAILURE
+    print(f"unmounted {mountpoint}")
+    return ExitCode.OK
+
+
+def cmd_info(args: argparse.Namespace) -> ExitCode:
+    hf = volume.read_header(args.cipher_dir)
+    h = hf.header
+    try:
+        key_name = parse_vault_url(h.vault_url).key_name
+    except errors.VaultConfigError:
+        key_name = ""
+    info = {
+        "cipher_dir": str(args.cipher_dir.resolve()),
+        "format_version": h.format_version,
+        "feature_flags": h.feature_flags,
+        "volume_id": h.volume_id.hex(),
+        "cipher": fmt.CIPHER_NAMES[h.cipher],
+        "block_size": h.block_size,
+        "vault": h.vault_url,
+        "key_name": key_name,
+        "kek_version": h.kek_version,
+        "wrapped_key": h.wrapped_key,
+        "header_file": str(hf.path),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key.replace('_', ' '):<{width}}  {value}")
+        print("(header tag not verified: that needs the vault; `encfs fsck` verifies it)")
+    return ExitCode.OK
+
+
+def cmd_fsck(args: argparse.Namespace) -> ExitCode:
+    from encfs import fsck
+
+    hf = volume.read_header(args.cipher_dir)
+    vault = connect(hf.header.vault_url, _settings(args))
+    try:
+        keys = volume.unlock(hf, vault)
+    finally:
+        vault.close()
+    try:
+        report = fsck.check(args.cipher_dir, keys, hf.header.block_size)
+    finally:
+        keys.close()
+    for problem in report.problems:
+        if args.json:
+            print(json.dumps(problem.as_dict()))
+        else:
+            print(problem)
+    summary = (f"{report.files} files, {report.dirs} directories, {report.blocks} blocks "
+               f"checked: {len(report.problems)} problem(s)")
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    return ExitCode.CORRUPT if report.problems else ExitCode.OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if args.command == "init":
+            return cmd_init(args)
+        if args.command == "mount":
+            return cmd_mount(args, argv)
+        if args.command in ("unmount", "umount"):
+            return cmd_unmount(args)
+        if args.command == "info":
+            return cmd_info(args)
+        if args.command == "fsck":
+            return cmd_fsck(args)
+    except errors.EncfsError as exc:
+        print(f"encfs: error: {exc}", file=sys.stderr)
+        hint = getattr(exc, "hint", "")
+        if hint:
+            print(f"encfs: hint: {hint}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        return ExitCode.FAILURE
+    except OSError as exc:
+        print(f"encfs: error: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    parser.error(f"unknown command {args.command}")
+    return ExitCode.USAGE  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

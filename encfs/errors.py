@@ -1,0 +1,146 @@
+"""Domain exceptions for encfs: every failure a caller must tell apart has its own type.
+
+Nothing here knows about FUSE, errno or exit codes: ``fs.py`` maps these to errno values and
+``cli.py`` maps them to exit codes. Messages must never contain key bytes, tokens or
+plaintext; they name files, blocks, URLs and what the operator should do.
+"""
+
+from __future__ import annotations
+
+
+class EncfsError(Exception):
+    """Base of every error encfs raises on purpose."""
+
+
+# --- on-disk format -------------------------------------------------------------------------
+
+
+class FormatError(EncfsError):
+    """The volume's on-disk data is not valid encfs format v1 (structure, not authentication)."""
+
+
+class UnsupportedFormat(FormatError):
+    """The volume was written by a format version or with feature flags this build refuses."""
+
+
+class VolumeNotFound(FormatError):
+    """The cipher directory has no volume header (not initialised, or the wrong directory)."""
+
+
+class VolumeExists(EncfsError):
+    """``init`` was pointed at a directory that already holds a volume or other files."""
+
+
+# --- integrity --------------------------------------------------------------------------------
+
+
+class IntegrityError(EncfsError):
+    """Authentication failed: the ciphertext was modified, swapped, truncated or is corrupt.
+
+    Attributes name what failed so the single log line and ``fsck`` can point at it.
+    """
+
+    def __init__(self, what: str, *, backing_path: str = "", block_no: int | None = None) -> None:
+        self.what = what
+        self.backing_path = backing_path
+        self.block_no = block_no
+        where = backing_path or "volume"
+        if block_no is not None:
+            where = f"{where} block {block_no}"
+        super().__init__(f"integrity check failed: {what} ({where})")
+
+
+class HeaderAuthError(IntegrityError):
+    """The volume header's authentication tag does not match (header edited or key mismatch)."""
+
+
+# --- vault ------------------------------------------------------------------------------------
+
+
+class VaultError(EncfsError):
+    """A vault call failed. ``revoked`` tells whether it means the host lost access for good."""
+
+    revoked: bool = False
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        self.hint = hint or type(self).hint
+        super().__init__(message)
+
+
+class VaultConfigError(VaultError):
+    """The vault URL or client settings are invalid (scheme, host, http to a non-loopback host)."""
+
+    hint = "check the --vault URL: transit+https://HOST:PORT/MOUNT/KEY (transit+http only on loopback)"
+
+
+class VaultCredentialsError(VaultError):
+    """No usable host credential: token file missing, unreadable or too permissive."""
+
+    hint = "give the host token with --token-file FILE (mode 0600) or VAULT_TOKEN/BAO_TOKEN"
+
+
+class VaultPermissionDenied(VaultError):
+    """The vault answered 403: token revoked or expired, or its policy does not allow the call."""
+
+    revoked = True
+    hint = "the host token is revoked, expired, or its policy lacks this capability on the key"
+
+
+class VaultKeyNotFound(VaultError):
+    """The KEK named in the volume does not exist in the vault (deleted, or wrong name/mount)."""
+
+    revoked = True
+    hint = "check the key name and transit mount; a deleted KEK cannot be recovered"
+
+
+class VaultKeyDisabled(VaultError):
+    """The KEK exists but may not be used: soft-deleted (OpenBao) or not Active (KMIP)."""
+
+    revoked = True
+    hint = "restore the key in the vault (OpenBao: POST transit/keys/KEY/soft-delete-restore)"
+
+
+class VaultKeyVersionRetired(VaultError):
+    """The KEK version that wrapped the volume key is below the key's min_decryption_version."""
+
+    revoked = True
+    hint = (
+        "the volume key is wrapped with a retired KEK version: lower min_decryption_version "
+        "in the vault, then run `encfs rotate` to re-wrap under the newest version"
+    )
+
+
+class VaultSealed(VaultError):
+    """The vault answered 503: it is sealed (restarting, or stopped by an operator)."""
+
+    hint = "unseal the vault (bao operator unseal) and retry"
+
+
+class VaultUnreachable(VaultError):
+    """No answer from the vault: connection refused, DNS failure or timeout."""
+
+    hint = "check that the vault is running and reachable from this host (address, port, firewall)"
+
+
+class VaultTLSError(VaultError):
+    """The TLS handshake with the vault failed (unknown CA, wrong host name, bad client cert)."""
+
+    hint = "check --ca-file and the vault's certificate (host name, expiry)"
+
+
+class VaultProtocolError(VaultError):
+    """The vault answered something encfs does not understand (wrong endpoint, bad ciphertext)."""
+
+    hint = "check that the URL points at a transit mount of Vault or OpenBao"
+
+
+# --- daemon / mount ----------------------------------------------------------------------------
+
+
+class MountError(EncfsError):
+    """The mount could not be set up: bad mount point, FUSE unavailable, already mounted."""
+
+
+class VolumeSuspended(EncfsError):
+    """The daemon holds no keys right now (vault access withdrawn); operations are refused."""

@@ -1,0 +1,280 @@
+"""On-disk format v1: byte layouts and all plain<->cipher arithmetic. Pure: no I/O, no crypto.
+
+This module mirrors docs/FORMAT.md; the two change together or not at all, and a change to
+any constant here is a format change (tests/vectors pin them). Naming rule: ``plain_*`` are
+offsets/sizes in the plaintext the user sees, ``cipher_*`` in the backing file on disk.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+# --- volume ----------------------------------------------------------------------------------
+
+VOLUME_HEADER_NAME = "encfs.volume"
+"""File in the cipher dir root holding the volume header."""
+VOLUME_HEADER_TMP = "encfs.volume.tmp"
+"""Temporary name used while a new header is written (then renamed over the old one)."""
+VOLUME_HEADER_PREV = "encfs.volume.prev"
+"""The previous header, kept until its replacement is durable."""
+
+VOLUME_MAGIC = b"ENCFSVOL"
+FORMAT_VERSION = 1
+VOLUME_KEY_LEN = 32
+VOLUME_ID_LEN = 16
+HEADER_TAG_LEN = 32  # HMAC-SHA256
+
+CIPHER_AES256_GCM = 1
+CIPHER_NAMES = {CIPHER_AES256_GCM: "AES-256-GCM"}
+
+KNOWN_FEATURE_FLAGS = 0
+"""Feature flags this build understands. v1 defines none; any set bit is refused at mount."""
+
+DEFAULT_BLOCK_SIZE = 4096
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 65536
+
+MAX_URL_LEN = 2048
+MAX_WRAPPED_KEY_LEN = 4096
+
+# magic(8) version(u16) flags(u32) cipher(u8) reserved(u8) block_size(u32) volume_id(16)
+_FIXED = struct.Struct(">8sHIBBI16s")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+# --- files -----------------------------------------------------------------------------------
+
+FILE_HEADER_VERSION = 1
+FILE_ID_LEN = 16
+FILE_HEADER_LEN = 2 + FILE_ID_LEN  # u16 version + file id
+_FILE_HEADER = struct.Struct(">H16s")
+
+NONCE_LEN = 12
+TAG_LEN = 16
+BLOCK_OVERHEAD = NONCE_LEN + TAG_LEN
+
+_BLOCK_AD = struct.Struct(">16sQ")
+
+# --- names -----------------------------------------------------------------------------------
+
+DIRID_NAME = ".encfs.dirid"
+"""File in every backing directory holding that directory's 16-byte id."""
+DIRID_LEN = 16
+LONGNAME_PREFIX = "encfs.ln."
+LONGNAME_SUFFIX = ".name"
+MAX_BACKING_NAME = 255
+"""Encrypted names longer than this are stored under a hashed long name."""
+MAX_PLAIN_NAME = 255
+NAME_PAD = 16
+MAX_SYMLINK_TARGET = 3000
+"""Longest plaintext symlink target: its encoding must fit the backing fs's 4095-byte limit."""
+
+XATTR_PREFIX = "user."
+XATTR_BACKING_PREFIX = "user.encfs."
+MAX_PLAIN_XATTR_NAME = 160
+"""Longest plaintext xattr name (after ``user.``): the encoding must fit XATTR_NAME_MAX (255)."""
+
+
+def is_reserved_backing_name(name: str) -> bool:
+    """True for backing names that are encfs metadata, never user entries.
+
+    Encrypted names are base64url and so never contain ``.``; every reserved name does.
+    """
+    return "." in name
+
+
+def is_longname(name: str) -> bool:
+    return name.startswith(LONGNAME_PREFIX) and not name.endswith(LONGNAME_SUFFIX)
+
+
+# --- the volume header -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeHeader:
+    """The volume header's fields (docs/FORMAT.md §2). ``wrapped_key`` is safe to show."""
+
+    format_version: int
+    feature_flags: int
+    cipher: int
+    block_size: int
+    volume_id: bytes
+    vault_url: str
+    kek_version: int
+    wrapped_key: str
+
+    def body(self) -> bytes:
+        """The authenticated bytes: everything but the trailing tag."""
+        url = self.vault_url.encode("utf-8")
+        wrapped = self.wrapped_key.encode("ascii")
+        return b"".join(
+            (
+                _FIXED.pack(
+                    VOLUME_MAGIC,
+                    self.format_version,
+                    self.feature_flags,
+                    self.cipher,
+                    0,
+                    self.block_size,
+                    self.volume_id,
+                ),
+                _U16.pack(len(url)),
+                url,
+                _U32.pack(self.kek_version),
+                _U16.pack(len(wrapped)),
+                wrapped,
+            )
+        )
+
+
+def validate_block_size(block_size: int) -> None:
+    """Raise ``ValueError`` unless 4 KiB <= block_size <= 64 KiB and a multiple of 4 KiB."""
+    if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE) or block_size % 4096:
+        raise ValueError(
+            f"block size {block_size} not allowed: use a multiple of 4096 "
+            f"from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+        )
+
+
+def parse_volume_header(raw: bytes) -> tuple[VolumeHeader, bytes, bytes]:
+    """Split and check the structure of a header file: returns (header, body, tag).
+
+    Raises ``FormatError`` (truncated, bad magic, trailing bytes) or ``UnsupportedFormat``
+    (other version, unknown flags or cipher). The tag is *not* verified here: that needs the
+    volume key (see ``keys.VolumeKeys.verify_header``).
+    """
+    from encfs.errors import FormatError, UnsupportedFormat
+
+    if len(raw) < _FIXED.size:
+        raise FormatError(f"volume header truncated ({len(raw)} bytes)")
+    magic, version, flags, cipher, _reserved, block_size, volume_id = _FIXED.unpack_from(raw, 0)
+    if magic != VOLUME_MAGIC:
+        raise FormatError("not an encfs volume header (bad magic)")
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormat(
+            f"volume format version {version} is not supported by this encfs "
+            f"(supports {FORMAT_VERSION}); use the encfs release that created it"
+        )
+    unknown = flags & ~KNOWN_FEATURE_FLAGS
+    if unknown:
+        raise UnsupportedFormat(
+            f"volume uses unknown feature flags 0x{unknown:08x}; refusing to mount "
+            "(created by a newer encfs?)"
+        )
+    if cipher not in CIPHER_NAMES:
+        raise UnsupportedFormat(f"volume uses unknown content cipher id {cipher}")
+    try:
+        validate_block_size(block_size)
+    except ValueError as exc:
+        raise FormatError(f"volume header: {exc}") from None
+    pos = _FIXED.size
+    try:
+        (url_len,) = _U16.unpack_from(raw, pos)
+        pos += 2
+        url = raw[pos : pos + url_len]
+        if len(url) != url_len:
+            raise FormatError("volume header truncated in vault URL")
+        pos += url_len
+        (kek_version,) = _U32.unpack_from(raw, pos)
+        pos += 4
+        (wrapped_len,) = _U16.unpack_from(raw, pos)
+        pos += 2
+        wrapped = raw[pos : pos + wrapped_len]
+        if len(wrapped) != wrapped_len:
+            raise FormatError("volume header truncated in wrapped key")
+        pos += wrapped_len
+    except struct.error:
+        raise FormatError("volume header truncated") from None
+    tag = raw[pos:]
+    if len(tag) != HEADER_TAG_LEN:
+        raise FormatError(
+            f"volume header has {len(tag)} tag bytes, expected {HEADER_TAG_LEN} "
+            "(truncated or trailing garbage)"
+        )
+    try:
+        header = VolumeHeader(
+            format_version=version,
+            feature_flags=flags,
+            cipher=cipher,
+            block_size=block_size,
+            volume_id=volume_id,
+            vault_url=url.decode("utf-8"),
+            kek_version=kek_version,
+            wrapped_key=wrapped.decode("ascii"),
+        )
+    except UnicodeDecodeError:
+        raise FormatError("volume header has a non-text vault URL or wrapped key") from None
+    return header, raw[:pos], tag
+
+
+# --- file header and blocks ----------------------------------------------------------------------
+
+
+def pack_file_header(file_id: bytes) -> bytes:
+    return _FILE_HEADER.pack(FILE_HEADER_VERSION, file_id)
+
+
+def parse_file_header(raw: bytes) -> bytes:
+    """Return the file id. Raises ``FormatError`` for a short header or unknown version."""
+    from encfs.errors import FormatError
+
+    if len(raw) < FILE_HEADER_LEN:
+        raise FormatError("file header truncated")
+    version, file_id = _FILE_HEADER.unpack_from(raw, 0)
+    if version != FILE_HEADER_VERSION:
+        raise FormatError(f"unknown file header version {version}")
+    return bytes(file_id)
+
+
+def block_ad(file_id: bytes, block_no: int) -> bytes:
+    """Associated data binding a block to its file and position: file_id || u64 BE block_no."""
+    return _BLOCK_AD.pack(file_id, block_no)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Plain<->cipher arithmetic for one block size. All offsets are byte offsets."""
+
+    block_size: int
+
+    @property
+    def cipher_block_size(self) -> int:
+        return self.block_size + BLOCK_OVERHEAD
+
+    def plain_size(self, cipher_size: int) -> int:
+        """Plaintext size of a backing file of ``cipher_size`` bytes.
+
+        A trailing fragment too short to hold a block (1..28 bytes) is corrupt; it counts as
+        zero plaintext bytes here and fails authentication when read.
+        """
+        if cipher_size <= FILE_HEADER_LEN:
+            return 0
+        body = cipher_size - FILE_HEADER_LEN
+        full, rest = divmod(body, self.cipher_block_size)
+        return full * self.block_size + max(rest - BLOCK_OVERHEAD, 0)
+
+    def cipher_size(self, plain_size: int) -> int:
+        """Backing file size for ``plain_size`` plaintext bytes (0 stays 0: no header)."""
+        if plain_size == 0:
+            return 0
+        full, rest = divmod(plain_size, self.block_size)
+        size = FILE_HEADER_LEN + full * self.cipher_block_size
+        if rest:
+            size += rest + BLOCK_OVERHEAD
+        return size
+
+    def block_no(self, plain_off: int) -> int:
+        return plain_off // self.block_size
+
+    def block_plain_off(self, block_no: int) -> int:
+        return block_no * self.block_size
+
+    def block_cipher_off(self, block_no: int) -> int:
+        return FILE_HEADER_LEN + block_no * self.cipher_block_size
+
+    def block_range(self, plain_off: int, length: int) -> tuple[int, int]:
+        """First and one-past-last block numbers covering [plain_off, plain_off + length)."""
+        if length <= 0:
+            return self.block_no(plain_off), self.block_no(plain_off)
+        return self.block_no(plain_off), (plain_off + length - 1) // self.block_size + 1

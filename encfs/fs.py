@@ -1,0 +1,786 @@
+"""The FUSE operations of an encfs mount; the one place exceptions become errno values.
+
+Every operation is thin: resolve the plaintext path (``names``), take the file's lock and
+delegate (``cipherfile``), translate the result. ``@fuse_op`` maps every exception to an
+errno (tampering -> EIO with one log line naming file and block; a wiped key -> the
+suspended errno), so nothing falls through to the binding, which would answer EINVAL.
+Handles (``fh``) are the backing file descriptors (``fd``) of opened files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+# mfusepy picks libfuse 2 when both are installed; encfs needs libfuse 3 (see FACTS.md).
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+import mfusepy  # noqa: E402
+
+from encfs import crypto, names
+from encfs import format as fmt
+from encfs.cipherfile import CipherFile
+from encfs.errors import FormatError, IntegrityError, VolumeSuspended
+from encfs.keys import VolumeKeys
+
+log = logging.getLogger(__name__)
+
+FUSE_CAP_ASYNC_READ = 1 << 0
+FUSE_CAP_READDIRPLUS = 1 << 13
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+FUSE_CAP_PARALLEL_DIROPS = 1 << 18
+FUSE_READDIR_PLUS = 1 << 0
+FUSE_FILL_DIR_PLUS = 1 << 1
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+MAX_WRITE = 1 << 20
+
+_SYMLINK_AD = b"encfs/v1/symlink"
+_XATTR_NAME_AD = b"encfs/v1/xattr-name"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class FsOptions:
+    """Settings of one mount that the operations need."""
+
+    read_only: bool = False
+    suspended_errno: int = errno.EACCES
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+
+
+@dataclass
+class Counters:
+    """Operation counters shown by ``encfs status``. Updated without a lock (approximate)."""
+
+    reads: int = 0
+    writes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    integrity_errors: int = 0
+
+
+def fuse_op(method: Callable[P, R]) -> Callable[P, R]:
+    """Map every exception of a FUSE operation to an ``OSError`` with an errno."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except OSError as exc:
+            if isinstance(exc.errno, int) and exc.errno > 0:
+                raise
+            log.error("%s: %s", method.__name__, exc)
+            raise OSError(errno.EIO, "I/O error") from None
+        except IntegrityError as exc:
+            self = args[0]
+            assert isinstance(self, EncfsOperations)
+            self.counters.integrity_errors += 1
+            log.error("%s: %s", method.__name__, exc)
+            raise OSError(errno.EIO, "integrity check failed") from None
+        except VolumeSuspended:
+            self = args[0]
+            assert isinstance(self, EncfsOperations)
+            raise OSError(self.options.suspended_errno, "volume suspended") from None
+        except FormatError as exc:
+            log.error("%s: %s", method.__name__, exc)
+            raise OSError(errno.EIO, "format error") from None
+        except Exception:
+            log.exception("%s failed unexpectedly", method.__name__)
+            raise OSError(errno.EIO, "internal error") from None
+
+    return wrapper
+
+
+class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
+    """FUSE operations over one unlocked volume. Thread-safe (libfuse's multi-threaded loop).
+
+    Locks: ``_table_lock`` guards the open-inode table; each ``CipherFile`` has its own
+    reader/writer lock for content. Directory structure changes invalidate the name cache.
+    """
+
+    use_ns = True
+
+    def __init__(
+        self,
+        cipher_dir: str,
+        keys: VolumeKeys,
+        block_size: int,
+        options: FsOptions,
+        on_init: Callable[[], None] | None = None,
+    ) -> None:
+        self.root = os.path.abspath(cipher_dir)
+        self.keys = keys
+        self.geo = fmt.Geometry(block_size)
+        self.options = options
+        self.names = names.Names(self.root, keys)
+        self.counters = Counters()
+        self._on_init = on_init
+        self._table_lock = threading.Lock()
+        self._inodes: dict[tuple[int, int], CipherFile] = {}
+        self._handles: dict[int, CipherFile] = {}
+        self._dir_handles: dict[int, str] = {}
+        self._next_dir_fh = 0
+        self._as_root = os.geteuid() == 0
+        self.fuse_ptr: int | None = None
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None:
+            conn.want |= conn.capable & (
+                FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_READDIRPLUS | FUSE_CAP_PARALLEL_DIROPS
+                | FUSE_CAP_ASYNC_READ
+            )
+            conn.max_write = MAX_WRITE
+            conn.max_readahead = MAX_WRITE
+        if config is not None:
+            config.kernel_cache = 1
+            config.use_ino = 1
+            config.hard_remove = 1
+            config.nullpath_ok = 1
+            config.entry_timeout = self.options.entry_timeout
+            config.attr_timeout = self.options.attr_timeout
+            config.negative_timeout = self.options.entry_timeout
+        context = mfusepy._libfuse.fuse_get_context()
+        self.fuse_ptr = context.contents.fuse if context else None
+        if self._on_init is not None:
+            self._on_init()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _attrs(self, st: os.stat_result) -> dict[str, int]:
+        mode = st.st_mode
+        size = st.st_size
+        if stat.S_ISREG(mode):
+            size = self.geo.plain_size(size)
+        elif stat.S_ISLNK(mode):
+            size = max(size * 3 // 4 - fmt.BLOCK_OVERHEAD, 0)
+        return {
+            "st_mode": mode,
+            "st_ino": st.st_ino,
+            "st_nlink": st.st_nlink,
+            "st_uid": st.st_uid,
+            "st_gid": st.st_gid,
+            "st_size": size,
+            "st_atime": st.st_atime_ns,
+            "st_mtime": st.st_mtime_ns,
+            "st_ctime": st.st_ctime_ns,
+            "st_blocks": st.st_blocks,
+            "st_blksize": st.st_blksize,
+            "st_rdev": st.st_rdev,
+        }
+
+    def _check_writable(self) -> None:
+        if self.options.read_only:
+            raise OSError(errno.EROFS, "read-only mount")
+
+    def _own(self, backing_path: str, fd: int | None = None) -> None:
+        """Give a new entry to the calling user, as a kernel filesystem would (root only)."""
+        if not self._as_root:
+            return
+        uid, gid, _pid = mfusepy.fuse_get_context()
+        if uid == 0 and gid == 0:
+            return
+        if fd is not None:
+            os.fchown(fd, uid, gid)
+        else:
+            os.chown(backing_path, uid, gid, follow_symlinks=False)
+
+    def _attach(self, fd: int, backing_path: str) -> CipherFile:
+        """Register ``fd`` as a handle on its inode's shared ``CipherFile``."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with self._table_lock:
+            cfile = self._inodes.get(key)
+            if cfile is None:
+                cfile = CipherFile(self.keys, self.geo, backing_path)
+                self._inodes[key] = cfile
+            cfile.refs += 1
+            self._handles[fd] = cfile
+        return cfile
+
+    def _detach(self, fd: int) -> None:
+        st = os.fstat(fd)
+        with self._table_lock:
+            cfile = self._handles.pop(fd, None)
+            if cfile is not None:
+                cfile.refs -= 1
+                if cfile.refs <= 0:
+                    self._inodes.pop((st.st_dev, st.st_ino), None)
+
+    def _cfile(self, fh: int) -> CipherFile:
+        cfile = self._handles.get(fh)
+        if cfile is None:
+            raise OSError(errno.EBADF, "unknown file handle")
+        return cfile
+
+    def _open_backing(self, backing_path: str, flags: int, mode: int = 0) -> int:
+        """Open a backing file for our own reads and writes: always readable (partial-block
+        writes read first), never O_APPEND (the kernel resolves appends with writeback
+        cache), never O_TRUNC (truncation runs under the file lock)."""
+        acc = flags & os.O_ACCMODE
+        keep = flags & (os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_SYNC | os.O_DSYNC)
+        bflags = keep | os.O_CLOEXEC | (os.O_RDONLY if acc == os.O_RDONLY else os.O_RDWR)
+        return os.open(backing_path, bflags, mode)
+
+    # --- attributes ------------------------------------------------------------------------
+
+    @fuse_op
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        self.keys.names  # noqa: B018 - raises VolumeSuspended when keys are wiped
+        if fh is not None:
+            return self._attrs(os.fstat(fh))
+        if path is None:
+            raise OSError(errno.EBADF, "no path and no handle")
+        return self._attrs(os.lstat(self.names.backing_path(path)))
+
+    @fuse_op
+    def access(self, path: str, amode: int) -> int:
+        backing = self.names.backing_path(path)
+        if amode == os.F_OK:
+            os.lstat(backing)
+            return 0
+        if amode & os.W_OK and self.options.read_only:
+            raise OSError(errno.EROFS, "read-only mount")
+        if not os.access(backing, amode):
+            raise OSError(errno.EACCES, "access denied")
+        return 0
+
+    def _target(self, path: str | None, fh: int | None) -> str | int:
+        """What a metadata change applies to: the handle's fd when libfuse gives one (it then
+        gives no path), else the backing path."""
+        if fh is not None and fh in self._handles:
+            return fh
+        if path is None:
+            raise OSError(errno.EBADF, "operation needs a path or a file handle")
+        return self.names.backing_path(path)
+
+    @fuse_op
+    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
+        self._check_writable()
+        os.chmod(self._target(path, fh), stat.S_IMODE(mode))
+        return 0
+
+    @fuse_op
+    def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
+        self._check_writable()
+        target = self._target(path, fh)
+        if isinstance(target, int):
+            os.fchown(target, uid, gid)
+        else:
+            os.chown(target, uid, gid, follow_symlinks=False)
+        return 0
+
+    @fuse_op
+    def utimens(
+        self,
+        path: str | None,
+        times: tuple[tuple[int, int], tuple[int, int]] | None = None,
+        fh: int | None = None,
+    ) -> int:
+        self._check_writable()
+        target = self._target(path, fh)
+        follow = isinstance(target, int)  # an fd is followed by definition
+        if times is None:
+            os.utime(target, follow_symlinks=follow)
+            return 0
+        now = time.time_ns()
+        st: os.stat_result | None = None
+        result = []
+        for index, (sec, nsec) in enumerate(times):
+            if nsec == UTIME_NOW:
+                result.append(now)
+            elif nsec == UTIME_OMIT:
+                st = st or (os.fstat(target) if isinstance(target, int) else os.lstat(target))
+                result.append(st.st_atime_ns if index == 0 else st.st_mtime_ns)
+            else:
+                result.append(sec * 10**9 + nsec)
+        os.utime(target, ns=(result[0], result[1]), follow_symlinks=follow)
+        return 0
+
+    @fuse_op
+    def statfs(self, path: str) -> dict[str, int]:
+        sv = os.statvfs(self.root)
+        return {
+            "f_bsize": sv.f_bsize,
+            "f_frsize": sv.f_frsize,
+            "f_blocks": sv.f_blocks,
+            "f_bfree": sv.f_bfree,
+            "f_bavail": sv.f_bavail,
+            "f_files": sv.f_files,
+            "f_ffree": sv.f_ffree,
+            "f_favail": sv.f_favail,
+            "f_namemax": fmt.MAX_PLAIN_NAME,
+        }
+
+    # --- directories -----------------------------------------------------------------------
+
+    @fuse_op
+    def opendir(self, path: str) -> int:
+        """Directory handles carry the plaintext path: with nullpath_ok, readdir gets none."""
+        self.names.directory(path)
+        with self._table_lock:
+            self._next_dir_fh += 1
+            fh = self._next_dir_fh
+            self._dir_handles[fh] = path
+        return fh
+
+    @fuse_op
+    def releasedir(self, path: str | None, fh: int) -> int:
+        with self._table_lock:
+            self._dir_handles.pop(fh, None)
+        return 0
+
+    @fuse_op
+    def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int] | None, int]]:
+        path = self._dir_handles.get(fh, path)
+        if path is None:
+            raise OSError(errno.EBADF, "unknown directory handle")
+        backing_dir, _dir_id = self.names.directory(path)
+        entries: list[tuple[str, dict[str, int] | None, int]] = [
+            (".", self._attrs(os.lstat(backing_dir)), 0),
+            ("..", None, 0),
+        ]
+        for name, dent in self.names.listdir(path):
+            try:
+                attrs: dict[str, int] | None = self._attrs(dent.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+            entries.append((name, attrs, 0))
+        return entries
+
+    @fuse_op
+    def mkdir(self, path: str, mode: int) -> int:
+        self._check_writable()
+        entry = self.names.entry(path)
+        self.names.add_companion(entry)
+        try:
+            os.mkdir(entry.backing_path, mode)
+        except BaseException:
+            if not os.path.lexists(entry.backing_path):
+                self.names.remove_companion(entry)
+            raise
+        try:
+            names.write_dirid(entry.backing_path)
+            self._own(entry.backing_path)
+        except BaseException:
+            _remove_tree_quietly(entry.backing_path)
+            self.names.remove_companion(entry)
+            raise
+        return 0
+
+    @fuse_op
+    def rmdir(self, path: str) -> int:
+        self._check_writable()
+        entry = self.names.entry(path)
+        self._rmdir_backing(entry.backing_path)
+        self.names.remove_companion(entry)
+        self.names.invalidate()
+        return 0
+
+    def _rmdir_backing(self, backing_dir: str) -> None:
+        """Remove an empty backing directory and its id file; restore the id if rmdir fails."""
+        st = os.lstat(backing_dir)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.ENOTDIR, "not a directory")
+        with os.scandir(backing_dir) as it:
+            if any(d.name != fmt.DIRID_NAME for d in it):
+                raise OSError(errno.ENOTEMPTY, "directory not empty")
+        dirid_path = os.path.join(backing_dir, fmt.DIRID_NAME)
+        try:
+            dir_id = names.read_dirid(backing_dir)
+        except FormatError:
+            dir_id = None
+        if dir_id is not None:
+            os.unlink(dirid_path)
+        try:
+            os.rmdir(backing_dir)
+        except OSError:
+            if dir_id is not None:
+                _write_file(dirid_path, dir_id, 0o440)
+            raise
+
+    # --- entries ---------------------------------------------------------------------------
+
+    @fuse_op
+    def create(self, path: str, mode: int, flags: int = os.O_RDWR) -> int:
+        self._check_writable()
+        entry = self.names.entry(path)
+        self.names.add_companion(entry)
+        try:
+            fd = self._open_backing(entry.backing_path, flags | os.O_CREAT, stat.S_IMODE(mode))
+        except BaseException:
+            if not os.path.lexists(entry.backing_path):
+                self.names.remove_companion(entry)
+            raise
+        try:
+            self._own(entry.backing_path, fd)
+            cfile = self._attach(fd, entry.backing_path)
+            if flags & os.O_TRUNC:
+                cfile.truncate(fd, 0)
+        except BaseException:
+            self._release_fd(fd)
+            raise
+        return fd
+
+    @fuse_op
+    def open(self, path: str, flags: int) -> int:
+        if self.options.read_only and flags & (os.O_ACCMODE | os.O_TRUNC) not in (os.O_RDONLY,):
+            raise OSError(errno.EROFS, "read-only mount")
+        backing = self.names.backing_path(path)
+        try:
+            fd = self._open_backing(backing, flags & ~os.O_CREAT)
+        except PermissionError:
+            if flags & os.O_ACCMODE != os.O_WRONLY:
+                raise
+            fd = os.open(backing, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            cfile = self._attach(fd, backing)
+            if flags & os.O_TRUNC:
+                cfile.truncate(fd, 0)
+        except BaseException:
+            self._release_fd(fd)
+            raise
+        return fd
+
+    def _release_fd(self, fd: int) -> None:
+        try:
+            self._detach(fd)
+        finally:
+            os.close(fd)
+
+    @fuse_op
+    def release(self, path: str | None, fh: int) -> int:
+        self._release_fd(fh)
+        return 0
+
+    @fuse_op
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        data = self._cfile(fh).read(fh, offset, size)
+        counters = self.counters
+        counters.reads += 1
+        counters.bytes_read += len(data)
+        return data
+
+    @fuse_op
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        self._check_writable()
+        written = self._cfile(fh).write(fh, offset, data)
+        counters = self.counters
+        counters.writes += 1
+        counters.bytes_written += written
+        return written
+
+    @fuse_op
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        self._check_writable()
+        if fh is not None and fh in self._handles:
+            self._cfile(fh).truncate(fh, length)
+            return 0
+        if path is None:
+            raise OSError(errno.EBADF, "no path and no handle")
+        backing = self.names.backing_path(path)
+        fd = os.open(backing, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            cfile = self._attach(fd, backing)
+            cfile.truncate(fd, length)
+        finally:
+            self._release_fd(fd)
+        return 0
+
+    @fuse_op
+    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
+        self._check_writable()
+        self._cfile(fh).allocate(fh, mode, offset, size)
+        return 0
+
+    @fuse_op
+    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+        if datasync:
+            os.fdatasync(fh)
+        else:
+            os.fsync(fh)
+        return 0
+
+    @fuse_op
+    def unlink(self, path: str) -> int:
+        self._check_writable()
+        entry = self.names.entry(path)
+        os.unlink(entry.backing_path)
+        self.names.remove_companion(entry)
+        return 0
+
+    @fuse_op
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        self._check_writable()
+        kind = stat.S_IFMT(mode)
+        if kind not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG):
+            raise OSError(errno.EPERM, "device nodes are not allowed on encfs")
+        entry = self.names.entry(path)
+        self.names.add_companion(entry)
+        try:
+            os.mknod(entry.backing_path, mode, 0)
+            self._own(entry.backing_path)
+        except BaseException:
+            if not os.path.lexists(entry.backing_path):
+                self.names.remove_companion(entry)
+            raise
+        return 0
+
+    @fuse_op
+    def symlink(self, target: str, source: str) -> int:
+        """Create the symlink ``target`` (a path in the mount) pointing at ``source``."""
+        self._check_writable()
+        raw = os.fsencode(source)
+        if len(raw) > fmt.MAX_SYMLINK_TARGET:
+            raise OSError(errno.ENAMETOOLONG, "symlink target too long for encfs")
+        entry = self.names.entry(target)
+        sealed = crypto.b64encode(self.keys.meta.seal(raw, _SYMLINK_AD))
+        self.names.add_companion(entry)
+        try:
+            os.symlink(sealed, entry.backing_path)
+            self._own(entry.backing_path)
+        except BaseException:
+            if not os.path.lexists(entry.backing_path):
+                self.names.remove_companion(entry)
+            raise
+        return 0
+
+    @fuse_op
+    def readlink(self, path: str) -> str:
+        backing = self.names.backing_path(path)
+        sealed = crypto.b64decode(os.readlink(backing))
+        try:
+            raw = self.keys.meta.open(sealed, _SYMLINK_AD, "symlink target")
+        except IntegrityError as exc:
+            raise IntegrityError(exc.what, backing_path=backing) from None
+        return os.fsdecode(raw)
+
+    @fuse_op
+    def link(self, target: str, source: str) -> int:
+        """Create the hard link ``target`` to the existing ``source`` (both mount paths)."""
+        self._check_writable()
+        src = self.names.backing_path(source)
+        entry = self.names.entry(target)
+        self.names.add_companion(entry)
+        try:
+            os.link(src, entry.backing_path, follow_symlinks=False)
+        except BaseException:
+            if not os.path.lexists(entry.backing_path):
+                self.names.remove_companion(entry)
+            raise
+        return 0
+
+    @fuse_op
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        self._check_writable()
+        src = self.names.entry(old)
+        dst = self.names.entry(new)
+        src_st = os.lstat(src.backing_path)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, "unsupported rename flags")
+        if flags & RENAME_EXCHANGE:
+            _renameat2(src.backing_path, dst.backing_path, RENAME_EXCHANGE)
+            if src.is_long or dst.is_long:
+                # Each companion holds the encoding of its own name; both names still exist.
+                self.names.add_companion(src)
+                self.names.add_companion(dst)
+            self.names.invalidate()
+            return 0
+        try:
+            dst_st: os.stat_result | None = os.lstat(dst.backing_path)
+        except FileNotFoundError:
+            dst_st = None
+        if dst_st is not None and flags & RENAME_NOREPLACE:
+            raise OSError(errno.EEXIST, "destination exists")
+        if (
+            dst_st is not None
+            and stat.S_ISDIR(dst_st.st_mode)
+            and stat.S_ISDIR(src_st.st_mode)
+            and (dst_st.st_dev, dst_st.st_ino) != (src_st.st_dev, src_st.st_ino)
+        ):
+            # The backing directory holds its id file, so the kernel would call it non-empty.
+            self._rmdir_backing(dst.backing_path)
+        self.names.add_companion(dst)
+        try:
+            if flags & RENAME_NOREPLACE:
+                _renameat2(src.backing_path, dst.backing_path, RENAME_NOREPLACE)
+            else:
+                os.rename(src.backing_path, dst.backing_path)
+        except BaseException:
+            if not os.path.lexists(dst.backing_path):
+                self.names.remove_companion(dst)
+            raise
+        if src.backing_path != dst.backing_path:
+            self.names.remove_companion(src)
+        if stat.S_ISDIR(src_st.st_mode):
+            self.names.invalidate()
+        return 0
+
+    # --- extended attributes ---------------------------------------------------------------
+
+    def _xattr_backing_name(self, name: str) -> str:
+        if not name.startswith(fmt.XATTR_PREFIX):
+            raise OSError(errno.EOPNOTSUPP, "only user.* extended attributes are supported")
+        plain = os.fsencode(name[len(fmt.XATTR_PREFIX) :])
+        if len(plain) > fmt.MAX_PLAIN_XATTR_NAME:
+            raise OSError(errno.ERANGE, "extended attribute name too long for encfs")
+        return fmt.XATTR_BACKING_PREFIX + self.keys.names.encrypt(plain, _XATTR_NAME_AD)
+
+    @fuse_op
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if not name.startswith(fmt.XATTR_PREFIX):
+            # The kernel asks for security.capability on every write: answer fast.
+            raise OSError(errno.ENODATA, "no such attribute")
+        backing = self.names.backing_path(path)
+        bname = self._xattr_backing_name(name)
+        sealed = os.getxattr(backing, bname, follow_symlinks=False)
+        try:
+            return self.keys.meta.open(sealed, bname.encode(), "xattr value")
+        except IntegrityError as exc:
+            raise IntegrityError(exc.what, backing_path=backing) from None
+
+    @fuse_op
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        self._check_writable()
+        backing = self.names.backing_path(path)
+        bname = self._xattr_backing_name(name)
+        sealed = self.keys.meta.seal(value, bname.encode())
+        os.setxattr(backing, bname, sealed, options, follow_symlinks=False)
+        return 0
+
+    @fuse_op
+    def listxattr(self, path: str) -> list[str]:
+        backing = self.names.backing_path(path)
+        result = []
+        for bname in os.listxattr(backing, follow_symlinks=False):
+            if not bname.startswith(fmt.XATTR_BACKING_PREFIX):
+                continue
+            try:
+                plain = self.keys.names.decrypt(bname[len(fmt.XATTR_BACKING_PREFIX) :], _XATTR_NAME_AD)
+            except IntegrityError:
+                log.error("xattr name authentication failed on %s; attribute hidden", backing)
+                continue
+            result.append(fmt.XATTR_PREFIX + os.fsdecode(plain))
+        return result
+
+    @fuse_op
+    def removexattr(self, path: str, name: str) -> int:
+        self._check_writable()
+        os.removexattr(
+            self.names.backing_path(path), self._xattr_backing_name(name), follow_symlinks=False
+        )
+        return 0
+
+
+def _write_file(path: str, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree_quietly(backing_dir: str) -> None:
+    try:
+        os.unlink(os.path.join(backing_dir, fmt.DIRID_NAME))
+    except OSError:
+        pass
+    try:
+        os.rmdir(backing_dir)
+    except OSError:
+        pass
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _renameat2(src: str, dst: str, flags: int) -> None:
+    at_fdcwd = -100
+    res = _libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), ctypes.c_uint(flags))
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
+    """mfusepy's FUSE with three adaptations encfs needs from libfuse 3:
+
+    - readdir fills whole attributes with FUSE_FILL_DIR_PLUS when the kernel asks for
+      READDIRPLUS, so ``ls -l`` needs no lookup per entry;
+    - utimens passes raw (sec, nsec) pairs so UTIME_NOW / UTIME_OMIT survive;
+    - rename passes its flags (RENAME_NOREPLACE, RENAME_EXCHANGE);
+    - truncate, chmod, chown and utimens pass the file handle when libfuse has one (with
+      nullpath_ok it then passes no path; the kernel sends mtime updates this way).
+    """
+
+    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        items: Iterable[tuple[str, dict[str, int] | None, int]] = self.operations.readdir(
+            decoded, fip.contents.fh
+        )
+        plus = flags & FUSE_READDIR_PLUS
+        for name, attrs, _off in items:
+            st = None
+            fill_flags = 0
+            if attrs is not None:
+                st = mfusepy.c_stat()
+                mfusepy.set_st_attrs(st, attrs, use_ns=True)
+                if plus and name not in (".", ".."):
+                    fill_flags = FUSE_FILL_DIR_PLUS
+            if filler(buf, name.encode(self.encoding, self.errors), st, 0, fill_flags) != 0:
+                break
+        return 0
+
+    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        times = None
+        if buf:
+            times = (
+                (buf.contents.actime.tv_sec, buf.contents.actime.tv_nsec),
+                (buf.contents.modtime.tv_sec, buf.contents.modtime.tv_nsec),
+            )
+        result: int = self.operations.utimens(self._decode(path), times, _fh(fip))
+        return result
+
+    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
+        result: int = self.operations.chmod(self._decode(path), mode, _fh(fip))
+        return result
+
+    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
+        if ctypes.c_uint32(uid + 1).value == 0:
+            uid = -1
+        if ctypes.c_uint32(gid + 1).value == 0:
+            gid = -1
+        result: int = self.operations.chown(self._decode(path), uid, gid, _fh(fip))
+        return result
+
+    def _decode(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, self.errors)
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        result: int = self.operations.truncate(self._decode(path), length, _fh(fip))
+        return result
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        result: int = self.operations.rename(
+            old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
+        )
+        return result
+
+
+def _fh(fip: Any) -> int | None:
+    return int(fip.contents.fh) if fip else None

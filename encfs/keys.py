@@ -1,0 +1,178 @@
+"""The key owner: holds the volume key and every key derived from it, in locked memory.
+
+Only this module touches key bytes. Keys live in one anonymous mapping that is mlock'ed
+(never swapped) and marked MADV_DONTDUMP (never in a core dump); ``wipe()`` zeroes it and
+drops every cipher object built from it (their OpenSSL contexts are cleansed when freed).
+Derivation (docs/FORMAT.md §3), all HKDF-SHA256 with the volume id as salt:
+
+    content = HKDF(volume_key, salt=volume_id, info="encfs/v1/content")   32 bytes
+    names   = HKDF(volume_key, salt=volume_id, info="encfs/v1/names")     64 bytes (AES-SIV)
+    meta    = HKDF(volume_key, salt=volume_id, info="encfs/v1/meta")      32 bytes
+    header  = HKDF(volume_key, salt=volume_id, info="encfs/v1/header")    32 bytes
+    file    = HKDF(content, salt=none, info="encfs/v1/file" || file_id)   32 bytes
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import threading
+from dataclasses import dataclass
+
+from encfs import crypto
+from encfs import format as fmt
+from encfs.errors import HeaderAuthError, VolumeSuspended
+
+_SLOTS = {"volume": (0, 32), "content": (32, 32), "names": (64, 64), "meta": (128, 32),
+          "header": (160, 32), "scratch": (192, 32)}
+_ARENA_SIZE = mmap.PAGESIZE
+_FILE_CIPHER_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True)
+class MemoryLockState:
+    """Whether the key arena is really locked and excluded from core dumps."""
+
+    mlocked: bool
+    dontdump: bool
+    detail: str = ""
+
+
+class LockedArena:
+    """One page of anonymous memory, mlock'ed and MADV_DONTDUMP where the OS allows.
+
+    Failure to lock does not stop encfs (RLIMIT_MEMLOCK may forbid it); ``state`` says so.
+    """
+
+    def __init__(self, size: int = _ARENA_SIZE) -> None:
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.view = memoryview(self._map)
+        detail = []
+        dontdump = False
+        try:
+            self._map.madvise(mmap.MADV_DONTDUMP)
+            dontdump = True
+        except (AttributeError, OSError) as exc:
+            detail.append(f"madvise(MADV_DONTDUMP) failed: {exc}")
+        mlocked = False
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        if libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(size)) == 0:
+            mlocked = True
+        else:
+            err = ctypes.get_errno()
+            detail.append(f"mlock failed (errno {err}); raise LimitMEMLOCK / ulimit -l")
+        self.state = MemoryLockState(mlocked=mlocked, dontdump=dontdump, detail="; ".join(detail))
+
+    def zero(self) -> None:
+        self.view[:] = bytes(len(self.view))
+
+    def close(self) -> None:
+        self.zero()
+        self.view.release()
+        self._map.close()
+
+
+class VolumeKeys:
+    """Derived keys and cipher objects for one unlocked volume.
+
+    Built from the plaintext volume key (copied into the arena; the caller wipes its own
+    copy). Thread-safe. After ``wipe()`` every method raises ``VolumeSuspended``.
+    """
+
+    def __init__(self, volume_key: bytearray | memoryview, *, volume_id: bytes, block_size: int) -> None:
+        if len(volume_key) != fmt.VOLUME_KEY_LEN:
+            raise ValueError("volume key must be 32 bytes")
+        self._lock = threading.Lock()
+        self._arena = LockedArena()
+        self._block_size = block_size
+        self._file_ciphers: dict[bytes, crypto.BlockCipher] = {}
+        self._slot("volume")[:] = volume_key
+        vol = self._slot("volume")
+        for purpose in ("content", "names", "meta", "header"):
+            crypto.hkdf_into(
+                vol, salt=volume_id, info=b"encfs/v1/" + purpose.encode(), out=self._slot(purpose)
+            )
+        self._names: crypto.NameCipher | None = crypto.NameCipher(self._slot("names"))
+        self._meta: crypto.MetaCipher | None = crypto.MetaCipher(self._slot("meta"))
+        self._wiped = False
+
+    def __repr__(self) -> str:
+        return f"<VolumeKeys {'wiped' if self._wiped else 'loaded'}>"
+
+    def _slot(self, name: str) -> memoryview:
+        off, length = _SLOTS[name]
+        return self._arena.view[off : off + length]
+
+    @property
+    def memory_lock(self) -> MemoryLockState:
+        return self._arena.state
+
+    @property
+    def wiped(self) -> bool:
+        return self._wiped
+
+    def _check(self) -> None:
+        if self._wiped:
+            raise VolumeSuspended("volume keys are wiped")
+
+    @property
+    def names(self) -> crypto.NameCipher:
+        names = self._names
+        if names is None:
+            raise VolumeSuspended("volume keys are wiped")
+        return names
+
+    @property
+    def meta(self) -> crypto.MetaCipher:
+        meta = self._meta
+        if meta is None:
+            raise VolumeSuspended("volume keys are wiped")
+        return meta
+
+    def file_cipher(self, file_id: bytes) -> crypto.BlockCipher:
+        """The block cipher for ``file_id`` (derived once, then cached until wipe)."""
+        cipher = self._file_ciphers.get(file_id)
+        if cipher is not None:
+            return cipher
+        with self._lock:
+            self._check()
+            scratch = self._slot("scratch")
+            crypto.hkdf_into(
+                self._slot("content"), salt=None, info=b"encfs/v1/file" + file_id, out=scratch
+            )
+            try:
+                cipher = crypto.BlockCipher(scratch, file_id, self._block_size)
+            finally:
+                scratch[:] = bytes(len(scratch))
+            if len(self._file_ciphers) >= _FILE_CIPHER_CACHE_MAX:
+                self._file_ciphers.clear()
+            self._file_ciphers[file_id] = cipher
+            return cipher
+
+    def header_tag(self, body: bytes) -> bytes:
+        with self._lock:
+            self._check()
+            return crypto.header_tag(self._slot("header"), body)
+
+    def verify_header(self, body: bytes, tag: bytes) -> None:
+        """Raises ``HeaderAuthError`` unless ``tag`` authenticates ``body`` under this key."""
+        if not crypto.tags_equal(self.header_tag(body), tag):
+            raise HeaderAuthError(
+                "volume header tag mismatch: the header was modified or does not belong "
+                "to this volume key"
+            )
+
+    def wipe(self) -> None:
+        """Zero every key byte and drop every cipher object. Idempotent."""
+        with self._lock:
+            self._wiped = True
+            self._file_ciphers.clear()
+            self._names = None
+            self._meta = None
+            self._arena.zero()
+
+    def close(self) -> None:
+        self.wipe()
+        self._arena.close()

@@ -1,0 +1,151 @@
+"""A volume on disk: create it, read and atomically replace its header, unlock its keys.
+
+The header is the one file whose loss loses the volume, so every replacement is crash-safe:
+write ``encfs.volume.tmp``, fsync it, keep the current header as ``encfs.volume.prev`` (a
+hard link), rename the new one over ``encfs.volume``, fsync the directory. A reader that
+finds no ``encfs.volume`` but a ``.prev`` (a crash between steps) falls back to it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from encfs import crypto, names
+from encfs import format as fmt
+from encfs.errors import FormatError, VolumeExists, VolumeNotFound
+from encfs.keys import VolumeKeys
+from encfs.vault import KeyWrapper, wrapped_kek_version
+
+
+@dataclass(frozen=True)
+class HeaderFile:
+    """A parsed header as read from disk, with the bytes its tag covers."""
+
+    header: fmt.VolumeHeader
+    body: bytes
+    tag: bytes
+    path: Path
+
+
+def header_path(cipher_dir: Path) -> Path:
+    return cipher_dir / fmt.VOLUME_HEADER_NAME
+
+
+def read_header(cipher_dir: Path) -> HeaderFile:
+    """Read and structurally check the header. Raises ``VolumeNotFound`` or ``FormatError``."""
+    if not cipher_dir.is_dir():
+        raise VolumeNotFound(f"cipher directory {cipher_dir} does not exist or is not a directory")
+    for candidate in (header_path(cipher_dir), cipher_dir / fmt.VOLUME_HEADER_PREV):
+        try:
+            raw = candidate.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise FormatError(f"cannot read volume header {candidate}: {exc.strerror}") from None
+        try:
+            header, body, tag = fmt.parse_volume_header(raw)
+        except FormatError as exc:
+            raise type(exc)(f"{candidate}: {exc}") from None
+        return HeaderFile(header=header, body=body, tag=tag, path=candidate)
+    raise VolumeNotFound(
+        f"{cipher_dir} holds no encfs volume (no {fmt.VOLUME_HEADER_NAME}); "
+        "create one with `encfs init`"
+    )
+
+
+def write_header_atomic(cipher_dir: Path, raw: bytes) -> None:
+    """Replace the header crash-safely (see module docstring). Raises ``OSError``."""
+    final = header_path(cipher_dir)
+    tmp = cipher_dir / fmt.VOLUME_HEADER_TMP
+    prev = cipher_dir / fmt.VOLUME_HEADER_PREV
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if final.exists():
+        prev.unlink(missing_ok=True)
+        os.link(final, prev)
+        fsync_dir(cipher_dir)
+    os.rename(tmp, final)
+    fsync_dir(cipher_dir)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_header_bytes(header: fmt.VolumeHeader, keys: VolumeKeys) -> bytes:
+    body = header.body()
+    return body + keys.header_tag(body)
+
+
+def create(
+    cipher_dir: Path, vault: KeyWrapper, *, block_size: int = fmt.DEFAULT_BLOCK_SIZE
+) -> fmt.VolumeHeader:
+    """Initialise a new volume in ``cipher_dir`` (created if missing; must be empty).
+
+    Asks the vault for a fresh wrapped volume key, stores only the wrapped form, and wipes
+    the plaintext copy. Raises ``VolumeExists``, ``ValueError`` (block size), ``VaultError``.
+    """
+    fmt.validate_block_size(block_size)
+    if cipher_dir.exists():
+        if not cipher_dir.is_dir():
+            raise VolumeExists(f"{cipher_dir} exists and is not a directory")
+        if header_path(cipher_dir).exists():
+            raise VolumeExists(f"{cipher_dir} already holds an encfs volume")
+        if any(cipher_dir.iterdir()):
+            raise VolumeExists(f"{cipher_dir} is not empty; encfs init needs an empty directory")
+    else:
+        cipher_dir.mkdir(mode=0o700, parents=True)
+    volume_key, wrapped_key = vault.new_volume_key()
+    try:
+        header = fmt.VolumeHeader(
+            format_version=fmt.FORMAT_VERSION,
+            feature_flags=0,
+            cipher=fmt.CIPHER_AES256_GCM,
+            block_size=block_size,
+            volume_id=crypto.random_bytes(fmt.VOLUME_ID_LEN),
+            vault_url=str(vault.url),
+            kek_version=wrapped_kek_version(wrapped_key),
+            wrapped_key=wrapped_key,
+        )
+        keys = VolumeKeys(volume_key, volume_id=header.volume_id, block_size=block_size)
+    finally:
+        volume_key[:] = bytes(len(volume_key))
+    try:
+        names.write_dirid(str(cipher_dir))
+        write_header_atomic(cipher_dir, build_header_bytes(header, keys))
+    finally:
+        keys.close()
+    return header
+
+
+def unlock(hf: HeaderFile, vault: KeyWrapper) -> VolumeKeys:
+    """Unwrap the volume key with the vault, derive the keys, verify the header tag.
+
+    The plaintext volume key copy from the vault is wiped before returning. Raises
+    ``VaultError`` or ``HeaderAuthError``.
+    """
+    volume_key = vault.unwrap(hf.header.wrapped_key)
+    try:
+        keys = VolumeKeys(
+            volume_key, volume_id=hf.header.volume_id, block_size=hf.header.block_size
+        )
+    finally:
+        volume_key[:] = bytes(len(volume_key))
+    try:
+        keys.verify_header(hf.body, hf.tag)
+    except BaseException:
+        keys.close()
+        raise
+    return keys
