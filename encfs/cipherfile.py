@@ -153,15 +153,24 @@ class CipherFile:
             return 0
         geo = self.geo
         bs = geo.block_size
+        first, end = geo.block_range(plain_off, length)
+        # Whole-block writes need nothing from the file but its id: seal them before taking
+        # the lock, so one thread encrypts while another writes (the GIL is released in both).
+        early_id = self._file_id
+        early: bytearray | None = None
+        if early_id is not None and not plain_off % bs and not length % bs:
+            early = self.keys.file_cipher(early_id).seal(first, data)
         self.lock.acquire_write()
         try:
             cipher_size_before = os.fstat(fd).st_size
             plain_size = geo.plain_size(cipher_size_before)
             file_id = self._ensure_header(fd)
             try:
-                first, end = geo.block_range(plain_off, length)
                 if plain_off > plain_size and plain_size % bs and geo.block_no(plain_size) < first:
                     self._pad_last_block(fd, file_id, plain_size, bs)
+                if early is not None and file_id == early_id:
+                    _pwrite_all(fd, early, geo.block_cipher_off(first))
+                    return length
                 start = geo.block_plain_off(first)
                 write_end = plain_off + length
                 range_end = min(geo.block_plain_off(end), max(write_end, plain_size))
