@@ -85,6 +85,7 @@ class VolumeKeys:
         if len(volume_key) != fmt.VOLUME_KEY_LEN:
             raise ValueError("volume key must be 32 bytes")
         self._lock = threading.Lock()
+        self._crypto_gate = threading.Lock()
         self._arena = LockedArena()
         self._block_size = block_size
         self._file_ciphers: dict[bytes, crypto.BlockCipher] = {}
@@ -143,7 +144,7 @@ class VolumeKeys:
                 self._slot("content"), salt=None, info=b"encfs/v1/file" + file_id, out=scratch
             )
             try:
-                cipher = crypto.BlockCipher(scratch, file_id, self._block_size)
+                cipher = crypto.BlockCipher(scratch, file_id, self._block_size, self._crypto_gate)
             finally:
                 scratch[:] = bytes(len(scratch))
             if len(self._file_ciphers) >= _FILE_CIPHER_CACHE_MAX:
