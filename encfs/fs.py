@@ -164,11 +164,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def _attrs(self, st: os.stat_result) -> dict[str, int]:
         mode = st.st_mode
-        size = st.st_size
-        if stat.S_ISREG(mode):
-            size = self.geo.plain_size(size)
-        elif stat.S_ISLNK(mode):
-            size = max(size * 3 // 4 - fmt.BLOCK_OVERHEAD, 0)
+        size = self._plain_size(st)
         return {
             "st_mode": mode,
             "st_ino": st.st_ino,
@@ -240,13 +236,29 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     # --- attributes ------------------------------------------------------------------------
 
     @fuse_op
-    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
-        self.keys.names  # noqa: B018 - raises VolumeSuspended when keys are wiped
+    def stat(self, path: str | None, fh: int | None = None) -> tuple[os.stat_result, int]:
+        """The backing stat and the plaintext size (EncfsFUSE.fgetattr's fast path)."""
         if fh is not None:
-            return self._attrs(os.fstat(fh))
-        if path is None:
+            self.keys.names  # noqa: B018 - raises VolumeSuspended when keys are wiped
+            st = os.fstat(fh)
+        elif path is None:
             raise OSError(errno.EBADF, "no path and no handle")
-        return self._attrs(os.lstat(self.names.backing_path(path)))
+        else:
+            st = os.lstat(self.names.backing_path(path))
+        return st, self._plain_size(st)
+
+    def _plain_size(self, st: os.stat_result) -> int:
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            return self.geo.plain_size(st.st_size)
+        if stat.S_ISLNK(mode):
+            return max(st.st_size * 3 // 4 - fmt.BLOCK_OVERHEAD, 0)
+        return st.st_size
+
+    @fuse_op
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        st, _size = self.stat(path, fh)
+        return self._attrs(st)
 
     @fuse_op
     def access(self, path: str, amode: int) -> int:
@@ -725,7 +737,8 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
     - utimens passes raw (sec, nsec) pairs so UTIME_NOW / UTIME_OMIT survive;
     - rename passes its flags (RENAME_NOREPLACE, RENAME_EXCHANGE);
     - truncate, chmod, chown and utimens pass the file handle when libfuse has one (with
-      nullpath_ok it then passes no path; the kernel sends mtime updates this way).
+      nullpath_ok it then passes no path; the kernel sends mtime updates this way);
+    - getattr and create skip per-call overheads of the generic binding.
     """
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
@@ -770,6 +783,32 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
 
     def _decode(self, path: bytes | None) -> str | None:
         return None if path is None else path.decode(self.encoding, self.errors)
+
+    def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        """Fill the stat buffer straight from os.stat_result (no dict: this is the hottest
+        call of all; every lookup and every setattr reply goes through it)."""
+        st, size = self.operations.stat(self._decode(path), _fh(fip))
+        ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
+        out = buf.contents
+        out.st_mode = st.st_mode
+        out.st_ino = st.st_ino
+        out.st_nlink = st.st_nlink
+        out.st_uid = st.st_uid
+        out.st_gid = st.st_gid
+        out.st_size = size
+        out.st_blocks = st.st_blocks
+        out.st_blksize = st.st_blksize
+        out.st_rdev = st.st_rdev
+        out.st_atimespec.tv_sec, out.st_atimespec.tv_nsec = divmod(st.st_atime_ns, 10**9)
+        out.st_mtimespec.tv_sec, out.st_mtimespec.tv_nsec = divmod(st.st_mtime_ns, 10**9)
+        out.st_ctimespec.tv_sec, out.st_ctimespec.tv_nsec = divmod(st.st_ctime_ns, 10**9)
+        return 0
+
+    def create(self, path: bytes, mode: int, fip: Any) -> int:
+        """mfusepy inspects the create() signature on every call (~30 µs); we know it."""
+        fi = fip.contents
+        fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode, fi.flags)
+        return 0
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         result: int = self.operations.truncate(self._decode(path), length, _fh(fip))

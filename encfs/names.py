@@ -83,6 +83,7 @@ class Names:
         self._lock = threading.Lock()
         self._gen = 0
         self._dirs: dict[str, tuple[str, bytes]] = {}
+        self._entries: dict[str, Entry] = {}
 
     # --- resolution -----------------------------------------------------------------------
 
@@ -91,6 +92,7 @@ class Names:
         with self._lock:
             self._gen += 1
             self._dirs.clear()
+            self._entries.clear()
 
     def directory(self, plain_dir: str) -> tuple[str, bytes]:
         """(backing path, dir id) of a plaintext directory path. Raises OSError/FormatError."""
@@ -111,10 +113,25 @@ class Names:
         return result
 
     def entry(self, plain_path: str) -> Entry:
-        """Resolve ``plain_path`` (absolute, not ``/``) to its backing location."""
+        """Resolve ``plain_path`` (absolute, not ``/``) to its backing location.
+
+        Cached: the mapping depends only on the parent directory's id and the name, so it
+        stays right across file renames and unlinks; ``invalidate()`` drops it when
+        directories move.
+        """
+        hit = self._entries.get(plain_path)
+        if hit is not None:
+            return hit
+        gen = self._gen
         parent, _, name = plain_path.rpartition("/")
         parent_backing, dir_id = self.directory(parent or "/")
-        return self.child(parent_backing, dir_id, name)
+        entry = self.child(parent_backing, dir_id, name)
+        with self._lock:
+            if gen == self._gen:
+                if len(self._entries) >= _DIR_CACHE_MAX * 4:
+                    self._entries.clear()
+                self._entries[plain_path] = entry
+        return entry
 
     def child(self, parent_backing: str, dir_id: bytes, name: str) -> Entry:
         raw = os.fsencode(name)
