@@ -84,7 +84,9 @@ class CipherFile:
             try:
                 file_id = fmt.parse_file_header(raw)
             except Exception:
-                raise IntegrityError("file header damaged", backing_path=self.backing_path) from None
+                raise IntegrityError(
+                    "file header damaged", backing_path=self.backing_path
+                ) from None
             self._file_id = file_id
         return file_id
 
@@ -102,7 +104,9 @@ class CipherFile:
 
     # --- block helpers (caller holds the lock) -------------------------------------------
 
-    def _read_blocks(self, fd: int, file_id: bytes, first: int, end: int, plain_size: int) -> bytearray:
+    def _read_blocks(
+        self, fd: int, file_id: bytes, first: int, end: int, plain_size: int
+    ) -> bytearray:
         """Decrypt blocks [first, end) as far as they exist below ``plain_size``."""
         geo = self.geo
         end = min(end, -(-plain_size // geo.block_size))
@@ -116,7 +120,9 @@ class CipherFile:
             raise IntegrityError("file shorter than its size", backing_path=self.backing_path)
         return self.keys.file_cipher(file_id).open(first, raw, self.backing_path)
 
-    def _rewrite_block(self, fd: int, file_id: bytes, block_no: int, plain: bytes | bytearray) -> None:
+    def _rewrite_block(
+        self, fd: int, file_id: bytes, block_no: int, plain: bytes | bytearray
+    ) -> None:
         sealed = self.keys.file_cipher(file_id).seal(block_no, plain)
         _pwrite_all(fd, sealed, self.geo.block_cipher_off(block_no))
 
@@ -217,13 +223,17 @@ class CipherFile:
                 if new_size % bs:
                     block_no = geo.block_no(new_size)
                     data = self._read_blocks(fd, file_id, block_no, block_no + 1, plain_size)
-                    self._rewrite_block(fd, file_id, block_no, data[: new_size - geo.block_plain_off(block_no)])
+                    self._rewrite_block(
+                        fd, file_id, block_no, data[: new_size - geo.block_plain_off(block_no)]
+                    )
                 os.ftruncate(fd, geo.cipher_size(new_size))
                 return
             if plain_size % bs:
                 last = geo.block_no(plain_size)
                 if last == geo.block_no(new_size - 1):
-                    self._pad_last_block(fd, file_id, plain_size, new_size - geo.block_plain_off(last))
+                    self._pad_last_block(
+                        fd, file_id, plain_size, new_size - geo.block_plain_off(last)
+                    )
                     return
                 self._pad_last_block(fd, file_id, plain_size, bs)
             # The new tail stays a hole: all-zero cipher blocks read as zeros.

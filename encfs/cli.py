@@ -82,13 +82,16 @@ Vault transit); encfs asks the vault to unwrap it at mount time and wipes every 
 memory when it unmounts. encfs is unrelated to, and not compatible with, the legacy EncFS.
 """
 
-EPILOG = """\
+EPILOG = (
+    """\
 vault token (the host's identity), first found wins:
   --token-file FILE (mode 0600), $CREDENTIALS_DIRECTORY/vault-token (systemd
   LoadCredential=), $VAULT_TOKEN, $BAO_TOKEN. Never on the command line.
 
 exit codes:
-""" + "\n".join(f"  {code.value:3d}  {code.name.lower().replace('_', '-')}" for code in ExitCode) + """
+"""
+    + "\n".join(f"  {code.value:3d}  {code.name.lower().replace('_', '-')}" for code in ExitCode)
+    + """
 
 examples:
   encfs init /srv/cipher --vault transit+https://vault.example:8200/transit/host-key \\
@@ -97,16 +100,30 @@ examples:
   encfs info /srv/cipher --json
   encfs unmount /srv/data
 """
+)
 
 
 def _vault_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vault access")
-    g.add_argument("--token-file", type=Path, metavar="FILE",
-                   help="file holding the host's vault token (must not be group/world readable)")
-    g.add_argument("--ca-file", type=Path, metavar="FILE",
-                   help="CA bundle to verify the vault's TLS certificate (default: system CAs)")
-    g.add_argument("--vault-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="timeout of each vault request (default: %(default)s)")
+    g.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the host's vault token (must not be group/world readable)",
+    )
+    g.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="FILE",
+        help="CA bundle to verify the vault's TLS certificate (default: system CAs)",
+    )
+    g.add_argument(
+        "--vault-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="timeout of each vault request (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,27 +134,43 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"encfs {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-vv for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
-        "init", help="create a new volume in an empty cipher dir",
+        "init",
+        help="create a new volume in an empty cipher dir",
         description="Create a volume: ask the vault for a fresh volume key (transit datakey), "
         "store only its wrapped form in CIPHERDIR/encfs.volume and wipe the plaintext copy.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR",
-                   help="directory for the ciphertext (created if missing; must be empty)")
-    p.add_argument("--vault", required=True, metavar="URL",
-                   help="transit+https://HOST:PORT/MOUNT/KEY (transit+http only to loopback)")
-    p.add_argument("--block-size", type=int, default=fmt.DEFAULT_BLOCK_SIZE, metavar="BYTES",
-                   help="plaintext bytes per encrypted block, 4096..65536 in steps of 4096 "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "cipher_dir",
+        type=Path,
+        metavar="CIPHERDIR",
+        help="directory for the ciphertext (created if missing; must be empty)",
+    )
+    p.add_argument(
+        "--vault",
+        required=True,
+        metavar="URL",
+        help="transit+https://HOST:PORT/MOUNT/KEY (transit+http only to loopback)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=fmt.DEFAULT_BLOCK_SIZE,
+        metavar="BYTES",
+        help="plaintext bytes per encrypted block, 4096..65536 in steps of 4096 "
+        "(default: %(default)s)",
+    )
     _vault_args(p)
 
     p = sub.add_parser(
-        "mount", help="unlock a volume with the vault and mount it",
+        "mount",
+        help="unlock a volume with the vault and mount it",
         description="Unwrap the volume key with the vault and mount the plaintext view. "
         "Returns once the mount is live and leaves the daemon running in the background, "
         "unless --foreground is given (use that under systemd). If the vault refuses or "
@@ -145,30 +178,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    p.add_argument("-f", "--foreground", action="store_true",
-                   help="stay attached; log to stderr; exit when unmounted")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="mount options: allow_other, default_permissions, ro")
-    p.add_argument("--vault", dest="vault_url", metavar="URL",
-                   help="override the vault URL stored in the volume (same key, other address)")
-    p.add_argument("--log-file", type=Path, metavar="FILE",
-                   help="where the background daemon logs (default: syslog if available)")
+    p.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay attached; log to stderr; exit when unmounted",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="mount options: allow_other, default_permissions, ro",
+    )
+    p.add_argument(
+        "--vault",
+        dest="vault_url",
+        metavar="URL",
+        help="override the vault URL stored in the volume (same key, other address)",
+    )
+    p.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="FILE",
+        help="where the background daemon logs (default: syslog if available)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _vault_args(p)
 
     p = sub.add_parser(
-        "unmount", aliases=["umount"], help="unmount; the daemon wipes its keys and exits",
+        "unmount",
+        aliases=["umount"],
+        help="unmount; the daemon wipes its keys and exits",
         description="Unmount MOUNTPOINT (fusermount3 -u) and wait for the daemon to wipe its "
         "keys and exit.",
     )
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    p.add_argument("-z", "--lazy", action="store_true",
-                   help="detach now even if files are open (lazy unmount)")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="how long to wait for the daemon to exit (default: %(default)s)")
+    p.add_argument(
+        "-z", "--lazy", action="store_true", help="detach now even if files are open (lazy unmount)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the daemon to exit (default: %(default)s)",
+    )
 
     p = sub.add_parser(
-        "info", help="print the volume header (no secrets)",
+        "info",
+        help="print the volume header (no secrets)",
         description="Print the volume header. Needs no vault: the wrapped key is safe to show. "
         "The header's tag is checked only by mount and fsck, which unwrap the key.",
     )
@@ -176,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
-        "fsck", help="authenticate every name and block of a volume",
+        "fsck",
+        help="authenticate every name and block of a volume",
         description="Unwrap the key, then decrypt and authenticate every directory id, name, "
         "file header, block, symlink and xattr. Lists each problem with its path and block. "
         "Exit 0 when clean, 30 (corrupt) when anything failed. Read-only. Run it on an "
@@ -189,12 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> VaultSettings:
-    return VaultSettings(token_file=args.token_file, ca_file=args.ca_file,
-                         timeout=args.vault_timeout)
+    return VaultSettings(
+        token_file=args.token_file, ca_file=args.ca_file, timeout=args.vault_timeout
+    )
 
 
-def setup_logging(verbose: int, *, stream: bool = True, log_file: Path | None = None,
-                  syslog: bool = False) -> None:
+def setup_logging(
+    verbose: int, *, stream: bool = True, log_file: Path | None = None, syslog: bool = False
+) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     root = logging.getLogger()
     root.handlers.clear()
@@ -278,8 +341,9 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
             return
         # Background child: from now on log only to the log file / syslog, then tell the
         # waiting parent that the mount is live (it exits, and our stderr pipe closes).
-        setup_logging(args.verbose, stream=False, log_file=args.log_file,
-                      syslog=args.log_file is None)
+        setup_logging(
+            args.verbose, stream=False, log_file=args.log_file, syslog=args.log_file is None
+        )
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
@@ -295,8 +359,12 @@ def _spawn_background(argv: Sequence[str], args: argparse.Namespace) -> ExitCode
     read_end, write_end = os.pipe()
     cmd = [sys.executable, "-m", "encfs", *argv, "--foreground", "--ready-fd", str(write_end)]
     child = subprocess.Popen(
-        cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, start_new_session=True,
+        cmd,
+        pass_fds=(write_end,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     os.close(write_end)
     assert child.stderr is not None
@@ -353,8 +421,11 @@ def cmd_unmount(args: argparse.Namespace) -> ExitCode:
     if proc.returncode != 0:
         msg = proc.stderr.strip()
         if "busy" in msg.lower():
-            print(f"encfs: error: {mountpoint} is busy (files open or a process's cwd); "
-                  "close them or use --lazy", file=sys.stderr)
+            print(
+                f"encfs: error: {mountpoint} is busy (files open or a process's cwd); "
+                "close them or use --lazy",
+                file=sys.stderr,
+            )
             return ExitCode.BUSY
         print(f"encfs: error: unmount failed: {msg}", file=sys.stderr)
         return ExitCode.FAILURE
@@ -367,8 +438,9 @@ def cmd_unmount(args: argparse.Namespace) -> ExitCode:
                 break
             time.sleep(0.05)
         else:
-            print(f"encfs: warning: daemon {pid} still running after {args.timeout}s",
-                  file=sys.stderr)
+            print(
+                f"encfs: warning: daemon {pid} still running after {args.timeout}s", file=sys.stderr
+            )
             return ExitCode.FAILURE
     print(f"unmounted {mountpoint}")
     return ExitCode.OK
@@ -422,8 +494,10 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
             print(json.dumps(problem.as_dict()))
         else:
             print(problem)
-    summary = (f"{report.files} files, {report.dirs} directories, {report.blocks} blocks "
-               f"checked: {len(report.problems)} problem(s)")
+    summary = (
+        f"{report.files} files, {report.dirs} directories, {report.blocks} blocks "
+        f"checked: {len(report.problems)} problem(s)"
+    )
     print(summary, file=sys.stderr if args.json else sys.stdout)
     return ExitCode.CORRUPT if report.problems else ExitCode.OK
 

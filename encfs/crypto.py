@@ -153,7 +153,9 @@ class BlockCipher:
             chunk = src[cipher_off : cipher_off + cbs]
             block_no = first_block_no + i
             if len(chunk) <= fmt.BLOCK_OVERHEAD:
-                raise IntegrityError("truncated block", backing_path=backing_path, block_no=block_no)
+                raise IntegrityError(
+                    "truncated block", backing_path=backing_path, block_no=block_no
+                )
             plain_len = len(chunk) - fmt.BLOCK_OVERHEAD
             try:
                 aead.decrypt_into(

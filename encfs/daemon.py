@@ -9,6 +9,7 @@ runs this in a child process and waits for the readiness report.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -119,7 +120,10 @@ class Daemon:
             options["debug"] = True
         log.info(
             "mounting %s on %s (volume %s, KEK version %d)",
-            cfg.cipher_dir, cfg.mountpoint, hf.header.volume_id.hex(), hf.header.kek_version,
+            cfg.cipher_dir,
+            cfg.mountpoint,
+            hf.header.volume_id.hex(),
+            hf.header.kek_version,
         )
         try:
             EncfsFUSE(ops, str(cfg.mountpoint), **options)
@@ -165,7 +169,5 @@ class Daemon:
             log.warning("cannot write runtime file in %s: %s", RUN_DIR, exc)
 
     def _remove_runtime_file(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             runtime_file(self.config.mountpoint).unlink(missing_ok=True)
-        except OSError:
-            pass

@@ -71,7 +71,9 @@ class VaultError(EncfsError):
 class VaultConfigError(VaultError):
     """The vault URL or client settings are invalid (scheme, host, http to a non-loopback host)."""
 
-    hint = "check the --vault URL: transit+https://HOST:PORT/MOUNT/KEY (transit+http only on loopback)"
+    hint = (
+        "check the --vault URL: transit+https://HOST:PORT/MOUNT/KEY (transit+http only on loopback)"
+    )
 
 
 class VaultCredentialsError(VaultError):

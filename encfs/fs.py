@@ -23,7 +23,9 @@ from typing import Any, ParamSpec, TypeVar
 
 # mfusepy picks libfuse 2 when both are installed; encfs needs libfuse 3 (see FACTS.md).
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
-import mfusepy  # noqa: E402
+import contextlib
+
+import mfusepy
 
 from encfs import crypto, names
 from encfs import format as fmt
@@ -142,7 +144,9 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def init_with_config(self, conn: Any, config: Any) -> None:
         if conn is not None:
             conn.want |= conn.capable & (
-                FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_READDIRPLUS | FUSE_CAP_PARALLEL_DIROPS
+                FUSE_CAP_WRITEBACK_CACHE
+                | FUSE_CAP_READDIRPLUS
+                | FUSE_CAP_PARALLEL_DIROPS
                 | FUSE_CAP_ASYNC_READ
             )
             conn.max_write = MAX_WRITE
@@ -683,7 +687,9 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             if not bname.startswith(fmt.XATTR_BACKING_PREFIX):
                 continue
             try:
-                plain = self.keys.names.decrypt(bname[len(fmt.XATTR_BACKING_PREFIX) :], _XATTR_NAME_AD)
+                plain = self.keys.names.decrypt(
+                    bname[len(fmt.XATTR_BACKING_PREFIX) :], _XATTR_NAME_AD
+                )
             except IntegrityError:
                 log.error("xattr name authentication failed on %s; attribute hidden", backing)
                 continue
@@ -708,14 +714,10 @@ def _write_file(path: str, data: bytes, mode: int) -> None:
 
 
 def _remove_tree_quietly(backing_dir: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(os.path.join(backing_dir, fmt.DIRID_NAME))
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         os.rmdir(backing_dir)
-    except OSError:
-        pass
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -723,7 +725,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def _renameat2(src: str, dst: str, flags: int) -> None:
     at_fdcwd = -100
-    res = _libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), ctypes.c_uint(flags))
+    res = _libc.renameat2(
+        at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), ctypes.c_uint(flags)
+    )
     if res != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -741,7 +745,9 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
     - getattr and create skip per-call overheads of the generic binding.
     """
 
-    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+    def readdir_fuse_3(
+        self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
+    ) -> int:
         decoded = None if path is None else path.decode(self.encoding, self.errors)
         items: Iterable[tuple[str, dict[str, int] | None, int]] = self.operations.readdir(
             decoded, fip.contents.fh

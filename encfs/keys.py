@@ -24,8 +24,14 @@ from encfs import crypto
 from encfs import format as fmt
 from encfs.errors import HeaderAuthError, VolumeSuspended
 
-_SLOTS = {"volume": (0, 32), "content": (32, 32), "names": (64, 64), "meta": (128, 32),
-          "header": (160, 32), "scratch": (192, 32)}
+_SLOTS = {
+    "volume": (0, 32),
+    "content": (32, 32),
+    "names": (64, 64),
+    "meta": (128, 32),
+    "header": (160, 32),
+    "scratch": (192, 32),
+}
 _ARENA_SIZE = mmap.PAGESIZE
 _FILE_CIPHER_CACHE_MAX = 4096
 
@@ -81,7 +87,9 @@ class VolumeKeys:
     copy). Thread-safe. After ``wipe()`` every method raises ``VolumeSuspended``.
     """
 
-    def __init__(self, volume_key: bytearray | memoryview, *, volume_id: bytes, block_size: int) -> None:
+    def __init__(
+        self, volume_key: bytearray | memoryview, *, volume_id: bytes, block_size: int
+    ) -> None:
         if len(volume_key) != fmt.VOLUME_KEY_LEN:
             raise ValueError("volume key must be 32 bytes")
         self._lock = threading.Lock()

@@ -10,6 +10,7 @@ that rename or remove a directory call ``invalidate()``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -167,10 +168,8 @@ class Names:
 
     def remove_companion(self, entry: Entry) -> None:
         if entry.is_long:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.companion)
-            except FileNotFoundError:
-                pass
 
     # --- listing --------------------------------------------------------------------------
 
@@ -196,7 +195,8 @@ class Names:
             raw = self._keys.names.decrypt(encoded, dir_id)
         except IntegrityError:
             raise IntegrityError(
-                "name authentication failed", backing_path=os.path.join(parent_backing, backing_name)
+                "name authentication failed",
+                backing_path=os.path.join(parent_backing, backing_name),
             ) from None
         return os.fsdecode(raw)
 

@@ -79,9 +79,7 @@ def parse_vault_url(url: str) -> VaultURL:
             f"vault URL {url!r} must name the transit mount and the key: .../MOUNT/KEYNAME"
         )
     if parts.query or parts.fragment or parts.username or parts.password:
-        raise VaultConfigError(
-            f"vault URL {url!r} must not carry a query, fragment or credentials"
-        )
+        raise VaultConfigError(f"vault URL {url!r} must not carry a query, fragment or credentials")
     if parts.scheme == "transit+http" and not is_loopback(host):
         raise VaultConfigError(
             f"refusing plain HTTP to non-loopback vault host {host!r}: use transit+https://"
@@ -129,9 +127,7 @@ def read_token(settings: VaultSettings) -> str:
                 )
             token = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise VaultCredentialsError(
-                f"cannot read token file {path}: {exc.strerror}"
-            ) from None
+            raise VaultCredentialsError(f"cannot read token file {path}: {exc.strerror}") from None
         if not token:
             raise VaultCredentialsError(f"token file {path} is empty")
         return token
