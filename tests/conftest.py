@@ -1,0 +1,93 @@
+"""Shared fixtures: one real OpenBao dev server per session, fresh keys, real mounts."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Volume, force_unmount
+from tests.openbao import OpenBao
+
+
+@pytest.fixture(scope="session")
+def openbao() -> Iterator[OpenBao]:
+    with OpenBao() as bao:
+        yield bao
+
+
+@dataclass(frozen=True)
+class TransitKey:
+    name: str
+    url: str
+    token: str
+    bao: OpenBao
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        env["VAULT_TOKEN"] = self.token
+        return env
+
+
+@pytest.fixture
+def transit_key(openbao: OpenBao) -> TransitKey:
+    """A fresh transit key and the root token (admin: for tests about the happy path)."""
+    name = "k-" + secrets.token_hex(4)
+    openbao.create_key(name)
+    return TransitKey(name=name, url=openbao.url_for(name), token=openbao.root_token, bao=openbao)
+
+
+@pytest.fixture
+def host_token(openbao: OpenBao, transit_key: TransitKey, tmp_path: Path) -> Path:
+    """A 0600 token file holding a least-privilege host token for ``transit_key``."""
+    policy = f"host-{transit_key.name}"
+    openbao.write_policy(policy, openbao.host_policy(transit_key.name))
+    path = tmp_path / "host.token"
+    path.write_text(openbao.make_token([policy]))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def make_volume(transit_key: TransitKey, tmp_path: Path) -> Iterator[object]:
+    """Factory: ``make_volume(options=[...], block_size=N, mount=True) -> Volume``.
+
+    Every integration test mounts through this fixture; teardown unmounts whatever is left.
+    """
+    made: list[Volume] = []
+
+    def factory(options: list[str] | None = None, block_size: int = 4096,
+                mount: bool = True, name: str = "") -> Volume:
+        tag = name or f"v{len(made)}"
+        mp = tmp_path / f"{tag}-plain"
+        mp.mkdir()
+        vol = Volume(
+            cipher_dir=tmp_path / f"{tag}-cipher",
+            mountpoint=mp,
+            vault_url=transit_key.url,
+            env=transit_key.env,
+            options=list(options or []),
+            log_file=tmp_path / f"{tag}.log",
+            block_size=block_size,
+        )
+        made.append(vol)
+        vol.init()
+        if mount:
+            vol.mount()
+        return vol
+
+    yield factory
+    for vol in made:
+        force_unmount(vol.mountpoint)
+
+
+@pytest.fixture
+def vol(make_volume) -> Volume:  # type: ignore[no-untyped-def]
+    """A mounted volume with default options."""
+    v: Volume = make_volume()
+    return v
