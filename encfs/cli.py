@@ -387,6 +387,10 @@ def _spawn_background(argv: Sequence[str], args: argparse.Namespace) -> ExitCode
             break
     os.close(read_end)
     child.stderr.close()
+    # libfuse 3.14 warns about its own unset thread limit on every start; not ours to report.
+    err_text = b"".join(
+        line for line in err_text.splitlines(keepends=True) if b"invalid max threads" not in line
+    )
     if b"READY" in ready:
         sys.stderr.write(err_text.decode(errors="replace"))
         print(f"mounted {args.cipher_dir} on {args.mountpoint} (daemon pid {child.pid})")
