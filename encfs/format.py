@@ -70,6 +70,12 @@ NAME_PAD = 16
 MAX_SYMLINK_TARGET = 3000
 """Longest plaintext symlink target: its encoding must fit the backing fs's 4095-byte limit."""
 
+SYMLINK_AD = b"encfs/v1/symlink"
+"""Associated data of a sealed symlink target (AES-GCM under the meta key)."""
+XATTR_NAME_AD = b"encfs/v1/xattr-name"
+"""Associated data of an encrypted xattr name (AES-SIV under the names key); the value is
+sealed with the encrypted backing name as associated data."""
+
 XATTR_PREFIX = "user."
 XATTR_BACKING_PREFIX = "user.encfs."
 MAX_PLAIN_XATTR_NAME = 160

@@ -47,8 +47,6 @@ RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
 MAX_WRITE = 1 << 20
 
-_SYMLINK_AD = b"encfs/v1/symlink"
-_XATTR_NAME_AD = b"encfs/v1/xattr-name"
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -565,7 +563,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         if len(raw) > fmt.MAX_SYMLINK_TARGET:
             raise OSError(errno.ENAMETOOLONG, "symlink target too long for encfs")
         entry = self.names.entry(target)
-        sealed = crypto.b64encode(self.keys.meta.seal(raw, _SYMLINK_AD))
+        sealed = crypto.b64encode(self.keys.meta.seal(raw, fmt.SYMLINK_AD))
         self.names.add_companion(entry)
         try:
             os.symlink(sealed, entry.backing_path)
@@ -581,7 +579,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         backing = self.names.backing_path(path)
         sealed = crypto.b64decode(os.readlink(backing))
         try:
-            raw = self.keys.meta.open(sealed, _SYMLINK_AD, "symlink target")
+            raw = self.keys.meta.open(sealed, fmt.SYMLINK_AD, "symlink target")
         except IntegrityError as exc:
             raise IntegrityError(exc.what, backing_path=backing) from None
         return os.fsdecode(raw)
@@ -655,7 +653,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         plain = os.fsencode(name[len(fmt.XATTR_PREFIX) :])
         if len(plain) > fmt.MAX_PLAIN_XATTR_NAME:
             raise OSError(errno.ERANGE, "extended attribute name too long for encfs")
-        return fmt.XATTR_BACKING_PREFIX + self.keys.names.encrypt(plain, _XATTR_NAME_AD)
+        return fmt.XATTR_BACKING_PREFIX + self.keys.names.encrypt(plain, fmt.XATTR_NAME_AD)
 
     @fuse_op
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
@@ -688,7 +686,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
                 continue
             try:
                 plain = self.keys.names.decrypt(
-                    bname[len(fmt.XATTR_BACKING_PREFIX) :], _XATTR_NAME_AD
+                    bname[len(fmt.XATTR_BACKING_PREFIX) :], fmt.XATTR_NAME_AD
                 )
             except IntegrityError:
                 log.error("xattr name authentication failed on %s; attribute hidden", backing)

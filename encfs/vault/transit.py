@@ -16,7 +16,6 @@ import base64
 import binascii
 import http.client
 import json
-import socket
 import ssl
 import threading
 from typing import Any
@@ -101,7 +100,7 @@ class TransitClient:
                         raise errors.VaultUnreachable(
                             f"vault {where} closed the connection"
                         ) from None
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     self._drop()
                     raise errors.VaultUnreachable(
                         f"vault {where} did not answer within {self._settings.timeout:g}s"
@@ -132,9 +131,11 @@ class TransitClient:
                     f"vault answered {method} {path} with something that is not JSON"
                 )
             return data
-        detail = "; ".join(
-            str(e) for e in (data.get("errors") or []) if isinstance(data, dict)
-        ) if isinstance(data, dict) else ""
+        detail = (
+            "; ".join(str(e) for e in (data.get("errors") or []) if isinstance(data, dict))
+            if isinstance(data, dict)
+            else ""
+        )
         detail = detail or f"HTTP {status}"
         what = f"vault refused {method} {path} for key {self._url.key_name!r}: {detail}"
         low = detail.lower()
@@ -161,7 +162,9 @@ class TransitClient:
             plaintext = data["data"]["plaintext"]
             wrapped = data["data"]["ciphertext"]
         except (TypeError, KeyError):
-            raise errors.VaultProtocolError("vault datakey answer lacks plaintext/ciphertext") from None
+            raise errors.VaultProtocolError(
+                "vault datakey answer lacks plaintext/ciphertext"
+            ) from None
         return _decode_key(plaintext), str(wrapped)
 
     def unwrap(self, wrapped_key: str) -> bytearray:
