@@ -29,6 +29,7 @@ from encfs.vault import VaultSettings, connect
 log = logging.getLogger(__name__)
 
 RUN_DIR = Path("/run/encfs")
+FUSE_MAIN_LOOP_ENDED = 8
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,12 @@ class Daemon:
         )
         try:
             EncfsFUSE(ops, str(cfg.mountpoint), **options)
+        except RuntimeError as exc:
+            # fuse_main answers 8 when its loop ended on SIGTERM/SIGINT/SIGHUP (libfuse's
+            # own handlers unmount first): a requested stop, not a failure.
+            if exc.args != (FUSE_MAIN_LOOP_ENDED,):
+                raise
+            log.info("stopped by signal")
         finally:
             keys.close()
             self.keys = None

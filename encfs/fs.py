@@ -150,9 +150,13 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             conn.max_write = MAX_WRITE
             conn.max_readahead = MAX_WRITE
         if config is not None:
-            config.kernel_cache = 1
+            # auto_cache, not kernel_cache: the page cache survives opens unless the file's
+            # mtime or size changed. libfuse gives each *path* its own kernel inode, so a
+            # write through one hard link must invalidate the other names' caches at open.
+            config.auto_cache = 1
             config.use_ino = 1
-            config.hard_remove = 1
+            # hard_remove stays off: libfuse then hides unlinked-but-open files (renames
+            # them to .fuse_hidden*) so fstat() on their handles keeps working.
             config.nullpath_ok = 1
             config.entry_timeout = self.options.entry_timeout
             config.attr_timeout = self.options.attr_timeout

@@ -1,50 +1,110 @@
 """Vault / OpenBao transit backend: wrap and unwrap the volume key with a named transit key.
 
-Speaks the transit HTTP API with the standard library only (one keep-alive connection per
-client, serialised by a lock). The KEK never leaves the vault: ``datakey/plaintext`` makes
-the volume key, ``decrypt`` unwraps it, ``rewrap`` moves it to the newest KEK version.
+Speaks the transit HTTP API with the standard library only: one keep-alive connection per
+client, serialised by a lock, reopened once when the server (or a load balancer) dropped it
+while idle. The KEK never leaves the vault: ``datakey/plaintext`` makes the volume key,
+``decrypt`` unwraps it, ``rewrap`` moves it to the newest KEK version without any plaintext
+crossing the wire.
 
-Honest note on memory: the vault's JSON answer holding the base64 plaintext key passes
-through ``json.loads``, whose ``str`` objects Python cannot zero. We decode the key into a
-``bytearray`` at once and zero the raw response buffer; the short-lived ``str`` copies are
-freed with the response (docs/SECURITY.md names this residue).
+Error mapping, from answers observed on OpenBao 2.7.2 (bodies are ``{"errors": [...]}``):
+
+==========================================================  ==========================
+HTTP 403 "permission denied" (token revoked/expired; a      ``VaultPermissionDenied``
+policy miss says "1 error occurred:\\n\\t* permission denied")
+HTTP 400 "encryption key not found"; HTTP 404 on            ``VaultKeyNotFound``
+``keys/KEY`` (``{"errors":[]}``) or on an unknown mount
+("no handler for route ...")
+HTTP 400 "refusing to use soft-deleted key"                 ``VaultKeyDisabled``
+HTTP 400 "... disallowed by policy (too old)"               ``VaultKeyVersionRetired``
+HTTP 503 "Vault is sealed"                                  ``VaultSealed``
+refused / reset / timeout / DNS; HTTP 502 and 504           ``VaultUnreachable``
+(a gateway in front of the vault says it cannot reach it)
+certificate verification, handshake, https to a plain port  ``VaultTLSError``
+anything else (bad ciphertext, HTTP 400 "lease is not       ``VaultProtocolError``
+renewable", non-JSON, missing fields, redirects)
+==========================================================  ==========================
+
+Messages are one line, name the vault and the API path (hence mount and key) and keep the
+vault's own error text; the token is never put in a message, a ``repr`` or a returned dict.
+
+Memory hygiene for the plaintext volume key (``datakey/plaintext`` and ``decrypt``): the body
+is read with ``readinto`` straight into a ``bytearray``; the base64 ``plaintext`` value is
+located in that buffer and decoded by hand into the caller's ``bytearray`` (``base64`` and
+``binascii`` would return an immutable ``bytes`` copy of the key), then overwritten with
+``A`` characters *before* ``json.loads`` runs, so the ``str`` objects json creates never hold
+the key; the body buffer is zeroed afterwards. What Python still leaves behind, and we cannot
+zero: the base64 *text* of the key in the buffered socket reader (and, over TLS, in OpenSSL's
+record buffers) until it is overwritten by later reads, and short-lived ``int`` objects of at
+most 24 bits of key each from the decoder. No contiguous copy of the 32 key bytes remains
+after the caller wipes its ``bytearray`` (``tests/vault/test_transit.py`` scans a process's
+memory to check this).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import http.client
 import json
+import re
 import ssl
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 from encfs import errors
 from encfs.vault import VaultSettings, VaultURL
 
+__all__ = ["TransitClient"]
+
+_T = TypeVar("_T")
+
 _KEY_LEN = 32
+_MAX_BODY = 1 << 20  # a transit answer is a few hundred bytes; refuse anything absurd
+_MAX_DETAIL = 300  # characters of the vault's own error text kept in a message
+
+# The base64 plaintext in a datakey/decrypt answer. Go's encoding/json writes base64 as is
+# (it escapes only <, > and &), so the value is a plain run of base64 characters.
+_PLAINTEXT_RE = re.compile(rb'"plaintext"\s*:\s*"([A-Za-z0-9+/]*={0,2})"')
+
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_B64_INVALID = 255
+_B64_TABLE = bytearray([_B64_INVALID]) * 256
+for _i, _c in enumerate(_B64_ALPHABET):
+    _B64_TABLE[_c] = _i
+del _i, _c
+
+# Exceptions that mean "the idle keep-alive connection was closed under us": retry once.
+_STALE_CONNECTION = (
+    ConnectionResetError,  # includes http.client.RemoteDisconnected
+    ConnectionAbortedError,
+    BrokenPipeError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
 
 
 class TransitClient:
     """A transit-engine client for one key. Thread-safe. See ``encfs.vault`` for the contract."""
 
     def __init__(self, url: VaultURL, *, token: str, settings: VaultSettings) -> None:
+        if not token:
+            raise errors.VaultCredentialsError(f"empty vault token for {url}")
         self._url = url
         self._token = token
         self._settings = settings
         self._lock = threading.Lock()
         self._conn: http.client.HTTPConnection | None = None
+        self._conn_used = False  # the current connection has completed a request
         self._ssl: ssl.SSLContext | None = None
         if url.scheme == "transit+https":
+            cafile = str(settings.ca_file) if settings.ca_file is not None else None
             try:
-                self._ssl = ssl.create_default_context(
-                    cafile=str(settings.ca_file) if settings.ca_file else None
-                )
+                ctx = ssl.create_default_context(cafile=cafile)
             except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
                 raise errors.VaultTLSError(
-                    f"cannot load CA file {settings.ca_file}: {exc}"
+                    f"cannot load CA file {settings.ca_file} for vault {url}: {reason}"
                 ) from None
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._ssl = ctx
 
     def __repr__(self) -> str:
         return f"<TransitClient {self._url}>"
@@ -54,14 +114,210 @@ class TransitClient:
         return self._url
 
     def close(self) -> None:
+        """Close the keep-alive connection; idempotent. A later call opens a new one."""
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._drop()
 
-    # --- transport ---------------------------------------------------------------------------
+    def __enter__(self) -> TransitClient:
+        return self
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- KeyWrapper -------------------------------------------------------------------------
+
+    def new_volume_key(self) -> tuple[bytearray, str]:
+        """A fresh 32-byte volume key (caller wipes) and its ``vault:vN:…`` wrapped form."""
+        path = self._key_path("datakey/plaintext")
+        key, data = self._call_secret("POST", path, {"bits": _KEY_LEN * 8})
+        try:
+            wrapped = _field(data, "ciphertext", str, path)
+            if not wrapped.startswith("vault:v"):
+                raise errors.VaultProtocolError(
+                    f"vault {self._url.base_url} answered POST {path} with a ciphertext "
+                    "that is not in vault:vN: form"
+                )
+        except BaseException:
+            _zero(key)
+            raise
+        return key, wrapped
+
+    def unwrap(self, wrapped_key: str) -> bytearray:
+        """The volume key wrapped in ``wrapped_key``, in a fresh bytearray (caller wipes)."""
+        key, _ = self._call_secret("POST", self._key_path("decrypt"), {"ciphertext": wrapped_key})
+        return key
+
+    def rewrap(self, wrapped_key: str) -> str:
+        """Re-wrap under the newest KEK version; no plaintext key crosses the wire."""
+        path = self._key_path("rewrap")
+        data = self._call("POST", path, {"ciphertext": wrapped_key})
+        return _field(data, "ciphertext", str, path)
+
+    def key_status(self) -> dict[str, Any]:
+        """The key's metadata (``latest_version``, ``min_decryption_version``,
+        ``soft_deleted`` on OpenBao, ``deletion_allowed``, ...); never key material."""
+        path = f"/v1/{self._url.mount}/keys/{self._url.key_name}"
+        data = self._call("GET", path)
+        _field(data, "latest_version", int, path)
+        return data
+
+    def token_lookup_self(self) -> dict[str, Any]:
+        """The token's own metadata (``ttl``, ``renewable``, ``accessor``, ``policies``, ...).
+
+        The vault's answer carries the token itself as ``id``: it is removed.
+        """
+        data = self._call("GET", "/v1/auth/token/lookup-self")
+        data.pop("id", None)
+        return data
+
+    def renew_self(self, increment: str | None = None) -> dict[str, Any]:
+        """Renew the token; returns the ``auth`` block (``lease_duration``, ``renewable``,
+        ``policies``, ...) without ``client_token``. A non-renewable token raises
+        ``VaultProtocolError`` ("lease is not renewable"); a revoked one
+        ``VaultPermissionDenied``."""
+        path = "/v1/auth/token/renew-self"
+        body: dict[str, Any] = {"increment": increment} if increment else {}
+        auth = self._call("POST", path, body, section="auth")
+        auth.pop("client_token", None)
+        _field(auth, "lease_duration", int, path)
+        return auth
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _key_path(self, op: str) -> str:
+        return f"/v1/{self._url.mount}/{op}/{self._url.key_name}"
+
+    def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, section: str = "data"
+    ) -> dict[str, Any]:
+        """One API call without secrets in the answer; returns its ``data`` (or ``auth``)."""
+        status, raw = self._exchange(method, path, body)
+        try:
+            doc = self._decode(status, raw, method, path)
+        finally:
+            _zero(raw)
+        return self._section(doc, section, method, path)
+
+    def _call_secret(
+        self, method: str, path: str, body: dict[str, Any]
+    ) -> tuple[bytearray, dict[str, Any]]:
+        """A call whose answer holds ``data.plaintext``: returns (key, the rest of ``data``)."""
+        status, raw = self._exchange(method, path, body)
+        key: bytearray | None = None
+        try:
+            match = _PLAINTEXT_RE.search(raw) if 200 <= status < 300 else None
+            if match is not None:
+                start, end = match.span(1)
+                key = _b64decode_key(raw, start, end)
+                raw[start:end] = b"A" * (end - start)  # same length: overwritten in place
+                blank: str | None = "A" * (end - start)
+            else:
+                blank = None
+            doc = self._decode(status, raw, method, path)
+            data = self._section(doc, "data", method, path)
+            text = data.pop("plaintext", None)
+            if key is None:
+                # Not the compact form we scan for; still correct, but the json str holding
+                # the base64 key is a copy we cannot zero.
+                if not isinstance(text, str):
+                    raise errors.VaultProtocolError(
+                        f"vault {self._url.base_url} answered {method} {path} without "
+                        "a plaintext key"
+                    )
+                text_buf = bytearray(text, "ascii", errors="replace")
+                try:
+                    key = _b64decode_key(text_buf, 0, len(text_buf))
+                finally:
+                    _zero(text_buf)
+            elif text != blank:
+                raise errors.VaultProtocolError(
+                    f"vault {self._url.base_url} answered {method} {path} with an ambiguous "
+                    "plaintext field"
+                )
+            if len(key) != _KEY_LEN:
+                raise errors.VaultProtocolError(
+                    f"vault {self._url.base_url} answered {method} {path} with a "
+                    f"{len(key)}-byte key, expected {_KEY_LEN}"
+                )
+            return key, data
+        except BaseException:
+            if key is not None:
+                _zero(key)
+            raise
+        finally:
+            _zero(raw)
+
+    def _exchange(
+        self, method: str, path: str, body: dict[str, Any] | None
+    ) -> tuple[int, bytearray]:
+        """Send one request on the keep-alive connection; returns (status, body buffer)."""
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"X-Vault-Token": self._token, "Accept": "application/json"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        where = f"vault {self._url.base_url} ({method} {path})"
+        with self._lock:
+            while True:
+                reused = self._conn is not None and self._conn_used
+                conn = self._connection()
+                try:
+                    conn.request(method, path, body=payload, headers=headers)
+                    resp = conn.getresponse()
+                    status = resp.status
+                    location = resp.getheader("Location", "")
+                    raw = _read_body(resp)
+                    self._conn_used = True
+                    break
+                except _STALE_CONNECTION:
+                    self._drop()
+                    if reused:
+                        continue  # the idle connection was closed: once more on a fresh one
+                    raise errors.VaultUnreachable(
+                        f"{where}: connection closed by the server"
+                    ) from None
+                except ssl.SSLCertVerificationError as exc:
+                    self._drop()
+                    raise errors.VaultTLSError(
+                        f"{where}: certificate verification failed: "
+                        f"{exc.verify_message or exc.reason}"
+                    ) from None
+                except ssl.SSLError as exc:
+                    self._drop()
+                    raise errors.VaultTLSError(
+                        f"{where}: TLS failed: {exc.reason or exc}"
+                    ) from None
+                except TimeoutError:
+                    self._drop()
+                    raise errors.VaultUnreachable(
+                        f"{where}: no answer within {self._settings.timeout:g} s"
+                    ) from None
+                except OSError as exc:  # refused, unreachable network, DNS (socket.gaierror)
+                    self._drop()
+                    raise errors.VaultUnreachable(
+                        f"{where}: cannot connect: {exc.strerror or exc}"
+                    ) from None
+                except _BodyTooLarge:
+                    self._drop()
+                    raise errors.VaultProtocolError(
+                        f"{where}: answer larger than {_MAX_BODY} bytes"
+                    ) from None
+                except http.client.HTTPException as exc:  # garbage status line, short body
+                    self._drop()
+                    raise errors.VaultProtocolError(
+                        f"{where}: malformed HTTP answer ({type(exc).__name__})"
+                    ) from None
+                except BaseException:  # e.g. KeyboardInterrupt mid-request: never reuse
+                    self._drop()
+                    raise
+        if 300 <= status < 400:
+            _zero(raw)
+            raise errors.VaultProtocolError(
+                f"{where}: redirected (HTTP {status}) to {location or '?'}; "
+                "point the vault URL at the active node"
+            )
+        return status, raw
+
+    def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
             timeout = self._settings.timeout
             if self._ssl is not None:
@@ -72,147 +328,157 @@ class TransitClient:
                 self._conn = http.client.HTTPConnection(
                     self._url.host, self._url.port, timeout=timeout
                 )
+            self._conn_used = False
         return self._conn
-
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One API call; returns the parsed JSON (or None for 204). Raises ``VaultError``."""
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"X-Vault-Token": self._token, "Accept": "application/json"}
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
-        where = f"{self._url.base_url}{path}"
-        with self._lock:
-            for attempt in (1, 2):
-                conn = self._connect()
-                try:
-                    conn.request(method, path, body=payload, headers=headers)
-                    resp = conn.getresponse()
-                    raw = bytearray(resp.read())
-                    status = resp.status
-                    break
-                except ssl.SSLError as exc:
-                    self._drop()
-                    raise errors.VaultTLSError(f"TLS with vault {where} failed: {exc}") from None
-                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                    # A keep-alive connection the server closed: retry once on a fresh one.
-                    self._drop()
-                    if attempt == 2:
-                        raise errors.VaultUnreachable(
-                            f"vault {where} closed the connection"
-                        ) from None
-                except TimeoutError:
-                    self._drop()
-                    raise errors.VaultUnreachable(
-                        f"vault {where} did not answer within {self._settings.timeout:g}s"
-                    ) from None
-                except OSError as exc:
-                    self._drop()
-                    raise errors.VaultUnreachable(
-                        f"cannot reach vault {where}: {exc.strerror or exc}"
-                    ) from None
-        try:
-            return self._parse(status, raw, method, path)
-        finally:
-            raw[:] = bytes(len(raw))
 
     def _drop(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+            self._conn_used = False
 
-    def _parse(self, status: int, raw: bytearray, method: str, path: str) -> Any:
+    # --- answers --------------------------------------------------------------------------------
+
+    def _decode(self, status: int, raw: bytearray, method: str, path: str) -> Any:
+        """Parse the JSON answer; raise the ``VaultError`` a non-2xx status stands for."""
         try:
-            data = json.loads(raw) if raw else None
-        except ValueError:
-            data = None
+            doc = json.loads(raw) if raw else None
+            parsed = True
+        except ValueError:  # includes UnicodeDecodeError
+            doc, parsed = None, False
         if 200 <= status < 300:
-            if raw and data is None:
+            if not parsed:
                 raise errors.VaultProtocolError(
-                    f"vault answered {method} {path} with something that is not JSON"
+                    f"vault {self._url.base_url} answered {method} {path} with something "
+                    "that is not JSON"
                 )
-            return data
-        detail = (
-            "; ".join(str(e) for e in (data.get("errors") or []) if isinstance(data, dict))
-            if isinstance(data, dict)
-            else ""
-        )
-        detail = detail or f"HTTP {status}"
-        what = f"vault refused {method} {path} for key {self._url.key_name!r}: {detail}"
+            return doc
+        raise self._error(status, doc if parsed else None, raw, method, path)
+
+    def _error(
+        self, status: int, doc: Any, raw: bytearray, method: str, path: str
+    ) -> errors.VaultError:
+        detail = ""
+        if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
+            detail = "; ".join(str(e) for e in doc["errors"])
+        elif doc is None and raw:
+            detail = raw[:_MAX_DETAIL].decode("utf-8", errors="replace")
+        detail = " ".join(detail.split())  # one line: a policy miss comes as a bulleted list
+        detail = detail.replace(self._token, "<token>")[:_MAX_DETAIL]
         low = detail.lower()
+        what = f"vault {self._url.base_url} refused {method} {path}: HTTP {status}" + (
+            f" {detail}" if detail else ""
+        )
         if status == 403:
-            raise errors.VaultPermissionDenied(what)
-        if status == 503 or "sealed" in low:
-            raise errors.VaultSealed(f"vault {self._url.base_url} is sealed ({detail})")
-        if "soft-deleted" in low or "soft deleted" in low:
-            raise errors.VaultKeyDisabled(what)
-        if "too old" in low or "min_decryption_version" in low:
-            raise errors.VaultKeyVersionRetired(what)
-        if "not found" in low or status == 404:
-            raise errors.VaultKeyNotFound(what)
-        raise errors.VaultProtocolError(what)
+            return errors.VaultPermissionDenied(what)
+        if status == 503 or "vault is sealed" in low:
+            return errors.VaultSealed(what)
+        if status in (502, 504):
+            return errors.VaultUnreachable(what)
+        if "soft-deleted" in low:
+            return errors.VaultKeyDisabled(what)
+        if "(too old)" in low:
+            return errors.VaultKeyVersionRetired(what)
+        if "encryption key not found" in low:
+            return errors.VaultKeyNotFound(what)
+        if status == 404:
+            if "no handler for route" in low:
+                return errors.VaultKeyNotFound(
+                    f"{what} (no secrets engine mounted at {self._url.mount!r})"
+                )
+            return errors.VaultKeyNotFound(
+                f"{what} (no key {self._url.key_name!r} in mount {self._url.mount!r})"
+            )
+        return errors.VaultProtocolError(what)
 
-    def _key_path(self, op: str) -> str:
-        return f"/v1/{self._url.mount}/{op}/{self._url.key_name}"
-
-    # --- KeyWrapper ----------------------------------------------------------------------------
-
-    def new_volume_key(self) -> tuple[bytearray, str]:
-        data = self._request("POST", self._key_path("datakey/plaintext"), {"bits": 256})
-        try:
-            plaintext = data["data"]["plaintext"]
-            wrapped = data["data"]["ciphertext"]
-        except (TypeError, KeyError):
+    def _section(self, doc: Any, section: str, method: str, path: str) -> dict[str, Any]:
+        block = doc.get(section) if isinstance(doc, dict) else None
+        if not isinstance(block, dict):
             raise errors.VaultProtocolError(
-                "vault datakey answer lacks plaintext/ciphertext"
-            ) from None
-        return _decode_key(plaintext), str(wrapped)
-
-    def unwrap(self, wrapped_key: str) -> bytearray:
-        data = self._request("POST", self._key_path("decrypt"), {"ciphertext": wrapped_key})
-        try:
-            plaintext = data["data"]["plaintext"]
-        except (TypeError, KeyError):
-            raise errors.VaultProtocolError("vault decrypt answer lacks plaintext") from None
-        return _decode_key(plaintext)
-
-    def rewrap(self, wrapped_key: str) -> str:
-        """Re-wrap under the newest KEK version; no plaintext key crosses the wire."""
-        data = self._request("POST", self._key_path("rewrap"), {"ciphertext": wrapped_key})
-        try:
-            return str(data["data"]["ciphertext"])
-        except (TypeError, KeyError):
-            raise errors.VaultProtocolError("vault rewrap answer lacks ciphertext") from None
-
-    def key_status(self) -> dict[str, Any]:
-        """The key's metadata (latest_version, min_decryption_version, …); no key material."""
-        data = self._request("GET", f"/v1/{self._url.mount}/keys/{self._url.key_name}")
-        result: dict[str, Any] = data.get("data", {}) if isinstance(data, dict) else {}
-        return result
-
-    def token_lookup_self(self) -> dict[str, Any]:
-        data = self._request("GET", "/v1/auth/token/lookup-self")
-        result: dict[str, Any] = data.get("data", {}) if isinstance(data, dict) else {}
-        return result
-
-    def renew_self(self, increment: str | None = None) -> dict[str, Any]:
-        body = {"increment": increment} if increment else {}
-        data = self._request("POST", "/v1/auth/token/renew-self", body)
-        result: dict[str, Any] = data.get("auth", {}) if isinstance(data, dict) else {}
-        return result
+                f"vault {self._url.base_url} answered {method} {path} without a {section!r} object"
+            )
+        return block
 
 
-def _decode_key(text: object) -> bytearray:
-    if not isinstance(text, str):
-        raise errors.VaultProtocolError("vault returned a non-text key")
-    buf = bytearray(text, "ascii")
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _read_body(resp: http.client.HTTPResponse) -> bytearray:
+    """Read the whole body into a fresh bytearray with ``readinto`` (no ``bytes`` copy)."""
+    length = resp.length  # None when chunked / unknown
+    if length is not None:
+        if length > _MAX_BODY:
+            raise _BodyTooLarge
+        buf = bytearray(length)
+        with memoryview(buf) as view:
+            got = 0
+            while got < length:
+                n = resp.readinto(view[got:])
+                if not n:
+                    _zero(buf)
+                    raise http.client.IncompleteRead(b"", length - got)
+                got += n
+        return buf
+    # Chunked: grow a buffer. Reallocation may leave earlier copies in freed memory; the
+    # vault's small JSON answers come with Content-Length, so this path is the exception.
+    out = bytearray()
+    chunk = bytearray(16384)
     try:
-        key = bytearray(base64.b64decode(buf, validate=True))
-    except (binascii.Error, ValueError):
-        raise errors.VaultProtocolError("vault returned a key that is not base64") from None
+        with memoryview(chunk) as view:
+            while True:
+                n = resp.readinto(chunk)
+                if not n:
+                    break
+                out += view[:n]
+                if len(out) > _MAX_BODY:
+                    _zero(out)
+                    raise _BodyTooLarge
     finally:
-        buf[:] = bytes(len(buf))
-    if len(key) != _KEY_LEN:
-        n = len(key)
-        key[:] = bytes(n)
-        raise errors.VaultProtocolError(f"vault returned a {n}-byte key, expected {_KEY_LEN}")
-    return key
+        _zero(chunk)
+    return out
+
+
+def _field(data: dict[str, Any], name: str, kind: type[_T], path: str) -> _T:
+    value = data.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise errors.VaultProtocolError(f"vault answer to {path} lacks {name!r} ({kind.__name__})")
+    return value
+
+
+def _b64decode_key(src: bytearray, start: int, end: int) -> bytearray:
+    """Decode standard padded base64 ``src[start:end]`` into a new bytearray, by hand.
+
+    ``base64.b64decode`` would return the key as an immutable ``bytes`` object that nobody
+    can zero; this writes each output byte straight into the result.
+    """
+    n = end - start
+    if n % 4:
+        raise errors.VaultProtocolError("vault returned a plaintext key that is not base64")
+    pad = 0
+    while pad < 2 and pad < n and src[end - 1 - pad] == 0x3D:  # '='
+        pad += 1
+    out = bytearray(n // 4 * 3 - pad)
+    table = _B64_TABLE
+    j = 0
+    acc = 0
+    bits = 0
+    try:
+        for i in range(start, end - pad):
+            v = table[src[i]]
+            if v == _B64_INVALID:
+                raise errors.VaultProtocolError("vault returned a plaintext key that is not base64")
+            acc = ((acc << 6) | v) & 0xFFFFFF
+            bits += 6
+            if bits >= 8:
+                bits -= 8
+                out[j] = (acc >> bits) & 0xFF
+                j += 1
+    except BaseException:
+        _zero(out)
+        raise
+    return out
+
+
+def _zero(buf: bytearray) -> None:
+    buf[:] = bytes(len(buf))
