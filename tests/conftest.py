@@ -16,16 +16,26 @@ from tests.openbao import OpenBao
 
 @pytest.fixture(scope="session")
 def openbao() -> Iterator[OpenBao]:
+    """One OpenBao dev server (plain HTTP on loopback, transit at ``transit``) per session.
+
+    Tests that seal, stop or otherwise break a server start their own ``OpenBao()``.
+    """
     with OpenBao() as bao:
         yield bao
 
 
 @dataclass(frozen=True)
 class TransitKey:
+    """A fresh transit key on the session server; ``token`` is the root token."""
+
     name: str
     url: str
     token: str
     bao: OpenBao
+
+    @property
+    def root_token(self) -> str:
+        return self.token
 
     @property
     def env(self) -> dict[str, str]:
@@ -36,20 +46,21 @@ class TransitKey:
 
 @pytest.fixture
 def transit_key(openbao: OpenBao) -> TransitKey:
-    """A fresh transit key and the root token (admin: for tests about the happy path)."""
-    name = "k-" + secrets.token_hex(4)
+    """A fresh, uniquely named transit key and the root token (for happy-path tests)."""
+    name = "k-" + secrets.token_hex(6)
     openbao.create_key(name)
     return TransitKey(name=name, url=openbao.url_for(name), token=openbao.root_token, bao=openbao)
 
 
 @pytest.fixture
 def host_token(openbao: OpenBao, transit_key: TransitKey, tmp_path: Path) -> Path:
-    """A 0600 token file holding a least-privilege host token for ``transit_key``."""
-    policy = f"host-{transit_key.name}"
-    openbao.write_policy(policy, openbao.host_policy(transit_key.name))
+    """A 0600 token file holding a least-privilege host token for ``transit_key``: read the
+    key's status, datakey, decrypt, rewrap, renew and look up itself; nothing else."""
+    policy = openbao.write_host_policy(transit_key.name)
     path = tmp_path / "host.token"
-    path.write_text(openbao.make_token([policy]))
-    path.chmod(0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(openbao.make_token([policy]) + "\n")
     return path
 
 

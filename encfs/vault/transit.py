@@ -273,7 +273,7 @@ class TransitClient:
                     if reused:
                         continue  # the idle connection was closed: once more on a fresh one
                     raise errors.VaultUnreachable(
-                        f"{where}: connection closed by the server"
+                        f"cannot reach {where}: connection closed by the server"
                     ) from None
                 except ssl.SSLCertVerificationError as exc:
                     self._drop()
@@ -289,12 +289,12 @@ class TransitClient:
                 except TimeoutError:
                     self._drop()
                     raise errors.VaultUnreachable(
-                        f"{where}: no answer within {self._settings.timeout:g} s"
+                        f"cannot reach {where}: no answer within {self._settings.timeout:g} s"
                     ) from None
                 except OSError as exc:  # refused, unreachable network, DNS (socket.gaierror)
                     self._drop()
                     raise errors.VaultUnreachable(
-                        f"{where}: cannot connect: {exc.strerror or exc}"
+                        f"cannot reach {where}: {exc.strerror or exc}"
                     ) from None
                 except _BodyTooLarge:
                     self._drop()
