@@ -57,7 +57,7 @@ def hkdf_into(ikm: Buffer, *, salt: bytes | None, info: bytes, out: bytearray | 
 
 def header_tag(key: Buffer, body: bytes) -> bytes:
     """HMAC-SHA256 over the volume header body."""
-    mac = hazmat_hmac.HMAC(bytes(key), hashes.SHA256())
+    mac = hazmat_hmac.HMAC(key, hashes.SHA256())
     mac.update(body)
     return mac.finalize()
 
@@ -143,6 +143,10 @@ class BlockCipher:
         src = memoryview(cipher)
         cbs = self._block_size + fmt.BLOCK_OVERHEAD
         nblocks = -(-len(src) // cbs)
+        if 0 < len(src) % cbs <= fmt.BLOCK_OVERHEAD:
+            raise IntegrityError(
+                "truncated block", backing_path=backing_path, block_no=first_block_no + nblocks - 1
+            )
         out = bytearray(len(src) - nblocks * fmt.BLOCK_OVERHEAD) if nblocks else bytearray()
         dst = memoryview(out)
         aead = self._aead
@@ -197,6 +201,8 @@ class NameCipher:
         """Raises ``IntegrityError`` when the name is not one we encrypted under ``ad``."""
         try:
             raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            if b64encode(raw) != encoded:  # one name, one encoding: no aliases
+                raise ValueError("non-canonical base64")
             padded = self._siv.decrypt(raw, [ad])
         except (InvalidTag, binascii.Error, ValueError):
             raise IntegrityError("name authentication failed", backing_path=encoded) from None

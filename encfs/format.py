@@ -78,7 +78,7 @@ sealed with the encrypted backing name as associated data."""
 
 XATTR_PREFIX = "user."
 XATTR_BACKING_PREFIX = "user.encfs."
-MAX_PLAIN_XATTR_NAME = 160
+MAX_PLAIN_XATTR_NAME = 159
 """Longest plaintext xattr name (after ``user.``): the encoding must fit XATTR_NAME_MAX (255)."""
 
 
@@ -154,7 +154,7 @@ def parse_volume_header(raw: bytes) -> tuple[VolumeHeader, bytes, bytes]:
 
     if len(raw) < _FIXED.size:
         raise FormatError(f"volume header truncated ({len(raw)} bytes)")
-    magic, version, flags, cipher, _reserved, block_size, volume_id = _FIXED.unpack_from(raw, 0)
+    magic, version, flags, cipher, reserved, block_size, volume_id = _FIXED.unpack_from(raw, 0)
     if magic != VOLUME_MAGIC:
         raise FormatError("not an encfs volume header (bad magic)")
     if version != FORMAT_VERSION:
@@ -162,6 +162,8 @@ def parse_volume_header(raw: bytes) -> tuple[VolumeHeader, bytes, bytes]:
             f"volume format version {version} is not supported by this encfs "
             f"(supports {FORMAT_VERSION}); use the encfs release that created it"
         )
+    if reserved != 0:
+        raise FormatError(f"volume header reserved byte is {reserved}, must be 0 (corrupt header)")
     unknown = flags & ~KNOWN_FEATURE_FLAGS
     if unknown:
         raise UnsupportedFormat(

@@ -20,8 +20,13 @@ CBS = BS + fmt.BLOCK_OVERHEAD
 def _backing_of(vol: Volume, size: int) -> Path:
     """The backing file of the one plaintext file with ``size`` bytes."""
     want = fmt.Geometry(BS).cipher_size(size)
-    hits = [p for p in vol.cipher_dir.rglob("*")
-            if p.is_file() and not p.name.startswith((".encfs", "encfs")) and p.stat().st_size == want]
+    hits = [
+        p
+        for p in vol.cipher_dir.rglob("*")
+        if p.is_file()
+        and not p.name.startswith((".encfs", "encfs"))
+        and p.stat().st_size == want
+    ]
     assert len(hits) == 1, hits
     return hits[0]
 

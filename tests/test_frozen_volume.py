@@ -1,0 +1,214 @@
+"""The frozen format-v1 volume (tests/data/frozen-v1) must stay readable by every encfs.
+
+Its KEK is a published TEST-ONLY key, imported into the session's fresh OpenBao with the
+transit BYOK API (tests/make_frozen_volume.py ``import_kek``). The volume is read three
+ways: offline straight from the format (names + cipherfile, key unwrapped locally), through
+``volume.unlock`` + ``fsck`` with the real vault, and mounted with the real CLI
+(``encfs mount --vault URL`` on a copy), comparing the whole tree with EXPECTED.json.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from encfs import crypto, fsck, volume
+from encfs import format as fmt
+from encfs.cipherfile import CipherFile
+from encfs.keys import VolumeKeys
+from encfs.names import Names
+from encfs.vault import VaultSettings, connect
+from tests.harness import encfs, force_unmount, is_mounted
+from tests.make_frozen_volume import import_kek, read_test_kek, snapshot
+from tests.openbao import OpenBao
+
+FROZEN = Path(__file__).parent / "data" / "frozen-v1"
+EXPECTED: dict[str, Any] = json.loads((FROZEN / "EXPECTED.json").read_text())
+Tree = dict[str, dict[str, Any]]
+
+
+@pytest.fixture
+def frozen_copy(tmp_path: Path) -> Path:
+    """A private copy of the cipher dir, with the backing xattrs git cannot store."""
+    copy = tmp_path / "cipher"
+    shutil.copytree(FROZEN / "cipher", copy, symlinks=True)
+    xattrs: dict[str, dict[str, str]] = json.loads((FROZEN / "cipher-xattrs.json").read_text())
+    for rel, attrs in xattrs.items():
+        for name, value in attrs.items():
+            os.setxattr(copy / rel, name, base64.b64decode(value), follow_symlinks=False)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def frozen_kek_url(openbao: OpenBao) -> str:
+    """The TEST-ONLY KEK imported into the session's OpenBao; returns its vault URL."""
+    name = "frozen-v1-" + secrets.token_hex(4)
+    import_kek(openbao, name, read_test_kek())
+    return openbao.url_for(name)
+
+
+def unwrap_offline(wrapped_key: str) -> bytearray:
+    """Unwrap without a vault: a transit ``vault:v1:`` ciphertext of an aes256-gcm96 key is
+    base64(nonce(12) || AES-256-GCM(KEK, nonce, plaintext, no AD))."""
+    prefix, version, payload = wrapped_key.split(":", 2)
+    assert (prefix, version) == ("vault", "v1")
+    raw = base64.b64decode(payload)
+    return bytearray(AESGCM(read_test_kek()).decrypt(raw[:12], raw[12:], None))
+
+
+def read_tree_offline(cipher_dir: Path, keys: VolumeKeys, block_size: int) -> Tree:
+    """The plaintext tree read straight from the backing files with names + cipherfile,
+    in the shape of ``make_frozen_volume.snapshot``."""
+    geo = fmt.Geometry(block_size)
+    nm = Names(str(cipher_dir), keys)
+    tree: Tree = {}
+
+    def xattrs(backing: str) -> dict[str, str]:
+        out = {}
+        for bname in os.listxattr(backing, follow_symlinks=False):
+            if not bname.startswith(fmt.XATTR_BACKING_PREFIX):
+                continue
+            plain = keys.names.decrypt(bname[len(fmt.XATTR_BACKING_PREFIX) :], fmt.XATTR_NAME_AD)
+            sealed = os.getxattr(backing, bname, follow_symlinks=False)
+            value = keys.meta.open(sealed, bname.encode(), "xattr value")
+            out[fmt.XATTR_PREFIX + os.fsdecode(plain)] = base64.b64encode(value).decode()
+        return dict(sorted(out.items()))
+
+    def walk(plain_dir: str) -> None:
+        backing_dir, _dir_id = nm.directory(plain_dir)
+        tree[plain_dir] = {"kind": "dir", "xattrs": xattrs(backing_dir)}
+        for name, dent in sorted(nm.listdir(plain_dir)):
+            plain = plain_dir.rstrip("/") + "/" + name
+            st = dent.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                walk(plain)
+            elif stat.S_ISLNK(st.st_mode):
+                sealed = crypto.b64decode(os.readlink(dent.path))
+                target = keys.meta.open(sealed, fmt.SYMLINK_AD, "symlink target")
+                tree[plain] = {
+                    "kind": "symlink",
+                    "target": os.fsdecode(target),
+                    "size": len(target),
+                }
+            else:
+                cfile = CipherFile(keys, geo, dent.path)
+                fd = os.open(dent.path, os.O_RDONLY)
+                try:
+                    size = cfile.plain_size(fd)
+                    data = cfile.read(fd, 0, size + 1)
+                finally:
+                    os.close(fd)
+                tree[plain] = {
+                    "kind": "file",
+                    "size": size,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "xattrs": xattrs(dent.path),
+                }
+
+    walk("/")
+    return tree
+
+
+# --- no vault needed ---------------------------------------------------------------------------
+
+
+def test_frozen_header_is_untouched() -> None:
+    raw = (FROZEN / "cipher" / fmt.VOLUME_HEADER_NAME).read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == EXPECTED["header_sha256"]
+    header, _body, _tag = fmt.parse_volume_header(raw)
+    assert header.format_version == 1
+    assert header.feature_flags == 0
+    assert header.cipher == fmt.CIPHER_AES256_GCM
+    assert header.block_size == EXPECTED["block_size"]
+    assert header.wrapped_key.startswith("vault:v1:")
+    assert header.vault_url.endswith("/transit/" + EXPECTED["kek_name_at_creation"])
+
+
+def test_frozen_expected_tree_covers_the_format() -> None:
+    """EXPECTED.json holds what the fixture promises: 0/1/5000-byte and multi-block files,
+    a hole, a subdirectory, symlinks, a 255-byte name and xattrs."""
+    tree = EXPECTED["tree"]
+    sizes = {v["size"] for v in tree.values() if v["kind"] == "file"}
+    assert {0, 1, 5000, 4096, 3 * 4096 + 100} <= sizes
+    assert any(v["kind"] == "symlink" for v in tree.values())
+    assert any(k != "/" and v["kind"] == "dir" for k, v in tree.items())
+    assert any(len(os.fsencode(k.rsplit("/", 1)[1])) == 255 for k in tree)
+    assert any(v.get("xattrs") for v in tree.values())
+
+
+def test_frozen_volume_offline(frozen_copy: Path) -> None:
+    """Straight from the format: unwrap with the test KEK, verify the header tag, read every
+    name, block, symlink and xattr with names + cipherfile."""
+    hf = volume.read_header(frozen_copy)
+    key = unwrap_offline(hf.header.wrapped_key)
+    try:
+        keys = VolumeKeys(key, volume_id=hf.header.volume_id, block_size=hf.header.block_size)
+    finally:
+        key[:] = bytes(len(key))
+    try:
+        keys.verify_header(hf.body, hf.tag)
+        assert read_tree_offline(frozen_copy, keys, hf.header.block_size) == EXPECTED["tree"]
+    finally:
+        keys.close()
+
+
+# --- with the real vault -----------------------------------------------------------------------
+
+
+def test_frozen_volume_unlocks_and_is_clean(frozen_copy: Path, frozen_kek_url: str,
+                                            openbao: OpenBao,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("BAO_TOKEN", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
+    hf = volume.read_header(frozen_copy)
+    vault = connect(frozen_kek_url, VaultSettings(timeout=10))
+    try:
+        keys = volume.unlock(hf, vault)
+    finally:
+        vault.close()
+    try:
+        report = fsck.check(frozen_copy, keys, hf.header.block_size)
+    finally:
+        keys.close()
+    assert report.problems == []
+    files = sum(1 for v in EXPECTED["tree"].values() if v["kind"] == "file")
+    assert report.files == files
+    assert report.symlinks == sum(1 for v in EXPECTED["tree"].values() if v["kind"] == "symlink")
+    assert report.xattrs == sum(len(v.get("xattrs", {})) for v in EXPECTED["tree"].values())
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Iterator[Path]:
+    mp = tmp_path / "plain"
+    mp.mkdir()
+    yield mp
+    force_unmount(mp)
+
+
+def test_frozen_volume_mounts_with_the_cli(
+    frozen_copy: Path, frozen_kek_url: str, openbao: OpenBao, mountpoint: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    env["VAULT_TOKEN"] = openbao.root_token
+    proc = encfs("mount", frozen_copy, mountpoint, "--vault", frozen_kek_url, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert is_mounted(mountpoint)
+    try:
+        assert snapshot(mountpoint) == EXPECTED["tree"]
+    finally:
+        proc = encfs("unmount", mountpoint, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not is_mounted(mountpoint)

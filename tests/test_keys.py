@@ -1,0 +1,238 @@
+"""encfs/keys.py: derivation against the vectors, caching, wipe, and what never leaks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from encfs import format as fmt
+from encfs import keys as keys_mod
+from encfs.errors import HeaderAuthError, VolumeSuspended
+from encfs.keys import VolumeKeys
+
+VECTORS = Path(__file__).parent / "vectors"
+
+
+def vector(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((VECTORS / name).read_text())
+    return data
+
+
+KEYS = vector("keys.json")
+VOLUME_KEY = bytes.fromhex(KEYS["volume_key"])
+VOLUME_ID = bytes.fromhex(KEYS["volume_id"])
+
+
+def make_keys(block_size: int = 4096) -> VolumeKeys:
+    return VolumeKeys(bytearray(VOLUME_KEY), volume_id=VOLUME_ID, block_size=block_size)
+
+
+def arena_bytes(keys: VolumeKeys) -> bytes:
+    return bytes(keys._arena.view)
+
+
+@pytest.fixture
+def vkeys() -> Iterator[VolumeKeys]:
+    k = make_keys()
+    yield k
+    k.close()
+
+
+# --- derivation --------------------------------------------------------------------------------
+
+
+def test_subkeys_match_vectors(vkeys: VolumeKeys) -> None:
+    labels = set()
+    for sub in KEYS["subkeys"]:
+        labels.add(sub["info"])
+        got = bytes(vkeys._slot(sub["purpose"]))
+        assert got.hex() == sub["key"], sub["purpose"]
+        assert len(got) == sub["length"]
+    assert labels == {"encfs/v1/content", "encfs/v1/names", "encfs/v1/meta", "encfs/v1/header"}
+    assert bytes(vkeys._slot("volume")) == VOLUME_KEY
+
+
+def test_file_keys_match_vectors(vkeys: VolumeKeys) -> None:
+    """The per-file key is observable through the cipher: it opens what the vector's key
+    sealed, and nothing sealed under another file's key."""
+    content = vector("content.json")
+    assert content["file_key"] == KEYS["file_keys"][0]["key"]
+    for case in content["cases"]:
+        raw = bytes.fromhex(case["cipher"])
+        file_id = fmt.parse_file_header(raw)
+        plain = vkeys.file_cipher(file_id).open(0, raw[fmt.FILE_HEADER_LEN :])
+        assert plain.hex() == case["plain"]
+    # The scratch slot that held the per-file key is zeroed again.
+    assert bytes(vkeys._slot("scratch")) == bytes(32)
+
+
+def test_names_and_meta_use_the_vector_keys(vkeys: VolumeKeys) -> None:
+    names = vector("names.json")
+    case = names["cases"][0]
+    assert vkeys.names.encrypt(bytes.fromhex(case["plain_hex"]), bytes.fromhex(case["dir_id"])) == (
+        case["encoded"]
+    )
+    meta = vector("meta.json")
+    from encfs import crypto
+
+    sealed = crypto.b64decode(meta["symlink"]["backing_target"])
+    assert vkeys.meta.open(sealed, fmt.SYMLINK_AD).hex() == meta["symlink"]["target_hex"]
+
+
+def test_header_tag_matches_vector(vkeys: VolumeKeys) -> None:
+    vec = vector("header.json")
+    body = bytes.fromhex(vec["body"])
+    assert vkeys.header_tag(body).hex() == vec["tag"]
+    vkeys.verify_header(body, bytes.fromhex(vec["tag"]))
+    with pytest.raises(HeaderAuthError, match="header tag mismatch"):
+        vkeys.verify_header(body + b"x", bytes.fromhex(vec["tag"]))
+    with pytest.raises(HeaderAuthError):
+        vkeys.verify_header(body, bytes(32))
+
+
+def test_other_volume_id_gives_other_keys() -> None:
+    a = make_keys()
+    b = VolumeKeys(bytearray(VOLUME_KEY), volume_id=bytes(16), block_size=4096)
+    try:
+        for purpose in ("content", "names", "meta", "header"):
+            assert bytes(a._slot(purpose)) != bytes(b._slot(purpose))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_volume_key_length_checked() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        VolumeKeys(bytearray(31), volume_id=VOLUME_ID, block_size=4096)
+
+
+def test_caller_copy_is_not_kept() -> None:
+    """The keys live in the arena: changing the caller's buffer changes nothing."""
+    buf = bytearray(VOLUME_KEY)
+    k = VolumeKeys(buf, volume_id=VOLUME_ID, block_size=4096)
+    try:
+        buf[:] = bytes(32)
+        assert bytes(k._slot("volume")) == VOLUME_KEY
+        assert k.header_tag(b"x") == make_keys().header_tag(b"x")
+    finally:
+        k.close()
+
+
+# --- file cipher cache -------------------------------------------------------------------------
+
+
+def test_file_cipher_is_cached(vkeys: VolumeKeys) -> None:
+    a = vkeys.file_cipher(bytes(16))
+    assert vkeys.file_cipher(bytes(16)) is a
+    assert vkeys.file_cipher(b"\x01" * 16) is not a
+
+
+def test_file_cipher_cache_is_bounded(vkeys: VolumeKeys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keys_mod, "_FILE_CIPHER_CACHE_MAX", 4)
+    for i in range(10):
+        vkeys.file_cipher(i.to_bytes(16, "big"))
+        assert len(vkeys._file_ciphers) <= 4
+
+
+def test_file_cipher_concurrent(vkeys: VolumeKeys) -> None:
+    results: list[bytes] = []
+    file_id = b"\x07" * 16
+
+    def work() -> None:
+        bc = vkeys.file_cipher(file_id)
+        results.append(bytes(bc.open(0, bc.seal(0, b"same"))))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [b"same"] * 8
+
+
+def test_file_cipher_uses_configured_block_size() -> None:
+    k = make_keys(block_size=8192)
+    try:
+        sealed = k.file_cipher(bytes(16)).seal(0, bytes(8192 + 1))
+        assert len(sealed) == 8192 + 1 + 2 * fmt.BLOCK_OVERHEAD
+    finally:
+        k.close()
+
+
+# --- wipe --------------------------------------------------------------------------------------
+
+
+def test_wipe_zeroes_the_arena_and_suspends() -> None:
+    k = make_keys()
+    file_id = bytes(16)
+    k.file_cipher(file_id)
+    assert VOLUME_KEY in arena_bytes(k)
+    assert not k.wiped
+    k.wipe()
+    assert k.wiped
+    assert arena_bytes(k) == bytes(len(arena_bytes(k)))
+    assert k._file_ciphers == {}
+    with pytest.raises(VolumeSuspended):
+        _ = k.names
+    with pytest.raises(VolumeSuspended):
+        _ = k.meta
+    with pytest.raises(VolumeSuspended):
+        k.file_cipher(file_id)  # was cached before the wipe
+    with pytest.raises(VolumeSuspended):
+        k.file_cipher(b"\x02" * 16)
+    with pytest.raises(VolumeSuspended):
+        k.header_tag(b"body")
+    with pytest.raises(VolumeSuspended):
+        k.verify_header(b"body", bytes(32))
+    k.wipe()  # idempotent
+    assert k.wiped
+    k.close()
+
+
+def test_close_wipes_and_releases() -> None:
+    k = make_keys()
+    view = k._arena.view
+    k.close()
+    assert k.wiped
+    with pytest.raises(ValueError):
+        bytes(view)  # released
+    with pytest.raises(VolumeSuspended):
+        _ = k.names
+
+
+# --- nothing leaks -----------------------------------------------------------------------------
+
+
+def test_repr_has_no_key_bytes(vkeys: VolumeKeys) -> None:
+    text = repr(vkeys) + str(vkeys)
+    assert text == "<VolumeKeys loaded><VolumeKeys loaded>"
+    for secret in [VOLUME_KEY] + [bytes.fromhex(s["key"]) for s in KEYS["subkeys"]]:
+        assert secret.hex() not in text
+        assert repr(secret)[2:-1] not in text
+    vkeys.wipe()
+    assert repr(vkeys) == "<VolumeKeys wiped>"
+
+
+def test_memory_lock_state(vkeys: VolumeKeys) -> None:
+    state = vkeys.memory_lock
+    assert state.dontdump, state.detail  # MADV_DONTDUMP exists on every Linux we run on
+    if state.mlocked:
+        with open("/proc/self/status") as f:
+            locked_kb = next(int(line.split()[1]) for line in f if line.startswith("VmLck:"))
+        assert locked_kb >= 4
+    else:
+        assert "mlock failed" in state.detail
+
+
+def test_arena_is_one_page_and_slots_do_not_overlap() -> None:
+    spans = sorted(keys_mod._SLOTS.values())
+    for (off_a, len_a), (off_b, _len_b) in itertools.pairwise(spans):
+        assert off_a + len_a <= off_b
+    last_off, last_len = spans[-1]
+    assert last_off + last_len <= keys_mod._ARENA_SIZE

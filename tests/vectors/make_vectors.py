@@ -1,0 +1,328 @@
+"""Generator of the known-answer vectors in this directory. RUN ONCE; NEVER REGENERATE.
+
+This script is kept for the record: it shows how every vector was computed. It deliberately
+does not import ``encfs``: it re-implements format v1 from docs/FORMAT.md with the bare
+primitives (AES-256-GCM, AES-SIV, HKDF-SHA256, HMAC-SHA256) and fixed inputs, including
+fixed nonces where encfs would draw random ones. The tests then check that encfs itself
+derives the same keys, produces the same deterministic encodings and opens the same fixed
+ciphertexts. If encfs and a vector disagree, encfs changed the format: fix encfs, or define
+format v2 (docs/FORMAT.md, "Changing the format"). Do not edit or regenerate the JSON.
+
+    python tests/vectors/make_vectors.py          # refuses to overwrite existing vectors
+    python tests/vectors/make_vectors.py --check  # recompute and compare, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+HERE = Path(__file__).resolve().parent
+
+# --- fixed inputs (TEST VALUES ONLY) ---------------------------------------------------------
+
+VOLUME_KEY = bytes(range(0x00, 0x20))
+VOLUME_ID = bytes(range(0xA0, 0xB0))
+FILE_ID = bytes(range(0xF0, 0x100))
+BLOCK_SIZE = 4096
+DIR_ID = bytes(range(0xD0, 0xE0))
+OTHER_DIR_ID = bytes(range(0xE0, 0xF0))
+
+
+def nonce(tag: int, block_no: int = 0) -> bytes:
+    """A fixed, recognisable 12-byte nonce (encfs draws these from the CSPRNG)."""
+    return bytes((tag,)) * 4 + struct.pack(">Q", block_no)
+
+
+def pattern(n: int, seed: int) -> bytes:
+    """Deterministic plaintext: byte i is (i * 31 + seed) mod 256."""
+    return bytes((i * 31 + seed) & 0xFF for i in range(n))
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+# --- format v1, re-implemented from the spec -------------------------------------------------
+
+
+def hkdf(ikm: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+SUBKEYS = {"content": 32, "names": 64, "meta": 32, "header": 32}
+
+
+def subkey(purpose: str) -> bytes:
+    return hkdf(VOLUME_KEY, VOLUME_ID, b"encfs/v1/" + purpose.encode(), SUBKEYS[purpose])
+
+
+def file_key(file_id: bytes) -> bytes:
+    return hkdf(subkey("content"), None, b"encfs/v1/file" + file_id, 32)
+
+
+def seal_file(file_id: bytes, plain: bytes, nonce_tag: int) -> bytes:
+    """File header || blocks, with nonce(nonce_tag, block_no) for each block."""
+    if not plain:
+        return b""
+    aead = AESGCM(file_key(file_id))
+    out = [struct.pack(">H16s", 1, file_id)]
+    for block_no, off in enumerate(range(0, len(plain), BLOCK_SIZE)):
+        n = nonce(nonce_tag, block_no)
+        ad = struct.pack(">16sQ", file_id, block_no)
+        out.append(n + aead.encrypt(n, plain[off : off + BLOCK_SIZE], ad))
+    return b"".join(out)
+
+
+def encrypt_name(name: bytes, ad: bytes) -> str:
+    pad = 16 - len(name) % 16
+    return b64url(AESSIV(subkey("names")).encrypt(name + bytes((pad,)) * pad, [ad]))
+
+
+def seal_meta(plain: bytes, ad: bytes, nonce_tag: int) -> bytes:
+    n = nonce(nonce_tag)
+    return n + AESGCM(subkey("meta")).encrypt(n, plain, ad)
+
+
+# --- the vectors -----------------------------------------------------------------------------
+
+
+def keys_vectors() -> dict[str, Any]:
+    return {
+        "description": "HKDF-SHA256 subkeys of a fixed volume key (docs/FORMAT.md, key hierarchy)",
+        "volume_key": VOLUME_KEY.hex(),
+        "volume_id": VOLUME_ID.hex(),
+        "subkeys": [
+            {
+                "purpose": purpose,
+                "salt": "volume_id",
+                "info": f"encfs/v1/{purpose}",
+                "length": length,
+                "key": subkey(purpose).hex(),
+            }
+            for purpose, length in SUBKEYS.items()
+        ],
+        "file_keys": [
+            {
+                "file_id": fid.hex(),
+                "info_hex": (b"encfs/v1/file" + fid).hex(),
+                "key": file_key(fid).hex(),
+            }
+            for fid in (FILE_ID, bytes(16))
+        ],
+    }
+
+
+def content_vectors() -> dict[str, Any]:
+    cases = []
+    for name, size, seed, tag in (
+        ("one byte", 1, 0x41, 0x11),
+        ("one full block", 4096, 0x07, 0x22),
+        ("two blocks, the second partial", 5000, 0x5A, 0x33),
+    ):
+        plain = pattern(size, seed)
+        sealed = seal_file(FILE_ID, plain, tag)
+        cases.append(
+            {
+                "name": name,
+                "plain_size": size,
+                "plain": plain.hex(),
+                "plain_sha256": hashlib.sha256(plain).hexdigest(),
+                "nonces": [
+                    nonce(tag, b).hex() for b in range(-(-size // BLOCK_SIZE))
+                ],
+                "cipher_size": len(sealed),
+                "cipher": sealed.hex(),
+            }
+        )
+    # A hole: block 0 is all zero bytes on disk (never written), block 1 holds 10 bytes.
+    tail = pattern(10, 0x99)
+    header = struct.pack(">H16s", 1, FILE_ID)
+    n = nonce(0x44, 1)
+    block1 = n + AESGCM(file_key(FILE_ID)).encrypt(n, tail, struct.pack(">16sQ", FILE_ID, 1))
+    hole = header + bytes(BLOCK_SIZE + 28) + block1
+    cases.append(
+        {
+            "name": "hole: all-zero block 0, then 10 bytes in block 1",
+            "plain_size": BLOCK_SIZE + 10,
+            "plain": (bytes(BLOCK_SIZE) + tail).hex(),
+            "plain_sha256": hashlib.sha256(bytes(BLOCK_SIZE) + tail).hexdigest(),
+            "nonces": [None, n.hex()],
+            "cipher_size": len(hole),
+            "cipher": hole.hex(),
+        }
+    )
+    return {
+        "description": "Backing files as they sit on disk: file header (u16be 1, file id) then "
+        "blocks nonce(12) || AES-256-GCM ciphertext || tag(16), AD = file_id || u64be(block_no)",
+        "volume_key": VOLUME_KEY.hex(),
+        "volume_id": VOLUME_ID.hex(),
+        "block_size": BLOCK_SIZE,
+        "file_id": FILE_ID.hex(),
+        "file_key": file_key(FILE_ID).hex(),
+        "cases": cases,
+    }
+
+
+def names_vectors() -> dict[str, Any]:
+    plain_names = [
+        b"hello.txt",
+        b"fifteen-bytes!!",  # 15: one pad byte
+        b"sixteen-bytes!!!",  # 16: a whole block of padding
+        "ünïcødé 名前.txt".encode(),
+        b"a" * 159,  # longest name that is not a long name
+    ]
+    cases = []
+    for plain in plain_names:
+        for label, dir_id in (("dir", DIR_ID), ("other_dir", OTHER_DIR_ID)):
+            enc = encrypt_name(plain, dir_id)
+            cases.append(
+                {
+                    "plain_hex": plain.hex(),
+                    "dir_id": dir_id.hex(),
+                    "dir": label,
+                    "encoded": enc,
+                    "backing_name": enc,
+                }
+            )
+    long_cases = []
+    printable = bytes(c for c in range(0x20, 0x7F) if c != 0x2F)  # no "/"
+    for plain in (b"L" * 160, (printable * 3)[:255]):  # shortest and longest long names
+        enc = encrypt_name(plain, DIR_ID)
+        long_cases.append(
+            {
+                "plain_hex": plain.hex(),
+                "plain_len": len(plain),
+                "dir_id": DIR_ID.hex(),
+                "encoded": enc,
+                "backing_name": "encfs.ln." + b64url(hashlib.sha256(enc.encode()).digest()),
+                "companion_name": "encfs.ln."
+                + b64url(hashlib.sha256(enc.encode()).digest())
+                + ".name",
+                "companion_content": enc,
+            }
+        )
+    return {
+        "description": "Name encryption: PKCS#7 pad to 16, AES-SIV(names key, AD = [dir id]), "
+        "base64url without padding; encodings over 255 chars stored as encfs.ln.<hash>",
+        "volume_key": VOLUME_KEY.hex(),
+        "volume_id": VOLUME_ID.hex(),
+        "names_key": subkey("names").hex(),
+        "cases": cases,
+        "long_names": long_cases,
+    }
+
+
+def meta_vectors() -> dict[str, Any]:
+    target = b"../some/where/target.txt"
+    sealed_target = seal_meta(target, b"encfs/v1/symlink", 0x55)
+    xattr_name = b"comment"  # the part after "user."
+    xattr_backing = "user.encfs." + encrypt_name(xattr_name, b"encfs/v1/xattr-name")
+    xattr_value = b"\x00binary\xffvalue"
+    sealed_value = seal_meta(xattr_value, xattr_backing.encode(), 0x66)
+    return {
+        "description": "Symlink targets and xattrs: AES-256-GCM under the meta key, "
+        "nonce || ciphertext || tag; xattr names AES-SIV under the names key",
+        "volume_key": VOLUME_KEY.hex(),
+        "volume_id": VOLUME_ID.hex(),
+        "meta_key": subkey("meta").hex(),
+        "symlink": {
+            "target_hex": target.hex(),
+            "ad": "encfs/v1/symlink",
+            "nonce": nonce(0x55).hex(),
+            "backing_target": b64url(sealed_target),
+        },
+        "xattr": {
+            "plain_name": "user." + xattr_name.decode(),
+            "name_ad": "encfs/v1/xattr-name",
+            "backing_name": xattr_backing,
+            "value_hex": xattr_value.hex(),
+            "value_ad": "the backing name, UTF-8",
+            "nonce": nonce(0x66).hex(),
+            "backing_value_hex": sealed_value.hex(),
+        },
+    }
+
+
+def header_vectors() -> dict[str, Any]:
+    url = "transit+https://vault.example:8200/transit/encfs-kek"
+    wrapped = "vault:v3:VGhpcyBpcyBub3QgYSByZWFsIHdyYXBwZWQga2V5LCBqdXN0IGJ5dGVzLg=="
+    fields = {
+        "format_version": 1,
+        "feature_flags": 0,
+        "cipher": 1,
+        "block_size": 8192,
+        "volume_id": VOLUME_ID.hex(),
+        "vault_url": url,
+        "kek_version": 3,
+        "wrapped_key": wrapped,
+    }
+    body = b"".join(
+        (
+            struct.pack(">8sHIBBI16s", b"ENCFSVOL", 1, 0, 1, 0, 8192, VOLUME_ID),
+            struct.pack(">H", len(url)),
+            url.encode(),
+            struct.pack(">I", 3),
+            struct.pack(">H", len(wrapped)),
+            wrapped.encode(),
+        )
+    )
+    tag = hmac.new(subkey("header"), body, hashlib.sha256).digest()
+    return {
+        "description": "A complete volume header file (encfs.volume): body || HMAC-SHA256"
+        "(header key, body)",
+        "volume_key": VOLUME_KEY.hex(),
+        "fields": fields,
+        "body": body.hex(),
+        "tag": tag.hex(),
+        "file": (body + tag).hex(),
+    }
+
+
+VECTORS = {
+    "keys.json": keys_vectors,
+    "content.json": content_vectors,
+    "names.json": names_vectors,
+    "meta.json": meta_vectors,
+    "header.json": header_vectors,
+}
+
+
+def render(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=1, ensure_ascii=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare, write nothing")
+    args = parser.parse_args(argv)
+    status = 0
+    for name, make in VECTORS.items():
+        path = HERE / name
+        text = render(make())
+        if args.check:
+            same = path.exists() and path.read_text() == text
+            print(f"{name}: {'same' if same else 'DIFFERENT'}")
+            status |= not same
+        elif path.exists():
+            print(f"{name}: exists; vectors are never regenerated", file=sys.stderr)
+            status = 1
+        else:
+            path.write_text(text)
+            print(f"{name}: written")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
