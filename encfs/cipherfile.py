@@ -70,6 +70,7 @@ class CipherFile:
         self.backing_path = backing_path
         self.lock = RWLock()
         self.refs = 0
+        self.inode_key: tuple[int, int] | None = None  # (st_dev, st_ino) of the backing file
         self._file_id: bytes | None = None
 
     # --- header -------------------------------------------------------------------------

@@ -190,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: allow_other, default_permissions, ro",
+        help="mount options: allow_other (let other users in; root only), "
+        "default_permissions (the kernel checks modes and owners; use with allow_other), "
+        "ro (read-only), writeback_cache (the kernel gathers small writes; faster, but a "
+        "file's other hard-link names then show a stale size until they are reopened)",
     )
     p.add_argument(
         "--vault",
@@ -299,7 +302,7 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
 
 
 def _mount_options(raw: Sequence[str]) -> dict[str, bool]:
-    known = {"allow_other", "default_permissions", "ro", "rw"}
+    known = {"allow_other", "default_permissions", "ro", "rw", "writeback_cache"}
     opts: dict[str, bool] = {}
     for group in raw:
         for opt in filter(None, group.split(",")):
@@ -331,7 +334,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         allow_other=opts.get("allow_other", False),
         default_permissions=opts.get("default_permissions", False),
         read_only=read_only,
-        fs=FsOptions(read_only=read_only),
+        fs=FsOptions(read_only=read_only, writeback_cache=opts.get("writeback_cache", False)),
         debug=args.verbose >= 3,
     )
     ready_fd: int | None = args.ready_fd

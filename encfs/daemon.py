@@ -135,6 +135,7 @@ class Daemon:
                 raise
             log.info("stopped by signal")
         finally:
+            ops.aliases.stop()
             keys.close()
             self.keys = None
             self._remove_runtime_file()

@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import os
+import queue
 import stat
 import threading
 import time
@@ -60,6 +61,100 @@ class FsOptions:
     suspended_errno: int = errno.EACCES
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
+    writeback_cache: bool = False
+
+
+class Aliases:
+    """Mount paths of multiply-linked regular files, so that a change made through one name
+    can invalidate what the kernel caches under the others.
+
+    libfuse's high-level API gives every *path* its own kernel inode: after a write through
+    ``a`` the kernel would go on serving ``b``'s old size, times and pages. Every name the
+    kernel can cache passed through ``stat`` or ``readdir`` (which ``note`` it). Invalidation
+    runs in one worker thread: invalidating an inode whose write is in flight waits for that
+    write's page locks, so a caller waits at most ``WAIT`` seconds and never deadlocks.
+
+    Locks: ``_lock`` guards the map and is never held while calling into libfuse.
+    """
+
+    WAIT = 1.0
+    MAX_INODES = 1 << 16
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: dict[tuple[int, int], set[str]] = {}
+        self._work: queue.SimpleQueue[tuple[list[str], threading.Event] | None] = (
+            queue.SimpleQueue()
+        )
+        self._fuse_ptr: int | None = None
+        self._worker: threading.Thread | None = None
+
+    def start(self, fuse_ptr: int | None) -> None:
+        """Begin invalidating through ``fuse_ptr`` (the ``struct fuse *`` of this mount)."""
+        if fuse_ptr is None or self._worker is not None:
+            return
+        libfuse = mfusepy._libfuse
+        libfuse.fuse_invalidate_path.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+        libfuse.fuse_invalidate_path.restype = ctypes.c_int
+        self._fuse_ptr = fuse_ptr
+        self._worker = threading.Thread(target=self._run, name="encfs-aliases", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._work.put(None)
+            self._worker = None
+
+    def note(self, key: tuple[int, int], path: str) -> None:
+        with self._lock:
+            paths = self._paths.get(key)
+            if paths is None:
+                if len(self._paths) >= self.MAX_INODES:
+                    self._paths.clear()  # only costs invalidations of names seen before
+                paths = self._paths[key] = set()
+            paths.add(path)
+
+    def __bool__(self) -> bool:
+        return bool(self._paths)
+
+    def forget(self, path: str) -> tuple[int, int] | None:
+        """Drop ``path``; returns the inode it named, if it was tracked."""
+        with self._lock:
+            for key, paths in self._paths.items():
+                if path in paths:
+                    paths.discard(path)
+                    if not paths:
+                        del self._paths[key]
+                    return key
+        return None
+
+    def renamed(self, old: str, new: str) -> None:
+        prefix = old + "/"
+        with self._lock:
+            for paths in self._paths.values():
+                for path in [p for p in paths if p == old or p.startswith(prefix)]:
+                    paths.discard(path)
+                    paths.add(new + path[len(old) :])
+
+    def changed(self, key: tuple[int, int] | None, but_not: str | None = None) -> None:
+        """Invalidate the kernel's attributes and pages of every other name of ``key``."""
+        if key is None or self._worker is None:
+            return
+        with self._lock:
+            paths = [p for p in self._paths.get(key, ()) if p != but_not]
+        if paths:
+            done = threading.Event()
+            self._work.put((paths, done))
+            done.wait(self.WAIT)
+
+    def _run(self) -> None:
+        invalidate = mfusepy._libfuse.fuse_invalidate_path
+        while (item := self._work.get()) is not None:
+            paths, done = item
+            for path in paths:
+                if invalidate(self._fuse_ptr, os.fsencode(path)) == -errno.ENOENT:
+                    self.forget(path)
+            done.set()
 
 
 @dataclass
@@ -136,13 +231,15 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._next_dir_fh = 0
         self._as_root = os.geteuid() == 0
         self.fuse_ptr: int | None = None
+        self.aliases = Aliases()
+        self._fh_paths: dict[int, str] = {}
 
     # --- life cycle ------------------------------------------------------------------------
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         if conn is not None:
             conn.want |= conn.capable & (
-                FUSE_CAP_WRITEBACK_CACHE
+                (FUSE_CAP_WRITEBACK_CACHE if self.options.writeback_cache else 0)
                 | FUSE_CAP_READDIRPLUS
                 | FUSE_CAP_PARALLEL_DIROPS
                 | FUSE_CAP_ASYNC_READ
@@ -163,6 +260,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             config.negative_timeout = self.options.entry_timeout
         context = mfusepy._libfuse.fuse_get_context()
         self.fuse_ptr = context.contents.fuse if context else None
+        self.aliases.start(self.fuse_ptr)
         if self._on_init is not None:
             self._on_init()
 
@@ -210,6 +308,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             cfile = self._inodes.get(key)
             if cfile is None:
                 cfile = CipherFile(self.keys, self.geo, backing_path)
+                cfile.inode_key = key
                 self._inodes[key] = cfile
             cfile.refs += 1
             self._handles[fd] = cfile
@@ -251,6 +350,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             raise OSError(errno.EBADF, "no path and no handle")
         else:
             st = os.lstat(self.names.backing_path(path))
+            if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                self.aliases.note((st.st_dev, st.st_ino), path)
         return st, self._plain_size(st)
 
     def _plain_size(self, st: os.stat_result) -> int:
@@ -287,10 +388,25 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             raise OSError(errno.EBADF, "operation needs a path or a file handle")
         return self.names.backing_path(path)
 
+    def _changed(self, target: str | int, path: str | None) -> None:
+        """Tell the other names of a multiply-linked file that ``target`` changed."""
+        if not self.aliases:
+            return
+        if isinstance(target, int):
+            cfile = self._handles.get(target)
+            key = cfile.inode_key if cfile is not None else None
+            self.aliases.changed(key, self._fh_paths.get(target))
+        else:
+            st = os.lstat(target)
+            if st.st_nlink > 1:
+                self.aliases.changed((st.st_dev, st.st_ino), path)
+
     @fuse_op
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
         self._check_writable()
-        os.chmod(self._target(path, fh), stat.S_IMODE(mode))
+        target = self._target(path, fh)
+        os.chmod(target, stat.S_IMODE(mode))
+        self._changed(target, path)
         return 0
 
     @fuse_op
@@ -301,6 +417,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             os.fchown(target, uid, gid)
         else:
             os.chown(target, uid, gid, follow_symlinks=False)
+        self._changed(target, path)
         return 0
 
     @fuse_op
@@ -315,6 +432,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         follow = isinstance(target, int)  # an fd is followed by definition
         if times is None:
             os.utime(target, follow_symlinks=follow)
+            self._changed(target, path)
             return 0
         now = time.time_ns()
         st: os.stat_result | None = None
@@ -328,6 +446,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             else:
                 result.append(sec * 10**9 + nsec)
         os.utime(target, ns=(result[0], result[1]), follow_symlinks=follow)
+        self._changed(target, path)
         return 0
 
     @fuse_op
@@ -375,10 +494,12 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         ]
         for name, dent in self.names.listdir(path):
             try:
-                attrs: dict[str, int] | None = self._attrs(dent.stat(follow_symlinks=False))
+                st = dent.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            entries.append((name, attrs, 0))
+            if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                self.aliases.note((st.st_dev, st.st_ino), path.rstrip("/") + "/" + name)
+            entries.append((name, self._attrs(st), 0))
         return entries
 
     @fuse_op
@@ -448,8 +569,10 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         try:
             self._own(entry.backing_path, fd)
             cfile = self._attach(fd, entry.backing_path)
+            self._fh_paths[fd] = path
             if flags & os.O_TRUNC:
                 cfile.truncate(fd, 0)
+                self._changed(fd, path)
         except BaseException:
             self._release_fd(fd)
             raise
@@ -468,8 +591,10 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             fd = os.open(backing, os.O_WRONLY | os.O_CLOEXEC)
         try:
             cfile = self._attach(fd, backing)
+            self._fh_paths[fd] = path
             if flags & os.O_TRUNC:
                 cfile.truncate(fd, 0)
+                self._changed(fd, path)
         except BaseException:
             self._release_fd(fd)
             raise
@@ -477,6 +602,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def _release_fd(self, fd: int) -> None:
         try:
+            self._fh_paths.pop(fd, None)
             self._detach(fd)
         finally:
             os.close(fd)
@@ -498,6 +624,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         self._check_writable()
         written = self._cfile(fh).write(fh, offset, data)
+        if self.aliases:
+            self._changed(fh, None)
         counters = self.counters
         counters.writes += 1
         counters.bytes_written += written
@@ -508,6 +636,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._check_writable()
         if fh is not None and fh in self._handles:
             self._cfile(fh).truncate(fh, length)
+            self._changed(fh, path)
             return 0
         if path is None:
             raise OSError(errno.EBADF, "no path and no handle")
@@ -516,6 +645,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         try:
             cfile = self._attach(fd, backing)
             cfile.truncate(fd, length)
+            self._changed(fd, path)
         finally:
             self._release_fd(fd)
         return 0
@@ -524,6 +654,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
         self._check_writable()
         self._cfile(fh).allocate(fh, mode, offset, size)
+        self._changed(fh, path)
         return 0
 
     @fuse_op
@@ -540,6 +671,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         entry = self.names.entry(path)
         os.unlink(entry.backing_path)
         self.names.remove_companion(entry)
+        if self.aliases:
+            self.aliases.changed(self.aliases.forget(path))  # the others' link count
         return 0
 
     @fuse_op
@@ -601,6 +734,12 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             if not os.path.lexists(entry.backing_path):
                 self.names.remove_companion(entry)
             raise
+        st = os.lstat(src)
+        if stat.S_ISREG(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            self.aliases.note(key, source)
+            self.aliases.note(key, target)
+            self.aliases.changed(key, target)  # the others' link count
         return 0
 
     @fuse_op
@@ -613,6 +752,9 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             raise OSError(errno.EINVAL, "unsupported rename flags")
         if flags & RENAME_EXCHANGE:
             _renameat2(src.backing_path, dst.backing_path, RENAME_EXCHANGE)
+            self._renamed_paths(old, "\0swap")
+            self._renamed_paths(new, old)
+            self._renamed_paths("\0swap", new)
             if src.is_long or dst.is_long:
                 # Each companion holds the encoding of its own name; both names still exist.
                 self.names.add_companion(src)
@@ -643,11 +785,23 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             if not os.path.lexists(dst.backing_path):
                 self.names.remove_companion(dst)
             raise
+        if dst_st is not None and dst_st.st_nlink > 1 and self.aliases:
+            self.aliases.forget(new)
+            self.aliases.changed((dst_st.st_dev, dst_st.st_ino))  # the others' link count
+        self._renamed_paths(old, new)
         if src.backing_path != dst.backing_path:
             self.names.remove_companion(src)
         if stat.S_ISDIR(src_st.st_mode):
             self.names.invalidate()
         return 0
+
+    def _renamed_paths(self, old: str, new: str) -> None:
+        """Keep the mount paths we hold (open handles, aliases) in step with a rename."""
+        self.aliases.renamed(old, new)
+        prefix = old + "/"
+        for fh, path in list(self._fh_paths.items()):
+            if path == old or path.startswith(prefix):
+                self._fh_paths[fh] = new + path[len(old) :]
 
     # --- extended attributes ---------------------------------------------------------------
 
