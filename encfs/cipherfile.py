@@ -71,6 +71,7 @@ class CipherFile:
         self.lock = RWLock()
         self.refs = 0
         self.inode_key: tuple[int, int] | None = None  # (st_dev, st_ino) of the backing file
+        self.setid = False  # mode may have set-user/group-ID bits that a write must clear
         self._file_id: bytes | None = None
 
     # --- header -------------------------------------------------------------------------

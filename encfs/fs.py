@@ -18,7 +18,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -37,6 +37,7 @@ from encfs.keys import VolumeKeys
 log = logging.getLogger(__name__)
 
 FUSE_CAP_ASYNC_READ = 1 << 0
+FUSE_CAP_HANDLE_KILLPRIV = 1 << 20
 FUSE_CAP_READDIRPLUS = 1 << 13
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 FUSE_CAP_PARALLEL_DIROPS = 1 << 18
@@ -55,12 +56,18 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class FsOptions:
-    """Settings of one mount that the operations need."""
+    """Settings of one mount that the operations need.
+
+    Attribute and entry timeouts can be long because every change reaches the backing
+    directory through this mount (changing the cipher dir behind a live mount is not
+    supported), and the kernel drops what a change through the mount makes stale; the
+    other names of hard-linked files are invalidated explicitly (``Aliases``).
+    """
 
     read_only: bool = False
     suspended_errno: int = errno.EACCES
-    attr_timeout: float = 1.0
-    entry_timeout: float = 1.0
+    attr_timeout: float = 10.0
+    entry_timeout: float = 10.0
     writeback_cache: bool = False
 
 
@@ -228,6 +235,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._inodes: dict[tuple[int, int], CipherFile] = {}
         self._handles: dict[int, CipherFile] = {}
         self._dir_handles: dict[int, str] = {}
+        self._dir_listings: dict[int, list[tuple[str, dict[str, int] | None, int]]] = {}
         self._next_dir_fh = 0
         self._as_root = os.geteuid() == 0
         self.fuse_ptr: int | None = None
@@ -243,6 +251,11 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
                 | FUSE_CAP_READDIRPLUS
                 | FUSE_CAP_PARALLEL_DIROPS
                 | FUSE_CAP_ASYNC_READ
+                # We clear set-user/group-ID bits on chown (the backing filesystem does)
+                # and on truncate (``_truncated``); the kernel then skips a GETATTR before
+                # every chown and truncate.
+                # (not with the writeback cache: its writes reach us as root, too late).
+                | (0 if self.options.writeback_cache else FUSE_CAP_HANDLE_KILLPRIV)
             )
             conn.max_write = MAX_WRITE
             conn.max_readahead = MAX_WRITE
@@ -310,18 +323,19 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
                 cfile = CipherFile(self.keys, self.geo, backing_path)
                 cfile.inode_key = key
                 self._inodes[key] = cfile
+            if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                cfile.setid = True
             cfile.refs += 1
             self._handles[fd] = cfile
         return cfile
 
     def _detach(self, fd: int) -> None:
-        st = os.fstat(fd)
         with self._table_lock:
             cfile = self._handles.pop(fd, None)
             if cfile is not None:
                 cfile.refs -= 1
-                if cfile.refs <= 0:
-                    self._inodes.pop((st.st_dev, st.st_ino), None)
+                if cfile.refs <= 0 and cfile.inode_key is not None:
+                    self._inodes.pop(cfile.inode_key, None)
 
     def _cfile(self, fh: int) -> CipherFile:
         cfile = self._handles.get(fh)
@@ -406,6 +420,14 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._check_writable()
         target = self._target(path, fh)
         os.chmod(target, stat.S_IMODE(mode))
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            if isinstance(target, int):
+                self._cfile(target).setid = True
+            else:
+                st = os.lstat(target)
+                cfile = self._inodes.get((st.st_dev, st.st_ino))
+                if cfile is not None:
+                    cfile.setid = True
         self._changed(target, path)
         return 0
 
@@ -480,10 +502,19 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def releasedir(self, path: str | None, fh: int) -> int:
         with self._table_lock:
             self._dir_handles.pop(fh, None)
+            self._dir_listings.pop(fh, None)
         return 0
 
     @fuse_op
-    def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int] | None, int]]:
+    def readdir(
+        self, path: str | None, fh: int, offset: int = 0
+    ) -> list[tuple[str, dict[str, int] | None, int]]:
+        """The whole listing with attributes. Read once per handle, at ``offset`` 0; later
+        offsets (the kernel's next buffer) reuse it, so ``ls`` stays linear in large dirs."""
+        if offset:
+            cached = self._dir_listings.get(fh)
+            if cached is not None:
+                return cached
         path = self._dir_handles.get(fh, path)
         if path is None:
             raise OSError(errno.EBADF, "unknown directory handle")
@@ -500,6 +531,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
                 self.aliases.note((st.st_dev, st.st_ino), path.rstrip("/") + "/" + name)
             entries.append((name, self._attrs(st), 0))
+        if fh in self._dir_handles:
+            self._dir_listings[fh] = entries
         return entries
 
     @fuse_op
@@ -572,7 +605,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             self._fh_paths[fd] = path
             if flags & os.O_TRUNC:
                 cfile.truncate(fd, 0)
-                self._changed(fd, path)
+                self._truncated(fd, path)
         except BaseException:
             self._release_fd(fd)
             raise
@@ -594,7 +627,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             self._fh_paths[fd] = path
             if flags & os.O_TRUNC:
                 cfile.truncate(fd, 0)
-                self._changed(fd, path)
+                self._truncated(fd, path)
         except BaseException:
             self._release_fd(fd)
             raise
@@ -623,7 +656,10 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     @fuse_op
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         self._check_writable()
-        written = self._cfile(fh).write(fh, offset, data)
+        cfile = self._cfile(fh)
+        written = cfile.write(fh, offset, data)
+        if cfile.setid:
+            cfile.setid = self._kill_setid(fh)
         if self.aliases:
             self._changed(fh, None)
         counters = self.counters
@@ -636,7 +672,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._check_writable()
         if fh is not None and fh in self._handles:
             self._cfile(fh).truncate(fh, length)
-            self._changed(fh, path)
+            self._truncated(fh, path)
             return 0
         if path is None:
             raise OSError(errno.EBADF, "no path and no handle")
@@ -645,10 +681,30 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         try:
             cfile = self._attach(fd, backing)
             cfile.truncate(fd, length)
-            self._changed(fd, path)
+            self._truncated(fd, path)
         finally:
             self._release_fd(fd)
         return 0
+
+    def _truncated(self, fd: int, path: str | None) -> None:
+        self._kill_setid(fd)
+        self._changed(fd, path)
+
+    def _kill_setid(self, fd: int) -> bool:
+        """After a write or truncation by a caller other than root, clear set-user-ID (and
+        set-group-ID on group-executable files), as the kernel does on local filesystems;
+        with HANDLE_KILLPRIV it leaves that to us. Returns whether bits may remain (root
+        wrote, so nothing was cleared)."""
+        uid, _gid, _pid = mfusepy.fuse_get_context()
+        if uid == 0:
+            return True
+        mode = os.fstat(fd).st_mode
+        kill = mode & stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            kill |= mode & stat.S_ISGID
+        if kill:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+        return bool(stat.S_IMODE(mode) & ~kill & (stat.S_ISUID | stat.S_ISGID))
 
     @fuse_op
     def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
@@ -893,7 +949,9 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with three adaptations encfs needs from libfuse 3:
 
     - readdir fills whole attributes with FUSE_FILL_DIR_PLUS when the kernel asks for
-      READDIRPLUS, so ``ls -l`` needs no lookup per entry;
+      READDIRPLUS, so ``ls -l`` and ``find`` need no lookup per entry. It passes real
+      offsets: libfuse 3.14 drops the entries' node ids in its offset-0 buffering mode,
+      and the kernel then looks every entry up again;
     - utimens passes raw (sec, nsec) pairs so UTIME_NOW / UTIME_OMIT survive;
     - rename passes its flags (RENAME_NOREPLACE, RENAME_EXCHANGE);
     - truncate, chmod, chown and utimens pass the file handle when libfuse has one (with
@@ -905,11 +963,12 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
         self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
     ) -> int:
         decoded = None if path is None else path.decode(self.encoding, self.errors)
-        items: Iterable[tuple[str, dict[str, int] | None, int]] = self.operations.readdir(
-            decoded, fip.contents.fh
+        items: list[tuple[str, dict[str, int] | None, int]] = self.operations.readdir(
+            decoded, fip.contents.fh, offset
         )
         plus = flags & FUSE_READDIR_PLUS
-        for name, attrs, _off in items:
+        for index in range(offset, len(items)):
+            name, attrs, _off = items[index]
             st = None
             fill_flags = 0
             if attrs is not None:
@@ -917,7 +976,8 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
                 mfusepy.set_st_attrs(st, attrs, use_ns=True)
                 if plus and name not in (".", ".."):
                     fill_flags = FUSE_FILL_DIR_PLUS
-            if filler(buf, name.encode(self.encoding, self.errors), st, 0, fill_flags) != 0:
+            name_b = name.encode(self.encoding, self.errors)
+            if filler(buf, name_b, st, index + 1, fill_flags) != 0:
                 break
         return 0
 
