@@ -308,6 +308,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         uid, gid, _pid = mfusepy.fuse_get_context()
         if uid == 0 and gid == 0:
             return
+        if os.stat(os.path.dirname(backing_path)).st_mode & stat.S_ISGID:
+            gid = -1  # a set-group-ID directory gives its group (the backing fs applied it)
         if fd is not None:
             os.fchown(fd, uid, gid)
         else:

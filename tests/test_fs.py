@@ -3,16 +3,23 @@ byte-exact against what a kernel filesystem would do, and persistence across rem
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import errno
+import json
 import mmap
 import multiprocessing
 import os
+import pickle
+import secrets
 import socket
 import stat
+import string
 import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -494,3 +501,725 @@ def test_large_block_size(make_volume, block_size: int) -> None:  # type: ignore
     expect[block_size - 10:block_size + 10] = b"Z" * 20
     vol.remount()
     assert f.read_bytes() == bytes(expect)
+
+
+# --- other users: allow_other, default_permissions -------------------------------------------
+#
+# The daemon runs as root. With ``-o allow_other,default_permissions`` other users get in, the
+# kernel checks modes and owners against what encfs reports, and encfs must give every new
+# entry to the user who made it, on disk. These tests act as nobody: uid and gid 65534, no
+# supplementary groups.
+
+NOBODY = 65534
+MULTIUSER = ["allow_other", "default_permissions"]
+
+
+@pytest.fixture
+def reachable_tmp(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path`` with every directory from ``/`` down to it searchable by others (o+x):
+    pytest makes its temporary directories 0700, so nobody could not reach a mount point in
+    them. The old modes come back afterwards."""
+    changed: list[tuple[Path, int]] = []
+    for d in (*reversed(tmp_path.parents), tmp_path):
+        mode = stat.S_IMODE(d.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            os.chmod(d, mode | stat.S_IXOTH)
+            changed.append((d, mode))
+    yield tmp_path
+    for d, mode in reversed(changed):
+        os.chmod(d, mode)
+
+
+def as_nobody(fn: Callable[[], Any]) -> Any:
+    """Run ``fn()`` in a forked child as uid/gid 65534 with no supplementary groups and umask
+    022. Returns what it returns; raises OSError with the child's errno if it raised one."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            os.umask(0o022)
+            out: tuple[str, Any]
+            try:
+                out = ("ok", fn())
+            except OSError as exc:
+                out = ("oserror", (exc.errno, str(exc)))
+            except BaseException as exc:
+                out = ("error", repr(exc))
+            with os.fdopen(w, "wb") as f:
+                pickle.dump(out, f)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the child running as nobody died"
+    kind, value = pickle.loads(data)
+    if kind == "oserror":
+        raise OSError(*value)
+    if kind == "error":
+        raise AssertionError(f"as nobody: {value}")
+    return value
+
+
+def run_as_nobody(*cmd: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in cmd],
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def errno_of(fn: Callable[[], object]) -> int | None:
+    """The errno ``fn()`` fails with, None if it succeeds."""
+    try:
+        fn()
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def backing_of(vol: Volume, path: Path) -> Path:
+    """The backing entry of a plaintext path: the one with its inode number (use_ino)."""
+    ino = os.lstat(path).st_ino
+    hits = [
+        Path(dirpath, n)
+        for dirpath, dirnames, filenames in os.walk(vol.cipher_dir, onerror=_raise)
+        for n in (*dirnames, *filenames)
+        if os.lstat(Path(dirpath, n)).st_ino == ino
+    ]
+    assert len(hits) == 1, (path, hits)
+    return hits[0]
+
+
+@pytest.fixture
+def multiuser(  # type: ignore[no-untyped-def]
+    make_volume, reachable_tmp: Path
+) -> tuple[Volume, Path]:
+    """A volume mounted with allow_other,default_permissions. Its root is root's and 0755; it
+    holds ``shared``, root's sticky world-writable directory (1777), with two of root's files
+    in it: ``secret`` (0600) and ``public`` (0644)."""
+    vol: Volume = make_volume(options=MULTIUSER)
+    os.chmod(vol.mountpoint, 0o755)
+    shared = vol.mountpoint / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    for name, mode in (("secret", 0o600), ("public", 0o644)):
+        (shared / name).write_text(f"root's {name}\n")
+        os.chmod(shared / name, mode)
+    return vol, shared
+
+
+def test_entries_made_by_another_user_are_theirs(multiuser: tuple[Volume, Path]) -> None:
+    vol, shared = multiuser
+    long_name = "L" * 200
+
+    def make() -> None:
+        fd = os.open(shared / "file", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, b"nobody's data")
+        os.close(fd)
+        os.mkdir(shared / "dir", 0o750)
+        (shared / "dir" / "nested").write_bytes(b"nested")
+        os.symlink("file", shared / "link")
+        os.mkfifo(shared / "fifo", 0o600)
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.bind(str(shared / "sock"))
+        finally:
+            sock.close()
+        (shared / long_name).write_bytes(b"long name")
+
+    as_nobody(make)
+    expect = {
+        "file": (stat.S_IFREG, 0o640),
+        "dir": (stat.S_IFDIR, 0o750),
+        "dir/nested": (stat.S_IFREG, 0o644),
+        "link": (stat.S_IFLNK, 0o777),
+        "fifo": (stat.S_IFIFO, 0o600),
+        "sock": (stat.S_IFSOCK, 0o755),
+        long_name: (stat.S_IFREG, 0o644),
+    }
+
+    def check() -> None:
+        for rel, (kind, mode) in expect.items():
+            st = os.lstat(shared / rel)
+            assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY), rel
+            assert (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode)) == (kind, mode), rel
+            backing = os.lstat(backing_of(vol, shared / rel))  # owned on disk, not just shown
+            assert (backing.st_uid, backing.st_gid) == (NOBODY, NOBODY), rel
+            assert stat.S_IFMT(backing.st_mode) == kind, rel
+        for name in ("secret", "public"):
+            st = os.stat(shared / name)
+            assert (st.st_uid, st.st_gid) == (0, 0), name
+
+    check()
+    assert as_nobody(lambda: (shared / "file").read_bytes()) == b"nobody's data"
+    assert as_nobody(lambda: os.readlink(shared / "link")) == "file"
+    vol.remount()
+    check()
+
+
+def test_another_user_works_on_own_files(multiuser: tuple[Volume, Path]) -> None:
+    vol, shared = multiuser
+    data = os.urandom(10000)
+
+    def work() -> dict[str, object]:
+        f = shared / "mine"
+        f.write_bytes(data)
+        assert f.read_bytes() == data
+        with open(f, "r+b") as h:  # a partial write across a block boundary
+            h.seek(4090)
+            h.write(b"Z" * 20)
+        fd = os.open(f, os.O_WRONLY | os.O_APPEND)
+        os.write(fd, b"tail")
+        os.close(fd)
+        os.truncate(f, 9000)  # by path
+        with open(f, "r+b") as h:
+            h.truncate(12000)  # by handle, growing
+        os.rename(f, shared / "renamed")
+        os.link(shared / "renamed", shared / "hardlink")
+        os.chmod(shared / "renamed", 0o600)
+        os.chown(shared / "renamed", -1, NOBODY)
+        os.utime(shared / "renamed", ns=(1_000_000_000, 2_000_000_000))
+        os.setxattr(shared / "renamed", "user.note", b"mine")
+        os.mkdir(shared / "mydir")
+        os.rename(shared / "hardlink", shared / "mydir" / "hardlink")
+        st = os.stat(shared / "mydir" / "hardlink")
+        return {
+            "content": (shared / "mydir" / "hardlink").read_bytes(),
+            "nlink": st.st_nlink,
+            "same inode": st.st_ino == os.stat(shared / "renamed").st_ino,
+            "xattr": os.getxattr(shared / "mydir" / "hardlink", "user.note"),
+        }
+
+    expect = bytearray(data)
+    expect[4090:4110] = b"Z" * 20
+    expect = (expect + b"tail")[:9000] + bytes(3000)
+    facts = as_nobody(work)
+    assert facts == {"content": expect, "nlink": 2, "same inode": True, "xattr": b"mine"}
+
+    def check() -> None:
+        for f in (shared / "renamed", shared / "mydir" / "hardlink"):
+            st = os.stat(f)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)
+            assert (st.st_nlink, st.st_mtime_ns) == (2, 2_000_000_000)
+            assert f.read_bytes() == expect
+            assert os.getxattr(f, "user.note") == b"mine"
+
+    check()
+    vol.remount()
+    check()
+
+    def clean_up() -> list[str]:
+        os.unlink(shared / "mydir" / "hardlink")
+        os.rmdir(shared / "mydir")
+        os.unlink(shared / "renamed")
+        return sorted(os.listdir(shared))
+
+    assert as_nobody(clean_up) == ["public", "secret"]
+
+
+def test_another_user_is_refused_what_is_not_theirs(multiuser: tuple[Volume, Path]) -> None:
+    vol, shared = multiuser
+    secret, public = shared / "secret", shared / "public"
+    tries: dict[str, Callable[[], object]] = {
+        "read 0600": lambda: secret.read_bytes(),
+        "open 0644 for writing": lambda: os.close(os.open(public, os.O_WRONLY)),
+        "open 0644 for appending": lambda: os.close(os.open(public, os.O_WRONLY | os.O_APPEND)),
+        "truncate 0644": lambda: os.truncate(public, 0),
+        "touch 0644": lambda: os.utime(public),
+        "set times of 0644": lambda: os.utime(public, ns=(1, 1)),
+        "chmod": lambda: os.chmod(public, 0o666),
+        "chown": lambda: os.chown(public, NOBODY, NOBODY),
+        "chgrp": lambda: os.chown(public, -1, NOBODY),
+        "set a user xattr": lambda: os.setxattr(public, "user.x", b"1"),
+        "unlink in sticky dir": lambda: os.unlink(public),
+        "rename in sticky dir": lambda: os.rename(public, shared / "stolen"),
+        "rename over in sticky dir": lambda: os.rename(shared / "mine", public),
+        "create in root's 0755 dir": lambda: (vol.mountpoint / "intruder").write_text("x"),
+        "mkdir in root's 0755 dir": lambda: os.mkdir(vol.mountpoint / "intruder-dir"),
+    }
+    expect = {
+        "read 0600": errno.EACCES,
+        "open 0644 for writing": errno.EACCES,
+        "open 0644 for appending": errno.EACCES,
+        "truncate 0644": errno.EACCES,
+        "touch 0644": errno.EACCES,
+        "set times of 0644": errno.EPERM,
+        "chmod": errno.EPERM,
+        "chown": errno.EPERM,
+        "chgrp": errno.EPERM,
+        "set a user xattr": errno.EACCES,
+        "unlink in sticky dir": errno.EPERM,
+        "rename in sticky dir": errno.EPERM,
+        "rename over in sticky dir": errno.EPERM,
+        "create in root's 0755 dir": errno.EACCES,
+        "mkdir in root's 0755 dir": errno.EACCES,
+    }
+    if Path("/proc/sys/fs/protected_hardlinks").read_text().strip() == "1":
+        tries["hard link to 0600"] = lambda: os.link(secret, shared / "hardlink")
+        expect["hard link to 0600"] = errno.EPERM
+
+    def attempt() -> dict[str, int | None]:
+        (shared / "mine").write_text("mine")
+        return {what: errno_of(fn) for what, fn in tries.items()}
+
+    assert as_nobody(attempt) == expect
+    assert as_nobody(lambda: public.read_text()) == "root's public\n"  # 0644 is readable
+    for f, mode in ((secret, 0o600), (public, 0o644)):
+        st = os.stat(f)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_nlink) == (0, 0, mode, 1)
+        assert f.read_text() == f"root's {f.name}\n"
+        assert os.listxattr(f) == []
+    assert sorted(os.listdir(shared)) == ["mine", "public", "secret"]
+    assert os.listdir(vol.mountpoint) == ["shared"]
+
+
+def test_another_user_lists_and_stats(multiuser: tuple[Volume, Path]) -> None:
+    _vol, shared = multiuser
+    as_nobody(lambda: (shared / "mine").write_text("mine"))
+    ls = run_as_nobody("ls", "-ln", shared)
+    assert ls.returncode == 0, ls.stderr
+    rows = {line.split()[-1]: line.split()[:5] for line in ls.stdout.splitlines()[1:]}
+    assert rows == {
+        "mine": ["-rw-r--r--", "1", str(NOBODY), str(NOBODY), "4"],
+        "public": ["-rw-r--r--", "1", "0", "0", "14"],
+        "secret": ["-rw-------", "1", "0", "0", "14"],
+    }
+    ls = run_as_nobody("ls", "-ld", shared, shared / "mine")
+    assert ls.returncode == 0, ls.stderr
+    assert [line.split()[:4] for line in ls.stdout.splitlines()] == [
+        ["drwxrwxrwt", "2", "root", "root"],
+        ["-rw-r--r--", "1", "nobody", "nogroup"],
+    ]
+    st = run_as_nobody("stat", "-c", "%n %F %u %g %a %s", shared / "mine", shared / "secret")
+    assert st.returncode == 0, st.stderr
+    assert st.stdout.splitlines() == [
+        f"{shared / 'mine'} regular file {NOBODY} {NOBODY} 644 4",
+        f"{shared / 'secret'} regular file 0 0 600 14",
+    ]
+    cat = run_as_nobody("cat", shared / "public", shared / "mine")
+    assert (cat.returncode, cat.stdout) == (0, "root's public\nmine")
+    cat = run_as_nobody("cat", shared / "secret")
+    assert cat.returncode == 1 and "Permission denied" in cat.stderr and cat.stdout == ""
+
+
+def test_without_allow_other_other_users_are_locked_out(  # type: ignore[no-untyped-def]
+    make_volume, reachable_tmp: Path
+) -> None:
+    vol: Volume = make_volume()
+    os.chmod(vol.mountpoint, 0o755)
+    (vol.mountpoint / "f").write_text("root's")
+    os.chmod(vol.mountpoint / "f", 0o644)
+    assert as_nobody(lambda: os.stat(reachable_tmp).st_uid) == 0  # the way there is open
+    for fn in (
+        lambda: os.stat(vol.mountpoint),
+        lambda: os.listdir(vol.mountpoint),
+        lambda: (vol.mountpoint / "f").read_text(),
+    ):
+        with pytest.raises(OSError) as info:
+            as_nobody(fn)
+        assert info.value.errno == errno.EACCES
+    assert (vol.mountpoint / "f").read_text() == "root's"  # root still gets in
+
+
+def test_setgid_directory_passes_its_group_on(
+    multiuser: tuple[Volume, Path], reachable_tmp: Path
+) -> None:
+    """A setgid directory gives its group to what is made in it, and its setgid bit to
+    subdirectories (shared project directories rely on it). The reference is the kernel
+    filesystem tmp_path lives on."""
+    vol, _shared = multiuser
+    group = 4242
+    ref, enc = reachable_tmp / "ref-team", vol.mountpoint / "team"
+    for d in (ref, enc):
+        d.mkdir()
+        os.chown(d, 0, group)
+        os.chmod(d, 0o2777)
+
+    def make(d: Path) -> None:
+        (d / "f").write_text("x")
+        os.mkdir(d / "sub", 0o755)
+
+    def facts(d: Path) -> list[tuple[int, int, int]]:
+        return [
+            (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+            for st in (os.lstat(d / "f"), os.lstat(d / "sub"))
+        ]
+
+    as_nobody(lambda: make(ref))
+    as_nobody(lambda: make(enc))
+    assert facts(ref) == [(NOBODY, group, 0o644), (NOBODY, group, 0o2755)]
+    assert facts(enc) == facts(ref)
+    for entry in (enc / "f", enc / "sub"):
+        backing = os.lstat(backing_of(vol, entry))
+        assert (backing.st_uid, backing.st_gid) == (NOBODY, group), entry
+
+
+# --- nothing in the clear in the cipher dir ---------------------------------------------------
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _marker() -> str:
+    return "".join(secrets.choice(string.ascii_letters) for _ in range(16))
+
+
+def _long_name(marker: str) -> str:
+    return ((marker + "-") * 12)[:200]
+
+
+def _leak_forms(marker: bytes) -> set[bytes]:
+    """Every way ``marker`` could show up: raw, hex and, for each of the three alignments it
+    can have inside a longer string, the base64 characters that depend on it alone (standard
+    and URL-safe alphabets, padded or not)."""
+    forms = {marker, marker.hex().encode(), marker.hex().upper().encode()}
+    for shift in range(3):
+        enc = base64.b64encode(bytes(shift) + marker)
+        core = enc[(8 * shift + 5) // 6 : 4 * ((shift + len(marker)) // 3)]
+        forms |= {core, core.translate(_URLSAFE)}
+    return forms
+
+
+def _everything_in(top: Path) -> tuple[list[tuple[str, bytes]], dict[str, int]]:
+    """Every byte under ``top`` (itself included): entry names, regular files' contents,
+    symlink targets, every xattr name and value; and a count of what was read."""
+    seen: list[tuple[str, bytes]] = []
+    counts = {"dir": 0, "file": 0, "symlink": 0, "other": 0}
+    user_xattrs: set[tuple[int, str]] = set()  # (inode, name): hard links share them
+
+    def visit(path: str) -> None:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            seen.append((f"{path} -> ", os.fsencode(os.readlink(path))))
+            counts["symlink"] += 1
+        elif stat.S_ISREG(st.st_mode):
+            with open(path, "rb") as f:
+                seen.append((path, f.read()))
+            counts["file"] += 1
+        else:
+            counts["dir" if stat.S_ISDIR(st.st_mode) else "other"] += 1
+        for name in os.listxattr(path, follow_symlinks=False):
+            seen.append((f"{path} xattr name", os.fsencode(name)))
+            seen.append((f"{path} xattr {name}", os.getxattr(path, name, follow_symlinks=False)))
+            if name.startswith("user."):
+                user_xattrs.add((st.st_ino, name))
+
+    visit(str(top))
+    for dirpath, dirnames, filenames in os.walk(top, onerror=_raise):
+        for name in (*dirnames, *filenames):
+            seen.append((f"name in {dirpath}", os.fsencode(name)))
+            visit(os.path.join(dirpath, name))
+    counts["user xattr"] = len(user_xattrs)
+    return seen, counts
+
+
+def test_leak_forms_find_embedded_encodings() -> None:
+    """The detector itself: a marker inside a longer string is found however it is encoded."""
+    marker = _marker().encode()
+    forms = _leak_forms(marker)
+    assert not any(f in _leak_forms(_marker().encode()) for f in forms)
+    for pre in range(6):
+        blob = os.urandom(pre) + marker + os.urandom(7)
+        for encoded in (
+            blob,
+            blob.hex().encode(),
+            blob.hex().upper().encode(),
+            base64.b64encode(blob),
+            base64.urlsafe_b64encode(blob).rstrip(b"="),
+        ):
+            assert any(f in encoded for f in forms), (pre, encoded)
+
+
+def test_cipher_dir_holds_no_plaintext(make_volume) -> None:  # type: ignore[no-untyped-def]
+    """Names, contents, symlink targets, directory names, xattr names and values: none of
+    them is in the cipher dir, raw, hex or base64, once everything is flushed."""
+    vol: Volume = make_volume()
+    m = vol.mountpoint
+    mk = {
+        key: _marker()
+        for key in (
+            "name", "tiny", "big name", "big", "long name", "long content", "dir", "inner",
+            "inner content", "long dir", "deep", "twin", "edit name", "edit", "edit2",
+            "link", "target", "long link", "long target", "fifo", "hard link", "old", "new",
+            "moved content", "gone", "gone long", "xname", "xvalue", "long xname", "big xvalue",
+            "dir xname", "dir xvalue", "root xname", "root xvalue", "repeat",
+        )
+    }  # fmt: skip
+    big = bytearray(os.urandom(3 * 4096 + 100))
+    for off in (0, 4090, 8192 + 7, len(big) - 16):  # the second one straddles two blocks
+        big[off : off + 16] = mk["big"].encode()
+    d = m / f"dir-{mk['dir']}"
+    contents = {
+        m / f"tiny-{mk['name']}": mk["tiny"].encode(),  # a file of 16 bytes
+        m / f"big-{mk['big name']}": bytes(big),
+        m / _long_name(mk["long name"]): mk["long content"].encode(),
+        d / f"inner-{mk['inner']}": f"some text {mk['inner content']} more text\n".encode(),
+        d / _long_name(mk["long dir"]) / "deep": mk["deep"].encode() * 3,
+        m / f"twin-{mk['twin']}": b"",
+        d / f"twin-{mk['twin']}": b"",
+        m / "repeat": mk["repeat"].encode() * 1024,  # 4 blocks of one 16-byte pattern
+    }
+    (d / _long_name(mk["long dir"])).mkdir(parents=True)
+    for path, data in contents.items():
+        path.write_bytes(data)
+    edited = m / f"edit-{mk['edit name']}"
+    edit = bytearray(os.urandom(3 * 4096))
+    edited.write_bytes(edit)
+    with open(edited, "r+b") as h:  # rewrites in place: read-modify-write of sealed blocks
+        for off, key in ((4090, "edit"), (100, "edit2")):
+            h.seek(off)
+            h.write(mk[key].encode())
+            edit[off : off + 16] = mk[key].encode()
+    contents[edited] = bytes(edit)
+    links = {
+        m / f"link-{mk['link']}": f"../target/{mk['target']}",
+        m / f"longlink-{mk['long link']}": "/".join([mk["long target"]] * 120)[:2000],
+    }
+    for path, target in links.items():
+        os.symlink(target, path)
+    os.mkfifo(m / f"fifo-{mk['fifo']}")
+    os.link(m / f"big-{mk['big name']}", m / f"hard-{mk['hard link']}")
+    (m / f"old-{mk['old']}").write_text(mk["moved content"])
+    os.rename(m / f"old-{mk['old']}", d / f"new-{mk['new']}")
+    contents[d / f"new-{mk['new']}"] = mk["moved content"].encode()
+    for gone in (m / f"gone-{mk['gone']}", m / _long_name(mk["gone long"])):
+        gone.write_text(gone.name)
+        gone.unlink()
+    xattrs = {
+        (m / f"tiny-{mk['name']}", f"user.{mk['xname']}"): mk["xvalue"].encode(),
+        (m / f"big-{mk['big name']}", "user." + ((mk["long xname"] + ".") * 9)[:150]): (
+            os.urandom(1000) + mk["big xvalue"].encode() + os.urandom(2000)
+        ),
+        (d, f"user.{mk['dir xname']}"): mk["dir xvalue"].encode(),
+        (m, f"user.{mk['root xname']}"): mk["root xvalue"].encode(),
+    }
+    for (path, name), value in xattrs.items():
+        os.setxattr(path, name, value)
+
+    # everything reads back, so the plaintext did reach encfs
+    for path, data in contents.items():
+        assert path.read_bytes() == data, path
+    for path, target in links.items():
+        assert os.readlink(path) == target
+    for (path, name), value in xattrs.items():
+        assert os.getxattr(path, name) == value
+    assert (m / f"hard-{mk['hard link']}").read_bytes() == bytes(big)
+    twins = [backing_of(vol, p).name for p in (m / f"twin-{mk['twin']}", d / f"twin-{mk['twin']}")]
+    assert twins[0] != twins[1]  # equal names in two directories encrypt differently
+    repeat_backing = backing_of(vol, m / "repeat")
+    vol.unmount()
+
+    seen, counts = _everything_in(vol.cipher_dir)
+    assert counts["symlink"] == len(links) and counts["other"] == 1  # the fifo
+    assert counts["user xattr"] == len(xattrs)
+    plain_bytes = sum(map(len, contents.values())) - len(big)  # the hard link shares one inode
+    assert sum(len(blob) for _, blob in seen) > plain_bytes
+    leaks = [
+        (where, key)
+        for key, marker in mk.items()
+        for form in _leak_forms(marker.encode())
+        for where, blob in seen
+        if form in blob
+    ]
+    assert leaks == []
+    # identical plaintext blocks do not give identical ciphertext anywhere in the file
+    raw = repeat_backing.read_bytes()
+    windows = {raw[i : i + 16] for i in range(len(raw) - 15)}
+    assert len(windows) == len(raw) - 15
+
+
+# --- fio: its own checksums over real workloads -----------------------------------------------
+
+MIB = 1 << 20
+SEQ_JOB = (
+    "--name=seq", "--filename=seq.dat", "--rw=write", "--bs=1M", "--size=64M",
+    "--ioengine=psync", "--end_fsync=1",
+)  # fmt: skip
+MMAP_JOB = (
+    "--name=mmap", "--filename=mmap.dat", "--rw=randwrite", "--bs=4k", "--size=16M",
+    "--ioengine=mmap", "--do_verify=1",
+)  # fmt: skip
+
+
+def _fio(vol: Volume, out_dir: Path, *job: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run one fio job on the mount. Every block it writes carries a crc32c checksum, offset
+    and sequence number, which its verify phase (or ``--verify_only``) checks on read."""
+    out = out_dir / "fio.json"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run(
+        [
+            "fio",
+            f"--directory={vol.mountpoint}",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--output-format=json",
+            f"--output={out}",
+            *job,
+        ],
+        cwd=out_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return proc, out.read_text() if out.exists() else ""
+
+
+def run_fio(vol: Volume, out_dir: Path, *job: str) -> list[dict[str, Any]]:
+    """``_fio``, asserting it succeeded and found nothing wrong; the per-job results."""
+    proc, report = _fio(vol, out_dir, *job)
+    text = proc.stdout + proc.stderr + report
+    assert proc.returncode == 0, text
+    assert "verify:" not in text and "bad magic" not in text, text
+    jobs: list[dict[str, Any]] = json.loads(report)["jobs"]
+    assert [j["error"] for j in jobs] == [0] * len(jobs), text
+    return jobs
+
+
+def test_fio_sequential_write_verifies_and_survives_remount(  # type: ignore[no-untyped-def]
+    make_volume, tmp_path: Path
+) -> None:
+    vol: Volume = make_volume()
+    (job,) = run_fio(vol, tmp_path, *SEQ_JOB)
+    assert (job["write"]["io_bytes"], job["read"]["io_bytes"]) == (64 * MIB, 64 * MIB)
+    assert (vol.mountpoint / "seq.dat").stat().st_size == 64 * MIB
+    vol.remount()
+    (job,) = run_fio(vol, tmp_path, *SEQ_JOB, "--verify_only")
+    assert job["read"]["io_bytes"] == 64 * MIB
+    # the check is live: one changed 4 KiB inside a 1 MiB block is reported
+    with open(vol.mountpoint / "seq.dat", "r+b") as h:
+        h.seek(5 * MIB + 7 * 4096)
+        h.write(bytes(4096))
+    proc, report = _fio(vol, tmp_path, *SEQ_JOB, "--verify_only")
+    assert proc.returncode != 0 and "verify" in proc.stdout + proc.stderr + report
+
+
+def test_fio_random_4k_writes_verify(  # type: ignore[no-untyped-def]
+    make_volume, tmp_path: Path
+) -> None:
+    vol: Volume = make_volume()
+    (job,) = run_fio(
+        vol, tmp_path, "--name=rand", "--filename=rand.dat", "--rw=randwrite", "--bs=4k",
+        "--size=32M", "--ioengine=psync", "--direct=1", "--do_verify=1",
+    )  # fmt: skip
+    assert (job["write"]["io_bytes"], job["read"]["io_bytes"]) == (32 * MIB, 32 * MIB)
+
+
+def test_fio_mixed_jobs_on_separate_files_verify(  # type: ignore[no-untyped-def]
+    make_volume, tmp_path: Path
+) -> None:
+    """Two processes, each on its own file, mixing reads with writes of 512 B..64 KiB (most
+    of them partial blocks), read back directly from encfs (O_DIRECT) and verified."""
+    vol: Volume = make_volume()
+    jobs = run_fio(
+        vol, tmp_path, "--name=mixed", "--rw=randrw", "--bsrange=512-64k", "--size=16M",
+        "--numjobs=2", "--ioengine=psync", "--direct=1", "--do_verify=1",
+    )  # fmt: skip
+    assert len(jobs) == 2
+    for job in jobs:
+        assert job["write"]["io_bytes"] > 4 * MIB
+        assert job["read"]["io_bytes"] > job["write"]["io_bytes"]  # mixed reads + verify
+    files = sorted(os.listdir(vol.mountpoint))
+    assert files == ["mixed.0.0", "mixed.1.0"]
+    assert [(vol.mountpoint / f).stat().st_size for f in files] == [16 * MIB] * 2
+
+
+def test_fio_mmap_writes_verify_and_survive_remount(  # type: ignore[no-untyped-def]
+    make_volume, tmp_path: Path
+) -> None:
+    vol: Volume = make_volume()
+    (job,) = run_fio(vol, tmp_path, *MMAP_JOB)
+    assert (job["write"]["io_bytes"], job["read"]["io_bytes"]) == (16 * MIB, 16 * MIB)
+    vol.remount()
+    (job,) = run_fio(vol, tmp_path, *MMAP_JOB, "--verify_only")
+    assert job["read"]["io_bytes"] == 16 * MIB
+
+
+# --- caches: hard-link names, large listings, set-ID bits -------------------------------
+
+
+def test_hard_link_names_see_each_others_changes(vol: Volume) -> None:
+    """libfuse gives each name its own kernel inode; a change through one name must show
+    at once through the others (size, content, mode, link count), not after a timeout."""
+    a, b = vol.mountpoint / "a", vol.mountpoint / "b"
+    a.write_bytes(b"x")
+    os.link(a, b)
+    assert b.stat().st_size == 1 and b.read_bytes() == b"x"  # both names now cached
+    with open(a, "r+b") as f:
+        f.seek(7979)
+        f.write(b"tail")
+    assert b.stat().st_size == 7983
+    assert b.read_bytes() == b"x" + bytes(7978) + b"tail"
+    os.truncate(b, 3)
+    assert a.stat().st_size == 3 and a.read_bytes() == b"x\0\0"
+    os.chmod(a, 0o600)
+    assert stat.S_IMODE(b.stat().st_mode) == 0o600
+    c = vol.mountpoint / "c"
+    os.link(b, c)
+    assert a.stat().st_nlink == 3
+    os.unlink(c)
+    assert a.stat().st_nlink == 2 and b.stat().st_nlink == 2
+
+
+def test_large_directory_listing(vol: Volume) -> None:
+    """Listings that span many kernel buffers come back whole, once each, with attributes."""
+    d = vol.mountpoint / "big"
+    d.mkdir()
+    names = {f"{i:05d}-" + "n" * 150 for i in range(1500)}
+    for i, name in enumerate(sorted(names)):
+        (d / name).write_bytes(b"z" * (i % 7))
+    vol.remount()
+    listed = os.listdir(d)
+    assert len(listed) == len(names) and set(listed) == names
+    sizes = {e.name: e.stat().st_size for e in os.scandir(d)}
+    assert all(sizes[name] == i % 7 for i, name in enumerate(sorted(names)))
+
+
+def test_write_and_truncate_by_other_user_clear_setid_bits(  # type: ignore[no-untyped-def]
+    multiuser,
+) -> None:
+    """As on a kernel filesystem: a write or truncation by a user without CAP_FSETID clears
+    set-user-ID and (on group-executable files) set-group-ID; root's own writes keep them."""
+    _vol, root = multiuser
+    for name in ("w", "t", "r"):
+        (root / name).write_bytes(b"hi\n")
+        os.chmod(root / name, 0o6777)
+    nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    subprocess.run([*nobody, "sh", "-c", f"echo more >> {root / 'w'}"], check=True)
+    subprocess.run([*nobody, "truncate", "-s", "1", str(root / "t")], check=True)
+    with open(root / "r", "ab") as f:
+        f.write(b"root\n")
+    assert stat.S_IMODE(os.stat(root / "w").st_mode) == 0o777
+    assert stat.S_IMODE(os.stat(root / "t").st_mode) == 0o777
+    assert stat.S_IMODE(os.stat(root / "r").st_mode) == 0o6777
+    assert (root / "w").read_bytes() == b"hi\nmore\n"
+
+
+def test_writeback_cache_option(make_volume) -> None:  # type: ignore[no-untyped-def]
+    """-o writeback_cache mounts and keeps data byte-exact through small unaligned writes."""
+    vol: Volume = make_volume(options=["writeback_cache"])
+    p = vol.mountpoint / "f"
+    ref = bytearray()
+    with open(p, "wb") as f:
+        for i in range(300):
+            chunk = bytes([i % 251]) * (i * 37 % 5000 + 1)
+            f.write(chunk)
+            ref += chunk
+    vol.remount()
+    assert p.read_bytes() == bytes(ref)
