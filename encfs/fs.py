@@ -71,6 +71,15 @@ class FsOptions:
     writeback_cache: bool = False
 
 
+def moved(path: str, old: str, new: str, exchange: bool = False) -> str:
+    """Where mount path ``path`` is after ``old`` was renamed to ``new`` (or, with
+    ``exchange``, after the two were swapped)."""
+    for src, dst in ((old, new), (new, old)) if exchange else ((old, new),):
+        if path == src or path.startswith(src + "/"):
+            return dst + path[len(src) :]
+    return path
+
+
 class Aliases:
     """Mount paths of multiply-linked regular files, so that a change made through one name
     can invalidate what the kernel caches under the others.
@@ -135,13 +144,10 @@ class Aliases:
                     return key
         return None
 
-    def renamed(self, old: str, new: str) -> None:
-        prefix = old + "/"
+    def renamed(self, old: str, new: str, exchange: bool = False) -> None:
         with self._lock:
-            for paths in self._paths.values():
-                for path in [p for p in paths if p == old or p.startswith(prefix)]:
-                    paths.discard(path)
-                    paths.add(new + path[len(old) :])
+            for key, paths in self._paths.items():
+                self._paths[key] = {moved(p, old, new, exchange) for p in paths}
 
     def changed(self, key: tuple[int, int] | None, but_not: str | None = None) -> None:
         """Invalidate the kernel's attributes and pages of every other name of ``key``."""
@@ -810,9 +816,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             raise OSError(errno.EINVAL, "unsupported rename flags")
         if flags & RENAME_EXCHANGE:
             _renameat2(src.backing_path, dst.backing_path, RENAME_EXCHANGE)
-            self._renamed_paths(old, "\0swap")
-            self._renamed_paths(new, old)
-            self._renamed_paths("\0swap", new)
+            self._renamed_paths(old, new, exchange=True)
             if src.is_long or dst.is_long:
                 # Each companion holds the encoding of its own name; both names still exist.
                 self.names.add_companion(src)
@@ -853,13 +857,11 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             self.names.invalidate()
         return 0
 
-    def _renamed_paths(self, old: str, new: str) -> None:
+    def _renamed_paths(self, old: str, new: str, exchange: bool = False) -> None:
         """Keep the mount paths we hold (open handles, aliases) in step with a rename."""
-        self.aliases.renamed(old, new)
-        prefix = old + "/"
+        self.aliases.renamed(old, new, exchange)
         for fh, path in list(self._fh_paths.items()):
-            if path == old or path.startswith(prefix):
-                self._fh_paths[fh] = new + path[len(old) :]
+            self._fh_paths[fh] = moved(path, old, new, exchange)
 
     # --- extended attributes ---------------------------------------------------------------
 
