@@ -18,6 +18,7 @@ from pathlib import Path
 
 from encfs import __version__, errors, volume
 from encfs import format as fmt
+from encfs.audit import DEFAULT_AUDIT_LOG, AuditLog, AuditSettings, under_systemd
 from encfs.vault import VaultSettings, connect, parse_vault_url
 
 log = logging.getLogger("encfs")
@@ -118,11 +119,41 @@ def _vault_args(p: argparse.ArgumentParser) -> None:
         help="CA bundle to verify the vault's TLS certificate (default: system CAs)",
     )
     g.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="FILE",
+        help="PEM client certificate for mutual TLS (required for kmip://, optional for "
+        "transit+https://)",
+    )
+    g.add_argument(
+        "--client-key",
+        type=Path,
+        metavar="FILE",
+        help="PEM private key of --client-cert (default: inside the certificate file)",
+    )
+    g.add_argument(
         "--vault-timeout",
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="timeout of each vault request (default: %(default)s)",
+        help="bound on each vault request, and on retrying a vault that is unreachable or "
+        "sealed at mount (default: %(default)s)",
+    )
+    g.add_argument(
+        "--key-release",
+        choices=("unwrap", "export"),
+        default="unwrap",
+        help="unwrap: the vault unwraps the volume key and the KEK never leaves it "
+        "(default). export: fetch the KEK (transit key marked exportable; the host policy "
+        "needs read on MOUNT/export/encryption-key/KEY), unwrap here, wipe the KEK at once",
+    )
+    g.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        default=None,
+        help=f"append audit events (JSON lines) here (default: $ENCFS_AUDIT_LOG, else "
+        f"{DEFAULT_AUDIT_LOG} when run as root, none otherwise; 'none' disables). Under "
+        "systemd they also go to the journal",
     )
 
 
@@ -248,14 +279,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
     p.add_argument("--json", action="store_true", help="problems as JSON lines")
+    p.add_argument(
+        "--vault",
+        dest="vault_url",
+        metavar="URL",
+        help="override the vault URL stored in the volume (same key, other address)",
+    )
+    _vault_args(p)
+
+    p = sub.add_parser(
+        "rotate",
+        help="re-wrap the volume key under the newest KEK version (no re-encryption)",
+        description="Re-wrap the volume key under the newest version of its KEK: the vault "
+        "re-wraps it (transit rewrap; no plaintext key crosses the wire), encfs checks that "
+        "the new wrapping holds the same volume key, and replaces the volume header "
+        "atomically (the previous header is kept as encfs.volume.prev until the new one is "
+        "durable). No file is re-encrypted; it takes seconds and works while the volume is "
+        "mounted. Rotate the KEK in the vault first (bao write -f transit/keys/KEY/rotate); "
+        "afterwards old KEK versions can be retired with min_decryption_version. The host "
+        "token needs update on MOUNT/rewrap/KEY and MOUNT/decrypt/KEY.",
+    )
+    p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
+    p.add_argument(
+        "--vault",
+        dest="vault_url",
+        metavar="URL",
+        help="override the vault URL stored in the volume (same key, other address)",
+    )
     _vault_args(p)
     return parser
 
 
 def _settings(args: argparse.Namespace) -> VaultSettings:
     return VaultSettings(
-        token_file=args.token_file, ca_file=args.ca_file, timeout=args.vault_timeout
+        token_file=args.token_file,
+        ca_file=args.ca_file,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        timeout=args.vault_timeout,
+        key_release=args.key_release,
     )
+
+
+def _audit_settings(args: argparse.Namespace) -> AuditSettings:
+    raw = args.audit_log if args.audit_log is not None else os.environ.get("ENCFS_AUDIT_LOG")
+    if raw is None:
+        path: Path | None = DEFAULT_AUDIT_LOG if os.geteuid() == 0 else None
+    elif raw.lower() in ("none", ""):
+        path = None
+    else:
+        path = Path(raw).absolute()
+    return AuditSettings(path=path, journal=under_systemd())
 
 
 def setup_logging(
@@ -290,11 +364,17 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
     except ValueError as exc:
         print(f"encfs: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    audit = AuditLog(_audit_settings(args), cipher_dir=str(args.cipher_dir), vault=str(url))
     vault = connect(url, _settings(args))
     try:
+        vault.check_capabilities("init")
         header = volume.create(args.cipher_dir, vault, block_size=args.block_size)
+    except errors.VaultError as exc:
+        audit.error("init", exc)
+        raise
     finally:
         vault.close()
+    audit.event("init", volume_id=header.volume_id.hex(), kek_version=header.kek_version)
     print(f"created volume {header.volume_id.hex()} in {args.cipher_dir}")
     print(f"  vault key: {url} (KEK version {header.kek_version})")
     print(f"  mount it:  encfs mount {args.cipher_dir} MOUNTPOINT")
@@ -336,6 +416,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         read_only=read_only,
         fs=FsOptions(read_only=read_only, writeback_cache=opts.get("writeback_cache", False)),
         debug=args.verbose >= 3,
+        audit=_audit_settings(args),
     )
     ready_fd: int | None = args.ready_fd
 
@@ -487,7 +568,7 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
     from encfs import fsck
 
     hf = volume.read_header(args.cipher_dir)
-    vault = connect(hf.header.vault_url, _settings(args))
+    vault = connect(args.vault_url or hf.header.vault_url, _settings(args))
     try:
         keys = volume.unlock(hf, vault)
     finally:
@@ -509,6 +590,43 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
     return ExitCode.CORRUPT if report.problems else ExitCode.OK
 
 
+def cmd_rotate(args: argparse.Namespace) -> ExitCode:
+    hf = volume.read_header(args.cipher_dir)
+    url = args.vault_url or hf.header.vault_url
+    audit = AuditLog(
+        _audit_settings(args),
+        cipher_dir=str(args.cipher_dir),
+        vault=url,
+        volume_id=hf.header.volume_id.hex(),
+    )
+    vault = connect(url, _settings(args))
+    try:
+        vault.check_capabilities("rotate")
+        result = volume.rotate(args.cipher_dir, vault)
+    except errors.EncfsError as exc:
+        audit.error("rotate", exc, kek_version=hf.header.kek_version)
+        raise
+    finally:
+        vault.close()
+    audit.event(
+        "rotate",
+        kek_version=result.new_version,
+        old_kek_version=result.old_version,
+        changed=result.changed,
+    )
+    if result.changed:
+        print(
+            f"rotated {args.cipher_dir}: volume key now wrapped with KEK version "
+            f"{result.new_version} (was {result.old_version}); no data re-encrypted"
+        )
+    else:
+        print(
+            f"{args.cipher_dir} already uses the newest KEK version ({result.new_version}); "
+            "rotate the key in the vault first (bao write -f MOUNT/keys/KEY/rotate)"
+        )
+    return ExitCode.OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -525,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "fsck":
             return cmd_fsck(args)
+        if args.command == "rotate":
+            return cmd_rotate(args)
     except errors.EncfsError as exc:
         print(f"encfs: error: {exc}", file=sys.stderr)
         hint = getattr(exc, "hint", "")

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encfs import volume
+from encfs.audit import AuditLog, AuditSettings
+from encfs.errors import VaultError
 from encfs.fs import EncfsFUSE, EncfsOperations, FsOptions
 from encfs.keys import VolumeKeys
-from encfs.vault import VaultSettings, connect
+from encfs.vault import KeyWrapper, VaultSettings, connect, retry_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class MountConfig:
     read_only: bool = False
     fs: FsOptions = field(default_factory=FsOptions)
     debug: bool = False
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
 
 def runtime_file(mountpoint: Path) -> Path:
@@ -86,16 +89,30 @@ class Daemon:
             raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
-        """Unlock, mount and serve until unmounted. Raises ``EncfsError`` before mounting."""
+        """Unlock, mount and serve until unmounted. Raises ``EncfsError`` before mounting.
+
+        The vault client stays open for the life of the mount: a keeper thread renews the
+        host token before it expires. Every key is wiped before this returns.
+        """
         cfg = self.config
         harden_process()
         self._check_mountpoint()
         hf = volume.read_header(cfg.cipher_dir)
-        vault = connect(cfg.vault_url or hf.header.vault_url, cfg.vault)
+        url = cfg.vault_url or hf.header.vault_url
+        audit = AuditLog(
+            cfg.audit,
+            volume_id=hf.header.volume_id.hex(),
+            cipher_dir=str(cfg.cipher_dir),
+            mountpoint=str(cfg.mountpoint),
+            vault=url,
+            kek_version=hf.header.kek_version,
+        )
+        vault = connect(url, cfg.vault)
         try:
-            keys = volume.unlock(hf, vault)
-        finally:
+            keys, renew_in = self._unlock(hf, vault, audit)
+        except BaseException:
             vault.close()
+            raise
         self.keys = keys
         if not keys.memory_lock.mlocked:
             log.warning("key memory is not locked: %s", keys.memory_lock.detail)
@@ -126,20 +143,97 @@ class Daemon:
             hf.header.volume_id.hex(),
             hf.header.kek_version,
         )
+        stop_keeper = threading.Event()
+        keeper: threading.Thread | None = None
+        if renew_in is not None:
+            keeper = threading.Thread(
+                target=self._keep_identity,
+                args=(vault, audit, stop_keeper, renew_in),
+                name="encfs-token",
+                daemon=True,
+            )
+            keeper.start()
         try:
             EncfsFUSE(ops, str(cfg.mountpoint), **options)
         except RuntimeError as exc:
             # fuse_main answers 8 when its loop ended on SIGTERM/SIGINT/SIGHUP (libfuse's
             # own handlers unmount first): a requested stop, not a failure.
             if exc.args != (FUSE_MAIN_LOOP_ENDED,):
+                audit.error("unmount", exc)
                 raise
             log.info("stopped by signal")
         finally:
+            stop_keeper.set()
+            if keeper is not None:
+                keeper.join(timeout=5)
+            vault.close()
             ops.aliases.stop()
             keys.close()
             self.keys = None
             self._remove_runtime_file()
+            audit.event("unmount")
             log.info("unmounted %s; keys wiped", cfg.mountpoint)
+
+    def _unlock(
+        self, hf: volume.HeaderFile, vault: KeyWrapper, audit: AuditLog
+    ) -> tuple[VolumeKeys, float | None]:
+        """Preflight, identity, unwrap (retrying an unreachable or sealed vault within
+        ``--vault-timeout``). Returns the keys and when to renew the host's credential."""
+        cfg = self.config
+
+        def retrying(exc: VaultError, delay: float) -> None:
+            log.warning("%s; retrying in %.2g s", exc, delay)
+
+        def unwrap() -> VolumeKeys:
+            vault.check_capabilities("mount")
+            return volume.unlock(hf, vault)
+
+        try:
+            keys = retry_unavailable(unwrap, bound=cfg.vault.timeout, on_retry=retrying)
+        except VaultError as exc:
+            audit.error("unwrap", exc)
+            raise
+        renew_in: float | None = None
+        try:
+            ident = vault.identity()
+        except VaultError as exc:  # e.g. a policy without lookup-self: not fatal
+            log.info("cannot look up the host's vault identity: %s", exc)
+            ident = {}
+        audit.bind(identity=ident.get("accessor") or ident.get("client_cert_subject"))
+        ttl = ident.get("ttl")
+        if isinstance(ttl, int) and ttl > 0:
+            if ident.get("renewable"):
+                renew_in = max(ttl / 2.0, 1.0)
+            else:
+                log.warning(
+                    "the vault token is not renewable and expires in %d s; after that the "
+                    "vault will refuse this host (issue a renewable or periodic token)",
+                    ttl,
+                )
+                renew_in = float(ttl)
+        audit.event("unwrap")
+        audit.event("mount", read_only=cfg.read_only)
+        return keys, renew_in
+
+    def _keep_identity(
+        self, vault: KeyWrapper, audit: AuditLog, stop: threading.Event, first: float
+    ) -> None:
+        """Renew the host token before it expires until ``stop`` is set. Failures are
+        logged and audited once per kind; an unreachable vault is retried every 10 s."""
+        delay: float | None = first
+        last_error = ""
+        while delay is not None and not stop.wait(delay):
+            try:
+                delay = vault.renew_identity()
+                audit.event("token_renew", next_in=delay)
+                last_error = ""
+            except VaultError as exc:
+                kind = type(exc).__name__
+                if kind != last_error:
+                    log.error("cannot renew the vault token: %s", exc)
+                    audit.error("token_renew", exc)
+                    last_error = kind
+                delay = 10.0
 
     def _announce_ready(self, on_ready: Callable[[], None] | None) -> None:
         """Called from FUSE init: report readiness once the mount answers requests."""

@@ -108,8 +108,10 @@ class VaultKeyVersionRetired(VaultError):
 
     revoked = True
     hint = (
-        "the volume key is wrapped with a retired KEK version: lower min_decryption_version "
-        "in the vault, then run `encfs rotate` to re-wrap under the newest version"
+        "the volume key is wrapped with a KEK version the vault has retired: restore that "
+        "version (lower min_decryption_version on the key, or use a vault that still has "
+        "it), run `encfs rotate CIPHERDIR` to re-wrap under the newest version, then retire "
+        "the old version again"
     )
 
 

@@ -9,7 +9,7 @@ finds no ``encfs.volume`` but a ``.prev`` (a crash between steps) falls back to 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from encfs import crypto, names
@@ -149,3 +149,44 @@ def unlock(hf: HeaderFile, vault: KeyWrapper) -> VolumeKeys:
         keys.close()
         raise
     return keys
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """What ``rotate`` did: the KEK versions before and after, and whether it wrote."""
+
+    old_version: int
+    new_version: int
+    changed: bool
+    header: fmt.VolumeHeader
+
+
+def rotate(cipher_dir: Path, vault: KeyWrapper) -> Rotation:
+    """Re-wrap the volume key under the KEK's newest version and replace the header.
+
+    Steps: the vault re-wraps (transit ``rewrap``: no plaintext key crosses the wire); the
+    new wrapped key is unwrapped once to check that it holds the *same* volume key (the old
+    header's tag must verify under it) and to tag the new header; the header is replaced
+    crash-safely (``write_header_atomic``: the previous header stays as ``encfs.volume.prev``
+    until the new one is durable). No data is re-encrypted, and a mounted daemon is not
+    disturbed: it holds its keys and never re-reads the header. Killing this at any point
+    leaves a volume that mounts. Raises ``VaultError``, ``HeaderAuthError``, ``OSError``.
+    """
+    hf = read_header(cipher_dir)
+    old = hf.header
+    new_wrapped = vault.rewrap(old.wrapped_key)
+    new_version = wrapped_kek_version(new_wrapped)
+    if new_wrapped == old.wrapped_key or (new_version and new_version == old.kek_version):
+        return Rotation(old.kek_version, old.kek_version, changed=False, header=old)
+    volume_key = vault.unwrap(new_wrapped)
+    try:
+        keys = VolumeKeys(volume_key, volume_id=old.volume_id, block_size=old.block_size)
+    finally:
+        volume_key[:] = bytes(len(volume_key))
+    try:
+        keys.verify_header(hf.body, hf.tag)
+        new = replace(old, kek_version=new_version, wrapped_key=new_wrapped)
+        write_header_atomic(cipher_dir, build_header_bytes(new, keys))
+    finally:
+        keys.close()
+    return Rotation(old.kek_version, new_version, changed=True, header=new)

@@ -85,6 +85,7 @@ def make_volume(transit_key: TransitKey, tmp_path: Path) -> Iterator[object]:
             options=list(options or []),
             log_file=tmp_path / f"{tag}.log",
             block_size=block_size,
+            audit_log=tmp_path / f"{tag}.audit",
         )
         made.append(vol)
         vol.init()

@@ -13,6 +13,8 @@ from pathlib import Path
 def encfs(*args: str | Path, env: dict[str, str] | None = None,
           check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``python -m encfs ARGS``; returns the completed process (text output)."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("ENCFS_AUDIT_LOG", "none")  # tests never write the machine's audit log
     proc = subprocess.run(
         [sys.executable, "-m", "encfs", *map(str, args)],
         capture_output=True, text=True, env=env, timeout=timeout,
@@ -47,10 +49,23 @@ class Volume:
     options: list[str] = field(default_factory=list)
     log_file: Path | None = None
     block_size: int = 4096
+    audit_log: Path | None = None
+
+    def audit_args(self) -> list[str]:
+        """``--audit-log`` into the test's tmp dir (never the machine's /var/log)."""
+        return ["--audit-log", str(self.audit_log) if self.audit_log else "none"]
+
+    def audit_events(self) -> list[dict[str, object]]:
+        import json
+
+        if self.audit_log is None or not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines()]
 
     def init(self) -> None:
         encfs("init", self.cipher_dir, "--vault", self.vault_url,
-              "--block-size", str(self.block_size), env=self.env, check=True)
+              "--block-size", str(self.block_size), *self.audit_args(), env=self.env,
+              check=True)
 
     def mount(self, *extra: str) -> None:
         args: list[str | Path] = ["mount", self.cipher_dir, self.mountpoint]
@@ -58,7 +73,7 @@ class Volume:
             args += ["-o", ",".join(self.options)]
         if self.log_file is not None:
             args += ["--log-file", self.log_file]
-        encfs(*args, *extra, env=self.env, check=True)
+        encfs(*args, *self.audit_args(), *extra, env=self.env, check=True)
         assert is_mounted(self.mountpoint)
 
     def unmount(self) -> None:

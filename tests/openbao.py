@@ -277,7 +277,8 @@ class OpenBao:
 
     def host_policy(self, key: str) -> str:
         """The least-privilege policy a host needs for one key: read its status, datakey,
-        decrypt, rewrap, and renew / look up its own token. Nothing else."""
+        decrypt, rewrap, renew / look up its own token, ask its own capabilities (preflight).
+        Nothing else."""
         m = self.mount
         return f"""
 path "{m}/keys/{key}" {{ capabilities = ["read"] }}
@@ -286,6 +287,7 @@ path "{m}/decrypt/{key}" {{ capabilities = ["update"] }}
 path "{m}/rewrap/{key}" {{ capabilities = ["update"] }}
 path "auth/token/renew-self" {{ capabilities = ["update"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+path "sys/capabilities-self" {{ capabilities = ["update"] }}
 """
 
     def write_host_policy(self, key: str) -> str:

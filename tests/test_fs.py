@@ -468,7 +468,8 @@ def test_foreground_mount_and_sigterm(make_volume) -> None:  # type: ignore[no-u
     vol: Volume = make_volume(mount=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "encfs", "mount", "--foreground", str(vol.cipher_dir),
-         str(vol.mountpoint)], env=vol.env, stderr=subprocess.PIPE, text=True,
+         str(vol.mountpoint), *vol.audit_args()], env=vol.env, stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 20
     while not os.path.ismount(vol.mountpoint) and time.monotonic() < deadline:

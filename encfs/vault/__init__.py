@@ -16,19 +16,31 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from encfs.errors import VaultConfigError
+from encfs.errors import VaultConfigError, VaultError, VaultSealed, VaultUnreachable
+
+_T = TypeVar("_T")
+
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 TRANSIT_SCHEMES = ("transit+https", "transit+http")
+KMIP_SCHEME = "kmip"
+KMIP_DEFAULT_PORT = 5696
+TRANSIT_DEFAULT_PORT = 8200
 
 
 @dataclass(frozen=True)
 class VaultURL:
-    """A parsed vault URL: ``transit+https://HOST:PORT/MOUNT/KEYNAME``."""
+    """A parsed vault URL: ``transit+https://HOST:PORT/MOUNT/KEYNAME`` or
+    ``kmip://HOST:PORT/KEY-ID`` (then ``mount`` is empty and ``key_name`` is the KMIP
+    unique identifier)."""
 
     scheme: str
     host: str
@@ -37,15 +49,20 @@ class VaultURL:
     key_name: str
 
     @property
+    def is_kmip(self) -> bool:
+        return self.scheme == KMIP_SCHEME
+
+    @property
     def base_url(self) -> str:
-        """The plain HTTP(S) origin of the vault, e.g. ``https://vault:8200``."""
-        proto = self.scheme.split("+", 1)[1]
+        """The origin of the vault, e.g. ``https://vault:8200`` (``kmip://host:5696``)."""
+        proto = self.scheme.split("+", 1)[-1]
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{proto}://{host}:{self.port}"
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}/{self.mount}/{self.key_name}"
+        path = f"{self.mount}/{self.key_name}" if self.mount else self.key_name
+        return f"{self.scheme}://{host}:{self.port}/{path}"
 
 
 def is_loopback(host: str) -> bool:
@@ -61,25 +78,38 @@ def is_loopback(host: str) -> bool:
 def parse_vault_url(url: str) -> VaultURL:
     """Parse and validate a vault URL. Raises ``VaultConfigError`` saying what is wrong."""
     parts = urlsplit(url)
-    if parts.scheme not in TRANSIT_SCHEMES:
+    if parts.scheme not in (*TRANSIT_SCHEMES, KMIP_SCHEME):
         raise VaultConfigError(
             f"unsupported vault URL scheme {parts.scheme!r} in {url!r}: "
-            "use transit+https://HOST:PORT/MOUNT/KEY (or transit+http:// on loopback)"
+            "use transit+https://HOST:PORT/MOUNT/KEY (or transit+http:// on loopback) "
+            "or kmip://HOST:PORT/KEY-ID"
         )
     host = parts.hostname or ""
     if not host:
         raise VaultConfigError(f"vault URL {url!r} has no host")
+    default_port = KMIP_DEFAULT_PORT if parts.scheme == KMIP_SCHEME else TRANSIT_DEFAULT_PORT
     try:
-        port = parts.port or (8200)
+        port = parts.port or default_port
     except ValueError as exc:
         raise VaultConfigError(f"vault URL {url!r} has an invalid port") from exc
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise VaultConfigError(f"vault URL {url!r} must not carry a query, fragment or credentials")
     segments = [s for s in parts.path.split("/") if s]
+    if any(s in (".", "..") or not _SEGMENT_RE.fullmatch(s) for s in segments):
+        raise VaultConfigError(
+            f"vault URL {url!r} has a path segment that is not a plain name "
+            "(letters, digits, '-', '_', '.'; no '..')"
+        )
+    if parts.scheme == KMIP_SCHEME:
+        if len(segments) != 1:
+            raise VaultConfigError(
+                f"vault URL {url!r} must name exactly one KMIP key: kmip://HOST:PORT/KEY-ID"
+            )
+        return VaultURL(scheme=parts.scheme, host=host, port=port, mount="", key_name=segments[0])
     if len(segments) < 2:
         raise VaultConfigError(
             f"vault URL {url!r} must name the transit mount and the key: .../MOUNT/KEYNAME"
         )
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise VaultConfigError(f"vault URL {url!r} must not carry a query, fragment or credentials")
     if parts.scheme == "transit+http" and not is_loopback(host):
         raise VaultConfigError(
             f"refusing plain HTTP to non-loopback vault host {host!r}: use transit+https://"
@@ -93,13 +123,26 @@ def parse_vault_url(url: str) -> VaultURL:
     )
 
 
+KEY_RELEASE_MODES = ("unwrap", "export")
+
+
 @dataclass(frozen=True)
 class VaultSettings:
     """How to reach and authenticate to the vault; declared once by the CLI."""
 
     token_file: Path | None = None
+    """Transit: file holding the host token (mode 0600)."""
     ca_file: Path | None = None
+    """CA bundle that signs the vault's TLS certificate (default: the system CAs)."""
+    client_cert: Path | None = None
+    """PEM client certificate for mutual TLS (required by KMIP, optional for transit)."""
+    client_key: Path | None = None
+    """PEM private key of ``client_cert`` (default: inside ``client_cert``)."""
     timeout: float = 10.0
+    """Bound, in seconds, of one request *and* of the retries at mount while unreachable."""
+    key_release: str = "unwrap"
+    """``unwrap`` (the vault unwraps; the KEK never leaves it) or ``export`` (fetch an
+    exportable KEK, unwrap locally, wipe it at once)."""
 
 
 def read_token(settings: VaultSettings) -> str:
@@ -154,9 +197,61 @@ class KeyWrapper(Protocol):
         """Return the volume key for ``wrapped_key`` in a fresh bytearray (caller wipes)."""
         ...
 
+    def rewrap(self, wrapped_key: str) -> str:
+        """Re-wrap under the newest KEK version (transit ``rewrap``; no plaintext crosses
+        the wire). Backends without versions re-wrap under the same key."""
+        ...
+
+    def key_status(self) -> dict[str, Any]:
+        """The KEK's metadata, never key material. Raises the ``VaultError`` that says why
+        the key is unusable (deleted, disabled / not Active, access denied)."""
+        ...
+
+    def check_capabilities(self, purpose: str) -> None:
+        """Preflight for ``purpose`` (``init``, ``mount``, ``rotate``): raise
+        ``VaultPermissionDenied`` naming exactly what the host's identity lacks."""
+        ...
+
+    def renew_identity(self) -> float | None:
+        """Keep the host's credential alive (renew a transit token); returns seconds until
+        the next call, or ``None`` when the credential does not expire."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """Who this host is to the vault, safe to log: transit token ``accessor``, ``ttl``,
+        ``renewable``, ``policies``; KMIP client certificate ``subject``. Never the secret."""
+        ...
+
     def close(self) -> None:
         """Release connections; idempotent."""
         ...
+
+
+def retry_unavailable(
+    call: Callable[[], _T],
+    *,
+    bound: float,
+    on_retry: Callable[[VaultError, float], None] | None = None,
+) -> _T:
+    """Run ``call``; while it fails with ``VaultUnreachable`` or ``VaultSealed`` (a vault
+    restarting), retry with exponential backoff (0.25 s doubling, at most 2 s apart) until
+    ``bound`` seconds have passed, then re-raise the last error. Other errors (refusals,
+    configuration) are raised at once. ``on_retry(error, delay)`` is told of each retry.
+    """
+    deadline = time.monotonic() + bound
+    delay = 0.25
+    while True:
+        try:
+            return call()
+        except (VaultUnreachable, VaultSealed) as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            pause = min(delay, left)
+            if on_retry is not None:
+                on_retry(exc, pause)
+            time.sleep(pause)
+            delay = min(delay * 2, 2.0)
 
 
 def wrapped_kek_version(wrapped_key: str) -> int:
@@ -173,6 +268,10 @@ def wrapped_kek_version(wrapped_key: str) -> int:
 def connect(url: str | VaultURL, settings: VaultSettings) -> KeyWrapper:
     """Open a backend for ``url``. Raises ``VaultConfigError`` / ``VaultCredentialsError``."""
     parsed = url if isinstance(url, VaultURL) else parse_vault_url(url)
+    if parsed.is_kmip:
+        from encfs.vault.kmip import KmipClient
+
+        return KmipClient(parsed, settings=settings)
     from encfs.vault.transit import TransitClient
 
     return TransitClient(parsed, token=read_token(settings), settings=settings)

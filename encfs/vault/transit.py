@@ -42,6 +42,7 @@ memory to check this).
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import re
@@ -104,7 +105,27 @@ class TransitClient:
                     f"cannot load CA file {settings.ca_file} for vault {url}: {reason}"
                 ) from None
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if settings.client_cert is not None:
+                try:
+                    ctx.load_cert_chain(
+                        str(settings.client_cert),
+                        str(settings.client_key) if settings.client_key is not None else None,
+                    )
+                except (OSError, ssl.SSLError) as exc:
+                    reason = getattr(exc, "strerror", None) or str(exc)
+                    raise errors.VaultCredentialsError(
+                        f"cannot load client certificate {settings.client_cert} "
+                        f"(key {settings.client_key or 'in the same file'}): {reason}"
+                    ) from None
             self._ssl = ctx
+        elif settings.client_cert is not None:
+            raise errors.VaultConfigError(
+                f"a client certificate needs TLS, but {url} is plain HTTP: use transit+https://"
+            )
+        if settings.key_release not in ("unwrap", "export"):
+            raise errors.VaultConfigError(
+                f"unknown key-release mode {settings.key_release!r}: use unwrap or export"
+            )
 
     def __repr__(self) -> str:
         return f"<TransitClient {self._url}>"
@@ -143,9 +164,113 @@ class TransitClient:
         return key, wrapped
 
     def unwrap(self, wrapped_key: str) -> bytearray:
-        """The volume key wrapped in ``wrapped_key``, in a fresh bytearray (caller wipes)."""
+        """The volume key wrapped in ``wrapped_key``, in a fresh bytearray (caller wipes).
+
+        ``key_release="unwrap"`` (default): transit ``decrypt``, the KEK never leaves the
+        vault. ``"export"``: fetch that KEK version (the key must be exportable), unwrap
+        here, and zero the KEK before returning.
+        """
+        if self._settings.key_release == "export":
+            return self._unwrap_exported(wrapped_key)
         key, _ = self._call_secret("POST", self._key_path("decrypt"), {"ciphertext": wrapped_key})
         return key
+
+    def _unwrap_exported(self, wrapped_key: str) -> bytearray:
+        parts = wrapped_key.split(":", 2)
+        version = parts[1][1:] if len(parts) == 3 and parts[1].startswith("v") else ""
+        if parts[0] != "vault" or not version.isdigit():
+            raise errors.VaultProtocolError(
+                f"wrapped key is not a transit ciphertext (vault:vN:...); cannot unwrap it "
+                f"locally with a key exported from {self._url}"
+            )
+        path = f"/v1/{self._url.mount}/export/encryption-key/{self._url.key_name}/{version}"
+        pattern = re.compile(
+            rb'"keys"\s*:\s*\{\s*"' + version.encode() + rb'"\s*:\s*"([A-Za-z0-9+/]*={0,2})"\s*\}'
+        )
+        kek, _ = self._call_secret("GET", path, None, pattern=pattern, field="keys")
+        try:
+            try:
+                blob = base64.b64decode(parts[2], validate=True)
+            except ValueError:
+                raise errors.VaultProtocolError(
+                    "the wrapped key in the volume is not valid base64 after vault:vN:"
+                ) from None
+            from encfs import crypto
+
+            try:
+                key = crypto.open_transit_ciphertext(kek, blob)
+            except errors.IntegrityError as exc:
+                raise errors.VaultProtocolError(
+                    f"{exc} (key {self._url.key_name!r} version {version})"
+                ) from None
+        finally:
+            _zero(kek)
+        if len(key) != _KEY_LEN:
+            _zero(key)
+            raise errors.VaultProtocolError(
+                f"the wrapped key in the volume unwraps to {len(key)} bytes, expected {_KEY_LEN}"
+            )
+        return key
+
+    def check_capabilities(self, purpose: str) -> None:
+        """Preflight: ask the vault which capabilities the token has on the paths that
+        ``purpose`` (``init``, ``mount``, ``rotate``) needs and name the first one missing
+        (``VaultPermissionDenied``). Skipped (returns) when the token may not ask
+        ``sys/capabilities-self``: the real call then reports the refusal."""
+        ops = {
+            "init": ["datakey/plaintext"],
+            "mount": ["export/encryption-key"]
+            if self._settings.key_release == "export"
+            else ["decrypt"],
+            "rotate": ["rewrap", "decrypt"],
+        }[purpose]
+        need = {
+            f"{self._url.mount}/{op}/{self._url.key_name}": (
+                "read" if op.startswith("export") else "update"
+            )
+            for op in ops
+        }
+        try:
+            data = self._call(
+                "POST", "/v1/sys/capabilities-self", {"paths": list(need)}, section=""
+            )
+        except errors.VaultPermissionDenied:
+            return  # not allowed to ask; the real call will say what is refused
+        for path, cap in need.items():
+            have = data.get(path)
+            if not isinstance(have, list):
+                continue
+            if "root" in have or cap in have:
+                continue
+            raise errors.VaultPermissionDenied(
+                f"vault {self._url.base_url}: the token lacks {cap!r} on {path} "
+                f"(it has {', '.join(map(str, have)) or 'nothing'}); `encfs {purpose}` needs it",
+                hint="grant it in the host's policy (see `encfs vault setup`), or use the "
+                "right token",
+            )
+
+    def renew_identity(self) -> float | None:
+        """Keep the token alive: renew it when renewable (``auth/token/renew-self``) and
+        return the seconds after which to call again (half the granted TTL); ``None`` for
+        a token that never expires. A non-renewable token is not renewed: the return value
+        is its remaining TTL, so the caller notices expiry (a 403 from then on).
+        Raises ``VaultPermissionDenied`` when the token is revoked or expired."""
+        info = self.token_lookup_self()
+        ttl = info.get("ttl")
+        if not isinstance(ttl, int) or ttl <= 0:
+            return None
+        if not info.get("renewable"):
+            return float(ttl)
+        auth = self.renew_self()
+        granted = int(auth.get("lease_duration", ttl))
+        return max(granted / 2.0, 1.0)
+
+    def identity(self) -> dict[str, Any]:
+        """Token ``accessor``, ``ttl``, ``renewable``, ``policies``, ``display_name``,
+        ``expire_time`` (all safe to log; never the token)."""
+        data = self.token_lookup_self()
+        keep = ("accessor", "ttl", "renewable", "policies", "display_name", "expire_time", "period")
+        return {k: data.get(k) for k in keep if k in data}
 
     def rewrap(self, wrapped_key: str) -> str:
         """Re-wrap under the newest KEK version; no plaintext key crosses the wire."""
@@ -199,13 +324,20 @@ class TransitClient:
         return self._section(doc, section, method, path)
 
     def _call_secret(
-        self, method: str, path: str, body: dict[str, Any]
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        pattern: re.Pattern[bytes] = _PLAINTEXT_RE,
+        field: str = "plaintext",
     ) -> tuple[bytearray, dict[str, Any]]:
-        """A call whose answer holds ``data.plaintext``: returns (key, the rest of ``data``)."""
+        """A call whose answer holds a key in ``data[field]`` (base64, located in the raw
+        body by ``pattern``'s group 1): returns (key, the rest of ``data``)."""
         status, raw = self._exchange(method, path, body)
         key: bytearray | None = None
         try:
-            match = _PLAINTEXT_RE.search(raw) if 200 <= status < 300 else None
+            match = pattern.search(raw) if 200 <= status < 300 else None
             if match is not None:
                 start, end = match.span(1)
                 key = _b64decode_key(raw, start, end)
@@ -215,7 +347,9 @@ class TransitClient:
                 blank = None
             doc = self._decode(status, raw, method, path)
             data = self._section(doc, "data", method, path)
-            text = data.pop("plaintext", None)
+            text = data.pop(field, None)
+            if isinstance(text, dict) and len(text) == 1:  # export: {"N": "base64"}
+                text = next(iter(text.values()))
             if key is None:
                 # Not the compact form we scan for; still correct, but the json str holding
                 # the base64 key is a copy we cannot zero.
@@ -392,7 +526,11 @@ class TransitClient:
         return errors.VaultProtocolError(what)
 
     def _section(self, doc: Any, section: str, method: str, path: str) -> dict[str, Any]:
-        block = doc.get(section) if isinstance(doc, dict) else None
+        """``doc[section]`` (``section=""``: the whole answer), checked to be an object."""
+        if not section:
+            block = doc if isinstance(doc, dict) else None
+        else:
+            block = doc.get(section) if isinstance(doc, dict) else None
         if not isinstance(block, dict):
             raise errors.VaultProtocolError(
                 f"vault {self._url.base_url} answered {method} {path} without a {section!r} object"

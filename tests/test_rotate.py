@@ -1,0 +1,217 @@
+"""KEK rotation (``encfs rotate`` over ``volume.rotate``): re-wrap without re-encryption,
+while mounted and under writes, retired versions, least privilege, and a rotation killed
+between any two of its steps (SIGKILL injected by strace at the syscall)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from encfs.cli import ExitCode
+from tests.conftest import TransitKey
+from tests.harness import Volume, encfs, is_mounted
+from tests.openbao import OpenBao
+
+
+def info(vol: Volume) -> dict[str, object]:
+    out: dict[str, object] = json.loads(
+        encfs("info", vol.cipher_dir, "--json", check=True).stdout
+    )
+    return out
+
+
+def rotate(vol: Volume, *extra: str, env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    return encfs("rotate", vol.cipher_dir, *vol.audit_args(), *extra, env=env or vol.env)
+
+
+def data_files(vol: Volume) -> dict[str, bytes]:
+    """Every cipher-dir file except the volume header family, by relative path."""
+    return {
+        str(p.relative_to(vol.cipher_dir)): p.read_bytes()
+        for p in vol.cipher_dir.rglob("*")
+        if p.is_file() and not p.name.startswith("encfs.volume")
+    }
+
+
+def test_rotate_rewraps_without_reencrypting(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                             transit_key: TransitKey) -> None:
+    vol: Volume = make_volume()
+    payload = os.urandom(300_000)
+    (vol.mountpoint / "f").write_bytes(payload)
+    os.sync()
+    before = data_files(vol)
+    assert info(vol)["kek_version"] == 1
+    assert openbao.rotate_key(transit_key.name) == 2
+
+    proc = rotate(vol)  # while mounted
+    assert proc.returncode == 0, proc.stderr
+    assert "KEK version 2 (was 1)" in proc.stdout
+    after = info(vol)
+    assert after["kek_version"] == 2
+    assert str(after["wrapped_key"]).startswith("vault:v2:")
+    assert data_files(vol) == before, "rotation must not touch any data file"
+    assert (vol.cipher_dir / "encfs.volume.prev").exists()
+    assert (vol.mountpoint / "f").read_bytes() == payload  # the live mount never noticed
+
+    # Version 1 retired: the rotated volume still mounts and reads.
+    openbao.set_min_decryption_version(transit_key.name, 2)
+    vol.remount()
+    assert (vol.mountpoint / "f").read_bytes() == payload
+    events = [e["event"] for e in vol.audit_events()]
+    assert "rotate" in events
+
+
+def test_rotate_is_a_noop_on_the_newest_version(make_volume) -> None:  # type: ignore[no-untyped-def]
+    vol: Volume = make_volume(mount=False)
+    header = (vol.cipher_dir / "encfs.volume").read_bytes()
+    proc = rotate(vol)
+    assert proc.returncode == 0, proc.stderr
+    assert "already uses the newest KEK version (1)" in proc.stdout
+    assert (vol.cipher_dir / "encfs.volume").read_bytes() == header
+
+
+def test_retired_version_is_refused_with_the_way_out(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                                     transit_key: TransitKey) -> None:
+    vol: Volume = make_volume(mount=False)
+    openbao.rotate_key(transit_key.name)
+    openbao.set_min_decryption_version(transit_key.name, 2)
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, env=vol.env)
+    assert proc.returncode == ExitCode.VAULT_KEY_RETIRED, proc.stderr
+    assert not is_mounted(vol.mountpoint)
+    assert "too old" in proc.stderr and "encfs rotate" in proc.stderr
+    # Rotation needs the old version too (rewrap decrypts it): refused the same way.
+    proc = rotate(vol)
+    assert proc.returncode == ExitCode.VAULT_KEY_RETIRED, proc.stderr
+    # The way out the hint gives: restore, rotate, retire again.
+    openbao.set_min_decryption_version(transit_key.name, 1)
+    assert rotate(vol).returncode == 0
+    openbao.set_min_decryption_version(transit_key.name, 2)
+    vol.mount()
+    assert info(vol)["kek_version"] == 2
+
+
+def test_rotate_preflight_names_the_missing_capability(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                                       transit_key: TransitKey) -> None:
+    vol: Volume = make_volume(mount=False)
+    openbao.rotate_key(transit_key.name)
+    k, m = transit_key.name, openbao.mount
+    openbao.write_policy(f"no-rewrap-{k}", f"""
+path "{m}/decrypt/{k}" {{ capabilities = ["update"] }}
+path "sys/capabilities-self" {{ capabilities = ["update"] }}
+""")
+    token = openbao.make_token([f"no-rewrap-{k}"])
+    proc = rotate(vol, env={**vol.env, "VAULT_TOKEN": token})
+    assert proc.returncode == ExitCode.VAULT_DENIED, proc.stderr
+    assert f"lacks 'update' on {m}/rewrap/{k}" in proc.stderr
+    assert token not in proc.stderr
+    assert info(vol)["kek_version"] == 1
+
+
+def test_rotate_while_a_writer_runs(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                    transit_key: TransitKey) -> None:
+    vol: Volume = make_volume()
+    stop = threading.Event()
+    written: dict[str, bytes] = {}
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                data = os.urandom(5000 + i)
+                path = vol.mountpoint / f"w{i}"
+                with open(path, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                written[path.name] = data
+                i += 1
+        except BaseException as exc:
+            failures.append(exc)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for version in (2, 3, 4):
+            assert openbao.rotate_key(transit_key.name) == version
+            proc = rotate(vol)
+            assert proc.returncode == 0, proc.stderr
+            assert info(vol)["kek_version"] == version
+    finally:
+        stop.set()
+        t.join()
+    assert not failures, failures
+    assert len(written) > 3
+    openbao.set_min_decryption_version(transit_key.name, 4)
+    vol.remount()
+    for name, data in written.items():
+        assert (vol.mountpoint / name).read_bytes() == data
+
+
+# Kill points, in the order rotation reaches them (see volume.write_header_atomic):
+# the first fsync (new header written, not yet durable), the link keeping the previous
+# header, the fsync after it, the rename, the last directory fsync. With an existing
+# .prev, the unlink of the old .prev comes first.
+KILL_POINTS = [
+    ("fsync", 1), ("link", 1), ("fsync", 2), ("rename", 1), ("fsync", 3), ("unlink", 1),
+]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/install)")
+@pytest.mark.parametrize(("syscall", "when"), KILL_POINTS, ids=[f"{s}{w}" for s, w in KILL_POINTS])
+def test_rotation_killed_at_each_step_leaves_a_volume_that_mounts(
+    make_volume, openbao: OpenBao, transit_key: TransitKey, syscall: str, when: int,  # type: ignore[no-untyped-def]
+) -> None:
+    vol: Volume = make_volume()
+    (vol.mountpoint / "f").write_bytes(b"survives rotation crashes" * 100)
+    vol.unmount()
+    if syscall == "unlink":  # a second rotation, so that an old .prev exists to replace
+        openbao.rotate_key(transit_key.name)
+        assert rotate(vol).returncode == 0
+        assert (vol.cipher_dir / "encfs.volume.prev").exists()
+    old_version = info(vol)["kek_version"]
+    new_version = openbao.rotate_key(transit_key.name)
+    env = {**vol.env, "ENCFS_AUDIT_LOG": "none"}
+    proc = subprocess.run(
+        ["strace", "-qq", "-f", "-o", "/dev/null", "-e", f"trace={syscall}",
+         "-e", f"inject={syscall}:signal=KILL:when={when}",
+         sys.executable, "-m", "encfs", "rotate", str(vol.cipher_dir)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode in (-9, 137), (proc.returncode, proc.stderr)
+    assert "rotated" not in proc.stdout
+    # The kill landed where intended: only the last fsync comes after the rename.
+    renamed = (syscall, when) == ("fsync", 3)
+    assert info(vol)["kek_version"] == (new_version if renamed else old_version)
+    assert (vol.cipher_dir / "encfs.volume.tmp").exists() != renamed
+    vol.mount()
+    assert (vol.mountpoint / "f").read_bytes() == b"survives rotation crashes" * 100
+    vol.unmount()
+    # And the next rotation completes from whatever state the crash left.
+    proc = rotate(vol)
+    assert proc.returncode == 0, proc.stderr
+    latest = openbao.key_info(transit_key.name)["latest_version"]
+    assert info(vol)["kek_version"] == latest
+    vol.mount()
+    assert (vol.mountpoint / "f").read_bytes() == b"survives rotation crashes" * 100
+
+
+def test_rotation_survives_a_missing_current_header(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                                    transit_key: TransitKey) -> None:
+    """The state a crash between unlink-and-rename would leave on a filesystem without
+    atomic rename: only ``encfs.volume.prev``. Reading falls back to it."""
+    vol: Volume = make_volume()
+    (vol.mountpoint / "f").write_text("hello")
+    vol.unmount()
+    openbao.rotate_key(transit_key.name)
+    assert rotate(vol).returncode == 0
+    (vol.cipher_dir / "encfs.volume").unlink()
+    vol.mount()
+    assert (vol.mountpoint / "f").read_text() == "hello"
