@@ -170,3 +170,139 @@ def test_help_documents_exit_codes() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for code in ExitCode:
         assert f"| {code.value} | {code.name.lower().replace('_', '-')} |" in readme
+
+
+# --- vault access in production shape (issue 3) -------------------------------------------------
+
+
+def test_mount_preflight_names_the_missing_capability(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                                      transit_key: TransitKey) -> None:
+    vol: Volume = make_volume(mount=False)
+    k, m = transit_key.name, openbao.mount
+    openbao.write_policy(f"no-decrypt-{k}", f"""
+path "{m}/keys/{k}" {{ capabilities = ["read"] }}
+path "sys/capabilities-self" {{ capabilities = ["update"] }}
+""")
+    token = openbao.make_token([f"no-decrypt-{k}"])
+    code, err = _mount_fails(vol, {**transit_key.env, "VAULT_TOKEN": token}, *vol.audit_args())
+    assert code == ExitCode.VAULT_DENIED
+    assert f"token lacks 'update' on {m}/decrypt/{k}" in err
+    assert token not in err
+    last = vol.audit_events()[-1]
+    assert (last["event"], last["result"], last["error"]) == (
+        "unwrap", "error", "VaultPermissionDenied")
+    assert "lacks 'update'" in str(last["message"])
+
+
+def test_mount_soft_deleted_key(make_volume, openbao: OpenBao, transit_key: TransitKey) -> None:  # type: ignore[no-untyped-def]
+    vol: Volume = make_volume(mount=False)
+    openbao.soft_delete_key(transit_key.name)
+    try:
+        code, err = _mount_fails(vol, transit_key.env, *vol.audit_args())
+    finally:
+        openbao.restore_key(transit_key.name)
+    assert code == ExitCode.VAULT_KEY_DISABLED
+    assert "soft-deleted" in err and "soft-delete-restore" in err
+    last = vol.audit_events()[-1]
+    assert (last["event"], last["result"], last["error"]) == (
+        "unwrap", "error", "VaultKeyDisabled")
+
+
+def test_mount_with_wrong_ca(tmp_path: Path) -> None:
+    with OpenBao(tls=True) as bao:
+        bao.create_key("k")
+        assert bao.ca_file is not None
+        env = {"PATH": os.environ["PATH"], "VAULT_TOKEN": bao.root_token}
+        vol = Volume(tmp_path / "c", tmp_path / "p", bao.url_for("k"), env)
+        vol.mountpoint.mkdir()
+        encfs("init", vol.cipher_dir, "--vault", vol.vault_url, "--ca-file", bao.ca_file,
+              env=env, check=True)
+        code, err = _mount_fails(vol, env)  # system CAs do not know the dev CA
+        assert code == ExitCode.VAULT_TLS
+        assert "certificate verification failed" in err
+        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--ca-file", bao.ca_file, env=env)
+        assert proc.returncode == 0, proc.stderr
+        vol.unmount()
+
+
+def test_mount_waits_for_a_sealed_vault_within_the_timeout(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    with OpenBao() as bao:
+        bao.create_key("k")
+        env = {"PATH": os.environ["PATH"], "VAULT_TOKEN": bao.root_token}
+        vol = Volume(tmp_path / "c", tmp_path / "p", bao.url_for("k"), env)
+        vol.mountpoint.mkdir()
+        vol.init()
+        bao.seal()
+        timer = threading.Timer(2.0, bao.unseal)
+        timer.start()
+        t0 = time.monotonic()
+        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault-timeout", "30", env=env)
+        timer.join()
+        assert proc.returncode == 0, proc.stderr
+        assert 1.9 < time.monotonic() - t0 < 20
+        assert "retrying" in proc.stderr  # the operator sees why the mount is slow
+        vol.unmount()
+
+
+def test_mount_with_key_release_export(tmp_path: Path, openbao: OpenBao) -> None:
+    name = "exp-" + os.urandom(4).hex()
+    openbao.create_key(name, exportable=True)
+    env = {"PATH": os.environ["PATH"], "VAULT_TOKEN": openbao.root_token}
+    vol = Volume(tmp_path / "c", tmp_path / "p", openbao.url_for(name), env)
+    vol.mountpoint.mkdir()
+    vol.init()
+    vol.mount("--key-release", "export")
+    (vol.mountpoint / "f").write_text("released")
+    vol.unmount()
+    vol.mount()  # and the default unwrap mode reads the same volume
+    assert (vol.mountpoint / "f").read_text() == "released"
+    vol.unmount()
+
+
+def test_mount_key_release_export_of_a_non_exportable_key(make_volume) -> None:  # type: ignore[no-untyped-def]
+    vol: Volume = make_volume(mount=False)
+    code, err = _mount_fails(vol, vol.env, "--key-release", "export")
+    assert code == ExitCode.VAULT_CONFIG
+    assert "not exportable" in err and "--key-release unwrap" in err
+
+
+def test_non_renewable_token_is_reported(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                         transit_key: TransitKey) -> None:
+    vol: Volume = make_volume(mount=False)
+    token = openbao.make_token([openbao.write_host_policy(transit_key.name)], renewable=False)
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, *vol.audit_args(),
+                 env={**vol.env, "VAULT_TOKEN": token})
+    assert proc.returncode == 0, proc.stderr
+    assert "not renewable and expires in" in proc.stderr
+    vol.unmount()
+
+
+def test_token_is_renewed_while_mounted_and_audited(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                                    transit_key: TransitKey) -> None:
+    import time
+
+    vol: Volume = make_volume(mount=False)
+    token = openbao.make_token([openbao.write_host_policy(transit_key.name)], ttl="4s",
+                               explicit_max_ttl="1h")
+    accessor = openbao.admin.auth.token.lookup(token)["data"]["accessor"]
+    vol.env = {**vol.env, "VAULT_TOKEN": token}
+    vol.mount()
+    time.sleep(7)  # without renewal the 4 s token would be gone by now
+    assert openbao.admin.auth.token.lookup(token)["data"]["ttl"] > 0
+    (vol.mountpoint / "f").write_text("still here")
+    vol.unmount()
+    events = vol.audit_events()
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "init"
+    assert kinds[1:3] == ["unwrap", "mount"] and kinds[-1] == "unmount"
+    assert kinds.count("token_renew") >= 2
+    mount_events = [e for e in events if e["event"] != "init"]
+    assert all(e["identity"] == accessor for e in mount_events)
+    for e in events:
+        assert e["volume_id"] and e["host"] and e["time"].endswith("Z")
+        assert e["result"] == "ok"
+    raw = vol.audit_log.read_text() if vol.audit_log else ""
+    assert token not in raw and openbao.root_token not in raw

@@ -509,6 +509,12 @@ class TransitClient:
             return errors.VaultSealed(what)
         if status in (502, 504):
             return errors.VaultUnreachable(what)
+        if "not exportable" in low:
+            return errors.VaultConfigError(
+                what,
+                hint="--key-release export needs a transit key created exportable; use the "
+                "default --key-release unwrap (the KEK then never leaves the vault)",
+            )
         if "soft-deleted" in low:
             return errors.VaultKeyDisabled(what)
         if "(too old)" in low:

@@ -874,3 +874,128 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.sendall(data)
     except OSError:
         pass
+
+
+# --- key release, preflight, identity, retries ------------------------------------------------
+
+
+def test_key_release_export_unwraps_locally(openbao: OpenBao) -> None:
+    name = "exp-" + os.urandom(4).hex()
+    openbao.create_key(name, exportable=True)
+    token = openbao.root_token
+    url = openbao.url_for(name)
+    with client(url, token) as c:
+        key, wrapped = c.new_volume_key()
+    openbao.rotate_key(name)  # the wrapped key names v1: export must fetch that version
+    settings = VaultSettings(timeout=5.0, key_release="export")
+    with TransitClient(parse_vault_url(url), token=token, settings=settings) as exp:
+        assert exp.unwrap(wrapped) == key
+        rewrapped = exp.rewrap(wrapped)
+        assert rewrapped.startswith("vault:v2:") and exp.unwrap(rewrapped) == key
+        # A damaged wrapped key fails authentication locally, with a clear error.
+        raw = bytearray(base64.b64decode(wrapped.split(":", 2)[2]))
+        raw[-1] ^= 1
+        bad = "vault:v1:" + base64.b64encode(bytes(raw)).decode()
+        with pytest.raises(errors.VaultProtocolError, match="does not authenticate"):
+            exp.unwrap(bad)
+
+
+def test_key_release_export_refused_for_a_non_exportable_key(transit_key: TransitKey) -> None:
+    with client(transit_key.url, transit_key.token) as c:
+        _, wrapped = c.new_volume_key()
+    settings = VaultSettings(timeout=5.0, key_release="export")
+    exp = TransitClient(parse_vault_url(transit_key.url), token=transit_key.token,
+                        settings=settings)
+    with exp, pytest.raises(errors.VaultError) as ei:
+        exp.unwrap(wrapped)
+    assert "export" in str(ei.value) and "not exportable" in str(ei.value).lower()
+
+
+def test_preflight_names_the_missing_capability(openbao: OpenBao,
+                                                transit_key: TransitKey) -> None:
+    k, m = transit_key.name, openbao.mount
+    c, _ = host_client(openbao, k)
+    with c:
+        for purpose in ("init", "mount", "rotate"):
+            c.check_capabilities(purpose)  # the host policy has everything
+    openbao.write_policy(f"only-datakey-{k}", f"""
+path "{m}/datakey/plaintext/{k}" {{ capabilities = ["update"] }}
+path "sys/capabilities-self" {{ capabilities = ["update"] }}
+""")
+    narrow = openbao.make_token([f"only-datakey-{k}"])
+    with client(transit_key.url, narrow) as c:
+        c.check_capabilities("init")
+        with pytest.raises(errors.VaultPermissionDenied) as ei:
+            c.check_capabilities("mount")
+        check_error(ei.value, errors.VaultPermissionDenied, token=narrow, revoked=True,
+                    contains=(f"lacks 'update' on {m}/decrypt/{k}",))
+    # A token that may not ask about itself: the preflight steps aside.
+    openbao.write_policy(f"no-caps-{k}", f'path "{m}/decrypt/{k}" {{ capabilities = ["update"] }}')
+    blind = openbao.make_token([f"no-caps-{k}"])
+    with client(transit_key.url, blind) as c:
+        c.check_capabilities("rotate")
+
+
+def test_identity_and_renewal(openbao: OpenBao, transit_key: TransitKey) -> None:
+    policy = openbao.write_host_policy(transit_key.name)
+    token = openbao.make_token([policy], ttl="2m")
+    accessor = openbao.admin.auth.token.lookup(token)["data"]["accessor"]
+    with client(transit_key.url, token) as c:
+        ident = c.identity()
+        assert ident["accessor"] == accessor
+        assert token not in repr(ident)
+        assert ident["renewable"] is True and 0 < ident["ttl"] <= 120
+        next_in = c.renew_identity()
+        assert next_in is not None and 30 <= next_in <= 60
+    fixed = openbao.make_token([policy], ttl="5m", renewable=False)
+    with client(transit_key.url, fixed) as c:
+        left = c.renew_identity()  # not renewable: nothing renewed, the TTL comes back
+        assert left is not None and 250 < left <= 300
+    with client(transit_key.url, openbao.root_token) as c:
+        assert c.renew_identity() is None  # root never expires
+
+
+def test_retry_unavailable_waits_for_an_unsealed_vault() -> None:
+    from encfs.vault import retry_unavailable
+
+    with OpenBao() as bao:
+        bao.create_key("k")
+        c, _ = host_client(bao, "k")
+        with c:
+            key, wrapped = c.new_volume_key()
+            bao.seal()
+            timer = threading.Timer(1.5, bao.unseal)
+            timer.start()
+            retries: list[str] = []
+            t0 = time.monotonic()
+            got = retry_unavailable(lambda: c.unwrap(wrapped), bound=20,
+                                    on_retry=lambda exc, d: retries.append(type(exc).__name__))
+            timer.join()
+            assert got == key
+            assert 1.4 < time.monotonic() - t0 < 10
+            assert retries and set(retries) == {"VaultSealed"}
+            # Refusals are never retried.
+            bao.revoke_token(c._token)
+            t0 = time.monotonic()
+            with pytest.raises(errors.VaultPermissionDenied):
+                retry_unavailable(lambda: c.unwrap(wrapped), bound=20)
+            assert time.monotonic() - t0 < 2
+        # And the bound holds when the vault stays away.
+        bao.stop()
+        c2 = client(bao.url_for("k"), "t", timeout=1)
+        t0 = time.monotonic()
+        with pytest.raises(errors.VaultUnreachable):
+            retry_unavailable(lambda: c2.unwrap(wrapped), bound=2)
+        assert 1.9 < time.monotonic() - t0 < 5
+
+
+def test_client_certificate_problems_are_credentials_errors(tls_bao: OpenBao,
+                                                            tmp_path: Path) -> None:
+    bad = tmp_path / "client.pem"
+    bad.write_text("not a certificate\n")
+    settings = VaultSettings(ca_file=tls_bao.ca_file, client_cert=bad, timeout=5)
+    with pytest.raises(errors.VaultCredentialsError, match="client certificate"):
+        TransitClient(parse_vault_url(tls_bao.url_for("k")), token="t", settings=settings)
+    with pytest.raises(errors.VaultConfigError, match="needs TLS"):
+        TransitClient(parse_vault_url("transit+http://127.0.0.1:1/transit/k"), token="t",
+                      settings=VaultSettings(client_cert=bad))
