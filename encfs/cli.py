@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import errno
 import json
 import logging
 import logging.handlers
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from encfs import __version__, errors, volume
 from encfs import format as fmt
@@ -47,6 +49,7 @@ class ExitCode(enum.IntEnum):
     MOUNT_FAILED = 20
     NOT_MOUNTED = 21
     BUSY = 22
+    REVOKED = 23
     CORRUPT = 30
 
 
@@ -66,6 +69,7 @@ _ERROR_CODES: tuple[tuple[type[errors.EncfsError], ExitCode], ...] = (
     (errors.VaultTLSError, ExitCode.VAULT_TLS),
     (errors.VaultProtocolError, ExitCode.VAULT_PROTOCOL),
     (errors.MountError, ExitCode.MOUNT_FAILED),
+    (errors.VolumeRevoked, ExitCode.REVOKED),
 )
 
 
@@ -239,6 +243,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the background daemon logs (default: syslog if available)",
     )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    g = p.add_argument_group("key lifecycle while mounted")
+    g.add_argument(
+        "--check-interval",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the daemon asks the vault to unwrap the volume key; a refusal "
+        "(revoked token, narrowed policy, deleted or retired key) suspends the volume: keys "
+        "wiped, every operation and every cached page refused (default: %(default)s)",
+    )
+    g.add_argument(
+        "--offline-grace",
+        type=_non_negative_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="keep serving this long while the vault cannot be reached or is sealed, then "
+        "suspend; 0 fails closed at once (default: %(default)s)",
+    )
+    g.add_argument(
+        "--on-revoke",
+        choices=("suspend", "unmount"),
+        default="suspend",
+        help="suspend: keep the mount, refuse everything, resume by itself when access "
+        "comes back (default). unmount: unmount and exit with code 23 (revoked)",
+    )
+    g.add_argument(
+        "--suspended-errno",
+        type=_errno_name,
+        default=errno.EACCES,
+        metavar="NAME",
+        help="error returned while suspended (default: EACCES; e.g. EIO, EPERM)",
+    )
     _vault_args(p)
 
     p = sub.add_parser(
@@ -307,7 +343,108 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the vault URL stored in the volume (same key, other address)",
     )
     _vault_args(p)
+
+    p = sub.add_parser(
+        "status",
+        help="state of mounted volumes (active, offline-grace, suspended and why)",
+        description="Ask the daemon serving MOUNTPOINT (or every encfs daemon on this host) "
+        "for its state: active / offline-grace / suspended, since when and why, key and "
+        "KEK version, vault reachability and last check, token TTL, counters, memory "
+        "locking, PID and RSS. Answered over a root-only unix socket in /run/encfs.",
+    )
+    p.add_argument("mountpoint", type=Path, nargs="?", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    vp = sub.add_parser(
+        "vault",
+        help="run or provision a local OpenBao (for hosts without a vault)",
+        description="A local OpenBao for a host that has no vault: `dev` (in memory, for "
+        "demos and tests), `serve` (persistent, Raft storage, TLS; what "
+        "encfs-vault.service runs) and `setup` (transit key, least-privilege host "
+        "policy, host token).",
+    )
+    vsub = vp.add_subparsers(dest="vault_command", required=True, metavar="ACTION")
+    p = vsub.add_parser(
+        "dev",
+        help="in-memory OpenBao dev server (insecure; lost when stopped)",
+        description="Start `bao server -dev` on loopback with transit enabled, print its "
+        "address and root token, and run until SIGTERM/SIGINT. Everything is in memory.",
+    )
+    p.add_argument("--listen", default="127.0.0.1:8200", metavar="HOST:PORT")
+    p = vsub.add_parser(
+        "serve",
+        help="persistent single-host OpenBao (Raft storage, TLS, auto-unseal from DATA)",
+        description="Run a persistent OpenBao with Raft storage in DATA (mode 0700), TLS "
+        "on the listen address with a CA of its own (DATA/tls/ca.pem). The first start "
+        "initialises it with one unseal key kept in DATA/init.json (0600) and prints the "
+        "trade-off: the unseal key sits on the same disk as the data, so this protects "
+        "volume keys from other hosts and from a stolen volume, not from theft of this "
+        "host's disk. Every start unseals it. Runs in the foreground.",
+    )
+    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.add_argument("--listen", default="127.0.0.1:8200", metavar="HOST:PORT")
+    p.add_argument("--cluster-listen", default=None, metavar="HOST:PORT")
+    p = vsub.add_parser(
+        "setup",
+        help="create the transit key, the host's policy and its token (idempotent)",
+        description="Enable transit if needed, create KEY (not exportable, deletion not "
+        "allowed), write the least-privilege policy encfs-host-HOST (read the key's status, "
+        "datakey, decrypt, rewrap, renew and look up its own token, check its own "
+        "capabilities; nothing else) and write a renewable, periodic host token to FILE "
+        "(0600). Re-running is safe: the key is kept and a fresh token issued.",
+    )
+    p.add_argument(
+        "--addr", required=True, metavar="URL", help="vault address, e.g. https://127.0.0.1:8200"
+    )
+    p.add_argument("--key", required=True, metavar="NAME", help="transit key name")
+    p.add_argument(
+        "--host",
+        required=True,
+        metavar="HOSTNAME",
+        help="the host the token is for (names its policy)",
+    )
+    p.add_argument(
+        "--token-out",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="where to write the host token (mode 0600)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help="admin token (or serve's init.json); default $VAULT_TOKEN/$BAO_TOKEN",
+    )
+    p.add_argument(
+        "--ca-file",
+        type=Path,
+        metavar="FILE",
+        help="CA of the vault's certificate (serve: DATA/tls/ca.pem)",
+    )
+    p.add_argument("--mount", default="transit", metavar="PATH", help="transit mount")
     return parser
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
+def _errno_name(text: str) -> int:
+    code = getattr(errno, text.upper(), None) if not text.isdigit() else int(text)
+    if not isinstance(code, int) or code <= 0:
+        raise argparse.ArgumentTypeError(f"unknown errno name {text!r} (e.g. EACCES, EIO)")
+    return code
 
 
 def _settings(args: argparse.Namespace) -> VaultSettings:
@@ -414,9 +551,16 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         allow_other=opts.get("allow_other", False),
         default_permissions=opts.get("default_permissions", False),
         read_only=read_only,
-        fs=FsOptions(read_only=read_only, writeback_cache=opts.get("writeback_cache", False)),
+        fs=FsOptions(
+            read_only=read_only,
+            writeback_cache=opts.get("writeback_cache", False),
+            suspended_errno=args.suspended_errno,
+        ),
         debug=args.verbose >= 3,
         audit=_audit_settings(args),
+        check_interval=args.check_interval,
+        offline_grace=args.offline_grace,
+        on_revoke=args.on_revoke,
     )
     ready_fd: int | None = args.ready_fd
 
@@ -492,10 +636,10 @@ def _spawn_background(argv: Sequence[str], args: argparse.Namespace) -> ExitCode
 
 
 def cmd_unmount(args: argparse.Namespace) -> ExitCode:
-    from encfs.daemon import runtime_file
+    from encfs.daemon import is_mountpoint, runtime_file
 
     mountpoint = args.mountpoint.resolve()
-    if not os.path.ismount(mountpoint):
+    if not is_mountpoint(mountpoint):
         print(f"encfs: error: {mountpoint} is not mounted", file=sys.stderr)
         return ExitCode.NOT_MOUNTED
     pid: int | None = None
@@ -627,6 +771,108 @@ def cmd_rotate(args: argparse.Namespace) -> ExitCode:
     return ExitCode.OK
 
 
+def cmd_status(args: argparse.Namespace) -> ExitCode:
+    import socket
+
+    from encfs.daemon import RUN_DIR, status_socket
+
+    if args.mountpoint is not None:
+        sockets = [status_socket(args.mountpoint.resolve())]
+    else:
+        sockets = sorted(RUN_DIR.glob("*.sock")) if RUN_DIR.is_dir() else []
+    reports: list[dict[str, object]] = []
+    for path in sockets:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(str(path))
+                raw = b""
+                while chunk := sock.recv(65536):
+                    raw += chunk
+            reports.append(json.loads(raw))
+        except (OSError, ValueError) as exc:
+            if args.mountpoint is not None:
+                print(
+                    f"encfs: error: no encfs daemon answers for {args.mountpoint} ({exc})",
+                    file=sys.stderr,
+                )
+                return ExitCode.NOT_MOUNTED
+    if args.json:
+        print(json.dumps(reports[0] if args.mountpoint is not None else reports, indent=2))
+        return ExitCode.OK
+    if not reports:
+        print("no encfs volume is mounted")
+        return ExitCode.OK
+    for report in reports:
+        _print_status(report)
+    return ExitCode.OK
+
+
+def _print_status(r: dict[str, Any]) -> None:
+    state = str(r.get("state", "?"))
+    reason = f" — {r['reason']}" if r.get("reason") else ""
+    print(f"{r.get('mountpoint')}: {state} since {r.get('since')}{reason}")
+    print(f"  cipher dir   {r.get('cipher_dir')}  (volume {r.get('volume_id')})")
+    print(f"  vault key    {r.get('vault')}  (KEK version {r.get('kek_version')})")
+    reach = {True: "reachable", False: "unreachable", None: "not checked yet"}[
+        r.get("vault_reachable")
+    ]
+    print(
+        f"  vault        {reach}, last check {r.get('last_check') or '-'}"
+        f" (every {r.get('check_interval')} s, offline grace {r.get('offline_grace')} s)"
+    )
+    if r.get("last_error"):
+        print(f"  last error   {r['last_error']}")
+    token = r.get("token") or {}
+    if token:
+        ttl = token.get("ttl")
+        print(
+            f"  identity     {token.get('accessor') or token.get('client_cert_subject') or '-'}"
+            f", token TTL {'never expires' if ttl is None else f'{ttl} s'}"
+            f"{', renewable' if token.get('renewable') else ''}"
+        )
+    mem = r.get("memory") or {}
+    if mem:
+        locked = "locked" if mem.get("locked") else f"NOT locked ({mem.get('detail')})"
+        print(
+            f"  key memory   {locked}, {'excluded from' if mem.get('dontdump') else 'in'} "
+            "core dumps"
+        )
+    c = r.get("counters") or {}
+    if c:
+        print(
+            f"  counters     {c.get('reads')} reads ({c.get('bytes_read')} B), "
+            f"{c.get('writes')} writes ({c.get('bytes_written')} B), "
+            f"{c.get('integrity_errors')} integrity errors"
+        )
+    rss = r.get("rss")
+    print(f"  daemon       pid {r.get('pid')}, RSS {int(rss) // 1024 if rss else '?'} KiB")
+
+
+def _as_exit_code(code: int) -> ExitCode:
+    return ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.FAILURE
+
+
+def cmd_vault(args: argparse.Namespace) -> ExitCode:
+    from encfs.vault import server
+
+    if args.vault_command == "dev":
+        return _as_exit_code(server.main_dev(args.listen))
+    if args.vault_command == "serve":
+        return _as_exit_code(server.main_serve(args.data, args.listen, args.cluster_listen))
+    return _as_exit_code(
+        server.main_setup(
+            args.addr,
+            args.key,
+            args.host,
+            args.token_out,
+            args.admin_token_file,
+            args.ca_file,
+            args.mount,
+        )
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -645,6 +891,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_fsck(args)
         if args.command == "rotate":
             return cmd_rotate(args)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "vault":
+            return cmd_vault(args)
     except errors.EncfsError as exc:
         print(f"encfs: error: {exc}", file=sys.stderr)
         hint = getattr(exc, "hint", "")

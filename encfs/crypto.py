@@ -62,6 +62,25 @@ def header_tag(key: Buffer, body: bytes) -> bytes:
     return mac.finalize()
 
 
+def open_transit_ciphertext(kek: Buffer, sealed: Buffer) -> bytearray:
+    """Unwrap a Vault/OpenBao transit ``aes256-gcm96`` ciphertext locally (key release).
+
+    ``sealed`` is the base64-decoded part after ``vault:vN:``: a 12-byte nonce, then the
+    AES-256-GCM ciphertext and tag, no associated data. Returns the plaintext in a fresh
+    ``bytearray`` the caller wipes. Raises ``IntegrityError`` when the tag does not verify
+    (wrong KEK version, or a damaged wrapped key).
+    """
+    view = memoryview(sealed)
+    if len(view) < 12 + 16:
+        raise IntegrityError("wrapped key too short for AES-256-GCM")
+    out = bytearray(len(view) - 12 - 16)
+    try:
+        AESGCM(kek).decrypt_into(view[:12], view[12:], None, out)
+    except InvalidTag:
+        raise IntegrityError("wrapped key does not authenticate under the exported KEK") from None
+    return out
+
+
 def tags_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
@@ -252,3 +271,155 @@ def sha256(data: bytes) -> bytes:
     digest = hashes.Hash(hashes.SHA256())
     digest.update(data)
     return digest.finalize()
+
+
+# --- TLS material for the single-host vault ---
+#
+# ``encfs.vault.server`` serves OpenBao over TLS on loopback with a CA of its own. Generating
+# keys and signing certificates needs ``cryptography.hazmat``, so it lives here; reading
+# certificates (``cryptography.x509``) is fine anywhere.
+
+
+def make_tls_material(
+    *, dns_names: list[str], ip_addresses: list[str], days: int, common_name: str
+) -> tuple[bytes, bytes, bytes]:
+    """A fresh CA and a server certificate it signs; returns ``(ca_pem, cert_pem, key_pem)``.
+
+    Both keys are ECDSA P-256. The server certificate carries ``dns_names`` and
+    ``ip_addresses`` as subject alternative names, ``serverAuth`` only, and is valid for
+    ``days``. The CA certificate may sign nothing but end-entity certificates (path length
+    0), and the CA's private key is never returned: it is dropped here, so nothing else can
+    ever be signed by this CA. ``key_pem`` is the server's unencrypted PKCS#8 private key;
+    the caller writes it with mode 0600.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    not_before = now - datetime.timedelta(minutes=5)  # tolerate small clock steps
+    not_after = now + datetime.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    del ca_key
+    return (
+        ca_cert.public_bytes(serialization.Encoding.PEM),
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+# --- KMIP key release (local unwrap) ---
+#
+# pyca/OpenSSL leave a copy of the AES key on the C stack while setting up the key schedule
+# (tests/vault/test_kmip.py finds it there after the KEK is zeroed). Running the same code
+# path once more with an all-zero key overwrites those stack slots: best effort, but checked
+# by that test's memory scan.
+
+
+def kmip_gcm_seal(kek: Buffer, nonce: bytes, plain: Buffer, aad: bytes) -> bytes:
+    """AES-GCM (128-bit tag) of ``plain`` under a KEK released by a KMIP server.
+
+    Returns ``ciphertext || tag`` (nothing secret): byte for byte what the server's own
+    Encrypt returns for the same nonce and associated data, so either side can open it.
+    """
+    try:
+        return AESGCM(kek).encrypt(nonce, plain, aad)
+    finally:
+        AESGCM(bytes(len(memoryview(kek)))).encrypt(nonce, bytes(len(memoryview(plain))), aad)
+
+
+def kmip_gcm_open(kek: Buffer, nonce: bytes, sealed: Buffer, aad: bytes) -> bytearray:
+    """Open ``sealed`` (``ciphertext || 16-byte tag``) with a KEK released by a KMIP server.
+
+    Returns the plaintext in a fresh ``bytearray`` the caller wipes (no ``bytes`` copy is
+    made). Raises ``IntegrityError`` when the tag does not verify (another KEK, or a damaged
+    wrapped key).
+    """
+    view = memoryview(sealed)
+    if len(view) < 16:
+        raise IntegrityError("wrapped key too short for AES-GCM")
+    out = bytearray(len(view) - 16)
+    try:
+        AESGCM(kek).decrypt_into(nonce, view, aad, out)
+    except InvalidTag:
+        out[:] = bytes(len(out))
+        raise IntegrityError("wrapped key does not authenticate under the released KEK") from None
+    finally:
+        scratch = bytearray(len(out))
+        try:
+            AESGCM(bytes(len(memoryview(kek)))).decrypt_into(nonce, view, aad, scratch)
+        except InvalidTag:  # expected: the zero key is not the KEK
+            scratch[:] = bytes(len(scratch))
+    return out

@@ -1,29 +1,52 @@
-"""The life of one mount: unwrap the key with the vault, run FUSE, wipe keys on the way out.
+"""The life of one mount: unwrap the key, serve, watch the vault, suspend and resume, wipe.
 
 ``Daemon.run()`` blocks for the life of the mount (foreground). It reads the volume header,
 unwraps the volume key (nothing is mounted if the vault refuses), mounts with libfuse 3,
 reports readiness once the mount answers, and on unmount (``fusermount3 -u``, SIGTERM,
 SIGINT) wipes every key before returning. Background operation is the CLI's business: it
 runs this in a child process and waits for the readiness report.
+
+While mounted, a ``KeyWatcher`` thread unwraps the volume key with the vault every
+``check_interval`` seconds (a real unwrap: the authoritative answer to "may this host
+still read the volume?") and renews the host token before it expires:
+
+    active ──(refused: 403, key deleted/disabled, version retired)──▶ suspended
+    active ──(unreachable, sealed)──▶ offline-grace ──(grace over)──▶ suspended
+    suspended / offline-grace ──(unwrap works again)──▶ active
+
+Suspending flushes what the kernel holds dirty, shuts the FUSE gate, wipes every key and
+invalidates every inode the kernel may cache (``EncfsOperations.suspend``). Resuming
+re-derives the keys from a fresh unwrap; handles opened before work again. A
+``StatusServer`` answers ``encfs status`` on a root-only unix socket.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import resource
+import shutil
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+import psutil
+import setproctitle
 
 from encfs import volume
 from encfs.audit import AuditLog, AuditSettings
-from encfs.errors import VaultError
+from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
 from encfs.fs import EncfsFUSE, EncfsOperations, FsOptions
 from encfs.keys import VolumeKeys
 from encfs.vault import KeyWrapper, VaultSettings, connect, retry_unavailable
@@ -49,12 +72,49 @@ class MountConfig:
     fs: FsOptions = field(default_factory=FsOptions)
     debug: bool = False
     audit: AuditSettings = field(default_factory=AuditSettings)
+    check_interval: float = 5.0
+    """Seconds between the watcher's unwraps."""
+    offline_grace: float = 300.0
+    """Seconds to keep serving while the vault cannot be reached (0: suspend at once)."""
+    on_revoke: str = "suspend"
+    """``suspend`` (wait for access to come back) or ``unmount`` (unmount and exit 23)."""
 
 
 def runtime_file(mountpoint: Path) -> Path:
     """Where the daemon serving ``mountpoint`` records its pid (root-owned, /run/encfs)."""
     digest = hashlib.sha256(str(mountpoint.resolve()).encode()).hexdigest()[:16]
     return RUN_DIR / f"{digest}.json"
+
+
+def is_mountpoint(path: Path) -> bool:
+    """Whether ``path`` is a mount point, from /proc/self/mountinfo: ``os.path.ismount``
+    stats the path, which a suspended encfs mount refuses (EACCES) — it would say no."""
+    target = os.fsencode(os.path.abspath(path))
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split(b" ")
+                if len(fields) > 4 and _unescape_mount_path(fields[4]) == target:
+                    return True
+    except OSError:
+        return os.path.ismount(path)
+    return False
+
+
+def _unescape_mount_path(raw: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040 ...)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), raw)
+
+
+def status_socket(mountpoint: Path) -> Path:
+    """The unix socket where the daemon serving ``mountpoint`` answers ``encfs status``."""
+    return runtime_file(mountpoint).with_suffix(".sock")
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
 
 
 def harden_process() -> None:
@@ -69,13 +129,68 @@ def harden_process() -> None:
         log.warning("could not mark the process non-dumpable")
 
 
+class MountState:
+    """What the daemon is doing and why; every change is logged once, audited and shown in
+    the process title. Thread-safe."""
+
+    def __init__(self, mountpoint: Path, audit: AuditLog) -> None:
+        self._lock = threading.Lock()
+        self._mountpoint = mountpoint
+        self._audit = audit
+        self.name = "starting"
+        self.reason = ""
+        self.since = time.time()
+        self.last_check: float | None = None
+        self.last_error = ""
+        self.vault_reachable: bool | None = None
+        self.token: dict[str, Any] = {}
+        self.token_expires: float | None = None
+
+    def set(self, name: str, reason: str = "") -> bool:
+        """Enter state ``name``; returns False (and does nothing) if already in it."""
+        with self._lock:
+            if name == self.name:
+                self.reason = reason or self.reason
+                return False
+            self.name, self.reason, self.since = name, reason, time.time()
+        suffix = f": {reason}" if reason else ""
+        setproctitle.setproctitle(f"encfs {self._mountpoint} [{name}{suffix}]")
+        return True
+
+    def checked(self, *, reachable: bool, error: str = "") -> None:
+        with self._lock:
+            self.last_check = time.time()
+            self.vault_reachable = reachable
+            self.last_error = error
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            ttl = None
+            if self.token_expires is not None:
+                ttl = max(0, int(self.token_expires - time.time()))
+            return {
+                "state": self.name,
+                "since": _iso(self.since),
+                "reason": self.reason,
+                "vault_reachable": self.vault_reachable,
+                "last_check": _iso(self.last_check),
+                "last_error": self.last_error,
+                "token": {**self.token, "ttl": ttl},
+            }
+
+
 class Daemon:
     """Runs one mount in the foreground. Not reusable: one ``run()`` per instance."""
 
     def __init__(self, config: MountConfig) -> None:
         self.config = config
         self.keys: VolumeKeys | None = None
+        self.ops: EncfsOperations | None = None
         self.started = time.time()
+        self.revoked_unmount: str = ""
+        self._transition = threading.Lock()
+        self.state: MountState | None = None
+        self.header: volume.HeaderFile | None = None
 
     def _check_mountpoint(self) -> None:
         from encfs.errors import MountError
@@ -83,21 +198,22 @@ class Daemon:
         mp = self.config.mountpoint
         if not mp.is_dir():
             raise MountError(f"mount point {mp} does not exist or is not a directory")
-        if os.path.ismount(mp):
+        if is_mountpoint(mp):
             raise MountError(f"{mp} is already a mount point; unmount it first")
         if not os.path.exists("/dev/fuse"):
             raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
-        """Unlock, mount and serve until unmounted. Raises ``EncfsError`` before mounting.
+        """Unlock, mount and serve until unmounted. Raises ``EncfsError`` before mounting,
+        and ``VolumeRevoked`` after an unmount forced by ``on_revoke="unmount"``.
 
-        The vault client stays open for the life of the mount: a keeper thread renews the
-        host token before it expires. Every key is wiped before this returns.
+        Every key is wiped before this returns.
         """
         cfg = self.config
         harden_process()
         self._check_mountpoint()
         hf = volume.read_header(cfg.cipher_dir)
+        self.header = hf
         url = cfg.vault_url or hf.header.vault_url
         audit = AuditLog(
             cfg.audit,
@@ -107,6 +223,7 @@ class Daemon:
             vault=url,
             kek_version=hf.header.kek_version,
         )
+        state = self.state = MountState(cfg.mountpoint, audit)
         vault = connect(url, cfg.vault)
         try:
             keys, renew_in = self._unlock(hf, vault, audit)
@@ -116,7 +233,7 @@ class Daemon:
         self.keys = keys
         if not keys.memory_lock.mlocked:
             log.warning("key memory is not locked: %s", keys.memory_lock.detail)
-        ops = EncfsOperations(
+        ops = self.ops = EncfsOperations(
             str(cfg.cipher_dir),
             keys,
             hf.header.block_size,
@@ -143,17 +260,12 @@ class Daemon:
             hf.header.volume_id.hex(),
             hf.header.kek_version,
         )
-        stop_keeper = threading.Event()
-        keeper: threading.Thread | None = None
-        if renew_in is not None:
-            keeper = threading.Thread(
-                target=self._keep_identity,
-                args=(vault, audit, stop_keeper, renew_in),
-                name="encfs-token",
-                daemon=True,
-            )
-            keeper.start()
+        state.set("active")
+        watcher = KeyWatcher(self, vault, url, audit, renew_in)
+        status = StatusServer(status_socket(cfg.mountpoint), self.status)
         try:
+            watcher.start()
+            status.start()
             EncfsFUSE(ops, str(cfg.mountpoint), **options)
         except RuntimeError as exc:
             # fuse_main answers 8 when its loop ended on SIGTERM/SIGINT/SIGHUP (libfuse's
@@ -163,22 +275,28 @@ class Daemon:
                 raise
             log.info("stopped by signal")
         finally:
-            stop_keeper.set()
-            if keeper is not None:
-                keeper.join(timeout=5)
-            vault.close()
+            state.set("stopping")
+            watcher.stop()
+            status.stop()
             ops.aliases.stop()
-            keys.close()
+            with self._transition:
+                keys.close()
             self.keys = None
+            watcher.vault.close()
             self._remove_runtime_file()
-            audit.event("unmount")
+            audit.event("unmount", forced_by_revocation=bool(self.revoked_unmount) or None)
             log.info("unmounted %s; keys wiped", cfg.mountpoint)
+        if self.revoked_unmount:
+            raise VolumeRevoked(
+                f"unmounted {cfg.mountpoint} because the vault revoked access: "
+                f"{self.revoked_unmount}"
+            )
 
     def _unlock(
         self, hf: volume.HeaderFile, vault: KeyWrapper, audit: AuditLog
     ) -> tuple[VolumeKeys, float | None]:
-        """Preflight, identity, unwrap (retrying an unreachable or sealed vault within
-        ``--vault-timeout``). Returns the keys and when to renew the host's credential."""
+        """Preflight, unwrap (retrying an unreachable or sealed vault within
+        ``--vault-timeout``), identity. Returns the keys and when to renew the credential."""
         cfg = self.config
 
         def retrying(exc: VaultError, delay: float) -> None:
@@ -193,47 +311,38 @@ class Daemon:
         except VaultError as exc:
             audit.error("unwrap", exc)
             raise
-        renew_in: float | None = None
+        renew_in = self.note_identity(vault, audit, warn=True)
+        audit.event("unwrap")
+        audit.event("mount", read_only=cfg.read_only)
+        return keys, renew_in
+
+    def note_identity(self, vault: KeyWrapper, audit: AuditLog, *, warn: bool) -> float | None:
+        """Look up who we are to the vault (for audit and status); returns when to renew
+        the credential, or None when it does not expire."""
         try:
             ident = vault.identity()
         except VaultError as exc:  # e.g. a policy without lookup-self: not fatal
             log.info("cannot look up the host's vault identity: %s", exc)
             ident = {}
         audit.bind(identity=ident.get("accessor") or ident.get("client_cert_subject"))
+        renew_in: float | None = None
         ttl = ident.get("ttl")
+        if self.state is not None:
+            keep = ("accessor", "renewable", "policies", "display_name", "client_cert_subject")
+            self.state.token = {k: ident[k] for k in keep if k in ident}
+            self.state.token_expires = time.time() + ttl if isinstance(ttl, int) and ttl else None
         if isinstance(ttl, int) and ttl > 0:
             if ident.get("renewable"):
                 renew_in = max(ttl / 2.0, 1.0)
             else:
-                log.warning(
-                    "the vault token is not renewable and expires in %d s; after that the "
-                    "vault will refuse this host (issue a renewable or periodic token)",
-                    ttl,
-                )
+                if warn:
+                    log.warning(
+                        "the vault token is not renewable and expires in %d s; after that "
+                        "the vault will refuse this host (issue a renewable or periodic token)",
+                        ttl,
+                    )
                 renew_in = float(ttl)
-        audit.event("unwrap")
-        audit.event("mount", read_only=cfg.read_only)
-        return keys, renew_in
-
-    def _keep_identity(
-        self, vault: KeyWrapper, audit: AuditLog, stop: threading.Event, first: float
-    ) -> None:
-        """Renew the host token before it expires until ``stop`` is set. Failures are
-        logged and audited once per kind; an unreachable vault is retried every 10 s."""
-        delay: float | None = first
-        last_error = ""
-        while delay is not None and not stop.wait(delay):
-            try:
-                delay = vault.renew_identity()
-                audit.event("token_renew", next_in=delay)
-                last_error = ""
-            except VaultError as exc:
-                kind = type(exc).__name__
-                if kind != last_error:
-                    log.error("cannot renew the vault token: %s", exc)
-                    audit.error("token_renew", exc)
-                    last_error = kind
-                delay = 10.0
+        return renew_in
 
     def _announce_ready(self, on_ready: Callable[[], None] | None) -> None:
         """Called from FUSE init: report readiness once the mount answers requests."""
@@ -273,3 +382,304 @@ class Daemon:
     def _remove_runtime_file(self) -> None:
         with contextlib.suppress(OSError):
             runtime_file(self.config.mountpoint).unlink(missing_ok=True)
+
+    # --- suspend and resume (called by the watcher) -------------------------------------------
+
+    def suspend(self, reason: str, audit: AuditLog, *, revoked: bool) -> None:
+        """Flush, then wipe every key and every cached plaintext (see module docstring)."""
+        ops, state = self.ops, self.state
+        assert ops is not None and state is not None
+        with self._transition:
+            if ops.suspended or self.keys is None:
+                return
+            t0 = time.monotonic()
+            self._flush()
+            invalidated = ops.suspend()
+            state.set("suspended", reason)
+            took = time.monotonic() - t0
+        log.error(
+            "suspended: %s — keys wiped, %d cached inodes invalidated (%.0f ms); "
+            "every operation fails with errno %d until access comes back",
+            reason,
+            invalidated,
+            took * 1000,
+            self.config.fs.suspended_errno,
+        )
+        audit.event("suspend", result="ok", reason=reason, revoked=revoked)
+        if revoked and self.config.on_revoke == "unmount":
+            self.revoked_unmount = reason
+            self._unmount()
+
+    def resume(self, volume_key: bytearray, hf: volume.HeaderFile, audit: AuditLog) -> None:
+        """Serve again with a freshly unwrapped volume key (the caller wipes its copy)."""
+        ops, state = self.ops, self.state
+        assert ops is not None and state is not None
+        with self._transition:
+            if not ops.suspended or self.keys is None:
+                return
+            ops.resume(volume_key, hf.body, hf.tag)
+            state.set("active")
+        log.warning("resumed: the vault unwraps the volume key again")
+        audit.event("resume", kek_version=hf.header.kek_version)
+
+    def _flush(self) -> None:
+        """Make what the kernel holds dirty (mmap, writeback cache) and what we wrote
+        durable while the keys still exist: syncfs(2) on the mount, then on the backing fs."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        for path in (self.config.mountpoint, self.config.cipher_dir):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                log.warning("cannot open %s to flush it: %s", path, exc.strerror)
+                continue
+            try:
+                if libc.syncfs(fd) != 0:
+                    log.warning("syncfs %s failed: %s", path, os.strerror(ctypes.get_errno()))
+            finally:
+                os.close(fd)
+
+    def _unmount(self) -> None:
+        """Detach the mount (lazily: open files must not keep it); the FUSE loop then ends."""
+        tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
+        proc = subprocess.run(
+            [tool, "-u", "-z", str(self.config.mountpoint)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            log.error("cannot unmount %s: %s", self.config.mountpoint, proc.stderr.strip())
+
+    def status(self) -> dict[str, Any]:
+        """What ``encfs status`` shows (no secrets)."""
+        cfg, state, keys, ops, hf = self.config, self.state, self.keys, self.ops, self.header
+        out: dict[str, Any] = {
+            "mountpoint": str(cfg.mountpoint),
+            "cipher_dir": str(cfg.cipher_dir),
+            "pid": os.getpid(),
+            "started": _iso(self.started),
+        }
+        if state is not None:
+            out.update(state.snapshot())
+        if hf is not None:
+            with contextlib.suppress(FormatError, OSError):
+                hf = volume.read_header(cfg.cipher_dir)  # rotation may have moved it on
+            out["volume_id"] = hf.header.volume_id.hex()
+            out["vault"] = cfg.vault_url or hf.header.vault_url
+            out["key_name"] = out["vault"].rstrip("/").rsplit("/", 1)[-1]
+            out["kek_version"] = hf.header.kek_version
+        out["check_interval"] = cfg.check_interval
+        out["offline_grace"] = cfg.offline_grace
+        out["on_revoke"] = cfg.on_revoke
+        if keys is not None:
+            lock = keys.memory_lock
+            out["memory"] = {
+                "locked": lock.mlocked,
+                "dontdump": lock.dontdump,
+                "detail": lock.detail,
+            }
+        if ops is not None:
+            out["counters"] = asdict(ops.counters)
+            out["cached_paths"] = len(ops.seen)
+        with contextlib.suppress(psutil.Error):
+            out["rss"] = psutil.Process().memory_info().rss
+        return out
+
+
+class KeyWatcher:
+    """Checks, every ``check_interval`` seconds, that the vault still unwraps the volume
+    key, renews the host token, and drives suspend / offline grace / resume (module
+    docstring). One thread; every transition is logged once, not at every poll."""
+
+    def __init__(
+        self, daemon: Daemon, vault: KeyWrapper, url: str, audit: AuditLog, renew_in: float | None
+    ) -> None:
+        self.daemon = daemon
+        self.vault = vault
+        self._url = url
+        self._audit = audit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="encfs-watcher", daemon=True)
+        now = time.monotonic()
+        self._next_renew = now + renew_in if renew_in is not None else math.inf
+        self._unreachable_since: float | None = None
+        self._last_error_kind = ""
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        cfg = self.daemon.config
+        next_check = time.monotonic() + cfg.check_interval
+        while True:
+            wait = min(next_check, self._next_renew) - time.monotonic()
+            if self._stop.wait(max(wait, 0.0)):
+                return
+            try:
+                now = time.monotonic()
+                if now >= self._next_renew:
+                    self._renew()
+                if now >= next_check:
+                    self._check()
+                    next_check = time.monotonic() + cfg.check_interval
+            except Exception:  # never let the watcher die silently
+                log.exception("key watcher step failed")
+                next_check = time.monotonic() + cfg.check_interval
+
+    def _renew(self) -> None:
+        try:
+            delay = self.vault.renew_identity()
+        except VaultError as exc:
+            self._next_renew = time.monotonic() + 10.0
+            self._failed(exc, "token_renew")
+            return
+        self._audit.event("token_renew", next_in=delay)
+        self._next_renew = time.monotonic() + delay if delay is not None else math.inf
+        state = self.daemon.state
+        if state is not None and delay is not None:
+            state.token_expires = time.time() + 2 * delay
+
+    def _check(self) -> None:
+        daemon = self.daemon
+        ops = daemon.ops
+        if ops is not None and ops.suspended:
+            self._reconnect()  # a replaced token file or fixed policy counts from now
+        try:
+            hf = volume.read_header(daemon.config.cipher_dir)  # picks up `encfs rotate`
+        except (FormatError, OSError) as exc:
+            log.warning("cannot read the volume header to check the key: %s", exc)
+            return
+        try:
+            volume_key = self.vault.unwrap(hf.header.wrapped_key)
+        except VaultError as exc:
+            self._failed(exc, "unwrap")
+            return
+        try:
+            if ops is not None and ops.suspended:
+                try:
+                    daemon.resume(volume_key, hf, self._audit)
+                except EncfsError as exc:
+                    log.error("cannot resume: %s", exc)
+                    return
+                self._next_renew = time.monotonic()  # learn the (maybe new) token's TTL
+                self._note_identity()
+        finally:
+            volume_key[:] = bytes(len(volume_key))
+        self._succeeded()
+
+    def _note_identity(self) -> None:
+        renew_in = self.daemon.note_identity(self.vault, self._audit, warn=False)
+        self._next_renew = time.monotonic() + renew_in if renew_in is not None else math.inf
+
+    def _reconnect(self) -> None:
+        try:
+            fresh = connect(self._url, self.daemon.config.vault)
+        except VaultError as exc:
+            log.debug("cannot reconnect to the vault: %s", exc)
+            return
+        self.vault.close()
+        self.vault = fresh
+
+    def _succeeded(self) -> None:
+        state = self.daemon.state
+        assert state is not None
+        state.checked(reachable=True)
+        if self._unreachable_since is not None:
+            log.warning("vault reachable again")
+        self._unreachable_since = None
+        self._last_error_kind = ""
+        if state.name == "offline-grace":
+            state.set("active")
+
+    def _failed(self, exc: VaultError, what: str) -> None:
+        daemon, cfg = self.daemon, self.daemon.config
+        state = daemon.state
+        assert state is not None
+        kind = type(exc).__name__
+        if kind != self._last_error_kind:
+            self._audit.error("vault_error", exc, during=what)
+            self._last_error_kind = kind
+        if exc.revoked:
+            state.checked(reachable=True, error=str(exc))
+            self._unreachable_since = None
+            daemon.suspend(f"access revoked ({kind}): {exc}", self._audit, revoked=True)
+            return
+        state.checked(reachable=False, error=str(exc))
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+            if cfg.offline_grace > 0 and state.name == "active":
+                log.warning(
+                    "%s; serving on for the offline grace of %.0f s", exc, cfg.offline_grace
+                )
+        if state.name == "suspended":
+            return
+        if now - self._unreachable_since >= cfg.offline_grace:
+            daemon.suspend(
+                f"vault unreachable for {now - self._unreachable_since:.0f} s "
+                f"(offline grace {cfg.offline_grace:.0f} s): {exc}",
+                self._audit,
+                revoked=False,
+            )
+        else:
+            state.set("offline-grace", f"vault unreachable: {exc}")
+
+
+class StatusServer:
+    """Answers each connection on a root-only unix socket with one JSON status object."""
+
+    def __init__(self, path: Path, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._path = path
+        self._snapshot = snapshot
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="encfs-status", daemon=True)
+
+    def start(self) -> None:
+        try:
+            RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._path.unlink(missing_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o077)
+            try:
+                sock.bind(str(self._path))
+            finally:
+                os.umask(old)
+            sock.listen(8)
+            sock.settimeout(0.5)
+        except OSError as exc:
+            log.warning("no status socket at %s: %s", self._path, exc.strerror or exc)
+            return
+        self._sock = sock
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()
+            with contextlib.suppress(OSError):
+                self._path.unlink()
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(2)
+                    payload = json.dumps(self._snapshot(), default=str).encode() + b"\n"
+                    conn.sendall(payload)
+                except Exception as exc:  # a status reader must never hurt the mount
+                    log.debug("status request failed: %s", exc)

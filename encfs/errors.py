@@ -148,3 +148,8 @@ class MountError(EncfsError):
 
 class VolumeSuspended(EncfsError):
     """The daemon holds no keys right now (vault access withdrawn); operations are refused."""
+
+
+class VolumeRevoked(EncfsError):
+    """The daemon unmounted the volume because the vault revoked access (``--on-revoke
+    unmount``); it exits with its own code so that a service manager does not restart it."""

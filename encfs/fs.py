@@ -170,6 +170,90 @@ class Aliases:
             done.set()
 
 
+class Gate:
+    """Admission of FUSE operations, closed while the volume is suspended.
+
+    ``enter`` admits an operation (False when closed); ``close`` shuts the gate and waits
+    until the operations already inside have left, so that nothing started before the
+    suspension can still put plaintext into the kernel's cache afterwards.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._inside = 0
+        self.open = True
+
+    def enter(self) -> bool:
+        with self._cond:
+            if not self.open:
+                return False
+            self._inside += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._inside -= 1
+            if not self._inside:
+                self._cond.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """Shut; True once no operation is inside (False if some still are at ``timeout``)."""
+        with self._cond:
+            self.open = False
+            return self._cond.wait_for(lambda: not self._inside, timeout)
+
+    def reopen(self) -> None:
+        with self._cond:
+            self.open = True
+
+
+class SeenPaths:
+    """Every mount path the kernel may cache attributes or pages under: each passed through
+    ``stat`` (lookups, getattr) or ``readdir`` (readdirplus hands out attributes). Suspension
+    invalidates them all, so nothing cached before it stays readable. Renames keep the set
+    in step; removed names linger harmlessly (invalidating them answers ENOENT).
+
+    Locks: ``_lock`` guards the set; never held while calling into libfuse.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set[str] = {"/"}
+
+    def note(self, path: str) -> None:
+        self._paths.add(path)  # a single set.add is atomic under the GIL
+
+    def renamed(self, old: str, new: str, exchange: bool, is_dir: bool) -> None:
+        with self._lock:
+            if is_dir or exchange:
+                self._paths = {moved(p, old, new, exchange) for p in self._paths}
+            else:
+                self._paths.discard(old)
+                self._paths.add(new)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def invalidate_all(self, fuse_ptr: int | None) -> int:
+        """Drop the kernel's attributes and pages (also those mapped by ``mmap``) of every
+        seen path; returns how many the kernel still knew. Never call from a request."""
+        if fuse_ptr is None:
+            return 0
+        with self._lock:
+            paths = sorted(self._paths, key=len, reverse=True)  # leaves first
+        invalidate = mfusepy._libfuse.fuse_invalidate_path
+        known = 0
+        gone: list[str] = []
+        for path in paths:
+            if invalidate(fuse_ptr, os.fsencode(path)) == -errno.ENOENT:
+                gone.append(path)
+            else:
+                known += 1
+        with self._lock:
+            self._paths.difference_update(gone)
+        return known
+
+
 @dataclass
 class Counters:
     """Operation counters shown by ``encfs status``. Updated without a lock (approximate)."""
@@ -181,11 +265,20 @@ class Counters:
     integrity_errors: int = 0
 
 
+_UNGATED = frozenset({"release", "releasedir"})
+
+
 def fuse_op(method: Callable[P, R]) -> Callable[P, R]:
-    """Map every exception of a FUSE operation to an ``OSError`` with an errno."""
+    """Map every exception of a FUSE operation to an ``OSError`` with an errno, and pass
+    the operation through the suspension gate (``EncfsOperations.gate``): while the volume
+    is suspended every operation but closing a handle fails with ``suspended_errno``."""
+    gated = method.__name__ not in _UNGATED
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        gate: Gate = args[0].gate  # type: ignore[attr-defined]
+        if gated and not gate.enter():
+            raise OSError(args[0].options.suspended_errno, "volume suspended")  # type: ignore[attr-defined]
         try:
             return method(*args, **kwargs)
         except OSError as exc:
@@ -209,6 +302,9 @@ def fuse_op(method: Callable[P, R]) -> Callable[P, R]:
         except Exception:
             log.exception("%s failed unexpectedly", method.__name__)
             raise OSError(errno.EIO, "internal error") from None
+        finally:
+            if gated:
+                gate.leave()
 
     return wrapper
 
@@ -247,6 +343,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self.fuse_ptr: int | None = None
         self.aliases = Aliases()
         self._fh_paths: dict[int, str] = {}
+        self.gate = Gate()
+        self.seen = SeenPaths()
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -282,6 +380,43 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self.aliases.start(self.fuse_ptr)
         if self._on_init is not None:
             self._on_init()
+
+    # --- suspension ------------------------------------------------------------------------
+
+    @property
+    def suspended(self) -> bool:
+        return not self.gate.open
+
+    def suspend(self, drain_timeout: float = 5.0) -> int:
+        """Stop serving and forget every key and every plaintext the kernel caches.
+
+        Order matters: shut the gate (new operations fail with ``suspended_errno``) and wait
+        for those inside to finish, wipe the keys and our plaintext caches (names, listings),
+        then invalidate every path the kernel may cache, so cached pages — including pages
+        mapped by an earlier ``mmap`` — must be read again, which the gate refuses (a read
+        fails, an mmap access raises SIGBUS). The caller flushes dirty data *before* (it
+        needs the keys). Returns how many kernel inodes were invalidated. Never call from a
+        FUSE request thread.
+        """
+        if not self.gate.close(drain_timeout):
+            log.warning("operations still running after %.0f s; suspending anyway", drain_timeout)
+        self.keys.wipe()
+        self.names.invalidate()
+        with self._table_lock:
+            self._dir_listings.clear()
+        return self.seen.invalidate_all(self.fuse_ptr)
+
+    def resume(self, volume_key: bytearray, header_body: bytes, header_tag: bytes) -> None:
+        """Serve again with the volume key (copied; the caller wipes its own). The header
+        tag must verify under it (``HeaderAuthError`` otherwise, and the keys stay wiped).
+        Handles opened before the suspension work again."""
+        self.keys.load(volume_key)
+        try:
+            self.keys.verify_header(header_body, header_tag)
+        except BaseException:
+            self.keys.wipe()
+            raise
+        self.gate.reopen()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -372,6 +507,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             raise OSError(errno.EBADF, "no path and no handle")
         else:
             st = os.lstat(self.names.backing_path(path))
+            self.seen.note(path)
             if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
                 self.aliases.note((st.st_dev, st.st_ino), path)
         return st, self._plain_size(st)
@@ -531,13 +667,16 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             (".", self._attrs(os.lstat(backing_dir)), 0),
             ("..", None, 0),
         ]
+        prefix = path.rstrip("/") + "/"
+        note = self.seen.note
         for name, dent in self.names.listdir(path):
             try:
                 st = dent.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            note(prefix + name)
             if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
-                self.aliases.note((st.st_dev, st.st_ino), path.rstrip("/") + "/" + name)
+                self.aliases.note((st.st_dev, st.st_ino), prefix + name)
             entries.append((name, self._attrs(st), 0))
         if fh in self._dir_handles:
             self._dir_listings[fh] = entries
@@ -817,6 +956,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         if flags & RENAME_EXCHANGE:
             _renameat2(src.backing_path, dst.backing_path, RENAME_EXCHANGE)
             self._renamed_paths(old, new, exchange=True)
+            self.seen.renamed(old, new, exchange=True, is_dir=True)
             if src.is_long or dst.is_long:
                 # Each companion holds the encoding of its own name; both names still exist.
                 self.names.add_companion(src)
@@ -851,6 +991,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             self.aliases.forget(new)
             self.aliases.changed((dst_st.st_dev, dst_st.st_ino))  # the others' link count
         self._renamed_paths(old, new)
+        self.seen.renamed(old, new, exchange=False, is_dir=stat.S_ISDIR(src_st.st_mode))
         if src.backing_path != dst.backing_path:
             self.names.remove_companion(src)
         if stat.S_ISDIR(src_st.st_mode):

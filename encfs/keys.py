@@ -84,7 +84,8 @@ class VolumeKeys:
     """Derived keys and cipher objects for one unlocked volume.
 
     Built from the plaintext volume key (copied into the arena; the caller wipes its own
-    copy). Thread-safe. After ``wipe()`` every method raises ``VolumeSuspended``.
+    copy). Thread-safe. After ``wipe()`` every method raises ``VolumeSuspended`` until
+    ``load()`` brings the keys back (resume after a suspension).
     """
 
     def __init__(
@@ -96,16 +97,32 @@ class VolumeKeys:
         self._crypto_gate = threading.Lock()
         self._arena = LockedArena()
         self._block_size = block_size
+        self._volume_id = volume_id
         self._file_ciphers: dict[bytes, crypto.BlockCipher] = {}
-        self._slot("volume")[:] = volume_key
-        vol = self._slot("volume")
-        for purpose in ("content", "names", "meta", "header"):
-            crypto.hkdf_into(
-                vol, salt=volume_id, info=b"encfs/v1/" + purpose.encode(), out=self._slot(purpose)
-            )
-        self._names: crypto.NameCipher | None = crypto.NameCipher(self._slot("names"))
-        self._meta: crypto.MetaCipher | None = crypto.MetaCipher(self._slot("meta"))
-        self._wiped = False
+        self._names: crypto.NameCipher | None = None
+        self._meta: crypto.MetaCipher | None = None
+        self._wiped = True
+        self.load(volume_key)
+
+    def load(self, volume_key: bytearray | memoryview) -> None:
+        """(Re)load from the plaintext volume key (copied; the caller wipes its copy):
+        derive every subkey into the arena. Used at unlock and to resume after ``wipe``.
+        The caller checks the header tag (``verify_header``) before serving."""
+        if len(volume_key) != fmt.VOLUME_KEY_LEN:
+            raise ValueError("volume key must be 32 bytes")
+        with self._lock:
+            self._slot("volume")[:] = volume_key
+            vol = self._slot("volume")
+            for purpose in ("content", "names", "meta", "header"):
+                crypto.hkdf_into(
+                    vol,
+                    salt=self._volume_id,
+                    info=b"encfs/v1/" + purpose.encode(),
+                    out=self._slot(purpose),
+                )
+            self._names = crypto.NameCipher(self._slot("names"))
+            self._meta = crypto.MetaCipher(self._slot("meta"))
+            self._wiped = False
 
     def __repr__(self) -> str:
         return f"<VolumeKeys {'wiped' if self._wiped else 'loaded'}>"
@@ -184,4 +201,5 @@ class VolumeKeys:
 
     def close(self) -> None:
         self.wipe()
-        self._arena.close()
+        with self._lock:
+            self._arena.close()

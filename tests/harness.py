@@ -27,7 +27,10 @@ def encfs(*args: str | Path, env: dict[str, str] | None = None,
 
 
 def is_mounted(path: Path) -> bool:
-    return os.path.ismount(path)
+    """From /proc/self/mountinfo (``os.path.ismount`` cannot stat a suspended mount)."""
+    from encfs.daemon import is_mountpoint
+
+    return is_mountpoint(path)
 
 
 def force_unmount(path: Path) -> None:

@@ -33,9 +33,10 @@ located in that buffer and decoded by hand into the caller's ``bytearray`` (``ba
 ``binascii`` would return an immutable ``bytes`` copy of the key), then overwritten with
 ``A`` characters *before* ``json.loads`` runs, so the ``str`` objects json creates never hold
 the key; the body buffer is zeroed afterwards. What Python still leaves behind, and we cannot
-zero: the base64 *text* of the key in the buffered socket reader (and, over TLS, in OpenSSL's
-record buffers) until it is overwritten by later reads, and short-lived ``int`` objects of at
-most 24 bits of key each from the decoder. No contiguous copy of the 32 key bytes remains
+zero: short-lived ``int`` objects of at most 24 bits of key each from the decoder. The
+answer is read from the socket without http.client's buffered reader (``_UnbufferedResponse``)
+and, over TLS, OpenSSL zeroes each decrypted record once read (``SSL_OP_CLEANSE_PLAINTEXT``),
+so neither keeps the base64 text of the key. No contiguous copy of the 32 key bytes remains
 after the caller wipes its ``bytearray`` (``tests/vault/test_transit.py`` scans a process's
 memory to check this).
 """
@@ -46,6 +47,7 @@ import base64
 import http.client
 import json
 import re
+import socket
 import ssl
 import threading
 from typing import Any, TypeVar
@@ -60,6 +62,7 @@ _T = TypeVar("_T")
 _KEY_LEN = 32
 _MAX_BODY = 1 << 20  # a transit answer is a few hundred bytes; refuse anything absurd
 _MAX_DETAIL = 300  # characters of the vault's own error text kept in a message
+_SSL_OP_CLEANSE_PLAINTEXT = 1 << 1  # OpenSSL >= 3.0 (ssl.h); the ssl module has no name for it
 
 # The base64 plaintext in a datakey/decrypt answer. Go's encoding/json writes base64 as is
 # (it escapes only <, > and &), so the value is a plain run of base64 characters.
@@ -105,6 +108,8 @@ class TransitClient:
                     f"cannot load CA file {settings.ca_file} for vault {url}: {reason}"
                 ) from None
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            # OpenSSL >= 3.0: zero each decrypted record once read (it holds the base64 key).
+            ctx.options |= _SSL_OP_CLEANSE_PLAINTEXT
             if settings.client_cert is not None:
                 try:
                     ctx.load_cert_chain(
@@ -462,6 +467,7 @@ class TransitClient:
                 self._conn = http.client.HTTPConnection(
                     self._url.host, self._url.port, timeout=timeout
                 )
+            self._conn.response_class = _UnbufferedResponse
             self._conn_used = False
         return self._conn
 
@@ -546,6 +552,25 @@ class TransitClient:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _UnbufferedResponse(http.client.HTTPResponse):
+    """An HTTP response read straight from the socket, without the 8 KiB ``BufferedReader``
+    http.client puts in between: that buffer would hold the base64 volume key of every
+    unwrap until overwritten, and is freed without being zeroed. Headers are read a byte
+    per call (a few hundred calls per request: fine for a call every few seconds); the body
+    goes straight into our own buffer (``_read_body``), which we zero."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        debuglevel: int = 0,
+        method: str | None = None,
+        url: str | None = None,
+    ) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        self.fp.close()  # the buffered reader made by super(); nothing was read through it
+        self.fp = sock.makefile("rb", buffering=0)  # type: ignore[assignment]
 
 
 def _read_body(resp: http.client.HTTPResponse) -> bytearray:

@@ -1,0 +1,494 @@
+"""The daemon's key lifecycle against a real OpenBao and real mounts: every kind of
+revocation suspends (keys wiped, no plaintext readable — not from the page cache, not
+through an earlier mmap), restoring access resumes, an unreachable vault gets its grace,
+``encfs status`` tells, and the daemon's memory holds no key after a suspension or unmount.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from encfs import crypto
+from encfs import format as fmt
+from encfs.cli import ExitCode
+from tests.conftest import TransitKey
+from tests.harness import Volume, encfs, force_unmount, is_mounted, wait_until
+from tests.openbao import OpenBao
+
+INTERVAL = 1.0
+BOUND = INTERVAL + 2.0  # the issue's promise: check interval + 2 s
+PAYLOAD = b"plaintext that must not outlive the key " * 200
+
+
+@dataclass
+class Live:
+    """A mounted volume whose daemon holds a least-privilege host token from a file."""
+
+    vol: Volume
+    bao: OpenBao
+    key: str
+    token_file: Path
+    policy: str
+
+    def status(self) -> dict[str, object]:
+        proc = encfs("status", self.vol.mountpoint, "--json")
+        assert proc.returncode == 0, proc.stderr
+        out: dict[str, object] = json.loads(proc.stdout)
+        return out
+
+    def wait_state(self, state: str, bound: float = BOUND + 3) -> float:
+        """Seconds until ``encfs status`` says ``state`` (fails after ``bound``)."""
+        t0 = time.monotonic()
+        assert wait_until(lambda: self.status()["state"] == state, timeout=bound, interval=0.1), (
+            f"not {state} after {bound} s: {self.status()}"
+        )
+        return time.monotonic() - t0
+
+    def new_token(self) -> None:
+        """Put a fresh host token in the token file (the daemon re-reads it while suspended)."""
+        tmp = self.token_file.with_suffix(".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.bao.make_token([self.policy]) + "\n")
+        os.replace(tmp, self.token_file)
+
+
+def _mount_live(make_volume: Callable[..., Volume], bao: OpenBao, key: str,
+                *extra: str) -> Live:
+    vol = make_volume(mount=False)
+    policy = bao.write_host_policy(key)
+    token_file = vol.cipher_dir.parent / f"{vol.mountpoint.name}.token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(bao.make_token([policy]) + "\n")
+    vol.mount("--token-file", str(token_file), "--check-interval", str(INTERVAL), *extra)
+    return Live(vol, bao, key, token_file, policy)
+
+
+@pytest.fixture
+def live(make_volume, openbao: OpenBao, transit_key: TransitKey) -> Live:  # type: ignore[no-untyped-def]
+    return _mount_live(make_volume, openbao, transit_key.name, "--offline-grace", "3")
+
+
+_MMAP_CHILD = textwrap.dedent("""
+    import mmap, sys
+    with open(sys.argv[1], "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        first = m[:64]
+        print("ready", flush=True)
+        sys.stdin.readline()
+        print(repr(m[:64] == first), flush=True)  # SIGBUS kills us here when evicted
+""")
+
+
+class Witness:
+    """What a user had before the suspension: a file read into the page cache through a
+    handle still open, and a live mmap in another process."""
+
+    def __init__(self, path: Path) -> None:
+        path.write_bytes(PAYLOAD)
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        assert os.pread(self.fd, len(PAYLOAD), 0) == PAYLOAD  # now in the page cache
+        self.child = subprocess.Popen([sys.executable, "-c", _MMAP_CHILD, str(path)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.child.stdout is not None
+        assert self.child.stdout.readline().strip() == "ready"
+
+    def assert_unreadable(self) -> None:
+        with pytest.raises(PermissionError):
+            os.pread(self.fd, 100, 0)  # the page cache was dropped: the read reaches us
+        with pytest.raises(PermissionError):
+            self.path.read_bytes()
+        with pytest.raises(PermissionError):
+            os.stat(self.path)
+        with pytest.raises(PermissionError):
+            os.listdir(self.path.parent)
+        assert self.child.stdin is not None
+        self.child.stdin.write("\n")
+        self.child.stdin.flush()
+        assert self.child.wait(timeout=10) == -signal.SIGBUS, "an old mmap still read plaintext"
+
+    def assert_readable_again(self) -> None:
+        assert os.pread(self.fd, len(PAYLOAD), 0) == PAYLOAD  # the old handle works again
+        assert self.path.read_bytes() == PAYLOAD
+        os.close(self.fd)
+
+    def close(self) -> None:
+        if self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    revoke: Callable[[Live], None]
+    restore: Callable[[Live], None]
+    reason: str
+
+
+def _narrow(live: Live) -> None:
+    live.bao.write_policy(live.policy, f"""
+path "{live.bao.mount}/keys/{live.key}" {{ capabilities = ["read"] }}
+path "auth/token/renew-self" {{ capabilities = ["update"] }}
+path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+""")
+
+
+def _retire(live: Live) -> None:
+    live.bao.rotate_key(live.key)
+    live.bao.set_min_decryption_version(live.key, 2)
+
+
+REVOCATIONS = {
+    "token-revoked": Revocation(
+        revoke=lambda lv: lv.bao.revoke_token(lv.token_file.read_text().strip()),
+        restore=Live.new_token,
+        reason="VaultPermissionDenied",
+    ),
+    "policy-narrowed": Revocation(
+        revoke=_narrow,
+        restore=lambda lv: lv.bao.write_host_policy(lv.key) and None,
+        reason="VaultPermissionDenied",
+    ),
+    "key-soft-deleted": Revocation(
+        revoke=lambda lv: lv.bao.soft_delete_key(lv.key),
+        restore=lambda lv: lv.bao.restore_key(lv.key),
+        reason="VaultKeyDisabled",
+    ),
+    "version-retired": Revocation(
+        revoke=_retire,
+        restore=lambda lv: lv.bao.set_min_decryption_version(lv.key, 1),
+        reason="VaultKeyVersionRetired",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(REVOCATIONS))
+def test_revocation_suspends_and_restoring_resumes(live: Live, kind: str) -> None:
+    how = REVOCATIONS[kind]
+    mp = live.vol.mountpoint
+    (mp / "dir").mkdir()
+    witness = Witness(mp / "dir" / "cached.bin")
+    try:
+        assert live.status()["state"] == "active"
+        t0 = time.monotonic()
+        how.revoke(live)
+        took = live.wait_state("suspended")
+        print(f"\n{kind}: revoke -> suspended in {time.monotonic() - t0:.2f} s")
+        assert took <= BOUND + 0.5
+        status = live.status()
+        assert how.reason in str(status["reason"])
+        witness.assert_unreadable()
+        with pytest.raises(PermissionError):
+            (mp / "new").write_bytes(b"x")
+        # ps shows it, too.
+        title = Path(f"/proc/{status['pid']}/cmdline").read_bytes().decode(errors="replace")
+        assert "suspended" in title
+
+        t0 = time.monotonic()
+        how.restore(live)
+        live.wait_state("active")
+        print(f"{kind}: restore -> active in {time.monotonic() - t0:.2f} s")
+        assert time.monotonic() - t0 <= BOUND + 0.5
+        witness.assert_readable_again()
+        (mp / "new").write_bytes(b"after")
+        live.vol.remount()
+        assert (mp / "dir" / "cached.bin").read_bytes() == PAYLOAD
+        assert (mp / "new").read_bytes() == b"after"
+        events = [(e["event"], e["result"]) for e in live.vol.audit_events()]
+        assert ("suspend", "ok") in events and ("resume", "ok") in events
+        assert ("vault_error", "error") in events
+    finally:
+        witness.close()
+
+
+def test_unreachable_vault_gets_its_grace(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Sealed (503) is unreachable, not revoked: serve for the grace, then suspend; resume
+    when the vault is back."""
+    with OpenBao() as bao:
+        bao.create_key("k")
+        vol = Volume(tmp_path / "c", tmp_path / "p", bao.url_for("k"),
+                     {"PATH": os.environ["PATH"], "VAULT_TOKEN": bao.root_token},
+                     audit_log=tmp_path / "audit")
+        vol.mountpoint.mkdir()
+        vol.init()
+        live = Live(vol, bao, "k", tmp_path / "unused", "")
+        vol.mount("--check-interval", str(INTERVAL), "--offline-grace", "4")
+        try:
+            (vol.mountpoint / "f").write_bytes(PAYLOAD)
+            bao.seal()
+            live.wait_state("offline-grace")
+            assert (vol.mountpoint / "f").read_bytes() == PAYLOAD  # still serving
+            (vol.mountpoint / "g").write_bytes(b"written during grace")
+            assert "sealed" in str(live.status()["reason"]).lower()
+            took = live.wait_state("suspended", bound=4 + BOUND + 3)
+            assert took >= 1.0
+            assert "offline grace" in str(live.status()["reason"])
+            with pytest.raises(PermissionError):
+                (vol.mountpoint / "f").read_bytes()
+            bao.unseal()
+            live.wait_state("active")
+            assert (vol.mountpoint / "f").read_bytes() == PAYLOAD
+            assert (vol.mountpoint / "g").read_bytes() == b"written during grace"
+        finally:
+            force_unmount(vol.mountpoint)
+
+
+def test_zero_grace_fails_closed(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with OpenBao() as bao:
+        bao.create_key("k")
+        vol = Volume(tmp_path / "c", tmp_path / "p", bao.url_for("k"),
+                     {"PATH": os.environ["PATH"], "VAULT_TOKEN": bao.root_token})
+        vol.mountpoint.mkdir()
+        vol.init()
+        live = Live(vol, bao, "k", tmp_path / "unused", "")
+        vol.mount("--check-interval", str(INTERVAL), "--offline-grace", "0")
+        try:
+            bao.stop()
+            took = live.wait_state("suspended")
+            assert took <= BOUND + 0.5
+            assert "unreachable" in str(live.status()["reason"])
+        finally:
+            force_unmount(vol.mountpoint)
+
+
+def test_on_revoke_unmount_exits_with_its_own_code(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                                   transit_key: TransitKey) -> None:
+    vol: Volume = make_volume(mount=False)
+    token = openbao.make_token([openbao.write_host_policy(transit_key.name)])
+    env = {**vol.env, "VAULT_TOKEN": token, "ENCFS_AUDIT_LOG": "none"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "encfs", "mount", "--foreground", str(vol.cipher_dir),
+         str(vol.mountpoint), "--check-interval", str(INTERVAL), "--on-revoke", "unmount"],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert wait_until(lambda: is_mounted(vol.mountpoint), timeout=20)
+        (vol.mountpoint / "f").write_bytes(b"kept")
+        openbao.revoke_token(token)
+        assert proc.wait(timeout=BOUND + 10) == ExitCode.REVOKED
+        assert not is_mounted(vol.mountpoint)
+        assert proc.stderr is not None
+        assert "revoked" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    vol.mount()
+    assert (vol.mountpoint / "f").read_bytes() == b"kept"
+
+
+def test_fsynced_writes_survive_a_revocation(live: Live) -> None:
+    mp = live.vol.mountpoint
+    durable: dict[str, bytes] = {}
+    stopped = threading.Event()
+    errors_seen: list[int] = []
+
+    def writer() -> None:
+        i = 0
+        while not stopped.is_set():
+            data = os.urandom(4096 + i)
+            try:
+                with open(mp / f"w{i}", "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                durable[f"w{i}"] = data
+            except OSError as exc:
+                errors_seen.append(exc.errno or 0)
+                time.sleep(0.05)
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(1.0)
+        REVOCATIONS["key-soft-deleted"].revoke(live)
+        live.wait_state("suspended")
+        time.sleep(0.5)
+    finally:
+        stopped.set()
+        t.join()
+    assert durable and errors_seen and set(errors_seen) == {errno.EACCES}
+    REVOCATIONS["key-soft-deleted"].restore(live)
+    live.wait_state("active")
+    live.vol.remount()
+    for name, data in durable.items():
+        assert (mp / name).read_bytes() == data
+
+
+def test_suspended_errno_is_configurable(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                         transit_key: TransitKey) -> None:
+    live = _mount_live(make_volume, openbao, transit_key.name, "--suspended-errno", "EIO")
+    (live.vol.mountpoint / "f").write_text("x")
+    openbao.soft_delete_key(transit_key.name)
+    try:
+        live.wait_state("suspended")
+        with pytest.raises(OSError) as ei:
+            (live.vol.mountpoint / "f").read_text()
+        assert ei.value.errno == errno.EIO
+        live.vol.unmount()  # a suspended volume unmounts cleanly (the daemon exits 0)
+    finally:
+        openbao.restore_key(transit_key.name)
+
+
+def test_status_reports_the_mount(live: Live, transit_key: TransitKey) -> None:
+    (live.vol.mountpoint / "f").write_bytes(b"y" * 10000)
+    (live.vol.mountpoint / "f").read_bytes()
+    time.sleep(INTERVAL + 0.5)  # one watcher check
+    s = live.status()
+    assert s["state"] == "active" and s["reason"] == ""
+    assert s["mountpoint"] == str(live.vol.mountpoint.resolve())
+    assert s["key_name"] == transit_key.name and s["kek_version"] == 1
+    assert s["vault_reachable"] is True and s["last_check"]
+    token = s["token"]
+    assert isinstance(token, dict) and token["accessor"] and token["renewable"] is True
+    assert 0 < token["ttl"] <= 3600
+    counters = s["counters"]
+    assert isinstance(counters, dict) and counters["bytes_written"] >= 10000
+    assert counters["integrity_errors"] == 0
+    memory = s["memory"]
+    assert isinstance(memory, dict) and memory["locked"] is True and memory["dontdump"] is True
+    assert s["pid"] == live.vol.daemon_pid() and int(str(s["rss"])) > 10 << 20
+    text = encfs("status", live.vol.mountpoint).stdout
+    assert "active since" in text and "key memory   locked" in text
+    listing = json.loads(encfs("status", "--json").stdout)
+    assert any(r["mountpoint"] == s["mountpoint"] for r in listing)
+
+
+def test_status_of_nothing(tmp_path: Path) -> None:
+    proc = encfs("status", tmp_path)
+    assert proc.returncode == ExitCode.NOT_MOUNTED
+    assert "no encfs daemon" in proc.stderr
+
+
+# --- memory hygiene ------------------------------------------------------------------------------
+
+
+def _key_material(live: Live, root_token: str) -> dict[str, bytes]:
+    """Every key the daemon derives, computed here from the test's own knowledge."""
+    header = json.loads(encfs("info", live.vol.cipher_dir, "--json", check=True).stdout)
+    answer = live.bao.admin.secrets.transit.decrypt_data(
+        name=live.key, ciphertext=header["wrapped_key"])
+    volume_key = base64.b64decode(answer["data"]["plaintext"])
+    volume_id = bytes.fromhex(header["volume_id"])
+    out = {"volume": volume_key}
+    for purpose, length in (("content", 32), ("names", 64), ("meta", 32), ("header", 32)):
+        buf = bytearray(length)
+        crypto.hkdf_into(volume_key, salt=volume_id, info=b"encfs/v1/" + purpose.encode(),
+                         out=buf)
+        out[purpose] = bytes(buf)
+    backing = max((p for p in live.vol.cipher_dir.rglob("*")
+                   if p.is_file() and p.stat().st_size > fmt.FILE_HEADER_LEN),
+                  key=lambda p: p.stat().st_size)
+    file_id = fmt.parse_file_header(backing.read_bytes()[: fmt.FILE_HEADER_LEN])
+    buf = bytearray(32)
+    crypto.hkdf_into(out["content"], salt=None, info=b"encfs/v1/file" + file_id, out=buf)
+    out["file"] = bytes(buf)
+    return out
+
+
+def _needles(keys: dict[str, bytes]) -> dict[str, bytes]:
+    needles = {}
+    for name, key in keys.items():
+        needles[f"{name} raw"] = key
+        needles[f"{name} hex"] = key.hex().encode()
+        needles[f"{name} HEX"] = key.hex().upper().encode()
+        needles[f"{name} base64"] = base64.b64encode(key).rstrip(b"=")
+        needles[f"{name} base64url"] = base64.urlsafe_b64encode(key).rstrip(b"=")
+    return needles
+
+
+def _scan(pid: int, needles: dict[str, bytes]) -> dict[str, int]:
+    """Occurrences of each needle in the readable memory of ``pid`` (all its mappings)."""
+    found = dict.fromkeys(needles, 0)
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, OverflowError, ValueError):
+                continue
+            for name, needle in needles.items():
+                found[name] += chunk.count(needle)
+    return {k: v for k, v in found.items() if v}
+
+
+def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
+    make_volume, openbao: OpenBao, transit_key: TransitKey,  # type: ignore[no-untyped-def]
+) -> None:
+    live = _mount_live(make_volume, openbao, transit_key.name)
+    mp = live.vol.mountpoint
+    (mp / "d").mkdir()
+    for i in range(20):
+        (mp / "d" / f"file{i}").write_bytes(os.urandom(50_000))
+        (mp / "d" / f"file{i}").read_bytes()
+    with open(mp / "d" / "file0", "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0)
+        m[:10] = b"0123456789"
+        m.flush()
+        m.close()
+    time.sleep(2 * INTERVAL + 0.5)  # a few watcher unwraps have passed through memory
+    needles = _needles(_key_material(live, openbao.root_token))
+    pid = live.vol.daemon_pid()
+    assert "volume raw" in _scan(pid, {"volume raw": needles["volume raw"]}), (
+        "the scan must see the key while the volume is active (else it proves nothing)"
+    )
+    openbao.soft_delete_key(transit_key.name)
+    try:
+        live.wait_state("suspended")
+        assert _scan(pid, needles) == {}, "key material left in memory after suspension"
+    finally:
+        openbao.restore_key(transit_key.name)
+    live.wait_state("active")
+    # Stop the daemon when it removes its runtime file — its last act after unmounting,
+    # wiping the keys and closing the vault client, before the interpreter exits — and
+    # scan it there. (A SIGSTOP injected at exit_group does not stop the exit.)
+    from encfs.daemon import runtime_file
+
+    tracer = subprocess.Popen(
+        ["strace", "-qq", "-o", "/dev/null", "-p", str(pid), "-P", str(runtime_file(mp)),
+         "-e", "trace=unlink", "-e", "inject=unlink:signal=STOP"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1.0)  # strace attached
+        subprocess.run(["fusermount3", "-u", str(mp)], check=True)
+
+        def stopped() -> bool:
+            status = Path(f"/proc/{pid}/status").read_text()
+            return any(line.startswith("State:") and line.split()[1] in ("t", "T")
+                       for line in status.splitlines())
+
+        assert wait_until(stopped, timeout=20), "daemon did not stop at its last unlink"
+        assert not is_mounted(mp)
+        leftovers = _scan(pid, needles)
+        assert leftovers == {}, f"key material in memory at exit: {leftovers}"
+    finally:
+        tracer.kill()
+        tracer.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
