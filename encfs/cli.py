@@ -371,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         "address and root token, and run until SIGTERM/SIGINT. Everything is in memory.",
     )
     p.add_argument("--listen", default="127.0.0.1:8200", metavar="HOST:PORT")
+    p.add_argument(
+        "--root-token-file",
+        type=Path,
+        metavar="FILE",
+        help="use the root token in FILE, or write a fresh one there (mode 0600) if it does "
+        "not exist; for scripts that must administer the dev server",
+    )
     p = vsub.add_parser(
         "serve",
         help="persistent single-host OpenBao (Raft storage, TLS, auto-unseal from DATA)",
@@ -849,6 +856,21 @@ def _print_status(r: dict[str, Any]) -> None:
     print(f"  daemon       pid {r.get('pid')}, RSS {int(rss) // 1024 if rss else '?'} KiB")
 
 
+def _dev_root_token(path: Path) -> str:
+    """The dev server's root token from ``path``, made (0600) when the file is missing."""
+    import secrets
+
+    from encfs.vault import read_token
+
+    if path.exists():
+        return read_token(VaultSettings(token_file=path))
+    token = "dev-" + secrets.token_urlsafe(18)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
 def _as_exit_code(code: int) -> ExitCode:
     return ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.FAILURE
 
@@ -857,7 +879,10 @@ def cmd_vault(args: argparse.Namespace) -> ExitCode:
     from encfs.vault import server
 
     if args.vault_command == "dev":
-        return _as_exit_code(server.main_dev(args.listen))
+        root_token: str | None = None
+        if args.root_token_file is not None:
+            root_token = _dev_root_token(args.root_token_file)
+        return _as_exit_code(server.main_dev(args.listen, root_token))
     if args.vault_command == "serve":
         return _as_exit_code(server.main_serve(args.data, args.listen, args.cluster_listen))
     return _as_exit_code(

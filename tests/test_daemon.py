@@ -397,13 +397,15 @@ def _key_material(live: Live, root_token: str) -> dict[str, bytes]:
         crypto.hkdf_into(volume_key, salt=volume_id, info=b"encfs/v1/" + purpose.encode(),
                          out=buf)
         out[purpose] = bytes(buf)
-    backing = max((p for p in live.vol.cipher_dir.rglob("*")
-                   if p.is_file() and p.stat().st_size > fmt.FILE_HEADER_LEN),
-                  key=lambda p: p.stat().st_size)
-    file_id = fmt.parse_file_header(backing.read_bytes()[: fmt.FILE_HEADER_LEN])
-    buf = bytearray(32)
-    crypto.hkdf_into(out["content"], salt=None, info=b"encfs/v1/file" + file_id, out=buf)
-    out["file"] = bytes(buf)
+    contents = [p for p in live.vol.cipher_dir.rglob("*")
+                if p.is_file() and not p.name.startswith((".encfs", "encfs.volume"))
+                and p.stat().st_size > fmt.FILE_HEADER_LEN]
+    assert contents
+    for i, backing in enumerate(contents):  # every file's own key
+        file_id = fmt.parse_file_header(backing.read_bytes()[: fmt.FILE_HEADER_LEN])
+        buf = bytearray(32)
+        crypto.hkdf_into(out["content"], salt=None, info=b"encfs/v1/file" + file_id, out=buf)
+        out[f"file{i}"] = bytes(buf)
     return out
 
 
@@ -446,6 +448,11 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
     for i in range(20):
         (mp / "d" / f"file{i}").write_bytes(os.urandom(50_000))
         (mp / "d" / f"file{i}").read_bytes()
+    os.symlink("a target", mp / "d" / "link")  # the names and meta keys at work, too
+    os.setxattr(mp / "d" / "file1", "user.note", b"small value")
+    assert os.readlink(mp / "d" / "link") == "a target"
+    assert os.getxattr(mp / "d" / "file1", "user.note") == b"small value"
+    (mp / "d" / "tiny").write_bytes(b"short block")
     with open(mp / "d" / "file0", "r+b") as f:
         m = mmap.mmap(f.fileno(), 0)
         m[:10] = b"0123456789"
@@ -480,10 +487,17 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
 
         def stopped() -> bool:
             status = Path(f"/proc/{pid}/status").read_text()
-            return any(line.startswith("State:") and line.split()[1] in ("t", "T")
+            return any(line.startswith("State:") and line.split()[1] == "T"
                        for line in status.splitlines())
 
-        assert wait_until(stopped, timeout=20), "daemon did not stop at its last unlink"
+        # Traced, the daemon passes through 't' at every syscall: wait for the unlink to
+        # have happened, detach strace, and expect the group stop (T) the SIGSTOP left.
+        assert wait_until(lambda: not runtime_file(mp).exists(), timeout=20), (
+            "daemon did not reach its last unlink")
+        time.sleep(0.2)
+        tracer.kill()
+        tracer.wait()
+        assert wait_until(stopped, timeout=10), "daemon is not stopped at its last unlink"
         assert not is_mounted(mp)
         leftovers = _scan(pid, needles)
         assert leftovers == {}, f"key material in memory at exit: {leftovers}"
