@@ -58,6 +58,12 @@ class AuditLog:
         self._warned = False
         self._host = socket.gethostname()
 
+    @property
+    def context(self) -> dict[str, Any]:
+        """A copy of the fields carried by every event."""
+        with self._lock:
+            return dict(self._context)
+
     def bind(self, **context: Any) -> None:
         """Add or replace fields carried by every later event."""
         with self._lock:

@@ -214,6 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read CIPHERDIR, MOUNTPOINT and options from a volume config file "
+        "(/etc/encfs/NAME.conf: KEY=VALUE lines, see README); later options override it",
+    )
+    p.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="crypto-erased scratch volume: a fresh random key made now, held only in "
+        "locked memory, never written or sent anywhere. Unmount, crash or reboot make the "
+        "data unreadable for good; the next --ephemeral mount removes the old ciphertext "
+        "and starts empty. With --vault, the mount also watches the host's access to that "
+        "key and erases itself (unmounts) when it is revoked",
+    )
+    p.add_argument(
         "-f",
         "--foreground",
         action="store_true",
@@ -565,6 +580,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         ),
         debug=args.verbose >= 3,
         audit=_audit_settings(args),
+        ephemeral=args.ephemeral,
         check_interval=args.check_interval,
         offline_grace=args.offline_grace,
         on_revoke=args.on_revoke,
@@ -898,9 +914,98 @@ def cmd_vault(args: argparse.Namespace) -> ExitCode:
     )
 
 
+# KEY=VALUE settings of one volume (/etc/encfs/NAME.conf) -> `encfs mount` arguments.
+CONFIG_KEYS: dict[str, str] = {
+    "CIPHER_DIR": "",  # positional
+    "MOUNTPOINT": "",  # positional
+    "VAULT": "--vault",
+    "OPTIONS": "-o",
+    "TOKEN_FILE": "--token-file",
+    "CA_FILE": "--ca-file",
+    "CLIENT_CERT": "--client-cert",
+    "CLIENT_KEY": "--client-key",
+    "VAULT_TIMEOUT": "--vault-timeout",
+    "KEY_RELEASE": "--key-release",
+    "CHECK_INTERVAL": "--check-interval",
+    "OFFLINE_GRACE": "--offline-grace",
+    "ON_REVOKE": "--on-revoke",
+    "SUSPENDED_ERRNO": "--suspended-errno",
+    "AUDIT_LOG": "--audit-log",
+    "LOG_FILE": "--log-file",
+    "EPHEMERAL": "--ephemeral",
+}
+
+
+class ConfigError(Exception):
+    """A volume config file is unreadable or invalid; the message names file and line."""
+
+
+def read_config(path: Path) -> list[str]:
+    """``encfs mount`` arguments from a volume config file (format in README, "Run it as a
+    service"): ``KEY=VALUE`` lines, ``#`` comments, optional double quotes, the same file
+    systemd can read as an ``EnvironmentFile=``. Raises ``ConfigError``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    values: dict[str, str] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ConfigError(f"{path} line {lineno}: expected KEY=VALUE, got {raw.strip()!r}")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        if key not in CONFIG_KEYS:
+            raise ConfigError(
+                f"{path} line {lineno}: unknown key {key!r} (known: {', '.join(CONFIG_KEYS)})"
+            )
+        if key in values:
+            raise ConfigError(f"{path} line {lineno}: {key} is set twice")
+        values[key] = value
+    for required in ("CIPHER_DIR", "MOUNTPOINT"):
+        if not values.get(required):
+            raise ConfigError(f"{path}: {required} is required")
+    out = [values.pop("CIPHER_DIR"), values.pop("MOUNTPOINT")]
+    ephemeral = values.pop("EPHEMERAL", "no").lower()
+    if ephemeral in ("yes", "true", "1"):
+        out.append("--ephemeral")
+    elif ephemeral not in ("no", "false", "0", ""):
+        raise ConfigError(f"{path}: EPHEMERAL must be yes or no, not {ephemeral!r}")
+    for key, value in values.items():
+        if value:
+            out += [CONFIG_KEYS[key], value]
+    return out
+
+
+def _expand_config(argv: list[str]) -> list[str]:
+    """``mount --config FILE [more]`` -> ``mount <settings from FILE> [more]``."""
+    argv = [
+        part
+        for arg in argv
+        for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])
+    ]
+    if "--config" not in argv or "mount" not in argv:
+        return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise ConfigError("--config needs a file")
+    m = argv.index("mount")
+    rest = argv[:i] + argv[i + 2 :]
+    return rest[: m + 1] + read_config(Path(argv[i + 1])) + rest[m + 1 :]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    try:
+        argv = _expand_config(argv)
+    except ConfigError as exc:
+        print(f"encfs: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:

@@ -44,7 +44,8 @@ from typing import Any
 import psutil
 import setproctitle
 
-from encfs import volume
+from encfs import format as fmt
+from encfs import sdnotify, volume
 from encfs.audit import AuditLog, AuditSettings
 from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
 from encfs.fs import EncfsFUSE, EncfsOperations, FsOptions
@@ -78,6 +79,9 @@ class MountConfig:
     """Seconds to keep serving while the vault cannot be reached (0: suspend at once)."""
     on_revoke: str = "suspend"
     """``suspend`` (wait for access to come back) or ``unmount`` (unmount and exit 23)."""
+    ephemeral: bool = False
+    """A crypto-erased scratch volume: a fresh random key, never stored (``vault_url``, if
+    given, is only watched: revocation of the host's access erases the volume)."""
 
 
 def runtime_file(mountpoint: Path) -> Path:
@@ -155,6 +159,7 @@ class MountState:
             self.name, self.reason, self.since = name, reason, time.time()
         suffix = f": {reason}" if reason else ""
         setproctitle.setproctitle(f"encfs {self._mountpoint} [{name}{suffix}]")
+        sdnotify.notify(status=f"{name}{suffix}"[:400])
         return True
 
     def checked(self, *, reachable: bool, error: str = "") -> None:
@@ -188,7 +193,9 @@ class Daemon:
         self.ops: EncfsOperations | None = None
         self.started = time.time()
         self.revoked_unmount: str = ""
+        self.volume_id = ""
         self._transition = threading.Lock()
+        self._stopping = threading.Event()
         self.state: MountState | None = None
         self.header: volume.HeaderFile | None = None
 
@@ -212,31 +219,43 @@ class Daemon:
         cfg = self.config
         harden_process()
         self._check_mountpoint()
-        hf = volume.read_header(cfg.cipher_dir)
-        self.header = hf
-        url = cfg.vault_url or hf.header.vault_url
-        audit = AuditLog(
-            cfg.audit,
-            volume_id=hf.header.volume_id.hex(),
-            cipher_dir=str(cfg.cipher_dir),
-            mountpoint=str(cfg.mountpoint),
-            vault=url,
-            kek_version=hf.header.kek_version,
-        )
-        state = self.state = MountState(cfg.mountpoint, audit)
-        vault = connect(url, cfg.vault)
-        try:
-            keys, renew_in = self._unlock(hf, vault, audit)
-        except BaseException:
-            vault.close()
-            raise
+        if cfg.ephemeral:
+            keys, vault, audit, renew_in = self._start_ephemeral()
+            url = cfg.vault_url or ""
+            block_size = fmt.DEFAULT_BLOCK_SIZE
+            volume_id = audit.context.get("volume_id", "")
+            kek_version = 0
+        else:
+            hf = volume.read_header(cfg.cipher_dir)
+            self.header = hf
+            url = cfg.vault_url or hf.header.vault_url
+            volume_id, kek_version = hf.header.volume_id.hex(), hf.header.kek_version
+            audit = AuditLog(
+                cfg.audit,
+                volume_id=volume_id,
+                cipher_dir=str(cfg.cipher_dir),
+                mountpoint=str(cfg.mountpoint),
+                vault=url,
+                kek_version=kek_version,
+            )
+            self.state = MountState(cfg.mountpoint, audit)
+            vault = connect(url, cfg.vault)
+            try:
+                keys, renew_in = self._unlock(hf, vault, audit)
+            except BaseException:
+                vault.close()
+                raise
+            block_size = hf.header.block_size
+        state = self.state
+        assert state is not None
+        self.volume_id = volume_id
         self.keys = keys
         if not keys.memory_lock.mlocked:
             log.warning("key memory is not locked: %s", keys.memory_lock.detail)
         ops = self.ops = EncfsOperations(
             str(cfg.cipher_dir),
             keys,
-            hf.header.block_size,
+            block_size,
             cfg.fs,
             on_init=lambda: self._announce_ready(on_ready),
         )
@@ -254,18 +273,22 @@ class Daemon:
         if cfg.debug:
             options["debug"] = True
         log.info(
-            "mounting %s on %s (volume %s, KEK version %d)",
+            "mounting %s on %s (%svolume %s, KEK version %d)",
             cfg.cipher_dir,
             cfg.mountpoint,
-            hf.header.volume_id.hex(),
-            hf.header.kek_version,
+            "ephemeral " if cfg.ephemeral else "",
+            volume_id,
+            kek_version,
         )
         state.set("active")
         watcher = KeyWatcher(self, vault, url, audit, renew_in)
         status = StatusServer(status_socket(cfg.mountpoint), self.status)
+        health = threading.Thread(target=self._feed_watchdog, name="encfs-watchdog", daemon=True)
         try:
             watcher.start()
             status.start()
+            if sdnotify.watchdog_interval() is not None:
+                health.start()
             EncfsFUSE(ops, str(cfg.mountpoint), **options)
         except RuntimeError as exc:
             # fuse_main answers 8 when its loop ended on SIGTERM/SIGINT/SIGHUP (libfuse's
@@ -275,14 +298,17 @@ class Daemon:
                 raise
             log.info("stopped by signal")
         finally:
+            sdnotify.notify(stopping=1)
             state.set("stopping")
+            self._stopping.set()
             watcher.stop()
             status.stop()
             ops.aliases.stop()
             with self._transition:
                 keys.close()
             self.keys = None
-            watcher.vault.close()
+            if watcher.vault is not None:
+                watcher.vault.close()
             self._remove_runtime_file()
             audit.event("unmount", forced_by_revocation=bool(self.revoked_unmount) or None)
             log.info("unmounted %s; keys wiped", cfg.mountpoint)
@@ -291,6 +317,36 @@ class Daemon:
                 f"unmounted {cfg.mountpoint} because the vault revoked access: "
                 f"{self.revoked_unmount}"
             )
+
+    def _start_ephemeral(
+        self,
+    ) -> tuple[VolumeKeys, KeyWrapper | None, AuditLog, float | None]:
+        """A fresh ephemeral volume (``volume.start_ephemeral``); with a vault URL, first
+        check that the host may still use that key (the mount then watches it)."""
+        cfg = self.config
+        audit = AuditLog(
+            cfg.audit,
+            cipher_dir=str(cfg.cipher_dir),
+            mountpoint=str(cfg.mountpoint),
+            vault=cfg.vault_url,
+            ephemeral=True,
+        )
+        self.state = MountState(cfg.mountpoint, audit)
+        vault: KeyWrapper | None = None
+        renew_in: float | None = None
+        if cfg.vault_url:
+            vault = connect(cfg.vault_url, cfg.vault)
+            try:
+                retry_unavailable(vault.key_status, bound=cfg.vault.timeout)
+            except VaultError as exc:
+                vault.close()
+                audit.error("mount", exc)
+                raise
+            renew_in = self.note_identity(vault, audit, warn=True)
+        volume_id, keys = volume.start_ephemeral(cfg.cipher_dir)
+        audit.bind(volume_id=volume_id.hex())
+        audit.event("mount", read_only=cfg.read_only)
+        return keys, vault, audit, renew_in
 
     def _unlock(
         self, hf: volume.HeaderFile, vault: KeyWrapper, audit: AuditLog
@@ -355,6 +411,7 @@ class Daemon:
                 return
             self._write_runtime_file()
             log.info("mount live at %s", self.config.mountpoint)
+            sdnotify.notify(ready=1, status=f"active: {self.config.mountpoint} mounted")
             if on_ready is not None:
                 on_ready()
 
@@ -383,6 +440,21 @@ class Daemon:
         with contextlib.suppress(OSError):
             runtime_file(self.config.mountpoint).unlink(missing_ok=True)
 
+    def _feed_watchdog(self) -> None:
+        """Tell systemd we are healthy every half ``WatchdogSec=``: only while the mount
+        answers a stat (any answer, EACCES when suspended included; a wedged FUSE loop
+        blocks this thread, the pings stop, and systemd restarts the service)."""
+        interval = sdnotify.watchdog_interval() or 10.0
+        while not self._stopping.wait(interval):
+            try:
+                os.stat(self.config.mountpoint)
+            except PermissionError:
+                pass  # suspended: refusing is the healthy answer
+            except OSError as exc:
+                log.error("mount does not answer (%s); not feeding the watchdog", exc)
+                continue
+            sdnotify.notify(watchdog=1)
+
     # --- suspend and resume (called by the watcher) -------------------------------------------
 
     def suspend(self, reason: str, audit: AuditLog, *, revoked: bool) -> None:
@@ -406,7 +478,11 @@ class Daemon:
             self.config.fs.suspended_errno,
         )
         audit.event("suspend", result="ok", reason=reason, revoked=revoked)
-        if revoked and self.config.on_revoke == "unmount":
+        if self.config.ephemeral:
+            log.error("ephemeral volume erased: its key is gone for good; unmounting")
+            self.revoked_unmount = reason
+            self._unmount()
+        elif revoked and self.config.on_revoke == "unmount":
             self.revoked_unmount = reason
             self._unmount()
 
@@ -468,6 +544,10 @@ class Daemon:
             out["vault"] = cfg.vault_url or hf.header.vault_url
             out["key_name"] = out["vault"].rstrip("/").rsplit("/", 1)[-1]
             out["kek_version"] = hf.header.kek_version
+        out["ephemeral"] = cfg.ephemeral
+        if cfg.ephemeral and self.state is not None:
+            out["volume_id"] = self.volume_id
+            out["vault"] = cfg.vault_url
         out["check_interval"] = cfg.check_interval
         out["offline_grace"] = cfg.offline_grace
         out["on_revoke"] = cfg.on_revoke
@@ -492,7 +572,12 @@ class KeyWatcher:
     docstring). One thread; every transition is logged once, not at every poll."""
 
     def __init__(
-        self, daemon: Daemon, vault: KeyWrapper, url: str, audit: AuditLog, renew_in: float | None
+        self,
+        daemon: Daemon,
+        vault: KeyWrapper | None,
+        url: str,
+        audit: AuditLog,
+        renew_in: float | None,
     ) -> None:
         self.daemon = daemon
         self.vault = vault
@@ -506,7 +591,8 @@ class KeyWatcher:
         self._last_error_kind = ""
 
     def start(self) -> None:
-        self._thread.start()
+        if self.vault is not None:  # an ephemeral volume without a vault watches nothing
+            self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -532,6 +618,7 @@ class KeyWatcher:
                 next_check = time.monotonic() + cfg.check_interval
 
     def _renew(self) -> None:
+        assert self.vault is not None
         try:
             delay = self.vault.renew_identity()
         except VaultError as exc:
@@ -546,6 +633,15 @@ class KeyWatcher:
 
     def _check(self) -> None:
         daemon = self.daemon
+        assert self.vault is not None
+        if daemon.config.ephemeral:  # no wrapped key: may the host still use the KEK?
+            try:
+                self.vault.key_status()
+            except VaultError as exc:
+                self._failed(exc, "key_status")
+                return
+            self._succeeded()
+            return
         ops = daemon.ops
         if ops is not None and ops.suspended:
             self._reconnect()  # a replaced token file or fixed policy counts from now
@@ -573,6 +669,7 @@ class KeyWatcher:
         self._succeeded()
 
     def _note_identity(self) -> None:
+        assert self.vault is not None
         renew_in = self.daemon.note_identity(self.vault, self._audit, warn=False)
         self._next_renew = time.monotonic() + renew_in if renew_in is not None else math.inf
 
@@ -582,7 +679,8 @@ class KeyWatcher:
         except VaultError as exc:
             log.debug("cannot reconnect to the vault: %s", exc)
             return
-        self.vault.close()
+        if self.vault is not None:
+            self.vault.close()
         self.vault = fresh
 
     def _succeeded(self) -> None:

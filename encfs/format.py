@@ -17,6 +17,8 @@ VOLUME_HEADER_NAME = "encfs.volume"
 VOLUME_HEADER_TMP = "encfs.volume.tmp"
 """Temporary name used while a new header is written (then renamed over the old one)."""
 VOLUME_HEADER_PREV = "encfs.volume.prev"
+EPHEMERAL_MARKER_NAME = "encfs.ephemeral"
+"""Marks a cipher dir as an ephemeral (crypto-erased) volume: plain text, no key, no header."""
 """The previous header, kept until its replacement is durable."""
 
 VOLUME_MAGIC = b"ENCFSVOL"

@@ -9,6 +9,7 @@ finds no ``encfs.volume`` but a ``.prev`` (a crash between steps) falls back to 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -190,3 +191,61 @@ def rotate(cipher_dir: Path, vault: KeyWrapper) -> Rotation:
     finally:
         keys.close()
     return Rotation(old.kek_version, new_version, changed=True, header=new)
+
+
+EPHEMERAL_MARKER_TEXT = (
+    "encfs ephemeral volume: its key lived only in the memory of the daemon that mounted it\n"
+    "and is gone; nothing here can be decrypted. The next `encfs mount --ephemeral` of this\n"
+    "directory removes it all.\n"
+)
+
+
+def start_ephemeral(
+    cipher_dir: Path, *, block_size: int = fmt.DEFAULT_BLOCK_SIZE
+) -> tuple[bytes, VolumeKeys]:
+    """Prepare ``cipher_dir`` for a fresh ephemeral volume and make its keys.
+
+    The volume key comes from the OS CSPRNG straight into the key arena and is never
+    written anywhere. The directory must be empty (created if missing) or hold an earlier
+    ephemeral volume (``encfs.ephemeral``), whose undecryptable ciphertext is removed.
+    Refuses (``VolumeExists``) a directory holding a persistent volume or anything else.
+    Returns (volume id, keys).
+    """
+    if cipher_dir.exists() and not cipher_dir.is_dir():
+        raise VolumeExists(f"{cipher_dir} exists and is not a directory")
+    cipher_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    marker = cipher_dir / fmt.EPHEMERAL_MARKER_NAME
+    if header_path(cipher_dir).exists() or (cipher_dir / fmt.VOLUME_HEADER_PREV).exists():
+        raise VolumeExists(
+            f"{cipher_dir} holds a persistent encfs volume; refusing to erase it for an "
+            "ephemeral mount (use an empty directory)"
+        )
+    entries = list(cipher_dir.iterdir())
+    if entries and not marker.exists():
+        raise VolumeExists(
+            f"{cipher_dir} is not empty and is not an ephemeral encfs volume; refusing to "
+            "erase it (use an empty directory)"
+        )
+    for entry in entries:
+        if entry.name == fmt.EPHEMERAL_MARKER_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, EPHEMERAL_MARKER_TEXT.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    names.write_dirid(str(cipher_dir))
+    fsync_dir(cipher_dir)
+    volume_id = crypto.random_bytes(fmt.VOLUME_ID_LEN)
+    volume_key = bytearray(fmt.VOLUME_KEY_LEN)
+    try:
+        crypto.random_key_into(volume_key)
+        keys = VolumeKeys(volume_key, volume_id=volume_id, block_size=block_size)
+    finally:
+        volume_key[:] = bytes(len(volume_key))
+    return volume_id, keys

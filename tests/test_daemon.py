@@ -506,3 +506,110 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
         tracer.wait()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_kmip_volume_end_to_end_and_revocation(tmp_path: Path) -> None:
+    """A volume whose KEK is a KMIP key: init, mount, rotate (re-wrap) through the CLI over
+    mutual TLS; revoking the key in the KMIP server suspends the mount within the bound."""
+    from tests.kmip import PyKMIPServer
+
+    with PyKMIPServer() as kmip:
+        uid = kmip.create_key()
+        creds = ["--ca-file", str(kmip.ca_file), "--client-cert", str(kmip.client_cert),
+                 "--client-key", str(kmip.client_key)]
+        env = {"PATH": os.environ["PATH"]}
+        vol = Volume(tmp_path / "c", tmp_path / "p", kmip.url_for(uid), env,
+                     audit_log=tmp_path / "audit")
+        vol.mountpoint.mkdir()
+        encfs("init", vol.cipher_dir, "--vault", vol.vault_url, *creds, env=env, check=True)
+        info = json.loads(encfs("info", vol.cipher_dir, "--json", check=True).stdout)
+        assert info["wrapped_key"].startswith("kmip:v1:")
+        proc = encfs("rotate", vol.cipher_dir, *creds, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(encfs("info", vol.cipher_dir, "--json").stdout)["wrapped_key"] != (
+            info["wrapped_key"])
+        vol.mount(*creds, "--check-interval", str(INTERVAL))
+        live = Live(vol, OpenBao.__new__(OpenBao), uid, tmp_path / "unused", "")
+        try:
+            witness = Witness(vol.mountpoint / "f")
+            try:
+                assert live.status()["token"]["client_cert_subject"]  # type: ignore[index]
+                t0 = time.monotonic()
+                kmip.revoke(uid)
+                live.wait_state("suspended")
+                assert time.monotonic() - t0 <= BOUND + 0.5
+                assert "VaultKeyDisabled" in str(live.status()["reason"])
+                witness.assert_unreadable()
+            finally:
+                witness.close()
+        finally:
+            force_unmount(vol.mountpoint)
+        # A revoked KMIP key cannot unwrap again: mount refuses with its own code.
+        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, *creds, env=env)
+        assert proc.returncode == ExitCode.VAULT_KEY_DISABLED, proc.stderr
+
+
+@pytest.mark.systemd
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_sd_notify_ready_status_watchdog_stopping(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
+                                                 transit_key: TransitKey, tmp_path: Path,
+                                                 abstract: bool) -> None:
+    """A fake systemd: a datagram socket in NOTIFY_SOCKET receives what a real daemon says
+    over a real mount — READY=1 only once the mount answers, STATUS= on every state change,
+    WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM."""
+    import socket
+
+    vol: Volume = make_volume(mount=False)
+    name = f"encfs-test-{os.getpid()}-{time.monotonic_ns()}"
+    addr = "\0" + name if abstract else str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(addr)
+    receiver.settimeout(0.2)
+    messages: list[tuple[float, dict[str, str]]] = []
+    stop = threading.Event()
+
+    def receive() -> None:
+        while not stop.is_set():
+            try:
+                data = receiver.recv(4096).decode()
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+            messages.append((time.monotonic(), fields))
+
+    def said(key: str, value: str | None = None) -> list[dict[str, str]]:
+        return [f for _, f in messages if key in f and (value is None or value in f[key])]
+
+    listener = threading.Thread(target=receive)
+    listener.start()
+    env = {**vol.env, "NOTIFY_SOCKET": "@" + name if abstract else addr,
+           "WATCHDOG_USEC": "1000000", "ENCFS_AUDIT_LOG": "none"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "encfs", "mount", "--foreground", str(vol.cipher_dir),
+         str(vol.mountpoint), "--check-interval", str(INTERVAL)],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert wait_until(lambda: said("READY", "1"), timeout=20), messages
+        assert is_mounted(vol.mountpoint)  # READY=1 comes only once the mount answers
+        assert said("STATUS", "active")
+        openbao.soft_delete_key(transit_key.name)
+        assert wait_until(lambda: said("STATUS", "suspended"), timeout=BOUND + 2), messages
+        openbao.restore_key(transit_key.name)
+        n_active = len(said("STATUS", "active"))
+        assert wait_until(lambda: len(said("STATUS", "active")) > n_active, timeout=BOUND + 2)
+        pings = [t for t, f in messages if f.get("WATCHDOG") == "1"]
+        assert len(pings) >= 3, messages  # every 0.5 s, suspended or not
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert said("STOPPING", "1")
+        assert not is_mounted(vol.mountpoint)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(Exception):
+            openbao.restore_key(transit_key.name)
+        stop.set()
+        listener.join()
+        receiver.close()

@@ -61,7 +61,7 @@ from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from encfs import errors
+from encfs import errors, sdnotify
 from encfs.vault import is_loopback
 
 __all__ = [
@@ -263,18 +263,6 @@ class _SignalForwarder:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-
-
-def _sd_notify(message: str) -> None:
-    """Send ``message`` to systemd's ``NOTIFY_SOCKET`` if there is one; best effort."""
-    addr = os.environ.get("NOTIFY_SOCKET", "")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(message.encode())
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -1049,7 +1037,7 @@ def main_serve(
                     f"transit at {DEFAULT_MOUNT}/)",
                     flush=True,
                 )
-                _sd_notify(f"READY=1\nSTATUS=ready at {server.addr}\n")
+                sdnotify.notify(ready=1, status=f"ready at {server.addr}")
             else:
                 print(
                     f"encfs-vault: OpenBao at {server.addr} is SEALED: no unseal key in "
@@ -1057,10 +1045,10 @@ def main_serve(
                     f"  BAO_ADDR={server.addr} BAO_CACERT={paths.ca_file} bao operator unseal",
                     flush=True,
                 )
-                _sd_notify(f"READY=1\nSTATUS=sealed at {server.addr}: waiting for unseal\n")
+                sdnotify.notify(ready=1, status=f"sealed at {server.addr}: waiting for unseal")
             return _wait_forwarding(server.proc, fwd)
         finally:
-            _sd_notify("STOPPING=1\n")
+            sdnotify.notify(stopping=1)
             server.stop()
 
 
