@@ -306,3 +306,50 @@ def test_token_is_renewed_while_mounted_and_audited(make_volume, openbao: OpenBa
         assert e["result"] == "ok"
     raw = vol.audit_log.read_text() if vol.audit_log else ""
     assert token not in raw and openbao.root_token not in raw
+
+
+# --- volume config files (/etc/encfs/NAME.conf) ---------------------------------------------------
+
+
+def test_mount_from_a_config_file(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    vol: Volume = make_volume(mount=False)
+    conf = tmp_path / "data.conf"
+    conf.write_text(f"""# encfs volume "data"
+CIPHER_DIR={vol.cipher_dir}
+MOUNTPOINT="{vol.mountpoint}"
+CHECK_INTERVAL=2
+OFFLINE_GRACE=60
+ON_REVOKE=suspend
+AUDIT_LOG={tmp_path / "conf.audit"}
+
+OPTIONS=default_permissions
+""")
+    proc = encfs("mount", "--config", conf, env=vol.env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)
+        assert status["check_interval"] == 2 and status["offline_grace"] == 60
+        assert (tmp_path / "conf.audit").exists()
+    finally:
+        vol.unmount()
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("CIPHER_DIR=/a\nMOUNTPOINT=/b\nCHECK_INTERVALL=5\n",
+         "line 3: unknown key 'CHECK_INTERVALL'"),
+        ("CIPHER_DIR=/a\n", "MOUNTPOINT is required"),
+        ("CIPHER_DIR=/a\nMOUNTPOINT=/b\nEPHEMERAL=maybe\n", "EPHEMERAL must be yes or no"),
+        ("CIPHER_DIR=/a\nMOUNTPOINT=/b\nthis is not a setting\n", "line 3: expected KEY=VALUE"),
+        ("CIPHER_DIR=/a\nCIPHER_DIR=/b\nMOUNTPOINT=/b\n", "line 2: CIPHER_DIR is set twice"),
+    ],
+)
+def test_config_file_errors_name_the_line(tmp_path: Path, text: str, complaint: str) -> None:
+    conf = tmp_path / "bad.conf"
+    conf.write_text(text)
+    proc = encfs("mount", "--config", conf)
+    assert proc.returncode == ExitCode.USAGE
+    assert complaint in proc.stderr and str(conf) in proc.stderr
+    proc = encfs("mount", "--config", tmp_path / "missing.conf")
+    assert proc.returncode == ExitCode.USAGE and "cannot read config" in proc.stderr

@@ -613,3 +613,99 @@ def test_sd_notify_ready_status_watchdog_stopping(make_volume, openbao: OpenBao,
         stop.set()
         listener.join()
         receiver.close()
+
+
+# --- ephemeral (crypto-erased) volumes -----------------------------------------------------------
+
+
+def _ephemeral_env() -> dict[str, str]:
+    return {"PATH": os.environ["PATH"], "ENCFS_AUDIT_LOG": "none"}
+
+
+def test_ephemeral_volume_is_crypto_erased(tmp_path: Path) -> None:
+    cipher, mp = tmp_path / "scratch-cipher", tmp_path / "scratch"
+    mp.mkdir()
+    env = _ephemeral_env()
+    proc = encfs("mount", "--ephemeral", cipher, mp, env=env)  # no vault, no token at all
+    assert proc.returncode == 0, proc.stderr
+    try:
+        secret = b"ephemeral scratch data " * 500
+        (mp / "job").mkdir()
+        (mp / "job" / "out.bin").write_bytes(secret)
+        assert (mp / "job" / "out.bin").read_bytes() == secret
+        pid = json.loads(encfs("status", mp, "--json", check=True).stdout)["pid"]
+        assert json.loads(encfs("status", mp, "--json").stdout)["ephemeral"] is True
+        names = sorted(p.name for p in cipher.iterdir())
+        assert "encfs.volume" not in names and "encfs.ephemeral" in names
+        raw = b"".join(p.read_bytes() for p in cipher.rglob("*") if p.is_file())
+        assert secret[:64] not in raw and b"out.bin" not in raw
+    finally:
+        assert encfs("unmount", mp).returncode == 0
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+    # What survives: ciphertext, the marker and nothing that could unlock it.
+    left = [p for p in cipher.rglob("*") if p.is_file()]
+    assert len(left) >= 3
+    assert not any(p.name.startswith("encfs.volume") for p in left)
+    assert encfs("mount", cipher, mp, env=env).returncode == ExitCode.NO_VOLUME
+    assert encfs("fsck", cipher, env=env).returncode == ExitCode.NO_VOLUME
+    assert "cannot be decrypted" in (cipher / "encfs.ephemeral").read_text() or (
+        "nothing here can be decrypted" in (cipher / "encfs.ephemeral").read_text())
+    # The next ephemeral mount starts empty and removes the old ciphertext.
+    old = {p.name for p in cipher.rglob("*")}
+    assert encfs("mount", "--ephemeral", cipher, mp, env=env).returncode == 0
+    try:
+        assert os.listdir(mp) == []
+        now = {p.name for p in cipher.rglob("*")}
+        assert now == {"encfs.ephemeral", ".encfs.dirid"}
+        assert not (old - {"encfs.ephemeral", ".encfs.dirid"}) & now
+    finally:
+        assert encfs("unmount", mp).returncode == 0
+
+
+def test_ephemeral_refuses_to_erase_anything_else(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    vol: Volume = make_volume()
+    (vol.mountpoint / "keep").write_text("precious")
+    vol.unmount()
+    header = (vol.cipher_dir / "encfs.volume").read_bytes()
+    proc = encfs("mount", "--ephemeral", vol.cipher_dir, vol.mountpoint, env=_ephemeral_env())
+    assert proc.returncode == ExitCode.VOLUME_EXISTS
+    assert "persistent encfs volume" in proc.stderr
+    assert (vol.cipher_dir / "encfs.volume").read_bytes() == header
+    vol.mount()
+    assert (vol.mountpoint / "keep").read_text() == "precious"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not encfs")
+    (tmp_path / "elsewhere").mkdir()
+    proc = encfs("mount", "--ephemeral", foreign, tmp_path / "elsewhere", env=_ephemeral_env())
+    assert proc.returncode == ExitCode.VOLUME_EXISTS
+    assert (foreign / "notes.txt").read_text() == "not encfs"
+
+
+def test_ephemeral_volume_erases_itself_when_the_vault_revokes(
+    tmp_path: Path, openbao: OpenBao, transit_key: TransitKey,
+) -> None:
+    cipher, mp = tmp_path / "c", tmp_path / "p"
+    mp.mkdir()
+    env = {**transit_key.env, "ENCFS_AUDIT_LOG": "none"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "encfs", "mount", "--foreground", "--ephemeral", str(cipher),
+         str(mp), "--vault", transit_key.url, "--check-interval", str(INTERVAL)],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert wait_until(lambda: is_mounted(mp), timeout=20)
+        (mp / "f").write_bytes(b"scratch")
+        openbao.soft_delete_key(transit_key.name)
+        t0 = time.monotonic()
+        assert proc.wait(timeout=BOUND + 10) == ExitCode.REVOKED
+        assert time.monotonic() - t0 <= BOUND + 1
+        assert not is_mounted(mp)
+        assert proc.stderr is not None and "erased" in proc.stderr.read()
+    finally:
+        with contextlib.suppress(Exception):
+            openbao.restore_key(transit_key.name)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        force_unmount(mp)

@@ -285,10 +285,16 @@ class TransitClient:
 
     def key_status(self) -> dict[str, Any]:
         """The key's metadata (``latest_version``, ``min_decryption_version``,
-        ``soft_deleted`` on OpenBao, ``deletion_allowed``, ...); never key material."""
+        ``deletion_allowed``, ...); never key material. A soft-deleted key (OpenBao) raises
+        ``VaultKeyDisabled``, like any use of it would."""
         path = f"/v1/{self._url.mount}/keys/{self._url.key_name}"
         data = self._call("GET", path)
         _field(data, "latest_version", int, path)
+        if data.get("soft_deleted"):  # OpenBao still shows a soft-deleted key's metadata
+            raise errors.VaultKeyDisabled(
+                f"vault {self._url.base_url}: key {self._url.key_name!r} in mount "
+                f"{self._url.mount!r} is soft-deleted"
+            )
         return data
 
     def token_lookup_self(self) -> dict[str, Any]:

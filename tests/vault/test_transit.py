@@ -370,7 +370,10 @@ def test_soft_deleted_key(openbao: OpenBao, transit_key: TransitKey) -> None:
                 revoked=True,
                 contains=("refusing to use soft-deleted key",),
             )
-        assert c.key_status()["soft_deleted"] is True  # status still readable: the watcher
+        with pytest.raises(errors.VaultKeyDisabled) as ei:  # the vault still shows the
+            c.key_status()  # metadata with soft_deleted: true; for us it is unusable
+        check_error(ei.value, errors.VaultKeyDisabled, token=transit_key.token, revoked=True,
+                    contains=("is soft-deleted",))
         openbao.restore_key(transit_key.name)
         assert c.key_status()["soft_deleted"] is False
         assert c.unwrap(wrapped) == key
