@@ -370,6 +370,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", type=Path, nargs="?", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    sp = sub.add_parser(
+        "systemd",
+        help="run a volume as a systemd service (encfs@NAME.service)",
+        description="Install a volume as a service: write /etc/encfs/NAME.conf, install the "
+        "host's vault token as /etc/encfs/NAME.token (0600, passed to the daemon as a "
+        "systemd credential), install encfs@.service and encfs-vault.service into "
+        "/etc/systemd/system, daemon-reload and enable encfs@NAME.service. Idempotent.",
+    )
+    ssub = sp.add_subparsers(dest="systemd_command", required=True, metavar="ACTION")
+    p = ssub.add_parser(
+        "install",
+        help="write the config and token, install the units, enable the instance",
+        description="Install NAME as encfs@NAME.service. Options after the paths become "
+        "keys of /etc/encfs/NAME.conf (see README, 'Run it as a service').",
+    )
+    p.add_argument("name", metavar="NAME", help="instance name (letters, digits, -_.)")
+    p.add_argument("--cipher-dir", type=Path, required=True, metavar="DIR")
+    p.add_argument("--mountpoint", type=Path, required=True, metavar="DIR")
+    p.add_argument("--vault", metavar="URL", help="vault URL (default: the volume's own)")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="the host's vault token, copied to /etc/encfs/NAME.token (0600)",
+    )
+    p.add_argument(
+        "--ephemeral", action="store_true", help="a crypto-erased scratch volume (EPHEMERAL=yes)"
+    )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other config key, e.g. --set CHECK_INTERVAL=10 (repeatable)",
+    )
+    p.add_argument("--start", action="store_true", help="also start it now")
+    p.add_argument(
+        "--no-enable", dest="enable", action="store_false", help="do not enable it at boot"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would be done")
+    p.add_argument("--etc-dir", type=Path, default=Path("/etc/encfs"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--unit-dir", type=Path, default=Path("/etc/systemd/system"), help=argparse.SUPPRESS
+    )
+
     vp = sub.add_parser(
         "vault",
         help="run or provision a local OpenBao (for hosts without a vault)",
@@ -887,6 +933,42 @@ def _dev_root_token(path: Path) -> str:
     return token
 
 
+def cmd_systemd(args: argparse.Namespace) -> ExitCode:
+    from encfs import service
+
+    settings: dict[str, str] = {
+        "CIPHER_DIR": str(args.cipher_dir.absolute()),
+        "MOUNTPOINT": str(args.mountpoint.absolute()),
+    }
+    if args.vault:
+        settings["VAULT"] = args.vault
+    if args.ephemeral:
+        settings["EPHEMERAL"] = "yes"
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in CONFIG_KEYS or key in ("CIPHER_DIR", "MOUNTPOINT"):
+            print(
+                f"encfs: error: --set {item!r}: expected KEY=VALUE with KEY one of "
+                f"{', '.join(k for k in CONFIG_KEYS if k not in ('CIPHER_DIR', 'MOUNTPOINT'))}",
+                file=sys.stderr,
+            )
+            return ExitCode.USAGE
+        settings[key] = value
+    plan = service.ServicePlan(
+        name=args.name,
+        settings=settings,
+        token_file=args.token_file,
+        etc_dir=args.etc_dir,
+        unit_dir=args.unit_dir,
+        enable=args.enable,
+        start=args.start,
+    )
+    service.install(plan, dry_run=args.dry_run, say=print)
+    if not args.dry_run:
+        print(f"installed encfs@{args.name}.service; `systemctl status encfs@{args.name}`")
+    return ExitCode.OK
+
+
 def _as_exit_code(code: int) -> ExitCode:
     return ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.FAILURE
 
@@ -1025,6 +1107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "vault":
             return cmd_vault(args)
+        if args.command == "systemd":
+            return cmd_systemd(args)
     except errors.EncfsError as exc:
         print(f"encfs: error: {exc}", file=sys.stderr)
         hint = getattr(exc, "hint", "")
