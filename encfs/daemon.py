@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -93,16 +94,24 @@ def runtime_file(mountpoint: Path) -> Path:
 def is_mountpoint(path: Path) -> bool:
     """Whether ``path`` is a mount point, from /proc/self/mountinfo: ``os.path.ismount``
     stats the path, which a suspended encfs mount refuses (EACCES) — it would say no."""
-    target = os.fsencode(os.path.abspath(path))
     try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                fields = line.split(b" ")
-                if len(fields) > 4 and _unescape_mount_path(fields[4]) == target:
-                    return True
+        return mount_fstype(path) is not None
     except OSError:
         return os.path.ismount(path)
-    return False
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted at ``path`` (``fuse.encfs``, ...), None if none is.
+    Raises ``OSError`` if /proc/self/mountinfo cannot be read."""
+    target = os.fsencode(os.path.abspath(path))
+    fstype: str | None = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if len(fields) > 4 and _unescape_mount_path(fields[4]) == target:
+                sep = fields.index(b"-") if b"-" in fields else -1
+                fstype = fields[sep + 1].decode(errors="replace") if sep > 0 else "?"
+    return fstype  # the last one: mounts stack
 
 
 def _unescape_mount_path(raw: bytes) -> bytes:
@@ -203,12 +212,32 @@ class Daemon:
         from encfs.errors import MountError
 
         mp = self.config.mountpoint
+        if is_mountpoint(mp) and not self._detach_dead_mount(mp):
+            raise MountError(f"{mp} is already a mount point; unmount it first")
         if not mp.is_dir():
             raise MountError(f"mount point {mp} does not exist or is not a directory")
-        if is_mountpoint(mp):
-            raise MountError(f"{mp} is already a mount point; unmount it first")
         if not os.path.exists("/dev/fuse"):
             raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+
+    @staticmethod
+    def _detach_dead_mount(mp: Path) -> bool:
+        """After a crash (kill -9) the kernel keeps the dead encfs mount ("transport endpoint
+        is not connected"): detach it so that a restart (systemd's Restart=) can mount again.
+        Only an encfs mount whose daemon is gone; returns whether it was detached."""
+        try:
+            if mount_fstype(mp) != "fuse.encfs":
+                return False
+            os.statvfs(mp)  # always a request (a stat may come from the attribute cache)
+            return False  # it answers: a live mount, not ours to take
+        except PermissionError:
+            return False  # suspended, but alive
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                return False
+        log.warning("%s: a crashed encfs daemon left its mount behind; detaching it", mp)
+        tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
+        subprocess.run([tool, "-u", "-z", str(mp)], capture_output=True, check=False)
+        return not is_mountpoint(mp)
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Unlock, mount and serve until unmounted. Raises ``EncfsError`` before mounting,
@@ -442,12 +471,12 @@ class Daemon:
 
     def _feed_watchdog(self) -> None:
         """Tell systemd we are healthy every half ``WatchdogSec=``: only while the mount
-        answers a stat (any answer, EACCES when suspended included; a wedged FUSE loop
+        answers a statfs (any answer, EACCES when suspended included; a wedged FUSE loop
         blocks this thread, the pings stop, and systemd restarts the service)."""
         interval = sdnotify.watchdog_interval() or 10.0
         while not self._stopping.wait(interval):
             try:
-                os.stat(self.config.mountpoint)
+                os.statvfs(self.config.mountpoint)  # a real request, never from a cache
             except PermissionError:
                 pass  # suspended: refusing is the healthy answer
             except OSError as exc:

@@ -709,3 +709,28 @@ def test_ephemeral_volume_erases_itself_when_the_vault_revokes(
             proc.kill()
             proc.wait()
         force_unmount(mp)
+
+
+def test_restart_after_kill_9_detaches_the_dead_mount(make_volume) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 leaves the kernel's mount behind (ENOTCONN); the next mount - what systemd's
+    Restart= runs - detaches it and mounts again, and the data is there."""
+    vol: Volume = make_volume()
+    (vol.mountpoint / "f").write_bytes(b"survives a crash")
+    os.kill(vol.daemon_pid(), signal.SIGKILL)
+    assert wait_until(lambda: _enotconn(vol.mountpoint), timeout=10)
+    assert is_mounted(vol.mountpoint)
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, *vol.audit_args(), env=vol.env)
+    assert proc.returncode == 0, proc.stderr
+    assert "crashed encfs daemon left its mount behind" in proc.stderr
+    assert (vol.mountpoint / "f").read_bytes() == b"survives a crash"
+    # A live mount is never taken over.
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, env=vol.env)
+    assert proc.returncode == ExitCode.MOUNT_FAILED and "already a mount point" in proc.stderr
+
+
+def _enotconn(path: Path) -> bool:
+    try:
+        os.statvfs(path)  # always reaches the (dead) daemon; stat may be served from cache
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
