@@ -734,3 +734,46 @@ def _enotconn(path: Path) -> bool:
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
+
+
+def test_vault_stopped_serves_for_the_grace_then_suspends_and_resumes_when_back(
+    tmp_path: Path,
+) -> None:
+    """A real stop: the Raft-backed single-host OpenBao (`encfs vault serve`) goes away
+    (connection refused), the mount serves through the grace, suspends, and resumes by
+    itself once the vault is back (same data, unsealed from its own init.json)."""
+    from encfs.vault import server as vs
+    from tests.openbao import free_port
+
+    data = tmp_path / "vault"
+    listen, cluster = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    server = vs.start_serve(data, listen, cluster_listen=cluster)
+    try:
+        root = vs.read_admin_token(server.paths.init_file)
+        token = tmp_path / "host.token"
+        result = vs.setup(server.addr, root, "k", "guest", token, ca_file=server.paths.ca_file)
+        env = {"PATH": os.environ["PATH"], "ENCFS_AUDIT_LOG": "none"}
+        vol = Volume(tmp_path / "c", tmp_path / "p", result.vault_url, env)
+        vol.mountpoint.mkdir()
+        creds = ["--token-file", str(token), "--ca-file", str(server.paths.ca_file)]
+        encfs("init", vol.cipher_dir, "--vault", vol.vault_url, *creds, env=env, check=True)
+        vol.mount(*creds, "--check-interval", str(INTERVAL), "--offline-grace", "4")
+        live = Live(vol, OpenBao.__new__(OpenBao), "k", token, "")
+        try:
+            (vol.mountpoint / "f").write_bytes(PAYLOAD)
+            server.stop()
+            live.wait_state("offline-grace")
+            assert "cannot reach" in str(live.status()["reason"])
+            assert (vol.mountpoint / "f").read_bytes() == PAYLOAD  # serving in the grace
+            live.wait_state("suspended", bound=4 + BOUND + 3)
+            with pytest.raises(PermissionError):
+                (vol.mountpoint / "f").read_bytes()
+            server = vs.start_serve(data, listen, cluster_listen=cluster)
+            t0 = time.monotonic()
+            live.wait_state("active")
+            assert time.monotonic() - t0 <= BOUND + 0.5
+            assert (vol.mountpoint / "f").read_bytes() == PAYLOAD
+        finally:
+            force_unmount(vol.mountpoint)
+    finally:
+        server.stop()
