@@ -83,8 +83,10 @@ def install(plan: ServicePlan, *, dry_run: bool, say: Callable[[str], None]) -> 
     unit = f"encfs@{plan.name}.service"
     if plan.token_file is not None and not plan.token_file.is_file():
         raise ServiceError(f"token file {plan.token_file} does not exist")
+    mountpoint = Path(plan.settings.get("MOUNTPOINT", ""))
     steps: list[tuple[str, Callable[[], None]]] = [
         (f"mkdir -m 0700 -p {plan.etc_dir}", lambda: plan.etc_dir.mkdir(0o700, True, True)),
+        (f"mkdir -p {mountpoint} (the mount point)", lambda: mountpoint.mkdir(0o755, True, True)),
         (
             f"write {conf} (0600):\n" + _indent(config_text(plan)),
             lambda: _write(conf, config_text(plan).encode(), 0o600),

@@ -154,12 +154,17 @@ def read_token(settings: VaultSettings) -> str:
     from encfs.errors import VaultCredentialsError
 
     candidates: list[Path] = []
+    placeholder = False
     if settings.token_file is not None:
         candidates.append(settings.token_file)
     else:
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if cred_dir and (Path(cred_dir) / "vault-token").exists():
-            candidates.append(Path(cred_dir) / "vault-token")
+        cred = Path(cred_dir) / "vault-token" if cred_dir else None
+        if cred is not None and cred.exists():
+            # encfs@.service sets "-" when /etc/encfs/NAME.token is missing (SetCredential=).
+            placeholder = _read_text(cred).strip() == "-"
+            if not placeholder:
+                candidates.append(cred)
     for path in candidates:
         try:
             st = path.stat()
@@ -178,9 +183,22 @@ def read_token(settings: VaultSettings) -> str:
         token = os.environ.get(var, "").strip()
         if token:
             return token
+    if placeholder:
+        raise VaultCredentialsError(
+            "no vault token: the service's credential vault-token is empty because "
+            "/etc/encfs/NAME.token does not exist; install the host token there (mode 0600, "
+            "e.g. `encfs systemd install NAME --token-file FILE`)"
+        )
     raise VaultCredentialsError(
         "no vault token: pass --token-file FILE or set VAULT_TOKEN (or BAO_TOKEN)"
     )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 class KeyWrapper(Protocol):

@@ -792,6 +792,16 @@ def test_read_token_systemd_credential(tmp_path: Path, clean_env: pytest.MonkeyP
     assert read_token(VaultSettings()) == "s.cred-token"
 
 
+def test_read_token_unit_placeholder(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
+    """encfs@.service's SetCredential=vault-token:- stands in for a missing token file."""
+    write_token(tmp_path / "vault-token", "-", 0o400)
+    clean_env.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    with pytest.raises(errors.VaultCredentialsError, match=re.escape("/etc/encfs/NAME.token")):
+        read_token(VaultSettings())
+    clean_env.setenv("VAULT_TOKEN", "s.env-token")
+    assert read_token(VaultSettings()) == "s.env-token"
+
+
 @pytest.mark.parametrize("how", ["nothing", "missing file", "empty file"])
 def test_read_token_missing(tmp_path: Path, clean_env: pytest.MonkeyPatch, how: str) -> None:
     settings = VaultSettings()
