@@ -89,6 +89,9 @@ def tags_equal(a: bytes, b: bytes) -> bool:
 
 _SCRUB_LEN = 64
 _SCRUB_NONCE = bytes(fmt.NONCE_LEN)
+_SCRUB_PLAIN = bytes(_SCRUB_LEN)
+_SCRUB_AEAD = AESGCM(bytes(32))  # an all-zero key: nothing secret, built once
+_SCRUB_SEALED = _SCRUB_AEAD.encrypt(_SCRUB_NONCE, _SCRUB_PLAIN, None)
 
 
 def scrub_stack() -> None:
@@ -101,9 +104,8 @@ def scrub_stack() -> None:
     operation under an all-zero key, on the same thread, overwrites it. Costs ~2 µs; callers
     run it after short operations only (the long, stitched path leaves nothing behind).
     """
-    zero = AESGCM(bytes(32))
-    sealed = zero.encrypt(_SCRUB_NONCE, bytes(_SCRUB_LEN), None)
-    zero.decrypt(_SCRUB_NONCE, sealed, None)
+    _SCRUB_AEAD.encrypt(_SCRUB_NONCE, _SCRUB_PLAIN, None)
+    _SCRUB_AEAD.decrypt(_SCRUB_NONCE, _SCRUB_SEALED, None)
 
 
 class BlockCipher:

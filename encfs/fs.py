@@ -9,6 +9,7 @@ Handles (``fh``) are the backing file descriptors (``fd``) of opened files.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import functools
@@ -176,35 +177,40 @@ class Gate:
     ``enter`` admits an operation (False when closed); ``close`` shuts the gate and waits
     until the operations already inside have left, so that nothing started before the
     suspension can still put plaintext into the kernel's cache afterwards.
+
+    Lock-free on the request path (a lock here convoys the FUSE threads behind the GIL):
+    an operation first registers itself (``deque.append``, atomic), *then* looks at
+    ``open``; ``close`` first clears ``open``, *then* waits for the register to empty. An
+    operation therefore either sees the gate closed and withdraws, or is counted before
+    ``close`` starts waiting.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._inside = 0
+        self._inside: collections.deque[None] = collections.deque()
         self.open = True
 
     def enter(self) -> bool:
-        with self._cond:
-            if not self.open:
-                return False
-            self._inside += 1
+        self._inside.append(None)
+        if self.open:
             return True
+        self._inside.pop()
+        return False
 
     def leave(self) -> None:
-        with self._cond:
-            self._inside -= 1
-            if not self._inside:
-                self._cond.notify_all()
+        self._inside.pop()
 
     def close(self, timeout: float) -> bool:
         """Shut; True once no operation is inside (False if some still are at ``timeout``)."""
-        with self._cond:
-            self.open = False
-            return self._cond.wait_for(lambda: not self._inside, timeout)
+        self.open = False
+        deadline = time.monotonic() + timeout
+        while self._inside:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def reopen(self) -> None:
-        with self._cond:
-            self.open = True
+        self.open = True
 
 
 class SeenPaths:
