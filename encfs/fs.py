@@ -1107,7 +1107,8 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
     - rename passes its flags (RENAME_NOREPLACE, RENAME_EXCHANGE);
     - truncate, chmod, chown and utimens pass the file handle when libfuse has one (with
       nullpath_ok it then passes no path; the kernel sends mtime updates this way);
-    - getattr and create skip per-call overheads of the generic binding.
+    - getattr, create and getxattr of non-``user.*`` names skip per-call overheads of the
+      generic binding.
     """
 
     def readdir_fuse_3(
@@ -1157,10 +1158,25 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
     def _decode(self, path: bytes | None) -> str | None:
         return None if path is None else path.decode(self.encoding, self.errors)
 
+    def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
+        """Only ``user.*`` attributes exist on encfs; answer any other name (above all the
+        kernel's ``security.capability`` probe before every write, see docs/BENCHMARKS.md)
+        here, without a Python exception on the way."""
+        if not name.startswith(b"user."):
+            ops = self.operations
+            return -(errno.EOPNOTSUPP if ops.gate.open else ops.options.suspended_errno)
+        result: int = super().getxattr(path, name, value, size, *args)
+        return result
+
     def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
         """Fill the stat buffer straight from os.stat_result (no dict: this is the hottest
-        call of all; every lookup and every setattr reply goes through it)."""
-        st, size = self.operations.stat(self._decode(path), _fh(fip))
+        call of all; every lookup and every setattr reply goes through it). Errors (ENOENT
+        of every negative lookup) return as -errno, not through the binding's exception
+        handler and its logging."""
+        try:
+            st, size = self.operations.stat(self._decode(path), _fh(fip))
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
         ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
         out = buf.contents
         out.st_mode = st.st_mode

@@ -433,6 +433,12 @@ def test_xattrs(vol: Volume) -> None:
     with pytest.raises(OSError) as info:
         os.setxattr(f, "trusted.x", b"1")
     assert info.value.errno in (errno.EOPNOTSUPP, errno.EPERM)
+    for other in ("security.capability", "trusted.x", "system.posix_acl_access"):
+        with pytest.raises(OSError) as info:  # only user.* exists (answered on a fast path)
+            os.getxattr(f, other)
+        assert info.value.errno in (errno.EOPNOTSUPP, errno.ENODATA), other
+    with pytest.raises(FileNotFoundError):  # a negative lookup, also on a fast path
+        os.stat(vol.mountpoint / "no-such-file")
     (vol.mountpoint / "d").mkdir()
     os.setxattr(vol.mountpoint / "d", "user.dir", b"on a directory")
     vol.remount()
