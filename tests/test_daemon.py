@@ -777,3 +777,29 @@ def test_vault_stopped_serves_for_the_grace_then_suspends_and_resumes_when_back(
             force_unmount(vol.mountpoint)
     finally:
         server.stop()
+
+
+def test_status_warns_when_key_memory_cannot_be_locked(make_volume) -> None:  # type: ignore[no-untyped-def]
+    """Without CAP_IPC_LOCK and with RLIMIT_MEMLOCK 0, mlock fails: the mount still works,
+    and both the mount's warning and `encfs status` say what to raise."""
+    import shutil
+
+    if shutil.which("setpriv") is None or shutil.which("prlimit") is None:
+        pytest.skip("needs setpriv and prlimit (util-linux)")
+    vol: Volume = make_volume(mount=False)
+    env = {**vol.env, "ENCFS_AUDIT_LOG": "none"}
+    proc = subprocess.run(
+        ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "prlimit",
+         "--memlock=0:0", sys.executable, "-m", "encfs", "mount", str(vol.cipher_dir),
+         str(vol.mountpoint)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "key memory is not locked" in proc.stderr
+    status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)
+    assert status["memory"]["locked"] is False
+    assert "LimitMEMLOCK" in status["memory"]["detail"]
+    text = encfs("status", vol.mountpoint).stdout
+    assert "key memory   NOT locked" in text
+    (vol.mountpoint / "f").write_text("still works")
+    assert (vol.mountpoint / "f").read_text() == "still works"
