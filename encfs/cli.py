@@ -83,8 +83,11 @@ def exit_code_for(exc: BaseException) -> ExitCode:
 DESCRIPTION = """\
 encfs keeps a directory of ciphertext (the cipher dir) and presents it, decrypted, as a FUSE
 mount. The volume key is wrapped by a key-encryption key in a vault (OpenBao or HashiCorp
-Vault transit); encfs asks the vault to unwrap it at mount time and wipes every key from
-memory when it unmounts. encfs is unrelated to, and not compatible with, the legacy EncFS.
+Vault transit, or a KMIP key manager); encfs asks the vault to unwrap it at mount time,
+checks every few seconds that it still may, suspends the mount (keys wiped, cached
+plaintext dropped) when the vault withdraws access, resumes by itself when access comes
+back, and wipes every key when it unmounts. encfs is unrelated to, and not compatible
+with, the legacy EncFS.
 """
 
 EPILOG = (
@@ -102,8 +105,13 @@ examples:
   encfs init /srv/cipher --vault transit+https://vault.example:8200/transit/host-key \\
       --token-file /etc/encfs/host.token
   encfs mount /srv/cipher /srv/data --token-file /etc/encfs/host.token
-  encfs info /srv/cipher --json
+  encfs status /srv/data
+  encfs rotate /srv/cipher --token-file /etc/encfs/host.token
   encfs unmount /srv/data
+  encfs systemd install data --cipher-dir /srv/cipher --mountpoint /srv/data \\
+      --token-file /etc/encfs/host.token --start
+  encfs mount --ephemeral /var/scratch-cipher /scratch
+  encfs vault dev          # a throw-away OpenBao for trying it out
 """
 )
 
