@@ -72,7 +72,8 @@ class VaultConfigError(VaultError):
     """The vault URL or client settings are invalid (scheme, host, http to a non-loopback host)."""
 
     hint = (
-        "check the --vault URL: transit+https://HOST:PORT/MOUNT/KEY (transit+http only on loopback)"
+        "check the --vault URL and settings: transit+https://HOST:PORT/MOUNT/KEY (transit+http "
+        "only on loopback) or kmip://HOST:PORT/KEY-ID"
     )
 
 
