@@ -10,7 +10,6 @@ import logging
 import logging.handlers
 import os
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -169,6 +168,15 @@ def _vault_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _vault_override_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--vault",
+        dest="vault_url",
+        metavar="URL",
+        help="override the vault URL stored in the volume (same key, other address)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="encfs",
@@ -253,12 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ro (read-only), writeback_cache (the kernel gathers small writes; faster, but a "
         "file's other hard-link names then show a stale size until they are reopened)",
     )
-    p.add_argument(
-        "--vault",
-        dest="vault_url",
-        metavar="URL",
-        help="override the vault URL stored in the volume (same key, other address)",
-    )
+    _vault_override_arg(p)
     p.add_argument(
         "--log-file",
         type=Path,
@@ -338,12 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
     p.add_argument("--json", action="store_true", help="problems as JSON lines")
-    p.add_argument(
-        "--vault",
-        dest="vault_url",
-        metavar="URL",
-        help="override the vault URL stored in the volume (same key, other address)",
-    )
+    _vault_override_arg(p)
     _vault_args(p)
 
     p = sub.add_parser(
@@ -359,12 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         "token needs update on MOUNT/rewrap/KEY and MOUNT/decrypt/KEY.",
     )
     p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
-    p.add_argument(
-        "--vault",
-        dest="vault_url",
-        metavar="URL",
-        help="override the vault URL stored in the volume (same key, other address)",
-    )
+    _vault_override_arg(p)
     _vault_args(p)
 
     p = sub.add_parser(
@@ -713,7 +706,7 @@ def _spawn_background(argv: Sequence[str], args: argparse.Namespace) -> ExitCode
 
 
 def cmd_unmount(args: argparse.Namespace) -> ExitCode:
-    from encfs.daemon import is_mountpoint, runtime_file
+    from encfs.daemon import fusermount, is_mountpoint, runtime_file
 
     mountpoint = args.mountpoint.resolve()
     if not is_mountpoint(mountpoint):
@@ -724,9 +717,7 @@ def cmd_unmount(args: argparse.Namespace) -> ExitCode:
         pid = int(json.loads(runtime_file(mountpoint).read_text())["pid"])
     except (OSError, ValueError, KeyError):
         pid = None
-    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
-    cmd = [tool, "-u", *(["-z"] if args.lazy else []), str(mountpoint)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = fusermount("-u", *(["-z"] if args.lazy else []), str(mountpoint))
     if proc.returncode != 0:
         msg = proc.stderr.strip()
         if "busy" in msg.lower():

@@ -100,6 +100,12 @@ def is_mountpoint(path: Path) -> bool:
         return os.path.ismount(path)
 
 
+def fusermount(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run libfuse's ``fusermount3`` (or ``fusermount``) with ``args``; output captured."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=False)
+
+
 def mount_fstype(path: Path) -> str | None:
     """The filesystem type mounted at ``path`` (``fuse.encfs``, ...), None if none is.
     Raises ``OSError`` if /proc/self/mountinfo cannot be read."""
@@ -235,8 +241,7 @@ class Daemon:
             if exc.errno != errno.ENOTCONN:
                 return False
         log.warning("%s: a crashed encfs daemon left its mount behind; detaching it", mp)
-        tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
-        subprocess.run([tool, "-u", "-z", str(mp)], capture_output=True, check=False)
+        fusermount("-u", "-z", str(mp))
         return not is_mountpoint(mp)
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
@@ -545,13 +550,7 @@ class Daemon:
 
     def _unmount(self) -> None:
         """Detach the mount (lazily: open files must not keep it); the FUSE loop then ends."""
-        tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
-        proc = subprocess.run(
-            [tool, "-u", "-z", str(self.config.mountpoint)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        proc = fusermount("-u", "-z", str(self.config.mountpoint))
         if proc.returncode != 0:
             log.error("cannot unmount %s: %s", self.config.mountpoint, proc.stderr.strip())
 

@@ -12,7 +12,6 @@ message saying what to fix.
 from __future__ import annotations
 
 import functools
-import os
 import re
 import shlex
 import shutil
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encfs.errors import EncfsError
+from encfs.vault.server import write_file_atomic
 
 UNIT_SOURCE = Path(__file__).resolve().parent.parent / "systemd"
 UNITS = ("encfs@.service", "encfs-vault.service")
@@ -89,7 +89,7 @@ def install(plan: ServicePlan, *, dry_run: bool, say: Callable[[str], None]) -> 
         (f"mkdir -p {mountpoint} (the mount point)", lambda: mountpoint.mkdir(0o755, True, True)),
         (
             f"write {conf} (0600):\n" + _indent(config_text(plan)),
-            lambda: _write(conf, config_text(plan).encode(), 0o600),
+            lambda: write_file_atomic(conf, config_text(plan).encode(), 0o600),
         ),
     ]
     if plan.token_file is not None:
@@ -97,18 +97,21 @@ def install(plan: ServicePlan, *, dry_run: bool, say: Callable[[str], None]) -> 
         steps.append(
             (
                 f"install the vault token {src} as {token} (0600)",
-                lambda: _write(token, src.read_bytes(), 0o600),
+                lambda: write_file_atomic(token, src.read_bytes(), 0o600),
             )
         )
     elif not token.exists() and plan.settings.get("EPHEMERAL") != "yes":
         say(f"note: no --token-file: put the host token in {token} (0600) before starting")
+    steps.append(
+        (f"mkdir -p {plan.unit_dir}", lambda: plan.unit_dir.mkdir(0o755, True, True))
+    )
     for name in UNITS:
         text = render_unit(name, plan.exec_command)
         path = plan.unit_dir / name
         steps.append(
             (
                 f"write {path} (ExecStart runs {plan.exec_command})",
-                functools.partial(_write, path, text.encode(), 0o644),
+                functools.partial(write_file_atomic, path, text.encode(), 0o644),
             )
         )
     steps.append(("systemctl daemon-reload", lambda: _systemctl("daemon-reload")))
@@ -124,22 +127,6 @@ def install(plan: ServicePlan, *, dry_run: bool, say: Callable[[str], None]) -> 
 
 def _indent(text: str) -> str:
     return "".join(f"    {line}\n" for line in text.splitlines())
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` atomically with ``data`` at ``mode`` (never briefly wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _systemctl(*args: str) -> None:

