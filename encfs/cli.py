@@ -913,6 +913,12 @@ def _print_status(r: dict[str, Any]) -> None:
             f"{c.get('writes')} writes ({c.get('bytes_written')} B), "
             f"{c.get('integrity_errors')} integrity errors"
         )
+    lf = r.get("libfuse") or {}
+    if lf:
+        print(
+            f"  libfuse      {lf.get('version')}"
+            f"{', HANDLE_KILLPRIV_V2' if lf.get('killpriv_v2') else ''}"
+        )
     rss = r.get("rss")
     print(f"  daemon       pid {r.get('pid')}, RSS {int(rss) // 1024 if rss else '?'} KiB")
 

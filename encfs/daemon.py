@@ -588,6 +588,7 @@ class Daemon:
             }
         if ops is not None:
             out["counters"] = asdict(ops.counters)
+            out["libfuse"] = {"version": ops.libfuse_version, "killpriv_v2": ops.killpriv_v2}
             out["cached_paths"] = len(ops.seen)
         with contextlib.suppress(psutil.Error):
             out["rss"] = psutil.Process().memory_info().rss

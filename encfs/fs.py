@@ -10,6 +10,7 @@ Handles (``fh``) are the backing file descriptors (``fd``) of opened files.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import functools
@@ -17,16 +18,22 @@ import logging
 import os
 import queue
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-# mfusepy picks libfuse 2 when both are installed; encfs needs libfuse 3 (see FACTS.md).
+# Which libfuse mfusepy loads (it reads these at import): $FUSE_LIBRARY_PATH if set, else
+# the libfuse 3.17 that scripts/build-libfuse put into this Python's prefix (it negotiates
+# HANDLE_KILLPRIV_V2: no `security.capability` round trip before every write), else the
+# system's libfuse 3 by name (mfusepy would pick libfuse 2 when both are installed).
+os.environ["FUSE_LIBRARY_PATH"] = os.environ.get("FUSE_LIBRARY_PATH") or next(
+    (p for p in [os.path.join(sys.prefix, "lib", "encfs", "libfuse3.so.4")] if os.path.exists(p)),
+    "",
+)
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
-import contextlib
-
 import mfusepy
 
 from encfs import crypto, names
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 
 FUSE_CAP_ASYNC_READ = 1 << 0
 FUSE_CAP_HANDLE_KILLPRIV = 1 << 20
+FUSE_CAP_HANDLE_KILLPRIV_V2 = 1 << 21
 FUSE_CAP_READDIRPLUS = 1 << 13
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 FUSE_CAP_PARALLEL_DIROPS = 1 << 18
@@ -351,6 +359,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._fh_paths: dict[int, str] = {}
         self.gate = Gate()
         self.seen = SeenPaths()
+        self.libfuse_version = f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}"
+        self.killpriv_v2 = False  # negotiated in init_with_config
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -366,9 +376,19 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
                 # every chown and truncate.
                 # (not with the writeback cache: its writes reach us as root, too late).
                 | (0 if self.options.writeback_cache else FUSE_CAP_HANDLE_KILLPRIV)
+                | (0 if self.options.writeback_cache else FUSE_CAP_HANDLE_KILLPRIV_V2)
             )
             conn.max_write = MAX_WRITE
             conn.max_readahead = MAX_WRITE
+            self.killpriv_v2 = bool(conn.want & FUSE_CAP_HANDLE_KILLPRIV_V2)
+            log.info(
+                "libfuse %s, %s",
+                self.libfuse_version,
+                "HANDLE_KILLPRIV_V2"
+                if self.killpriv_v2
+                else "no HANDLE_KILLPRIV_V2 (one more round trip per write; see "
+                "scripts/build-libfuse)",
+            )
         if config is not None:
             # auto_cache, not kernel_cache: the page cache survives opens unless the file's
             # mtime or size changed. libfuse gives each *path* its own kernel inode, so a
