@@ -155,7 +155,7 @@ class CipherFile:
         finally:
             self.lock.release_read()
 
-    def write(self, fd: int, plain_off: int, data: bytes) -> int:
+    def write(self, fd: int, plain_off: int, data: bytes | memoryview) -> int:
         length = len(data)
         if not length:
             return 0
@@ -172,7 +172,12 @@ class CipherFile:
         try:
             cipher_size_before = os.fstat(fd).st_size
             plain_size = geo.plain_size(cipher_size_before)
-            file_id = self._ensure_header(fd)
+            header = b""  # a new file's header, written together with its first blocks
+            if self._file_id is None and not cipher_size_before:
+                file_id = crypto.random_bytes(fmt.FILE_ID_LEN)
+                header = fmt.pack_file_header(file_id)
+            else:
+                file_id = self._ensure_header(fd)
             try:
                 if plain_off > plain_size and plain_size % bs and geo.block_no(plain_size) < first:
                     self._pad_last_block(fd, file_id, plain_size, bs)
@@ -184,7 +189,7 @@ class CipherFile:
                 range_end = min(geo.block_plain_off(end), max(write_end, plain_size))
                 head = plain_off - start
                 if head == 0 and range_end == write_end:
-                    plain: bytes | bytearray = data
+                    plain: bytes | bytearray | memoryview = data
                 else:
                     buf = bytearray(range_end - start)
                     if head and start < plain_size:
@@ -198,7 +203,15 @@ class CipherFile:
                     buf[head : head + length] = data
                     plain = buf
                 sealed = self.keys.file_cipher(file_id).seal(first, plain)
-                _pwrite_all(fd, sealed, geo.block_cipher_off(first))
+                cipher_off = geo.block_cipher_off(first)
+                if header and cipher_off == len(header):
+                    _pwritev_all(fd, [header, sealed], 0)  # one syscall for a new file
+                else:
+                    if header:
+                        _pwrite_all(fd, header, 0)
+                    _pwrite_all(fd, sealed, cipher_off)
+                if header:
+                    self._file_id = file_id
             except OSError:
                 # Never leave a half-written extension behind (e.g. ENOSPC mid-block).
                 if os.fstat(fd).st_size > cipher_size_before:
@@ -260,7 +273,7 @@ class CipherFile:
             _fallocate(fd, mode, cipher_off, cipher_len)
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray, cipher_off: int) -> None:
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, cipher_off: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, cipher_off)
@@ -268,6 +281,17 @@ def _pwrite_all(fd: int, data: bytes | bytearray, cipher_off: int) -> None:
             raise OSError(errno.EIO, "short write to backing file")
         view = view[written:]
         cipher_off += written
+
+
+def _pwritev_all(fd: int, bufs: list[bytes | bytearray], cipher_off: int) -> None:
+    written = os.pwritev(fd, bufs, cipher_off)
+    for buf in bufs:  # rare: a short vectored write; finish buffer by buffer
+        if written >= len(buf):
+            written -= len(buf)
+        else:
+            _pwrite_all(fd, memoryview(buf)[written:], cipher_off + written)
+            written = 0
+        cipher_off += len(buf)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

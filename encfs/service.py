@@ -102,9 +102,7 @@ def install(plan: ServicePlan, *, dry_run: bool, say: Callable[[str], None]) -> 
         )
     elif not token.exists() and plan.settings.get("EPHEMERAL") != "yes":
         say(f"note: no --token-file: put the host token in {token} (0600) before starting")
-    steps.append(
-        (f"mkdir -p {plan.unit_dir}", lambda: plan.unit_dir.mkdir(0o755, True, True))
-    )
+    steps.append((f"mkdir -p {plan.unit_dir}", lambda: plan.unit_dir.mkdir(0o755, True, True)))
     for name in UNITS:
         text = render_unit(name, plan.exec_command)
         path = plan.unit_dir / name
