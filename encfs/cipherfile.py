@@ -20,6 +20,10 @@ from encfs.errors import IntegrityError
 from encfs.keys import VolumeKeys
 
 FALLOC_FL_KEEP_SIZE = 0x01
+STREAM_MIN = 128 << 10
+"""Writes at least this long, each starting where the previous one ended, are a stream."""
+WRITE_BEHIND = 8 << 20
+"""A stream's ciphertext is handed to the disk every this many bytes (see ``_written``)."""
 
 
 class RWLock:
@@ -73,6 +77,8 @@ class CipherFile:
         self.inode_key: tuple[int, int] | None = None  # (st_dev, st_ino) of the backing file
         self.setid = False  # mode may have set-user/group-ID bits that a write must clear
         self._file_id: bytes | None = None
+        self._stream_end = 0  # cipher offset where the last long write ended
+        self._behind = 0  # cipher offset up to which the disk write was started
 
     # --- header -------------------------------------------------------------------------
 
@@ -183,6 +189,7 @@ class CipherFile:
                     self._pad_last_block(fd, file_id, plain_size, bs)
                 if early is not None and file_id == early_id:
                     _pwrite_all(fd, early, geo.block_cipher_off(first))
+                    self._written(fd, geo.block_cipher_off(first), len(early))
                     return length
                 start = geo.block_plain_off(first)
                 write_end = plain_off + length
@@ -212,6 +219,7 @@ class CipherFile:
                     _pwrite_all(fd, sealed, cipher_off)
                 if header:
                     self._file_id = file_id
+                self._written(fd, cipher_off, len(sealed))
             except OSError:
                 # Never leave a half-written extension behind (e.g. ENOSPC mid-block).
                 if os.fstat(fd).st_size > cipher_size_before:
@@ -220,6 +228,23 @@ class CipherFile:
             return length
         finally:
             self.lock.release_write()
+
+    def _written(self, fd: int, cipher_off: int, cipher_len: int) -> None:
+        """Write-behind for streams (caller holds the write lock): once a sequential writer
+        is ``WRITE_BEHIND`` bytes past where the disk write was last started, start it for
+        that range (``sync_file_range(WRITE)`` queues the I/O, it does not wait for it).
+        The disk then works while the next requests are encrypted, and the writer's final
+        fsync finds little left to do, where otherwise the whole file would wait in the page
+        cache until then. Best effort: errors are left for fsync to report."""
+        if cipher_len < STREAM_MIN:
+            return
+        end = cipher_off + cipher_len
+        if cipher_off != self._stream_end:
+            self._behind = cipher_off
+        self._stream_end = end
+        if end - self._behind >= WRITE_BEHIND:
+            _libc.sync_file_range(fd, self._behind, end - self._behind, SYNC_FILE_RANGE_WRITE)
+            self._behind = end
 
     def truncate(self, fd: int, new_size: int) -> None:
         geo = self.geo
@@ -296,6 +321,8 @@ def _pwritev_all(fd: int, bufs: list[bytes | bytearray], cipher_off: int) -> Non
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint)
+SYNC_FILE_RANGE_WRITE = 2
 
 
 def _fallocate(fd: int, mode: int, cipher_off: int, cipher_len: int) -> None:
