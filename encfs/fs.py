@@ -281,6 +281,7 @@ class Counters:
     bytes_read: int = 0
     bytes_written: int = 0
     integrity_errors: int = 0
+    security_probes: int = 0  # getxattr of names outside user.* (the kernel's capability probe)
 
 
 _UNGATED = frozenset({"release", "releasedir"})
@@ -1209,6 +1210,7 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
         here, without a Python exception on the way."""
         if not name.startswith(b"user."):
             ops = self.operations
+            ops.counters.security_probes += 1
             return -(errno.EOPNOTSUPP if ops.gate.open else ops.options.suspended_errno)
         result: int = super().getxattr(path, name, value, size, *args)
         return result
