@@ -8,9 +8,11 @@ plaintext (``plain_off``) unless named ``cipher_off``; ``format.Geometry`` conve
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import threading
 
@@ -19,10 +21,14 @@ from encfs import format as fmt
 from encfs.errors import IntegrityError
 from encfs.keys import VolumeKeys
 
+log = logging.getLogger(__name__)
+
 FALLOC_FL_KEEP_SIZE = 0x01
 STREAM_MIN = 128 << 10
 """Writes at least this long, each starting where the previous one ended, are a stream."""
 WRITE_BEHIND = 8 << 20
+DEFER_HEADROOM = 256 << 20
+"""Writes are deferred only while the backing filesystem has this much room besides."""
 """A stream's ciphertext is handed to the disk every this many bytes (see ``_written``)."""
 
 
@@ -60,6 +66,69 @@ class RWLock:
             self._cond.notify_all()
 
 
+class Sealer:
+    """Seals and writes deferred stream writes, in submission order, on one thread.
+
+    A sequential writer's next request then arrives while the previous one is still being
+    encrypted: the kernel's copy of the caller's data and our AES work overlap, as the
+    kernel's own writeback would (``CipherFile.write`` decides what may be deferred).
+    Errors are kept on the file and raised by its next write or fsync, as a local
+    filesystem reports writeback errors; each is also logged.
+
+    Locks: ``_cond`` guards the queue, the byte count and every file's ``pending`` count;
+    never held while a job runs. At most ``MAX_PENDING`` bytes wait (submitters block).
+    """
+
+    MAX_PENDING = 8 << 20
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._jobs: collections.deque[tuple[CipherFile, int, int, bytes]] = collections.deque()
+        self._bytes = 0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, cfile: CipherFile, fd: int, plain_off: int, data: bytes) -> None:
+        with self._cond:
+            while self._jobs and self._bytes + len(data) > self.MAX_PENDING:
+                self._cond.wait()
+            self._jobs.append((cfile, fd, plain_off, data))
+            self._bytes += len(data)
+            cfile.pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="encfs-sealer", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def drain(self, cfile: CipherFile | None = None) -> None:
+        """Wait until ``cfile``'s jobs (every job, for None) are written."""
+        with self._cond:
+            while cfile.pending if cfile is not None else self._jobs:
+                self._cond.wait()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._jobs)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                cfile, fd, plain_off, data = self._jobs[0]  # stays queued until written
+            try:
+                cfile.write_now(fd, plain_off, data)
+            except BaseException as exc:  # kept for the file's next write or fsync
+                log.error("deferred write to %s failed: %s", cfile.backing_path, exc)
+                cfile.deferred_error = (
+                    exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
+                )
+            with self._cond:
+                self._jobs.popleft()
+                self._bytes -= len(data)
+                cfile.pending -= 1
+                self._cond.notify_all()
+
+
 class CipherFile:
     """Encrypted content of one backing inode.
 
@@ -68,10 +137,20 @@ class CipherFile:
     Raises ``IntegrityError`` for tampered data and ``OSError`` from the backing fs.
     """
 
-    def __init__(self, keys: VolumeKeys, geometry: fmt.Geometry, backing_path: str) -> None:
+    def __init__(
+        self,
+        keys: VolumeKeys,
+        geometry: fmt.Geometry,
+        backing_path: str,
+        sealer: Sealer | None = None,
+    ) -> None:
         self.keys = keys
         self.geo = geometry
         self.backing_path = backing_path
+        self.sealer = sealer
+        self.pending = 0  # deferred writes not yet written (guarded by the sealer's lock)
+        self.deferred_error: OSError | None = None
+        self._stream_plain_end = -1  # where the last long aligned write ended (plain side)
         self.lock = RWLock()
         self.refs = 0
         self.inode_key: tuple[int, int] | None = None  # (st_dev, st_ino) of the backing file
@@ -142,9 +221,43 @@ class CipherFile:
         data.extend(bytes(to_len - len(data)))
         self._rewrite_block(fd, file_id, last, data)
 
+    # --- deferred stream writes ------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Wait until this file's deferred writes are on the backing file. Everything that
+        reads content or size, or changes them out of order, calls this first."""
+        if self.pending and self.sealer is not None:
+            self.sealer.drain(self)
+
+    def raise_deferred(self) -> None:
+        """Raise (once) the error of a deferred write that failed."""
+        err = self.deferred_error
+        if err is not None:
+            self.deferred_error = None
+            raise err
+
+    def _may_defer(self, fd: int, plain_off: int, length: int) -> bool:
+        """A write may be deferred when it continues a stream of long, block-aligned writes
+        into a file that already has its header (so it needs nothing from the file), and
+        the backing filesystem has room to spare (so ENOSPC still surfaces at write(2))."""
+        bs = self.geo.block_size
+        if (
+            self.sealer is None
+            or length < STREAM_MIN
+            or plain_off != self._stream_plain_end
+            or plain_off % bs
+            or length % bs
+            or self._file_id is None
+            or self.deferred_error is not None
+        ):
+            return False
+        vfs = os.fstatvfs(fd)
+        return vfs.f_bavail * vfs.f_frsize > DEFER_HEADROOM + Sealer.MAX_PENDING + 2 * length
+
     # --- public operations -----------------------------------------------------------------
 
     def read(self, fd: int, plain_off: int, size: int) -> bytes:
+        self.drain()
         self.lock.acquire_read()
         try:
             plain_size = self.plain_size(fd)
@@ -162,6 +275,22 @@ class CipherFile:
             self.lock.release_read()
 
     def write(self, fd: int, plain_off: int, data: bytes | memoryview) -> int:
+        """Write now, or hand a stream write to the sealer (``_may_defer``). Raises the
+        error of an earlier deferred write first."""
+        self.raise_deferred()
+        length = len(data)
+        if length >= STREAM_MIN and self._may_defer(fd, plain_off, length):
+            self._stream_plain_end = plain_off + length
+            assert self.sealer is not None
+            self.sealer.submit(self, fd, plain_off, bytes(data))
+            return length
+        self.drain()
+        self.raise_deferred()
+        if length >= STREAM_MIN:
+            self._stream_plain_end = plain_off + length
+        return self.write_now(fd, plain_off, data)
+
+    def write_now(self, fd: int, plain_off: int, data: bytes | memoryview) -> int:
         length = len(data)
         if not length:
             return 0
@@ -247,6 +376,8 @@ class CipherFile:
             self._behind = end
 
     def truncate(self, fd: int, new_size: int) -> None:
+        self.drain()
+        self._stream_plain_end = -1
         geo = self.geo
         bs = geo.block_size
         self.lock.acquire_write()
@@ -285,6 +416,7 @@ class CipherFile:
         """fallocate(2) modes 0 and FALLOC_FL_KEEP_SIZE; others raise EOPNOTSUPP."""
         if mode & ~FALLOC_FL_KEEP_SIZE:
             raise OSError(errno.EOPNOTSUPP, "fallocate mode not supported")
+        self.drain()
         end = plain_off + length
         if not mode & FALLOC_FL_KEEP_SIZE and end > self.plain_size(fd):
             self.truncate(fd, end)

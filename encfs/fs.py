@@ -39,7 +39,7 @@ import mfusepy
 
 from encfs import crypto, names
 from encfs import format as fmt
-from encfs.cipherfile import CipherFile
+from encfs.cipherfile import CipherFile, Sealer
 from encfs.errors import FormatError, IntegrityError, VolumeSuspended
 from encfs.keys import VolumeKeys
 
@@ -364,6 +364,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._fh_paths: dict[int, str] = {}
         self.gate = Gate()
         self.seen = SeenPaths()
+        self.sealer = Sealer()
         self.libfuse_version = f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}"
         self.killpriv_v2 = False  # negotiated in init_with_config
 
@@ -431,6 +432,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         """
         if not self.gate.close(drain_timeout):
             log.warning("operations still running after %.0f s; suspending anyway", drain_timeout)
+        self.sealer.drain()  # deferred writes need the keys
         self.keys.wipe()
         self.names.invalidate()
         with self._table_lock:
@@ -494,7 +496,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         with self._table_lock:
             cfile = self._inodes.get(key)
             if cfile is None:
-                cfile = CipherFile(self.keys, self.geo, backing_path)
+                cfile = CipherFile(self.keys, self.geo, backing_path, self.sealer)
                 cfile.inode_key = key
                 self._inodes[key] = cfile
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
@@ -530,14 +532,22 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     @fuse_op
     def stat(self, path: str | None, fh: int | None = None) -> tuple[os.stat_result, int]:
-        """The backing stat and the plaintext size (EncfsFUSE.fgetattr's fast path)."""
+        """The backing stat and the plaintext size (EncfsFUSE.getattr_fuse_3's fast path)."""
         if fh is not None:
             self.keys.names  # noqa: B018 - raises VolumeSuspended when keys are wiped
+            cfile = self._handles.get(fh)
+            if cfile is not None and cfile.pending:
+                cfile.drain()  # the size must include deferred writes
             st = os.fstat(fh)
         elif path is None:
             raise OSError(errno.EBADF, "no path and no handle")
         else:
-            st = os.lstat(self.names.backing_path(path))
+            backing = self.names.backing_path(path)
+            st = os.lstat(backing)
+            cfile = self._inodes.get((st.st_dev, st.st_ino))
+            if cfile is not None and cfile.pending:
+                cfile.drain()
+                st = os.lstat(backing)
             self.seen.note(path)
             if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
                 self.aliases.note((st.st_dev, st.st_ino), path)
@@ -673,6 +683,10 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             self._dir_handles[fh] = path
         return fh
 
+    def destroy(self, path: str | None) -> None:
+        """The session ends (unmount or signal): finish the deferred writes."""
+        self.sealer.drain()
+
     @fuse_op
     def releasedir(self, path: str | None, fh: int) -> int:
         with self._table_lock:
@@ -689,6 +703,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             cached = self._dir_listings.get(fh)
             if cached is not None:
                 return cached
+        if self.sealer.busy:
+            self.sealer.drain()  # the listing's sizes must include deferred writes
         path = self._dir_handles.get(fh, path)
         if path is None:
             raise OSError(errno.EBADF, "unknown directory handle")
@@ -813,6 +829,9 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def _release_fd(self, fd: int) -> None:
         try:
+            cfile = self._handles.get(fd)
+            if cfile is not None:
+                cfile.drain()  # deferred writes use this fd
             self._fh_paths.pop(fd, None)
             self._detach(fd)
         finally:
@@ -893,6 +912,9 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     @fuse_op
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+        cfile = self._cfile(fh)
+        cfile.drain()
+        cfile.raise_deferred()
         if datasync:
             os.fdatasync(fh)
         else:
@@ -1156,7 +1178,22 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
         if not kept.__dict__:
             kept.yes = True
             ctypes.pythonapi.PyGILState_Ensure()
-        result: int = super()._wrapper(func, *args, **kwargs)
+        try:
+            return func(*args, **kwargs) or 0
+        except OSError as exc:
+            if isinstance(exc.errno, int) and exc.errno > 0:
+                return -exc.errno
+            caught: BaseException = exc
+        except BaseException as exc:
+            caught = exc
+        # Anything else (a bug in an adapter here, init failing, SystemExit) gets the
+        # binding's own handling: logged, and the loop stopped where it must be.
+
+        def reraise(*_args: Any, **_kwargs: Any) -> int:
+            raise caught
+
+        reraise.__name__ = func.__name__
+        result: int = super()._wrapper(reraise)
         return result
 
     def readdir_fuse_3(
@@ -1215,7 +1252,7 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
         result: int = super().getxattr(path, name, value, size, *args)
         return result
 
-    def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+    def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         """Fill the stat buffer straight from os.stat_result (no dict: this is the hottest
         call of all; every lookup, create and setattr reply goes through it). Errors (ENOENT
         of every negative lookup) return as -errno, not through the binding's exception
@@ -1226,6 +1263,8 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
             return -(exc.errno or errno.EIO)
         _fill_stat(buf.contents, st, size)
         return 0
+
+    fgetattr = getattr_fuse_3
 
     def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         """Pass a view of libfuse's request buffer, not a copy of it (1 MiB per sequential

@@ -1261,3 +1261,32 @@ def test_writeback_cache_option(make_volume) -> None:  # type: ignore[no-untyped
             ref += chunk
     vol.remount()
     assert p.read_bytes() == bytes(ref)
+
+
+def test_stream_writes_are_seen_by_every_other_view(make_volume) -> None:  # type: ignore[no-untyped-def]
+    """Long sequential writes are sealed in the background (cipherfile.Sealer); a second
+    handle, stat, a directory listing, a hard link and fsync all see every byte, and so
+    does the volume after a remount."""
+    vol: Volume = make_volume()
+    p = vol.mountpoint / "big"
+    mib = 1 << 20
+    data = os.urandom(12 * mib)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for i in range(12):
+            assert os.pwrite(fd, data[i * mib : (i + 1) * mib], i * mib) == mib
+            if i in (3, 8):
+                assert os.stat(p).st_size == (i + 1) * mib
+                with open(p, "rb", buffering=0) as f:
+                    assert f.read() == data[: (i + 1) * mib]
+        os.link(p, vol.mountpoint / "alias")
+        assert os.stat(vol.mountpoint / "alias").st_size == len(data)
+        assert {e.name: e.stat().st_size for e in os.scandir(vol.mountpoint)}["big"] == len(data)
+        os.fsync(fd)
+        os.ftruncate(fd, 5 * mib + 7)
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == data[: 5 * mib + 7]
+    vol.remount()
+    assert p.read_bytes() == data[: 5 * mib + 7]
+    assert (vol.mountpoint / "alias").read_bytes() == data[: 5 * mib + 7]
