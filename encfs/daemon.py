@@ -100,6 +100,21 @@ def is_mountpoint(path: Path) -> bool:
         return os.path.ismount(path)
 
 
+READ_AHEAD_KB = 1024
+"""Readahead for the mount (the kernel starts a FUSE mount at 128 KiB, whatever
+``max_readahead`` says): sequential reads then arrive as 1 MiB requests (``max_pages``)."""
+
+
+def _raise_readahead(st_dev: int) -> None:
+    """Set the mount's readahead in sysfs (root only; a failure only costs speed)."""
+    knob = Path(f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb")
+    try:
+        if int(knob.read_text()) < READ_AHEAD_KB:
+            knob.write_text(f"{READ_AHEAD_KB}\n")
+    except (OSError, ValueError) as exc:
+        log.debug("readahead stays at the kernel's default: %s", exc)
+
+
 def fusermount(*args: str) -> subprocess.CompletedProcess[str]:
     """Run libfuse's ``fusermount3`` (or ``fusermount``) with ``args``; output captured."""
     tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
@@ -439,10 +454,11 @@ class Daemon:
 
         def wait_and_report() -> None:
             try:
-                os.stat(self.config.mountpoint)  # served only after INIT completes
+                st = os.stat(self.config.mountpoint)  # served only after INIT completes
             except OSError as exc:
                 log.error("mount did not come up: %s", exc)
                 return
+            _raise_readahead(st.st_dev)
             self._write_runtime_file()
             log.info("mount live at %s", self.config.mountpoint)
             sdnotify.notify(ready=1, status=f"active: {self.config.mountpoint} mounted")

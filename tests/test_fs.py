@@ -1290,3 +1290,16 @@ def test_stream_writes_are_seen_by_every_other_view(make_volume) -> None:  # typ
     vol.remount()
     assert p.read_bytes() == data[: 5 * mib + 7]
     assert (vol.mountpoint / "alias").read_bytes() == data[: 5 * mib + 7]
+
+
+def test_mount_reads_ahead_a_mebibyte(make_volume) -> None:  # type: ignore[no-untyped-def]
+    """The kernel starts every FUSE mount at 128 KiB of readahead; the daemon (root) raises
+    its mount's to 1 MiB, so sequential reads arrive as 1 MiB requests."""
+    vol: Volume = make_volume()
+    dev = os.stat(vol.mountpoint).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert int(knob.read_text()) == 1024
+    data = os.urandom(3 << 20)
+    (vol.mountpoint / "f").write_bytes(data)
+    vol.remount()
+    assert (vol.mountpoint / "f").read_bytes() == data
