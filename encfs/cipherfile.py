@@ -2,8 +2,10 @@
 
 One ``CipherFile`` exists per backing inode while it is open (hard links share it), so
 every handle on the file serialises partial-block read-modify-write under the same lock.
-Readers share the lock; writers and truncation hold it exclusively. All offsets are
-plaintext (``plain_off``) unless named ``cipher_off``; ``format.Geometry`` converts.
+Readers share the lock; writers and truncation hold it exclusively. Long sequential
+writes may be deferred to the volume's ``Sealer`` thread; every other access to the file
+waits for them first (``CipherFile.drain``). All offsets are plaintext (``plain_off``)
+unless named ``cipher_off``; ``format.Geometry`` converts.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ FALLOC_FL_KEEP_SIZE = 0x01
 STREAM_MIN = 128 << 10
 """Writes at least this long, each starting where the previous one ended, are a stream."""
 WRITE_BEHIND = 8 << 20
+"""A stream's ciphertext is handed to the disk every this many bytes (see ``_written``)."""
 DEFER_HEADROOM = 256 << 20
 """Writes are deferred only while the backing filesystem has this much room besides."""
-"""A stream's ciphertext is handed to the disk every this many bytes (see ``_written``)."""
 
 
 class RWLock:
