@@ -158,8 +158,7 @@ class CipherFile:
         self.inode_key: tuple[int, int] | None = None  # (st_dev, st_ino) of the backing file
         self.setid = False  # mode may have set-user/group-ID bits that a write must clear
         self._file_id: bytes | None = None
-        self._stream_end = 0  # cipher offset where the last long write ended
-        self._behind = 0  # cipher offset up to which the disk write was started
+        self._behind = 0  # cipher offset from which the disk write is not yet started
 
     # --- header -------------------------------------------------------------------------
 
@@ -278,10 +277,9 @@ class CipherFile:
 
     def write(self, fd: int, plain_off: int, data: bytes | memoryview) -> int:
         """Write now, or hand a stream write to the sealer (``_may_defer``). Raises the
-        error of an earlier deferred write first."""
-        self.raise_deferred()
+        error of an earlier deferred write first (``_may_defer`` refuses while one waits)."""
         length = len(data)
-        if length >= STREAM_MIN and self._may_defer(fd, plain_off, length):
+        if self._may_defer(fd, plain_off, length):
             self._stream_plain_end = plain_off + length
             assert self.sealer is not None
             self.sealer.submit(self, fd, plain_off, bytes(data))
@@ -370,9 +368,8 @@ class CipherFile:
         if cipher_len < STREAM_MIN:
             return
         end = cipher_off + cipher_len
-        if cipher_off != self._stream_end:
-            self._behind = cipher_off
-        self._stream_end = end
+        if not self._behind <= cipher_off <= self._behind + WRITE_BEHIND:
+            self._behind = cipher_off  # not where the stream was: a new stream starts here
         if end - self._behind >= WRITE_BEHIND:
             _libc.sync_file_range(fd, self._behind, end - self._behind, SYNC_FILE_RANGE_WRITE)
             self._behind = end

@@ -1264,8 +1264,6 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
         _fill_stat(buf.contents, st, size)
         return 0
 
-    fgetattr = getattr_fuse_3
-
     def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         """Pass a view of libfuse's request buffer, not a copy of it (1 MiB per sequential
         write). The view is valid only during this call; ``CipherFile.write`` keeps

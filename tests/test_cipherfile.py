@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,25 @@ def test_a_failed_deferred_write_is_raised_by_the_next_write_once(tmp_path: Path
         assert cfile.plain_size(fd) == len(chunk)  # the failed write left nothing behind
     finally:
         os.close(read_only)
+
+
+def test_near_a_full_disk_nothing_is_deferred_and_write_fails_itself(tmp_path: Path) -> None:
+    """README: writes are queued only while the backing filesystem has room to spare, so a
+    full disk fails the write(2) itself (here a 64 MiB tmpfs)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        cfile, fd, _ = _file(small)
+        try:
+            chunk = os.urandom(1 << 20)
+            with pytest.raises(OSError) as full:
+                for i in range(100):
+                    cfile.write(fd, i * len(chunk), chunk)
+                    assert cfile.pending == 0
+            assert full.value.errno == errno.ENOSPC
+        finally:
+            cfile.drain()
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", "--lazy", str(small)], check=True)

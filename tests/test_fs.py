@@ -1303,3 +1303,74 @@ def test_mount_reads_ahead_a_mebibyte(make_volume) -> None:  # type: ignore[no-u
     (vol.mountpoint / "f").write_bytes(data)
     vol.remount()
     assert (vol.mountpoint / "f").read_bytes() == data
+
+
+# --- deferred stream writes at the operations layer (no mount: the queue is observed) ------
+
+
+def _ops(tmp_path: Path) -> tuple[Any, int, int]:
+    """EncfsOperations over a fresh cipher dir, with a stream begun on ``/s`` (one long
+    write, so the next contiguous ones are queued); returns (ops, rw fh, ro fh)."""
+    from encfs import names
+    from encfs.fs import EncfsOperations, FsOptions
+    from encfs.keys import VolumeKeys
+
+    keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=os.urandom(16), block_size=4096)
+    names.write_dirid(str(tmp_path))
+    ops = EncfsOperations(str(tmp_path), keys, 4096, FsOptions())
+    fh = ops.create("/s", 0o644, os.O_RDWR | os.O_CREAT)
+    ops.write(None, os.urandom(1 << 20), 0, fh)
+    return ops, fh, ops.open("/s", os.O_RDONLY)
+
+
+def test_fsync_waits_for_queued_stream_writes(tmp_path: Path) -> None:
+    ops, fh, _ro = _ops(tmp_path)
+    mib = 1 << 20
+    data = os.urandom(8 * mib)  # made first: queuing outpaces sealing
+    for i in range(1, 9):
+        ops.write(None, data[(i - 1) * mib : i * mib], i * mib, fh)
+    ops.fsync(None, 0, fh)
+    assert os.fstat(fh).st_size == ops.geo.cipher_size(9 * mib)  # all of it, sealed
+
+
+def test_a_failed_queued_write_is_reported_by_fsync(tmp_path: Path) -> None:
+    """README: an I/O error in a queued write is returned by the file's next fsync."""
+    ops, fh, ro = _ops(tmp_path)
+    mib = 1 << 20
+    ops.write(None, os.urandom(mib), mib, ro)  # queued; its fd cannot write
+    with pytest.raises(OSError) as failed:
+        ops.fsync(None, 0, fh)
+    assert failed.value.errno == errno.EBADF
+    ops.fsync(None, 0, fh)  # reported once
+
+
+def test_suspension_seals_queued_writes_before_the_keys_go(tmp_path: Path) -> None:
+    """SECURITY.md: suspension drains the queue before it wipes the keys; nothing queued is
+    dropped."""
+    ops, fh, _ro = _ops(tmp_path)
+    mib = 1 << 20
+    data = os.urandom(8 * mib)  # made first: queuing outpaces sealing
+    for i in range(1, 9):
+        ops.write(None, data[(i - 1) * mib : i * mib], i * mib, fh)
+    ops.suspend()
+    cfile = ops._handles[fh]
+    assert cfile.pending == 0 and cfile.deferred_error is None
+    assert os.fstat(fh).st_size == ops.geo.cipher_size(9 * mib)
+
+
+def test_system_libfuse_still_works_without_killpriv_v2(make_volume) -> None:  # type: ignore[no-untyped-def]
+    """README: if the libfuse 3.17 build is missing, encfs runs on the system libfuse 3
+    (FUSE_LIBRARY_PATH picks it here) — correct, one round trip more per write."""
+    system = Path("/usr/lib/x86_64-linux-gnu/libfuse3.so.3")
+    if not system.exists():
+        pytest.skip("no system libfuse3 at the Debian path")
+    vol: Volume = make_volume(mount=False)
+    vol.env["FUSE_LIBRARY_PATH"] = str(system)
+    vol.mount()
+    status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)
+    assert status["libfuse"]["killpriv_v2"] is False
+    assert status["libfuse"]["version"] != "3.17"
+    data = os.urandom(300_000)
+    (vol.mountpoint / "f").write_bytes(data)
+    vol.remount()
+    assert (vol.mountpoint / "f").read_bytes() == data
