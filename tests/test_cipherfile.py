@@ -1,18 +1,87 @@
-"""CipherFile's deferred stream writes (the Sealer), on real files; the FUSE side of the same
-is in test_fs.py."""
+"""CipherFile's per-file lock and deferred stream writes (the Sealer), on real files; the
+FUSE side of the same is in test_fs.py."""
 
 from __future__ import annotations
 
 import errno
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from encfs import format as fmt
-from encfs.cipherfile import STREAM_MIN, CipherFile, Sealer
+from encfs.cipherfile import STREAM_MIN, CipherFile, RWLock, Sealer
 from encfs.keys import VolumeKeys
+
+
+def test_rwlock_readers_share_writers_exclude_and_waiters_wake() -> None:
+    lock = RWLock()
+    lock.acquire_read()
+    lock.acquire_read()  # two readers at once
+    wrote = threading.Event()
+
+    def writer() -> None:
+        lock.acquire_write()
+        wrote.set()
+        lock.release_write()
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    assert not wrote.wait(0.2), "a writer got in beside readers"
+    lock.release_read()
+    assert not wrote.wait(0.1), "a writer got in beside a reader"
+    lock.release_read()
+    assert wrote.wait(5), "the last reader did not wake the waiting writer"
+    t.join(5)
+
+    lock.acquire_write()
+    entered = threading.Semaphore(0)
+
+    def reader() -> None:
+        lock.acquire_read()
+        entered.release()
+        time.sleep(0.05)
+        lock.release_read()
+
+    readers = [threading.Thread(target=reader, daemon=True) for _ in range(3)]
+    for r in readers:
+        r.start()
+    assert not entered.acquire(timeout=0.2), "a reader got in beside the writer"
+    lock.release_write()
+    for _ in readers:
+        assert entered.acquire(timeout=5), "releasing the writer did not wake every reader"
+    for r in readers:
+        r.join(5)
+
+
+def test_rwlock_serialises_writers_under_contention() -> None:
+    lock = RWLock()
+    state = {"n": 0, "inside": 0, "overlap": 0}
+
+    def work() -> None:
+        for _ in range(300):
+            lock.acquire_write()
+            state["inside"] += 1
+            if state["inside"] != 1:
+                state["overlap"] += 1
+            n = state["n"]
+            time.sleep(0)  # invite another thread in
+            state["n"] = n + 1
+            state["inside"] -= 1
+            lock.release_write()
+            lock.acquire_read()
+            lock.release_read()
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a waiter was never woken"
+    assert state == {"n": 1800, "inside": 0, "overlap": 0}
 
 
 def _file(tmp_path: Path) -> tuple[CipherFile, int, Path]:
