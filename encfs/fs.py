@@ -1289,15 +1289,15 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
         return result
 
 
-# struct stat as mfusepy declares it on LP64 Linux (x86-64): packed in one call instead of
-# a dozen ctypes attribute stores (1.3 µs instead of 6.5 µs per getattr, measured here).
-# Other layouts (e.g. aarch64) take the field-by-field path.
 # A memoryview over foreign memory, format "B" (what pyca wants), in one C call.
 _view = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)(
     ("PyMemoryView_FromMemory", ctypes.pythonapi)
 )
 _PYBUF_READ = 0x100
 
+# struct stat as mfusepy declares it on LP64 Linux (x86-64): packed in one call instead of
+# a dozen ctypes attribute stores (1.3 µs instead of 6.5 µs per getattr, measured here).
+# Other layouts (e.g. aarch64) take the field-by-field path.
 _STAT = struct.Struct("=QQQIIIiQqqq" + "qq" * 3 + "24x")
 _STAT_FAST = ctypes.sizeof(mfusepy.c_stat) == _STAT.size and [
     (f[0], getattr(mfusepy.c_stat, f[0]).offset) for f in mfusepy.c_stat._fields_
