@@ -179,24 +179,42 @@ class BlockCipher:
         Raises ``IntegrityError`` (with ``backing_path`` and the block number) on the first
         block that fails authentication or is too short to be a block.
         """
-        if len(cipher) >= self.GATE_MIN_BLOCKS * self._block_size:
-            with self._gate:
-                return self._open(first_block_no, cipher, backing_path)
-        out = self._open(first_block_no, cipher, backing_path)
-        if len(out) % self._block_size:  # a short last block: see scrub_stack
-            scrub_stack()
+        out = bytearray(self.plain_len(len(cipher), first_block_no, backing_path))
+        self.open_into(first_block_no, cipher, out, backing_path)
         return out
 
-    def _open(self, first_block_no: int, cipher: Buffer, backing_path: str) -> bytearray:
-        src = memoryview(cipher)
+    def plain_len(self, cipher_len: int, first_block_no: int = 0, backing_path: str = "") -> int:
+        """Plaintext length of ``cipher_len`` bytes of contiguous blocks. Raises
+        ``IntegrityError`` if the last block is too short to be one."""
         cbs = self._block_size + fmt.BLOCK_OVERHEAD
-        nblocks = -(-len(src) // cbs)
-        if 0 < len(src) % cbs <= fmt.BLOCK_OVERHEAD:
+        nblocks = -(-cipher_len // cbs)
+        if 0 < cipher_len % cbs <= fmt.BLOCK_OVERHEAD:
             raise IntegrityError(
                 "truncated block", backing_path=backing_path, block_no=first_block_no + nblocks - 1
             )
-        out = bytearray(len(src) - nblocks * fmt.BLOCK_OVERHEAD) if nblocks else bytearray()
+        return cipher_len - nblocks * fmt.BLOCK_OVERHEAD
+
+    def open_into(
+        self, first_block_no: int, cipher: Buffer, out: Buffer, backing_path: str = ""
+    ) -> None:
+        """``open``, decrypting into ``out`` (writable, exactly ``plain_len`` bytes long),
+        e.g. libfuse's reply buffer. Raises ``IntegrityError`` as ``open`` does; ``out``
+        then holds partial plaintext, which the caller must not hand out."""
+        if len(memoryview(cipher)) >= self.GATE_MIN_BLOCKS * self._block_size:
+            with self._gate:
+                self._open(first_block_no, cipher, out, backing_path)
+            return
+        self._open(first_block_no, cipher, out, backing_path)
+        if len(memoryview(out)) % self._block_size:  # a short last block: see scrub_stack
+            scrub_stack()
+
+    def _open(self, first_block_no: int, cipher: Buffer, out: Buffer, backing_path: str) -> None:
+        src = memoryview(cipher)
         dst = memoryview(out)
+        cbs = self._block_size + fmt.BLOCK_OVERHEAD
+        if len(dst) != self.plain_len(len(src), first_block_no, backing_path):
+            raise ValueError("output buffer does not fit the blocks")
+        nblocks = -(-len(src) // cbs)
         aead = self._aead
         file_id = self._file_id
         cipher_off = 0
@@ -204,10 +222,6 @@ class BlockCipher:
         for i in range(nblocks):
             chunk = src[cipher_off : cipher_off + cbs]
             block_no = first_block_no + i
-            if len(chunk) <= fmt.BLOCK_OVERHEAD:
-                raise IntegrityError(
-                    "truncated block", backing_path=backing_path, block_no=block_no
-                )
             plain_len = len(chunk) - fmt.BLOCK_OVERHEAD
             try:
                 aead.decrypt_into(
@@ -225,7 +239,6 @@ class BlockCipher:
                     ) from None
             cipher_off += cbs
             plain_off += plain_len
-        return out
 
 
 class NameCipher:

@@ -851,6 +851,15 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         return data
 
     @fuse_op
+    def read_into(self, path: str | None, out: memoryview, offset: int, fh: int) -> int:
+        """``read`` into the caller's buffer (libfuse's reply buffer); returns the length."""
+        length = self._cfile(fh).read_into(fh, offset, out)
+        counters = self.counters
+        counters.reads += 1
+        counters.bytes_read += length
+        return length
+
+    @fuse_op
     def write(self, path: str | None, data: bytes | memoryview, offset: int, fh: int) -> int:
         self._check_writable()
         cfile = self._cfile(fh)
@@ -1264,6 +1273,13 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
         _fill_stat(buf.contents, st, size)
         return 0
 
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        """Decrypt into libfuse's reply buffer through a writable view of it, valid only
+        during this call (mfusepy's own callback copies the returned bytes into it)."""
+        out = _view(ctypes.addressof(buf.contents), size, _PYBUF_WRITE)
+        result: int = self.operations.read_into(self._decode(path), out, offset, fip.contents.fh)
+        return result
+
     def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         """Pass a read-only view of libfuse's request buffer, not a copy of it (1 MiB per
         sequential write). The view is valid only during this call; ``CipherFile.write``
@@ -1294,6 +1310,7 @@ _view = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t, c
     ("PyMemoryView_FromMemory", ctypes.pythonapi)
 )
 _PYBUF_READ = 0x100
+_PYBUF_WRITE = 0x200
 
 # struct stat as mfusepy declares it on LP64 Linux (x86-64): packed in one call instead of
 # a dozen ctypes attribute stores (1.3 µs instead of 6.5 µs per getattr, measured here).

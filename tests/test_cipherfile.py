@@ -1,5 +1,5 @@
-"""CipherFile's per-file lock and deferred stream writes (the Sealer), on real files; the
-FUSE side of the same is in test_fs.py."""
+"""CipherFile's per-file lock, reads into a caller's buffer, and deferred stream writes
+(the Sealer), on real files; the FUSE side of the same is in test_fs.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from encfs import format as fmt
 from encfs.cipherfile import STREAM_MIN, CipherFile, RWLock, Sealer
+from encfs.errors import IntegrityError
 from encfs.keys import VolumeKeys
 
 
@@ -89,6 +90,39 @@ def _file(tmp_path: Path) -> tuple[CipherFile, int, Path]:
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     return CipherFile(keys, fmt.Geometry(4096), str(path), Sealer()), fd, path
+
+
+def test_read_into_returns_what_read_returns_for_every_shape(tmp_path: Path) -> None:
+    """Block-aligned reads are decrypted straight into the buffer, others through ``read``;
+    both must give the same bytes, up to the end of the file and no further."""
+    cfile, fd, _ = _file(tmp_path)
+    data = os.urandom(5 * 4096 + 1234)  # a partial last block
+    cfile.write(fd, 0, data)
+    cases = [(0, 4096), (0, 8192), (4096, 3 * 4096), (0, len(data)), (0, 1 << 20),
+             (5 * 4096, 4096), (5 * 4096, 1234), (4 * 4096, 2 * 4096), (1, 4096),
+             (100, 50), (4095, 2), (5 * 4096 + 1000, 4096), (len(data), 4096),
+             (len(data) + 10, 10), (8192, 0)]  # fmt: skip
+    for off, size in cases:
+        buf = bytearray(b"\xee" * (size + 7))
+        n = cfile.read_into(fd, off, memoryview(buf)[:size])
+        assert n == len(data[off : off + size]), (off, size)
+        assert bytes(buf[:n]) == data[off : off + size] == cfile.read(fd, off, size), (off, size)
+        assert bytes(buf[n:]) == b"\xee" * (size + 7 - n), (off, size)  # nothing past n
+
+
+def test_read_into_reads_holes_as_zeros_and_refuses_tampered_blocks(tmp_path: Path) -> None:
+    cfile, fd, path = _file(tmp_path)
+    cfile.write(fd, 0, b"a" * 4096)
+    cfile.write(fd, 3 * 4096, b"b" * 4096)  # blocks 1 and 2 are a hole
+    buf = bytearray(4 * 4096)
+    assert cfile.read_into(fd, 0, memoryview(buf)) == 4 * 4096
+    assert bytes(buf) == b"a" * 4096 + bytes(2 * 4096) + b"b" * 4096
+    raw = bytearray(path.read_bytes())
+    raw[fmt.FILE_HEADER_LEN + 3 * (4096 + fmt.BLOCK_OVERHEAD) + 100] ^= 1  # in block 3
+    os.pwrite(fd, bytes(raw), 0)
+    with pytest.raises(IntegrityError) as err:
+        cfile.read_into(fd, 0, memoryview(bytearray(4 * 4096)))
+    assert err.value.block_no == 3
 
 
 def test_stream_writes_are_deferred_in_order_and_read_back(tmp_path: Path) -> None:
