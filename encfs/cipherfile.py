@@ -217,17 +217,23 @@ class CipherFile:
         self, fd: int, file_id: bytes, first: int, end: int, plain_size: int
     ) -> bytearray:
         """Decrypt blocks [first, end) as far as they exist below ``plain_size``."""
+        raw = self._pread_blocks(fd, first, end, plain_size)
+        return self.keys.file_cipher(file_id).open(first, raw, self.backing_path)
+
+    def _pread_blocks(self, fd: int, first: int, end: int, plain_size: int) -> bytes:
+        """The ciphertext of blocks [first, end) as far as they exist below ``plain_size``.
+        Raises ``IntegrityError`` if the backing file is shorter."""
         geo = self.geo
         end = min(end, -(-plain_size // geo.block_size))
         if end <= first:
-            return bytearray()
+            return b""
         cipher_off = geo.block_cipher_off(first)
         cipher_len = geo.cipher_size(plain_size) - cipher_off
         cipher_len = min(cipher_len, (end - first) * geo.cipher_block_size)
         raw = os.pread(fd, cipher_len, cipher_off)
         if len(raw) != cipher_len:
             raise IntegrityError("file shorter than its size", backing_path=self.backing_path)
-        return self.keys.file_cipher(file_id).open(first, raw, self.backing_path)
+        return raw
 
     def _rewrite_block(
         self, fd: int, file_id: bytes, block_no: int, plain: bytes | bytearray
@@ -279,59 +285,39 @@ class CipherFile:
     # --- public operations -----------------------------------------------------------------
 
     def read(self, fd: int, plain_off: int, size: int) -> bytes:
-        self.drain()
-        self.lock.acquire_read()
-        try:
-            plain_size = self.plain_size(fd)
-            if plain_off >= plain_size or size <= 0:
-                return b""
-            return self._read_locked(fd, plain_off, min(size, plain_size - plain_off), plain_size)
-        finally:
-            self.lock.release_read()
-
-    def _read_locked(self, fd: int, plain_off: int, size: int, plain_size: int) -> bytes:
-        """``size`` bytes at ``plain_off`` (both within ``plain_size``); caller holds the lock."""
-        file_id = self._file_id_for(fd)
-        if file_id is None:
-            return b""
-        first, end = self.geo.block_range(plain_off, size)
-        plain = self._read_blocks(fd, file_id, first, end, plain_size)
-        skip = plain_off - self.geo.block_plain_off(first)
-        return bytes(memoryview(plain)[skip : skip + size])
+        out = bytearray(max(size, 0))
+        length = self.read_into(fd, plain_off, memoryview(out))
+        del out[length:]
+        return bytes(out)
 
     def read_into(self, fd: int, plain_off: int, out: memoryview) -> int:
         """Read up to ``len(out)`` bytes at ``plain_off`` into ``out``; returns how many.
 
         A read that starts on a block boundary and ends on one (or at the end of the file),
         as the kernel's page-sized reads do, is decrypted straight into ``out`` (for FUSE:
-        libfuse's reply buffer), without the two copies of ``read``. Raises as ``read``;
-        after an ``IntegrityError`` ``out`` may hold part of the plaintext and must not be
-        sent.
+        libfuse's reply buffer); any other is decrypted whole-block and copied once.
+        Raises ``IntegrityError`` for tampered data; ``out`` may then hold part of the
+        plaintext and must not be sent.
         """
         geo = self.geo
         bs = geo.block_size
-        size = len(out)
         self.drain()
         self.lock.acquire_read()
         try:
             plain_size = self.plain_size(fd)
-            if plain_off >= plain_size or size <= 0:
+            size = min(len(out), plain_size - plain_off)
+            if size <= 0:
                 return 0
-            size = min(size, plain_size - plain_off)
-            if plain_off % bs or (size % bs and plain_off + size != plain_size):
-                data = self._read_locked(fd, plain_off, size, plain_size)
-                out[: len(data)] = data
-                return len(data)
             file_id = self._file_id_for(fd)
             if file_id is None:
                 return 0
             first, end = geo.block_range(plain_off, size)
-            cipher_off = geo.block_cipher_off(first)
-            cipher_len = min(geo.cipher_size(plain_size) - cipher_off,
-                             (end - first) * geo.cipher_block_size)  # fmt: skip
-            raw = os.pread(fd, cipher_len, cipher_off)
-            if len(raw) != cipher_len:
-                raise IntegrityError("file shorter than its size", backing_path=self.backing_path)
+            if plain_off % bs or (size % bs and plain_off + size != plain_size):
+                plain = self._read_blocks(fd, file_id, first, end, plain_size)
+                skip = plain_off - geo.block_plain_off(first)
+                out[:size] = memoryview(plain)[skip : skip + size]
+                return size
+            raw = self._pread_blocks(fd, first, end, plain_size)
             self.keys.file_cipher(file_id).open_into(first, raw, out[:size], self.backing_path)
             return size
         finally:

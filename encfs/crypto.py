@@ -200,26 +200,27 @@ class BlockCipher:
         """``open``, decrypting into ``out`` (writable, exactly ``plain_len`` bytes long),
         e.g. libfuse's reply buffer. Raises ``IntegrityError`` as ``open`` does; ``out``
         then holds partial plaintext, which the caller must not hand out."""
-        if len(memoryview(cipher)) >= self.GATE_MIN_BLOCKS * self._block_size:
-            with self._gate:
-                self._open(first_block_no, cipher, out, backing_path)
-            return
-        self._open(first_block_no, cipher, out, backing_path)
-        if len(memoryview(out)) % self._block_size:  # a short last block: see scrub_stack
-            scrub_stack()
-
-    def _open(self, first_block_no: int, cipher: Buffer, out: Buffer, backing_path: str) -> None:
         src = memoryview(cipher)
         dst = memoryview(out)
-        cbs = self._block_size + fmt.BLOCK_OVERHEAD
         if len(dst) != self.plain_len(len(src), first_block_no, backing_path):
             raise ValueError("output buffer does not fit the blocks")
-        nblocks = -(-len(src) // cbs)
+        if len(src) >= self.GATE_MIN_BLOCKS * self._block_size:
+            with self._gate:
+                self._open(first_block_no, src, dst, backing_path)
+            return
+        self._open(first_block_no, src, dst, backing_path)
+        if len(dst) % self._block_size:  # a short last block: see scrub_stack
+            scrub_stack()
+
+    def _open(
+        self, first_block_no: int, src: memoryview, dst: memoryview, backing_path: str
+    ) -> None:
+        cbs = self._block_size + fmt.BLOCK_OVERHEAD
         aead = self._aead
         file_id = self._file_id
         cipher_off = 0
         plain_off = 0
-        for i in range(nblocks):
+        for i in range(-(-len(src) // cbs)):
             chunk = src[cipher_off : cipher_off + cbs]
             block_no = first_block_no + i
             plain_len = len(chunk) - fmt.BLOCK_OVERHEAD

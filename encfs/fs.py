@@ -842,17 +842,16 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._release_fd(fh)
         return 0
 
-    @fuse_op
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        data = self._cfile(fh).read(fh, offset, size)
-        counters = self.counters
-        counters.reads += 1
-        counters.bytes_read += len(data)
-        return data
+        """mfusepy's form of ``read_into`` (EncfsFUSE.read calls ``read_into`` itself)."""
+        out = bytearray(max(size, 0))
+        length = self.read_into(path, memoryview(out), offset, fh)
+        del out[length:]
+        return bytes(out)
 
     @fuse_op
     def read_into(self, path: str | None, out: memoryview, offset: int, fh: int) -> int:
-        """``read`` into the caller's buffer (libfuse's reply buffer); returns the length."""
+        """Read into the caller's buffer (libfuse's reply buffer); returns the length."""
         length = self._cfile(fh).read_into(fh, offset, out)
         counters = self.counters
         counters.reads += 1

@@ -1358,6 +1358,20 @@ def test_suspension_seals_queued_writes_before_the_keys_go(tmp_path: Path) -> No
     assert os.fstat(fh).st_size == ops.geo.cipher_size(9 * mib)
 
 
+def test_session_end_seals_queued_writes(tmp_path: Path) -> None:
+    """SECURITY.md: unmount (libfuse's destroy, also on SIGTERM with files still open)
+    drains the queue like suspension does; nothing queued is dropped."""
+    ops, fh, _ro = _ops(tmp_path)
+    mib = 1 << 20
+    data = os.urandom(8 * mib)  # made first: queuing outpaces sealing
+    for i in range(1, 9):
+        ops.write(None, data[(i - 1) * mib : i * mib], i * mib, fh)
+    assert ops._handles[fh].pending, "nothing was queued: the test exercises nothing"
+    ops.destroy(None)
+    assert ops._handles[fh].pending == 0
+    assert os.fstat(fh).st_size == ops.geo.cipher_size(9 * mib)
+
+
 def test_system_libfuse_still_works_without_killpriv_v2(make_volume) -> None:  # type: ignore[no-untyped-def]
     """README: if the libfuse 3.17 build is missing, encfs runs on the system libfuse 3
     (FUSE_LIBRARY_PATH picks it here) — correct, one round trip more per write."""
