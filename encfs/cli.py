@@ -757,6 +757,7 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
         "cipher_dir": str(args.cipher_dir.resolve()),
         "format_version": h.format_version,
         "feature_flags": h.feature_flags,
+        "features": fmt.feature_names(h.feature_flags),
         "volume_id": h.volume_id.hex(),
         "cipher": fmt.CIPHER_NAMES[h.cipher],
         "block_size": h.block_size,
@@ -771,6 +772,8 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
     else:
         width = max(len(k) for k in info)
         for key, value in info.items():
+            if isinstance(value, list):
+                value = ", ".join(value) or "none"
             print(f"{key.replace('_', ' '):<{width}}  {value}")
         print("(header tag not verified: that needs the vault; `encfs fsck` verifies it)")
     return ExitCode.OK

@@ -30,8 +30,13 @@ HEADER_TAG_LEN = 32  # HMAC-SHA256
 CIPHER_AES256_GCM = 1
 CIPHER_NAMES = {CIPHER_AES256_GCM: "AES-256-GCM"}
 
-KNOWN_FEATURE_FLAGS = 0
-"""Feature flags this build understands. v1 defines none; any set bit is refused at mount."""
+FEATURE_DIRID_LINKS = 1 << 0
+"""Directory ids are symbolic links whose target is the id in base64url (§6.1), not files."""
+KNOWN_FEATURE_FLAGS = FEATURE_DIRID_LINKS
+"""Feature flags this build understands; any other set bit is refused at mount."""
+NEW_VOLUME_FEATURES = FEATURE_DIRID_LINKS
+"""Feature flags ``encfs init`` sets on a new volume."""
+FEATURE_NAMES = {FEATURE_DIRID_LINKS: "dirid-links"}
 
 DEFAULT_BLOCK_SIZE = 4096
 MIN_BLOCK_SIZE = 4096
@@ -61,8 +66,11 @@ _BLOCK_AD = struct.Struct(">16sQ")
 # --- names -----------------------------------------------------------------------------------
 
 DIRID_NAME = ".encfs.dirid"
-"""File in every backing directory holding that directory's 16-byte id."""
+"""Entry in every backing directory holding that directory's 16-byte id: a file, or (with
+``FEATURE_DIRID_LINKS``) a symbolic link whose target is the id in base64url."""
 DIRID_LEN = 16
+DIRID_LINK_LEN = 22
+"""Length of a directory id link's target (16 bytes in unpadded base64url)."""
 LONGNAME_PREFIX = "encfs.ln."
 LONGNAME_SUFFIX = ".name"
 MAX_BACKING_NAME = 255
@@ -82,6 +90,11 @@ XATTR_PREFIX = "user."
 XATTR_BACKING_PREFIX = "user.encfs."
 MAX_PLAIN_XATTR_NAME = 159
 """Longest plaintext xattr name (after ``user.``): the encoding must fit XATTR_NAME_MAX (255)."""
+
+
+def feature_names(flags: int) -> list[str]:
+    """Names of the known feature flags set in ``flags`` (``encfs info``)."""
+    return [name for bit, name in FEATURE_NAMES.items() if flags & bit]
 
 
 def is_reserved_backing_name(name: str) -> bool:

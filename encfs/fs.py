@@ -344,12 +344,14 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         block_size: int,
         options: FsOptions,
         on_init: Callable[[], None] | None = None,
+        *,
+        dirid_links: bool = False,
     ) -> None:
         self.root = os.path.abspath(cipher_dir)
         self.keys = keys
         self.geo = fmt.Geometry(block_size)
         self.options = options
-        self.names = names.Names(self.root, keys)
+        self.names = names.Names(self.root, keys, dirid_links=dirid_links)
         self.counters = Counters()
         self._on_init = on_init
         self._table_lock = threading.Lock()
@@ -741,7 +743,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
                 self.names.remove_companion(entry)
             raise
         try:
-            names.write_dirid(entry.backing_path)
+            names.write_dirid(entry.backing_path, link=self.names.dirid_links)
             self._own(entry.backing_path)
         except BaseException:
             _remove_tree_quietly(entry.backing_path)
@@ -772,12 +774,13 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         except FormatError:
             dir_id = None
         if dir_id is not None:
+            was_link = os.path.islink(dirid_path)
             os.unlink(dirid_path)
         try:
             os.rmdir(backing_dir)
         except OSError:
             if dir_id is not None:
-                _write_file(dirid_path, dir_id, 0o440)
+                names.write_dirid(backing_dir, link=was_link, dir_id=dir_id)
             raise
 
     # --- entries ---------------------------------------------------------------------------
@@ -1121,14 +1124,6 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             self.names.backing_path(path), self._xattr_backing_name(name), follow_symlinks=False
         )
         return 0
-
-
-def _write_file(path: str, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def _remove_tree_quietly(backing_dir: str) -> None:

@@ -1,6 +1,7 @@
 """Name encryption: plaintext paths to backing paths, per-directory ids, long names, listing.
 
-Every backing directory holds ``.encfs.dirid`` (16 random bytes); a name is encrypted with
+Every backing directory holds ``.encfs.dirid`` (16 random bytes, in a file or a symbolic
+link, see ``write_dirid``); a name is encrypted with
 AES-SIV under the names key with its parent's id as associated data, so equal names in
 different directories differ and a lookup needs no directory scan. Encodings longer than
 255 bytes are stored as ``encfs.ln.<sha256 of the encoding>`` with the full encoding in a
@@ -11,6 +12,7 @@ that rename or remove a directory call ``invalidate()``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -27,10 +29,22 @@ log = logging.getLogger(__name__)
 _DIR_CACHE_MAX = 8192
 
 
-def write_dirid(backing_dir: str) -> bytes:
-    """Create ``backing_dir/.encfs.dirid`` with a fresh id; returns the id. Raises OSError."""
-    dir_id = crypto.random_bytes(fmt.DIRID_LEN)
+def write_dirid(backing_dir: str, *, link: bool, dir_id: bytes | None = None) -> bytes:
+    """Give the new backing directory ``backing_dir`` its id (a fresh one unless ``dir_id``
+    is given); returns the id. Raises OSError (FileExistsError if it has one).
+
+    ``link`` (volumes with ``FEATURE_DIRID_LINKS``): a symbolic link whose target is the id,
+    made in one metadata operation, so no crash can leave the entry without its id; a
+    journaling filesystem commits it no later than the entries created in the directory
+    after it. Otherwise a file, fsynced before the directory gets entries: a crash must not
+    keep entries whose names need an id that never reached the disk.
+    """
+    if dir_id is None:
+        dir_id = crypto.random_bytes(fmt.DIRID_LEN)
     path = os.path.join(backing_dir, fmt.DIRID_NAME)
+    if link:
+        os.symlink(crypto.b64encode(dir_id), path)
+        return dir_id
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440)
     try:
         os.write(fd, dir_id)
@@ -41,12 +55,23 @@ def write_dirid(backing_dir: str) -> bytes:
 
 
 def read_dirid(backing_dir: str) -> bytes:
-    """Raises FileNotFoundError/NotADirectoryError if the directory is gone, FormatError if
-    its id file is missing or damaged."""
+    """The id of ``backing_dir``, in either form (``write_dirid``); a link is never followed.
+    Raises FileNotFoundError/NotADirectoryError if the directory is gone, FormatError if
+    its id is missing or damaged."""
     path = os.path.join(backing_dir, fmt.DIRID_NAME)
     try:
-        with open(path, "rb") as f:
-            dir_id = f.read(fmt.DIRID_LEN + 1)
+        try:
+            target = os.readlink(path)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: not a link, so the file form
+                raise
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                dir_id = os.read(fd, fmt.DIRID_LEN + 1)
+            finally:
+                os.close(fd)
+        else:
+            dir_id = _dirid_from_link(target)
     except FileNotFoundError:
         if os.path.isdir(backing_dir):
             raise FormatError(f"directory id missing in {backing_dir}") from None
@@ -54,6 +79,17 @@ def read_dirid(backing_dir: str) -> bytes:
     if len(dir_id) != fmt.DIRID_LEN:
         raise FormatError(f"directory id damaged in {backing_dir}")
     return dir_id
+
+
+def _dirid_from_link(target: str) -> bytes:
+    """The id a link target encodes, or b"" unless it is exactly a canonical encoding."""
+    if len(target) != fmt.DIRID_LINK_LEN:
+        return b""
+    try:
+        dir_id = crypto.b64decode(target)
+    except IntegrityError:
+        return b""
+    return dir_id if crypto.b64encode(dir_id) == target else b""
 
 
 @dataclass(frozen=True)
@@ -78,9 +114,11 @@ class Entry:
 class Names:
     """Plaintext path -> backing path resolution for one mounted volume. Thread-safe."""
 
-    def __init__(self, cipher_root: str, keys: VolumeKeys) -> None:
+    def __init__(self, cipher_root: str, keys: VolumeKeys, *, dirid_links: bool = False) -> None:
         self.root = cipher_root
         self._keys = keys
+        self.dirid_links = dirid_links
+        """New directories get their id as a link (``FEATURE_DIRID_LINKS``)."""
         self._lock = threading.Lock()
         self._gen = 0
         self._dirs: dict[str, tuple[str, bytes]] = {}

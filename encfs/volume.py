@@ -112,7 +112,7 @@ def create(
     try:
         header = fmt.VolumeHeader(
             format_version=fmt.FORMAT_VERSION,
-            feature_flags=0,
+            feature_flags=fmt.NEW_VOLUME_FEATURES,
             cipher=fmt.CIPHER_AES256_GCM,
             block_size=block_size,
             volume_id=crypto.random_bytes(fmt.VOLUME_ID_LEN),
@@ -124,7 +124,9 @@ def create(
     finally:
         volume_key[:] = bytes(len(volume_key))
     try:
-        names.write_dirid(str(cipher_dir))
+        names.write_dirid(
+            str(cipher_dir), link=bool(header.feature_flags & fmt.FEATURE_DIRID_LINKS)
+        )
         write_header_atomic(cipher_dir, build_header_bytes(header, keys))
     finally:
         keys.close()
@@ -239,7 +241,7 @@ def start_ephemeral(
         os.fsync(fd)
     finally:
         os.close(fd)
-    names.write_dirid(str(cipher_dir))
+    names.write_dirid(str(cipher_dir), link=True)  # nothing older ever reads this volume
     fsync_dir(cipher_dir)
     volume_id = crypto.random_bytes(fmt.VOLUME_ID_LEN)
     volume_key = bytearray(fmt.VOLUME_KEY_LEN)

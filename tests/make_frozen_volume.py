@@ -1,8 +1,10 @@
-"""Create the frozen format-v1 volume in tests/data/frozen-v1/. RAN ONCE; KEPT FOR THE RECORD.
+"""Create a frozen format-v1 volume under tests/data/. RAN ONCE PER VOLUME; KEPT FOR THE RECORD.
 
-The frozen volume is a compatibility fixture: every later encfs must still mount it and
-read exactly the tree in EXPECTED.json (tests/test_frozen_volume.py). Never regenerate it
-to make a failing test pass: a failure means the on-disk format changed.
+A frozen volume is a compatibility fixture: every later encfs must still mount it and read
+exactly the tree in its EXPECTED.json (tests/test_frozen_volume.py). Never regenerate one
+to make a failing test pass: a failure means the on-disk format changed. There is one per
+format variant (docs/FORMAT.md §12): ``frozen-v1`` (feature flags 0, made 2026-11) and
+``frozen-v1-dirid-links`` (``DIRID_LINKS``, made 2026-12-01, by the encfs that added it).
 
 How the vault problem is solved: a volume's key is wrapped by a KEK in a vault, and the
 dev vault that made this volume is gone. So the KEK is a fixed TEST-ONLY key kept next to
@@ -11,15 +13,16 @@ the volume (TEST-KEK.b64) and imported into a fresh OpenBao with the transit BYO
 the header's ``vault:v1:`` ciphertext. The volume itself is made by the real CLI
 (``encfs init`` / ``encfs mount``) and real file operations through the FUSE mount.
 
-Layout written here:
+Layout written here (for each volume):
 
-    tests/data/frozen-v1/
+    tests/data/frozen-v1[-VARIANT]/
       cipher/              the cipher dir, exactly as encfs wrote it
       cipher-xattrs.json   the backing xattrs (git cannot store xattrs)
       EXPECTED.json        the plaintext tree: path -> kind, size, sha256, target, xattrs
       TEST-KEK.b64         the TEST-ONLY KEK (base64 of 32 bytes); TEST-KEK.README says so
 
-    /opt/encfs-venv/bin/python -m tests.make_frozen_volume   # refuses if cipher/ exists
+    .venv/bin/python -m tests.make_frozen_volume [NAME]   # NAME under tests/data/;
+                                                           # refuses if NAME/cipher exists
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
 from tests.openbao import OpenBao
 
-FROZEN = Path(__file__).resolve().parent / "data" / "frozen-v1"
+DATA = Path(__file__).resolve().parent / "data"
+FROZEN = DATA / "frozen-v1"
 KEK_NAME = "encfs-frozen-v1"
 BLOCK_SIZE = 4096
 
@@ -181,16 +185,17 @@ def backing_xattrs(cipher: Path) -> dict[str, dict[str, str]]:
     return found
 
 
-def main() -> int:
-    cipher = FROZEN / "cipher"
+def main(argv: list[str]) -> int:
+    frozen = DATA / argv[0] if argv else FROZEN
+    cipher = frozen / "cipher"
     if cipher.exists():
         print(f"{cipher} exists: the frozen volume is never regenerated", file=sys.stderr)
         return 1
-    FROZEN.mkdir(parents=True, exist_ok=True)
-    kek_file = FROZEN / "TEST-KEK.b64"
+    frozen.mkdir(parents=True, exist_ok=True)
+    kek_file = frozen / "TEST-KEK.b64"
     if not kek_file.exists():
         kek_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
-    kek = read_test_kek()
+    kek = read_test_kek(frozen)
     with OpenBao() as bao, tempfile.TemporaryDirectory(prefix="encfs-frozen-") as tmp:
         import_kek(bao, KEK_NAME, kek)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
@@ -215,13 +220,13 @@ def main() -> int:
         "header_sha256": hashlib.sha256(header).hexdigest(),
         "tree": tree,
     }
-    (FROZEN / "EXPECTED.json").write_text(json.dumps(expected, indent=1) + "\n")
-    (FROZEN / "cipher-xattrs.json").write_text(
+    (frozen / "EXPECTED.json").write_text(json.dumps(expected, indent=1) + "\n")
+    (frozen / "cipher-xattrs.json").write_text(
         json.dumps(backing_xattrs(cipher), indent=1, sort_keys=True) + "\n"
     )
-    print(f"frozen volume written to {FROZEN}")
+    print(f"frozen volume written to {frozen}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

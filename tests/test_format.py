@@ -52,7 +52,10 @@ def test_format_constants() -> None:
     """Every number here is in docs/FORMAT.md; changing one is changing the format."""
     assert fmt.VOLUME_MAGIC == b"ENCFSVOL"
     assert fmt.FORMAT_VERSION == 1
-    assert fmt.KNOWN_FEATURE_FLAGS == 0
+    assert fmt.FEATURE_DIRID_LINKS == 1
+    assert fmt.KNOWN_FEATURE_FLAGS == fmt.NEW_VOLUME_FEATURES == fmt.FEATURE_DIRID_LINKS
+    assert fmt.feature_names(0xFFFFFFFF) == ["dirid-links"]
+    assert fmt.feature_names(0) == []
     assert fmt.CIPHER_AES256_GCM == 1
     assert fmt.VOLUME_HEADER_NAME == "encfs.volume"
     assert fmt.VOLUME_HEADER_TMP == "encfs.volume.tmp"
@@ -316,11 +319,18 @@ def test_header_wrong_version(version: int) -> None:
         fmt.parse_volume_header(raw)
 
 
-@pytest.mark.parametrize("flags", [1, 2, 0x80000000, 0xFFFFFFFF])
-def test_header_unknown_feature_flag(flags: int) -> None:
+@pytest.mark.parametrize(
+    ("flags", "unknown"), [(2, 2), (0x80000000, 0x80000000), (0xFFFFFFFF, 0xFFFFFFFE)]
+)
+def test_header_unknown_feature_flag(flags: int, unknown: int) -> None:
     raw = header_file(sample_header(feature_flags=flags))
-    with pytest.raises(UnsupportedFormat, match=f"unknown feature flags 0x{flags:08x}"):
+    with pytest.raises(UnsupportedFormat, match=f"unknown feature flags 0x{unknown:08x}"):
         fmt.parse_volume_header(raw)
+
+
+def test_header_known_feature_flag_parses() -> None:
+    h = sample_header(feature_flags=fmt.FEATURE_DIRID_LINKS)
+    assert fmt.parse_volume_header(header_file(h))[0].feature_flags == fmt.FEATURE_DIRID_LINKS
 
 
 @pytest.mark.parametrize("cipher", [0, 2, 255])

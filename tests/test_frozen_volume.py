@@ -1,6 +1,8 @@
-"""The frozen format-v1 volume (tests/data/frozen-v1) must stay readable by every encfs.
+"""The frozen format-v1 volumes (tests/data/frozen-v1*) must stay readable by every encfs.
 
-Its KEK is a published TEST-ONLY key, imported into the session's fresh OpenBao with the
+One per format variant: ``frozen-v1`` (no feature flags: directory ids are files) and
+``frozen-v1-dirid-links`` (``DIRID_LINKS``: ids are links), with the same plaintext tree.
+Each KEK is a published TEST-ONLY key, imported into the session's fresh OpenBao with the
 transit BYOK API (tests/make_frozen_volume.py ``import_kek``). The volume is read three
 ways: offline straight from the format (names + cipherfile, key unwrapped locally), through
 ``volume.unlock`` + ``fsck`` with the real vault, and mounted with the real CLI
@@ -17,13 +19,14 @@ import secrets
 import shutil
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from encfs import crypto, fsck, volume
+from encfs import crypto, fsck, names, volume
 from encfs import format as fmt
 from encfs.cipherfile import CipherFile
 from encfs.keys import VolumeKeys
@@ -33,38 +36,64 @@ from tests.harness import encfs, force_unmount, is_mounted
 from tests.make_frozen_volume import import_kek, read_test_kek, snapshot
 from tests.openbao import OpenBao
 
-FROZEN = Path(__file__).parent / "data" / "frozen-v1"
-EXPECTED: dict[str, Any] = json.loads((FROZEN / "EXPECTED.json").read_text())
+DATA = Path(__file__).parent / "data"
 Tree = dict[str, dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Frozen:
+    """One frozen volume: its directory, what it holds, the feature flags it was made with."""
+
+    path: Path
+    flags: int
+
+    @property
+    def expected(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads((self.path / "EXPECTED.json").read_text())
+        return result
+
+
+VOLUMES = [
+    Frozen(DATA / "frozen-v1", 0),
+    Frozen(DATA / "frozen-v1-dirid-links", fmt.FEATURE_DIRID_LINKS),
+]
+
+
+@pytest.fixture(params=VOLUMES, ids=lambda v: v.path.name)
+def frozen(request: pytest.FixtureRequest) -> Frozen:
+    result: Frozen = request.param
+    return result
+
+
 @pytest.fixture
-def frozen_copy(tmp_path: Path) -> Path:
+def frozen_copy(frozen: Frozen, tmp_path: Path) -> Path:
     """A private copy of the cipher dir, with the backing xattrs git cannot store."""
     copy = tmp_path / "cipher"
-    shutil.copytree(FROZEN / "cipher", copy, symlinks=True)
-    xattrs: dict[str, dict[str, str]] = json.loads((FROZEN / "cipher-xattrs.json").read_text())
+    shutil.copytree(frozen.path / "cipher", copy, symlinks=True)
+    xattrs: dict[str, dict[str, str]] = json.loads(
+        (frozen.path / "cipher-xattrs.json").read_text()
+    )
     for rel, attrs in xattrs.items():
         for name, value in attrs.items():
             os.setxattr(copy / rel, name, base64.b64decode(value), follow_symlinks=False)
     return copy
 
 
-@pytest.fixture(scope="module")
-def frozen_kek_url(openbao: OpenBao) -> str:
-    """The TEST-ONLY KEK imported into the session's OpenBao; returns its vault URL."""
+@pytest.fixture
+def frozen_kek_url(frozen: Frozen, openbao: OpenBao) -> str:
+    """The volume's TEST-ONLY KEK imported into the session's OpenBao; returns its URL."""
     name = "frozen-v1-" + secrets.token_hex(4)
-    import_kek(openbao, name, read_test_kek())
+    import_kek(openbao, name, read_test_kek(frozen.path))
     return openbao.url_for(name)
 
 
-def unwrap_offline(wrapped_key: str) -> bytearray:
+def unwrap_offline(frozen: Frozen, wrapped_key: str) -> bytearray:
     """Unwrap without a vault: a transit ``vault:v1:`` ciphertext of an aes256-gcm96 key is
     base64(nonce(12) || AES-256-GCM(KEK, nonce, plaintext, no AD))."""
     prefix, version, payload = wrapped_key.split(":", 2)
     assert (prefix, version) == ("vault", "v1")
     raw = base64.b64decode(payload)
-    return bytearray(AESGCM(read_test_kek()).decrypt(raw[:12], raw[12:], None))
+    return bytearray(AESGCM(read_test_kek(frozen.path)).decrypt(raw[:12], raw[12:], None))
 
 
 def read_tree_offline(cipher_dir: Path, keys: VolumeKeys, block_size: int) -> Tree:
@@ -123,22 +152,36 @@ def read_tree_offline(cipher_dir: Path, keys: VolumeKeys, block_size: int) -> Tr
 # --- no vault needed ---------------------------------------------------------------------------
 
 
-def test_frozen_header_is_untouched() -> None:
-    raw = (FROZEN / "cipher" / fmt.VOLUME_HEADER_NAME).read_bytes()
-    assert hashlib.sha256(raw).hexdigest() == EXPECTED["header_sha256"]
+def test_frozen_header_is_untouched(frozen: Frozen) -> None:
+    expected = frozen.expected
+    raw = (frozen.path / "cipher" / fmt.VOLUME_HEADER_NAME).read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == expected["header_sha256"]
     header, _body, _tag = fmt.parse_volume_header(raw)
     assert header.format_version == 1
-    assert header.feature_flags == 0
+    assert header.feature_flags == frozen.flags
     assert header.cipher == fmt.CIPHER_AES256_GCM
-    assert header.block_size == EXPECTED["block_size"]
+    assert header.block_size == expected["block_size"]
     assert header.wrapped_key.startswith("vault:v1:")
-    assert header.vault_url.endswith("/transit/" + EXPECTED["kek_name_at_creation"])
+    assert header.vault_url.endswith("/transit/" + expected["kek_name_at_creation"])
 
 
-def test_frozen_expected_tree_covers_the_format() -> None:
+def test_frozen_ids_have_their_volumes_form(frozen: Frozen) -> None:
+    """Every directory id is a link in the links volume and a file in the other (git keeps
+    links as links; a checkout that turned them into files would test nothing)."""
+    ids = [Path(d, fmt.DIRID_NAME) for d, _dirs, _files in os.walk(frozen.path / "cipher")]
+    assert len(ids) == 4
+    links = bool(frozen.flags & fmt.FEATURE_DIRID_LINKS)
+    assert [p.is_symlink() for p in ids] == [links] * len(ids)
+
+
+def test_frozen_volumes_hold_the_same_tree() -> None:
+    assert VOLUMES[0].expected["tree"] == VOLUMES[1].expected["tree"]
+
+
+def test_frozen_expected_tree_covers_the_format(frozen: Frozen) -> None:
     """EXPECTED.json holds what the fixture promises: 0/1/5000-byte and multi-block files,
     a hole, a subdirectory, symlinks, a 255-byte name and xattrs."""
-    tree = EXPECTED["tree"]
+    tree = frozen.expected["tree"]
     sizes = {v["size"] for v in tree.values() if v["kind"] == "file"}
     assert {0, 1, 5000, 4096, 3 * 4096 + 100} <= sizes
     assert any(v["kind"] == "symlink" for v in tree.values())
@@ -147,18 +190,19 @@ def test_frozen_expected_tree_covers_the_format() -> None:
     assert any(v.get("xattrs") for v in tree.values())
 
 
-def test_frozen_volume_offline(frozen_copy: Path) -> None:
+def test_frozen_volume_offline(frozen: Frozen, frozen_copy: Path) -> None:
     """Straight from the format: unwrap with the test KEK, verify the header tag, read every
     name, block, symlink and xattr with names + cipherfile."""
     hf = volume.read_header(frozen_copy)
-    key = unwrap_offline(hf.header.wrapped_key)
+    key = unwrap_offline(frozen, hf.header.wrapped_key)
     try:
         keys = VolumeKeys(key, volume_id=hf.header.volume_id, block_size=hf.header.block_size)
     finally:
         key[:] = bytes(len(key))
     try:
         keys.verify_header(hf.body, hf.tag)
-        assert read_tree_offline(frozen_copy, keys, hf.header.block_size) == EXPECTED["tree"]
+        tree = read_tree_offline(frozen_copy, keys, hf.header.block_size)
+        assert tree == frozen.expected["tree"]
     finally:
         keys.close()
 
@@ -166,8 +210,8 @@ def test_frozen_volume_offline(frozen_copy: Path) -> None:
 # --- with the real vault -----------------------------------------------------------------------
 
 
-def test_frozen_volume_unlocks_and_is_clean(frozen_copy: Path, frozen_kek_url: str,
-                                            openbao: OpenBao,
+def test_frozen_volume_unlocks_and_is_clean(frozen: Frozen, frozen_copy: Path,
+                                            frozen_kek_url: str, openbao: OpenBao,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("BAO_TOKEN", "CREDENTIALS_DIRECTORY"):
         monkeypatch.delenv(var, raising=False)
@@ -183,10 +227,10 @@ def test_frozen_volume_unlocks_and_is_clean(frozen_copy: Path, frozen_kek_url: s
     finally:
         keys.close()
     assert report.problems == []
-    files = sum(1 for v in EXPECTED["tree"].values() if v["kind"] == "file")
-    assert report.files == files
-    assert report.symlinks == sum(1 for v in EXPECTED["tree"].values() if v["kind"] == "symlink")
-    assert report.xattrs == sum(len(v.get("xattrs", {})) for v in EXPECTED["tree"].values())
+    tree = frozen.expected["tree"]
+    assert report.files == sum(1 for v in tree.values() if v["kind"] == "file")
+    assert report.symlinks == sum(1 for v in tree.values() if v["kind"] == "symlink")
+    assert report.xattrs == sum(len(v.get("xattrs", {})) for v in tree.values())
 
 
 @pytest.fixture
@@ -198,7 +242,7 @@ def mountpoint(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_frozen_volume_mounts_with_the_cli(
-    frozen_copy: Path, frozen_kek_url: str, openbao: OpenBao, mountpoint: Path
+    frozen: Frozen, frozen_copy: Path, frozen_kek_url: str, openbao: OpenBao, mountpoint: Path
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env.pop("CREDENTIALS_DIRECTORY", None)
@@ -206,9 +250,19 @@ def test_frozen_volume_mounts_with_the_cli(
     proc = encfs("mount", frozen_copy, mountpoint, "--vault", frozen_kek_url, env=env)
     assert proc.returncode == 0, proc.stderr
     assert is_mounted(mountpoint)
+    before = {p for p in frozen_copy.rglob("*") if p.is_dir()}
     try:
-        assert snapshot(mountpoint) == EXPECTED["tree"]
+        assert snapshot(mountpoint) == frozen.expected["tree"]
+        # New directories get ids in the volume's form (file ids keep a volume without
+        # DIRID_LINKS readable by the encfs that made it).
+        (mountpoint / "new-dir").mkdir()
+        (mountpoint / "new-dir" / "f").write_bytes(b"new")
     finally:
         proc = encfs("unmount", mountpoint, env=env)
     assert proc.returncode == 0, proc.stderr
     assert not is_mounted(mountpoint)
+    (new_dir,) = {p for p in frozen_copy.rglob("*") if p.is_dir()} - before
+    dirid = new_dir / fmt.DIRID_NAME
+    assert dirid.is_symlink() is bool(frozen.flags & fmt.FEATURE_DIRID_LINKS)
+    assert len(names.read_dirid(str(new_dir))) == fmt.DIRID_LEN
+    assert volume.read_header(frozen_copy).header.feature_flags == frozen.flags

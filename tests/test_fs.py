@@ -282,6 +282,18 @@ def test_directories(vol: Volume) -> None:
     )
 
 
+def test_new_directories_get_link_ids(vol: Volume) -> None:
+    """A new volume (FEATURE_DIRID_LINKS) gives every directory its id as a link, made in
+    one step with nothing to fsync; the names under it read back after a remount."""
+    (vol.mountpoint / "a" / "b").mkdir(parents=True)
+    (vol.mountpoint / "a" / "b" / "f").write_text("x")
+    ids = [Path(d, ".encfs.dirid") for d, _dirs, _files in os.walk(vol.cipher_dir)]
+    assert len(ids) == 3
+    assert all(p.is_symlink() and len(os.readlink(p)) == 22 for p in ids)
+    vol.remount()
+    assert (vol.mountpoint / "a" / "b" / "f").read_text() == "x"
+
+
 def test_name_too_long(vol: Volume) -> None:
     with pytest.raises(OSError) as info:
         (vol.mountpoint / ("y" * 256)).write_text("no")
@@ -908,14 +920,14 @@ def _everything_in(top: Path) -> tuple[list[tuple[str, bytes]], dict[str, int]]:
     """Every byte under ``top`` (itself included): entry names, regular files' contents,
     symlink targets, every xattr name and value; and a count of what was read."""
     seen: list[tuple[str, bytes]] = []
-    counts = {"dir": 0, "file": 0, "symlink": 0, "other": 0}
+    counts = {"dir": 0, "file": 0, "symlink": 0, "dirid link": 0, "other": 0}
     user_xattrs: set[tuple[int, str]] = set()  # (inode, name): hard links share them
 
     def visit(path: str) -> None:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
             seen.append((f"{path} -> ", os.fsencode(os.readlink(path))))
-            counts["symlink"] += 1
+            counts["dirid link" if path.endswith("/.encfs.dirid") else "symlink"] += 1
         elif stat.S_ISREG(st.st_mode):
             with open(path, "rb") as f:
                 seen.append((path, f.read()))
@@ -1035,6 +1047,7 @@ def test_cipher_dir_holds_no_plaintext(make_volume) -> None:  # type: ignore[no-
 
     seen, counts = _everything_in(vol.cipher_dir)
     assert counts["symlink"] == len(links) and counts["other"] == 1  # the fifo
+    assert counts["dirid link"] == counts["dir"]  # their targets were scanned too
     assert counts["user xattr"] == len(xattrs)
     plain_bytes = sum(map(len, contents.values())) - len(big)  # the hard link shares one inode
     assert sum(len(blob) for _, blob in seen) > plain_bytes
@@ -1316,7 +1329,7 @@ def _ops(tmp_path: Path) -> tuple[Any, int, int]:
     from encfs.keys import VolumeKeys
 
     keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=os.urandom(16), block_size=4096)
-    names.write_dirid(str(tmp_path))
+    names.write_dirid(str(tmp_path), link=False)
     ops = EncfsOperations(str(tmp_path), keys, 4096, FsOptions())
     fh = ops.create("/s", 0o644, os.O_RDWR | os.O_CREAT)
     ops.write(None, os.urandom(1 << 20), 0, fh)

@@ -209,8 +209,9 @@ def test_create_and_unlock_offline(tmp_path: Path) -> None:
     assert stat.S_IMODE(cipher.stat().st_mode) == 0o700
     assert sorted(p.name for p in cipher.iterdir()) == [fmt.DIRID_NAME, fmt.VOLUME_HEADER_NAME]
     assert len(names.read_dirid(str(cipher))) == fmt.DIRID_LEN
+    assert (cipher / fmt.DIRID_NAME).is_symlink()  # new volumes: ids are links
     assert header.format_version == 1
-    assert header.feature_flags == 0
+    assert header.feature_flags == fmt.FEATURE_DIRID_LINKS
     assert header.cipher == fmt.CIPHER_AES256_GCM
     assert header.block_size == 8192
     assert header.kek_version == 4
