@@ -180,6 +180,11 @@ class CipherFile:
         self.setid = False  # mode may have set-user/group-ID bits that a write must clear
         self._file_id: bytes | None = None
         self._behind = 0  # cipher offset from which the disk write is not yet started
+        self._tail: tuple[int, int, bytes] | None = None
+        """(block_no, cipher size, plaintext) of the partial last block as the last
+        ``write_now`` left it (guarded by the write lock): an append that continues that
+        block takes it from here instead of reading and decrypting it back, as long as the
+        backing file still has that size. Anything else that changes content drops it."""
 
     # --- header -------------------------------------------------------------------------
 
@@ -207,6 +212,11 @@ class CipherFile:
             _pwrite_all(fd, fmt.pack_file_header(file_id), 0)
             self._file_id = file_id
         return file_id
+
+    def forget_plaintext(self) -> None:
+        """Drop the plaintext kept for appends (``_tail``): at suspension, nothing of the
+        content may stay readable without the keys."""
+        self._tail = None
 
     def plain_size(self, fd: int) -> int:
         return self.geo.plain_size(os.fstat(fd).st_size)
@@ -362,6 +372,7 @@ class CipherFile:
             else:
                 file_id = self._ensure_header(fd)
             try:
+                tail, self._tail = self._tail, None
                 if plain_off > plain_size and plain_size % bs and geo.block_no(plain_size) < first:
                     self._pad_last_block(fd, file_id, plain_size, bs)
                 if early is not None and file_id == early_id:
@@ -377,7 +388,10 @@ class CipherFile:
                 else:
                     buf = bytearray(range_end - start)
                     if head and start < plain_size:
-                        old = self._read_blocks(fd, file_id, first, first + 1, plain_size)
+                        if tail is not None and tail[:2] == (first, cipher_size_before):
+                            old: bytes | bytearray = tail[2]
+                        else:
+                            old = self._read_blocks(fd, file_id, first, first + 1, plain_size)
                         buf[: len(old)] = old
                     last = end - 1
                     if range_end > write_end and (last != first or not head):
@@ -397,6 +411,14 @@ class CipherFile:
                 if header:
                     self._file_id = file_id
                 self._written(fd, cipher_off, len(sealed))
+                new_size = max(plain_size, write_end)
+                if new_size % bs and new_size <= geo.block_plain_off(end):  # ends in our block
+                    last_start = geo.block_plain_off(end - 1) - start
+                    self._tail = (
+                        end - 1,
+                        geo.cipher_size(new_size),
+                        bytes(plain[last_start : new_size - start]),
+                    )
             except OSError:
                 # Never leave a half-written extension behind (e.g. ENOSPC mid-block).
                 if os.fstat(fd).st_size > cipher_size_before:
@@ -429,6 +451,7 @@ class CipherFile:
         bs = geo.block_size
         self.lock.acquire_write()
         try:
+            self._tail = None
             plain_size = self.plain_size(fd)
             if new_size == plain_size:
                 return

@@ -425,7 +425,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         """Stop serving and forget every key and every plaintext the kernel caches.
 
         Order matters: shut the gate (new operations fail with ``suspended_errno``) and wait
-        for those inside to finish, wipe the keys and our plaintext caches (names, listings),
+        for those inside to finish, wipe the keys and our plaintext caches (names, listings,
+        the partial blocks kept for appends),
         then invalidate every path the kernel may cache, so cached pages — including pages
         mapped by an earlier ``mmap`` — must be read again, which the gate refuses (a read
         fails, an mmap access raises SIGBUS). The caller flushes dirty data *before* (it
@@ -439,6 +440,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self.names.invalidate()
         with self._table_lock:
             self._dir_listings.clear()
+            for cfile in self._inodes.values():
+                cfile.forget_plaintext()
         return self.seen.invalidate_all(self.fuse_ptr)
 
     def resume(self, volume_key: bytearray, header_body: bytes, header_tag: bytes) -> None:

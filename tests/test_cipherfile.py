@@ -125,6 +125,74 @@ def test_read_into_reads_holes_as_zeros_and_refuses_tampered_blocks(tmp_path: Pa
     assert err.value.block_no == 3
 
 
+def _counting_reads(cfile: CipherFile, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the first block of every block read-back a write makes."""
+    reads: list[int] = []
+    real = cfile._read_blocks
+
+    def counted(fd: int, file_id: bytes, first: int, end: int, plain_size: int) -> bytearray:
+        reads.append(first)
+        return real(fd, file_id, first, end, plain_size)
+
+    monkeypatch.setattr(cfile, "_read_blocks", counted)
+    return reads
+
+
+def test_appends_continue_the_last_block_without_reading_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tar's pattern (9216 then 10240-byte writes, each ending mid-block): every append
+    after the first write takes the partial block it continues from memory."""
+    cfile, fd, _ = _file(tmp_path)
+    reads = _counting_reads(cfile, monkeypatch)
+    model = bytearray()
+    for size in (9216, 10240, 10240, 1, 4095, 3, 10240):
+        chunk = os.urandom(size)
+        assert cfile.write(fd, len(model), chunk) == size
+        model += chunk
+    assert reads == []
+    assert cfile.read(fd, 0, len(model) + 1) == bytes(model)
+
+
+def test_what_changes_the_file_otherwise_drops_the_kept_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Truncation, a write elsewhere and a gap make the next append read the block back,
+    and the content is always what a plain file would hold."""
+    cfile, fd, _ = _file(tmp_path)
+    reads = _counting_reads(cfile, monkeypatch)
+    model = bytearray(os.urandom(5000))
+    cfile.write(fd, 0, bytes(model))
+
+    def append(data: bytes) -> None:
+        cfile.write(fd, len(model), data)
+        model.extend(data)
+
+    cfile.truncate(fd, 4500)  # inside the kept block: its end is gone
+    del model[4500:]
+    reads.clear()
+    append(os.urandom(100))
+    assert reads == [1]
+    reads.clear()
+    patch = os.urandom(50)  # a write inside the last block: the next append sees it
+    cfile.write(fd, 4200, patch)
+    model[4200:4250] = patch
+    append(os.urandom(10))
+    assert cfile.read(fd, 0, len(model) + 1) == bytes(model)
+    cfile.truncate(fd, 9000)  # grown: zeros, and a different last block
+    model.extend(bytes(9000 - len(model)))
+    append(os.urandom(20))
+    cfile.write(fd, len(model) + 5000, b"z")  # a gap: the old last block is padded
+    model.extend(bytes(5000) + b"z")
+    append(os.urandom(7))
+    assert cfile.read(fd, 0, len(model) + 1) == bytes(model)
+    cfile.forget_plaintext()  # suspension drops it: the next append reads the block back
+    reads.clear()
+    append(os.urandom(7))
+    assert reads == [len(model) // 4096]
+    assert cfile.read(fd, 0, len(model) + 1) == bytes(model)
+
+
 def test_stream_writes_are_deferred_in_order_and_read_back(tmp_path: Path) -> None:
     cfile, fd, _ = _file(tmp_path)
     chunks = [os.urandom(STREAM_MIN * 2) for _ in range(40)]

@@ -1371,6 +1371,17 @@ def test_suspension_seals_queued_writes_before_the_keys_go(tmp_path: Path) -> No
     assert os.fstat(fh).st_size == ops.geo.cipher_size(9 * mib)
 
 
+def test_suspension_drops_the_blocks_kept_for_appends(tmp_path: Path) -> None:
+    """No plaintext outlives the keys: the partial block an append would continue from
+    memory (``CipherFile._tail``) goes at suspension, with every open file's."""
+    ops, fh, _ro = _ops(tmp_path)
+    ops.write(None, b"x" * 5000, 2 << 20, fh)  # ends mid-block: the block is kept
+    cfile = ops._handles[fh]
+    assert cfile._tail is not None
+    ops.suspend()
+    assert cfile._tail is None
+
+
 def test_session_end_seals_queued_writes(tmp_path: Path) -> None:
     """SECURITY.md: unmount (libfuse's destroy, also on SIGTERM with files still open)
     drains the queue like suspension does; nothing queued is dropped."""
