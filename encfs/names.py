@@ -195,12 +195,15 @@ class Names:
     # --- long-name companions -------------------------------------------------------------
 
     def add_companion(self, entry: Entry) -> None:
-        """Write the companion file of a long name (before the entry itself is created)."""
+        """Write the companion file of a long name, durably, before the entry itself is
+        created: a crash that kept the entry but not its companion's content would leave
+        a name nothing can decrypt (long names are rare; the fsync costs little overall)."""
         if not entry.is_long:
             return
         fd = os.open(entry.companion, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o440)
         try:
             os.write(fd, entry.encoded.encode("ascii"))
+            os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -20,6 +21,7 @@ def test_init_info_mount_roundtrip(make_volume, transit_key: TransitKey) -> None
     (vol.mountpoint / "hello.txt").write_text("hello, vault\n")
     info = json.loads(encfs("info", vol.cipher_dir, "--json", check=True).stdout)
     assert info["format_version"] == 1
+    assert (info["feature_flags"], info["features"]) == (1, ["dirid-links"])
     assert info["block_size"] == 4096
     assert info["vault"] == transit_key.url
     assert info["kek_version"] == 1
@@ -38,6 +40,7 @@ def test_info_has_no_secret_and_needs_no_vault(make_volume) -> None:  # type: ig
     proc = encfs("info", vol.cipher_dir, env={"PATH": os.environ["PATH"]})
     assert proc.returncode == 0, proc.stderr
     assert "wrapped key" in proc.stdout
+    assert re.search(r"^features +dirid-links$", proc.stdout, re.M), proc.stdout
 
 
 def test_init_refuses_non_empty_dir(tmp_path: Path, transit_key: TransitKey) -> None:

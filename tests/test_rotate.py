@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from encfs import format as fmt
 from encfs.cli import ExitCode
 from tests.conftest import TransitKey
 from tests.harness import Volume, encfs, is_mounted
@@ -56,6 +57,7 @@ def test_rotate_rewraps_without_reencrypting(make_volume, openbao: OpenBao,  # t
     after = info(vol)
     assert after["kek_version"] == 2
     assert str(after["wrapped_key"]).startswith("vault:v2:")
+    assert after["feature_flags"] == fmt.FEATURE_DIRID_LINKS  # the format is kept
     assert data_files(vol) == before, "rotation must not touch any data file"
     assert (vol.cipher_dir / "encfs.volume.prev").exists()
     assert (vol.mountpoint / "f").read_bytes() == payload  # the live mount never noticed
