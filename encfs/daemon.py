@@ -274,7 +274,7 @@ class Daemon:
             block_size = fmt.DEFAULT_BLOCK_SIZE
             volume_id = audit.context.get("volume_id", "")
             kek_version = 0
-            dirid_links = True  # volume.start_ephemeral made its root's id a link
+            features = fmt.EPHEMERAL_FEATURES
         else:
             hf = volume.read_header(cfg.cipher_dir)
             self.header = hf
@@ -296,7 +296,7 @@ class Daemon:
                 vault.close()
                 raise
             block_size = hf.header.block_size
-            dirid_links = bool(hf.header.feature_flags & fmt.FEATURE_DIRID_LINKS)
+            features = hf.header.feature_flags
         state = self.state
         assert state is not None
         self.volume_id = volume_id
@@ -309,7 +309,7 @@ class Daemon:
             block_size,
             cfg.fs,
             on_init=lambda: self._announce_ready(on_ready),
-            dirid_links=dirid_links,
+            dirid_links=fmt.dirid_links(features),
         )
         options: dict[str, object] = {
             "foreground": True,

@@ -36,6 +36,8 @@ KNOWN_FEATURE_FLAGS = FEATURE_DIRID_LINKS
 """Feature flags this build understands; any other set bit is refused at mount."""
 NEW_VOLUME_FEATURES = FEATURE_DIRID_LINKS
 """Feature flags ``encfs init`` sets on a new volume."""
+EPHEMERAL_FEATURES = NEW_VOLUME_FEATURES
+"""Features of an ephemeral volume (it has no header; nothing older ever reads one)."""
 FEATURE_NAMES = {FEATURE_DIRID_LINKS: "dirid-links"}
 
 DEFAULT_BLOCK_SIZE = 4096
@@ -90,6 +92,11 @@ XATTR_PREFIX = "user."
 XATTR_BACKING_PREFIX = "user.encfs."
 MAX_PLAIN_XATTR_NAME = 159
 """Longest plaintext xattr name (after ``user.``): the encoding must fit XATTR_NAME_MAX (255)."""
+
+
+def dirid_links(flags: int) -> bool:
+    """Whether a volume with ``flags`` makes its directory ids as links (§6.1)."""
+    return bool(flags & FEATURE_DIRID_LINKS)
 
 
 def feature_names(flags: int) -> list[str]:

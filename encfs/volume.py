@@ -124,9 +124,7 @@ def create(
     finally:
         volume_key[:] = bytes(len(volume_key))
     try:
-        names.write_dirid(
-            str(cipher_dir), link=bool(header.feature_flags & fmt.FEATURE_DIRID_LINKS)
-        )
+        names.write_dirid(str(cipher_dir), link=fmt.dirid_links(header.feature_flags))
         write_header_atomic(cipher_dir, build_header_bytes(header, keys))
     finally:
         keys.close()
@@ -241,7 +239,7 @@ def start_ephemeral(
         os.fsync(fd)
     finally:
         os.close(fd)
-    names.write_dirid(str(cipher_dir), link=True)  # nothing older ever reads this volume
+    names.write_dirid(str(cipher_dir), link=fmt.dirid_links(fmt.EPHEMERAL_FEATURES))
     fsync_dir(cipher_dir)
     volume_id = crypto.random_bytes(fmt.VOLUME_ID_LEN)
     volume_key = bytearray(fmt.VOLUME_KEY_LEN)

@@ -123,3 +123,33 @@ def test_rmdir_that_fails_restores_the_id_in_its_form(
         ops.rmdir("/d")
         assert not os.path.exists(backing)
         keys.close()
+
+
+@pytest.mark.parametrize("link", [True, False])
+def test_what_mkdir_makes_durable_before_entries_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, link: bool
+) -> None:
+    """FORMAT.md §6.1 and §7: a long name's companion is fsynced before its entry exists,
+    an id file before the directory gets entries; an id link needs no fsync at all."""
+    from encfs import fs
+    from encfs.keys import VolumeKeys
+
+    names.write_dirid(str(tmp_path), link=link)
+    keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=os.urandom(16), block_size=4096)
+    ops = fs.EncfsOperations(str(tmp_path), keys, 4096, fs.FsOptions(), dirid_links=link)
+    plain = "/" + "d" * 200  # a long (hashed) backing name with a companion
+    entry = ops.names.entry(plain)
+    assert entry.is_long
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.path.lexists(entry.backing_path)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ops.mkdir(plain, 0o755)
+    dirid = os.path.join(entry.backing_path, fmt.DIRID_NAME)
+    assert synced[0] == (entry.companion, False)
+    assert synced[1:] == ([] if link else [(dirid, True)])
+    keys.close()
