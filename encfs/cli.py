@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import errno
 import json
@@ -13,14 +14,24 @@ import select
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from encfs import __version__, errors, volume
+from encfs import __version__, errors, pins, volume
 from encfs import format as fmt
 from encfs.audit import DEFAULT_AUDIT_LOG, AuditLog, AuditSettings, under_systemd
-from encfs.vault import VaultSettings, connect, parse_vault_url
+from encfs.keys import VolumeKeys
+from encfs.vault import (
+    VaultSettings,
+    connect,
+    env_ca_file,
+    env_vault_addr,
+    parse_vault_url,
+    pin_vault_url,
+    redact_tokens,
+)
 
 log = logging.getLogger("encfs")
 
@@ -35,6 +46,9 @@ class ExitCode(enum.IntEnum):
     BAD_VOLUME = 4
     HEADER_AUTH = 5
     VOLUME_EXISTS = 6
+    UNSAFE_CIPHER_DIR = 7
+    VOLUME_MISMATCH = 8
+    VAULT_NOT_PINNED = 9
     VAULT_CONFIG = 10
     VAULT_CREDENTIALS = 11
     VAULT_DENIED = 12
@@ -57,6 +71,9 @@ _ERROR_CODES: tuple[tuple[type[errors.EncfsError], ExitCode], ...] = (
     (errors.HeaderAuthError, ExitCode.HEADER_AUTH),
     (errors.FormatError, ExitCode.BAD_VOLUME),
     (errors.VolumeExists, ExitCode.VOLUME_EXISTS),
+    (errors.UnsafeCipherDir, ExitCode.UNSAFE_CIPHER_DIR),
+    (errors.VolumeMismatch, ExitCode.VOLUME_MISMATCH),
+    (errors.VaultNotPinned, ExitCode.VAULT_NOT_PINNED),
     (errors.VaultConfigError, ExitCode.VAULT_CONFIG),
     (errors.VaultCredentialsError, ExitCode.VAULT_CREDENTIALS),
     (errors.VaultPermissionDenied, ExitCode.VAULT_DENIED),
@@ -115,30 +132,49 @@ examples:
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` that takes no abbreviations (``--tok`` is not ``--token-file``:
+    a token typed there would be read as a path and echoed) and keeps anything that looks
+    like a vault token out of its error messages. Subparsers inherit both."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        super().error(redact_tokens(message))
+
+
+def _abs_path(text: str) -> Path:
+    """A path option, made absolute when parsed: the daemon's working directory may change
+    (and a background daemon re-reads its token file long after the shell is gone)."""
+    return Path(text).absolute()
+
+
 def _vault_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vault access")
     g.add_argument(
         "--token-file",
-        type=Path,
+        type=_abs_path,
         metavar="FILE",
         help="file holding the host's vault token (must not be group/world readable)",
     )
     g.add_argument(
         "--ca-file",
-        type=Path,
+        type=_abs_path,
         metavar="FILE",
         help="CA bundle to verify the vault's TLS certificate (default: system CAs)",
     )
     g.add_argument(
         "--client-cert",
-        type=Path,
+        type=_abs_path,
         metavar="FILE",
         help="PEM client certificate for mutual TLS (required for kmip://, optional for "
         "transit+https://)",
     )
     g.add_argument(
         "--client-key",
-        type=Path,
+        type=_abs_path,
         metavar="FILE",
         help="PEM private key of --client-cert (default: inside the certificate file)",
     )
@@ -173,12 +209,16 @@ def _vault_override_arg(p: argparse.ArgumentParser) -> None:
         "--vault",
         dest="vault_url",
         metavar="URL",
-        help="override the vault URL stored in the volume (same key, other address)",
+        help="the vault to use: a full vault URL (it wins over the one in the volume "
+        "header) or an address https://HOST:PORT (the header's mount and key on it). "
+        "Default: $VAULT_ADDR / $BAO_ADDR. The header's URL alone is never used: it is not "
+        "authenticated before the key is unwrapped, so the host's token would go wherever "
+        "an edited header points (exit 9, vault-not-pinned)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="encfs",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -199,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "cipher_dir",
-        type=Path,
+        type=_abs_path,
         metavar="CIPHERDIR",
         help="directory for the ciphertext (created if missing; must be empty)",
     )
@@ -227,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "unless --foreground is given (use that under systemd). If the vault refuses or "
         "cannot be reached, nothing is mounted and the exit code says why.",
     )
-    p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
+    p.add_argument("mountpoint", type=_abs_path, metavar="MOUNTPOINT")
     p.add_argument(
         "--config",
         metavar="FILE",
@@ -263,8 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _vault_override_arg(p)
     p.add_argument(
+        "--repin",
+        action="store_true",
+        help="accept the volume now in CIPHERDIR even if it is not the one this host pinned "
+        "there (a restored or re-created volume), and pin it instead. Without it a "
+        "different volume id or volume key is refused (exit 8, volume-mismatch)",
+    )
+    p.add_argument(
         "--log-file",
-        type=Path,
+        type=_abs_path,
         metavar="FILE",
         help="where the background daemon logs (default: syslog if available)",
     )
@@ -310,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Unmount MOUNTPOINT (fusermount3 -u) and wait for the daemon to wipe its "
         "keys and exit.",
     )
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", type=_abs_path, metavar="MOUNTPOINT")
     p.add_argument(
         "-z", "--lazy", action="store_true", help="detach now even if files are open (lazy unmount)"
     )
@@ -328,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the volume header. Needs no vault: the wrapped key is safe to show. "
         "The header's tag is checked only by mount and fsck, which unwrap the key.",
     )
-    p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
+    p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
@@ -339,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 0 when clean, 30 (corrupt) when anything failed. Read-only. Run it on an "
         "unmounted volume (or accept that concurrent writes may show as problems).",
     )
-    p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
+    p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
     p.add_argument("--json", action="store_true", help="problems as JSON lines")
     _vault_override_arg(p)
     _vault_args(p)
@@ -356,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         "afterwards old KEK versions can be retired with min_decryption_version. The host "
         "token needs update on MOUNT/rewrap/KEY and MOUNT/decrypt/KEY.",
     )
-    p.add_argument("cipher_dir", type=Path, metavar="CIPHERDIR")
+    p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
     _vault_override_arg(p)
     _vault_args(p)
 
@@ -368,8 +415,30 @@ def build_parser() -> argparse.ArgumentParser:
         "KEK version, vault reachability and last check, token TTL, counters, memory "
         "locking, PID and RSS. Answered over a root-only unix socket in /run/encfs.",
     )
-    p.add_argument("mountpoint", type=Path, nargs="?", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", type=_abs_path, nargs="?", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    pp = sub.add_parser(
+        "pin",
+        help="show or forget which volume this host mounts in a cipher dir",
+        description="The host pins, per cipher dir, the volume id and a check value of the "
+        "volume key (never the key): `init` and the first `mount` write the pin, every "
+        "mount, fsck and rotate compares, and a different volume (a substituted header) "
+        f"is refused with exit 8. Pins live in {pins.DEFAULT_PIN_DIR} "
+        f"(${pins.PIN_DIR_ENV} overrides).",
+    )
+    psub = pp.add_subparsers(dest="pin_command", required=True, metavar="ACTION")
+    p = psub.add_parser("show", help="print the pin of CIPHERDIR")
+    p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = psub.add_parser(
+        "reset",
+        help="forget the pin of CIPHERDIR; the next mount pins what it finds",
+        description="Forget the pin of CIPHERDIR. Do this only when the volume there was "
+        "replaced on purpose (restored from a backup, re-created); the next mount pins "
+        "whatever volume it then finds. `encfs mount --repin` does both in one step.",
+    )
+    p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
 
     sp = sub.add_parser(
         "systemd",
@@ -387,12 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
         "keys of /etc/encfs/NAME.conf (see README, 'Run it as a service').",
     )
     p.add_argument("name", metavar="NAME", help="instance name (letters, digits, -_.)")
-    p.add_argument("--cipher-dir", type=Path, required=True, metavar="DIR")
-    p.add_argument("--mountpoint", type=Path, required=True, metavar="DIR")
-    p.add_argument("--vault", metavar="URL", help="vault URL (default: the volume's own)")
+    p.add_argument("--cipher-dir", type=_abs_path, required=True, metavar="DIR")
+    p.add_argument("--mountpoint", type=_abs_path, required=True, metavar="DIR")
+    p.add_argument(
+        "--vault",
+        metavar="URL",
+        help="the vault the service may send the host's token to (VAULT= in the config; "
+        "required unless --ephemeral): a full vault URL, or https://HOST:PORT with the "
+        "volume header's mount and key",
+    )
     p.add_argument(
         "--token-file",
-        type=Path,
+        type=_abs_path,
         metavar="FILE",
         help="the host's vault token, copied to /etc/encfs/NAME.token (0600)",
     )
@@ -412,9 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-enable", dest="enable", action="store_false", help="do not enable it at boot"
     )
     p.add_argument("--dry-run", action="store_true", help="print what would be done")
-    p.add_argument("--etc-dir", type=Path, default=Path("/etc/encfs"), help=argparse.SUPPRESS)
+    p.add_argument("--etc-dir", type=_abs_path, default=Path("/etc/encfs"), help=argparse.SUPPRESS)
     p.add_argument(
-        "--unit-dir", type=Path, default=Path("/etc/systemd/system"), help=argparse.SUPPRESS
+        "--unit-dir", type=_abs_path, default=Path("/etc/systemd/system"), help=argparse.SUPPRESS
     )
 
     vp = sub.add_parser(
@@ -435,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:8200", metavar="HOST:PORT")
     p.add_argument(
         "--root-token-file",
-        type=Path,
+        type=_abs_path,
         metavar="FILE",
         help="use the root token in FILE, or write a fresh one there (mode 0600) if it does "
         "not exist; for scripts that must administer the dev server",
@@ -450,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         "volume keys from other hosts and from a stolen volume, not from theft of this "
         "host's disk. Every start unseals it. Runs in the foreground.",
     )
-    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.add_argument("--data", type=_abs_path, required=True, metavar="DIR")
     p.add_argument("--listen", default="127.0.0.1:8200", metavar="HOST:PORT")
     p.add_argument("--cluster-listen", default=None, metavar="HOST:PORT")
     p = vsub.add_parser(
@@ -475,19 +550,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--token-out",
         required=True,
-        type=Path,
+        type=_abs_path,
         metavar="FILE",
         help="where to write the host token (mode 0600)",
     )
     p.add_argument(
         "--admin-token-file",
-        type=Path,
+        type=_abs_path,
         metavar="FILE",
         help="admin token (or serve's init.json); default $VAULT_TOKEN/$BAO_TOKEN",
     )
     p.add_argument(
         "--ca-file",
-        type=Path,
+        type=_abs_path,
         metavar="FILE",
         help="CA of the vault's certificate (serve: DATA/tls/ca.pem)",
     )
@@ -519,12 +594,20 @@ def _errno_name(text: str) -> int:
 def _settings(args: argparse.Namespace) -> VaultSettings:
     return VaultSettings(
         token_file=args.token_file,
-        ca_file=args.ca_file,
+        ca_file=args.ca_file if args.ca_file is not None else env_ca_file(),
         client_cert=args.client_cert,
         client_key=args.client_key,
         timeout=args.vault_timeout,
         key_release=args.key_release,
     )
+
+
+def _pinned_url(args: argparse.Namespace, hf: volume.HeaderFile) -> str:
+    """Where this command may send the host's credential (``vault.pin_vault_url``)."""
+    pinned = pin_vault_url(hf.header.vault_url, configured=args.vault_url, addr=env_vault_addr())
+    if pinned.note:
+        log.warning("%s", pinned.note)
+    return str(pinned.url)
 
 
 def _audit_settings(args: argparse.Namespace) -> AuditSettings:
@@ -571,10 +654,17 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         print(f"encfs: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     audit = AuditLog(_audit_settings(args), cipher_dir=str(args.cipher_dir), vault=str(url))
+    note = volume.prepare_cipher_dir(args.cipher_dir)
+    if note:
+        print(f"encfs: note: {note}", file=sys.stderr)
+
+    def pin(header: fmt.VolumeHeader, keys: VolumeKeys) -> None:
+        pins.write_pin(args.cipher_dir, header.volume_id, keys, by="init")
+
     vault = connect(url, _settings(args))
     try:
         vault.check_capabilities("init")
-        header = volume.create(args.cipher_dir, vault, block_size=args.block_size)
+        header = volume.create(args.cipher_dir, vault, block_size=args.block_size, on_keys=pin)
     except errors.VaultError as exc:
         audit.error("init", exc)
         raise
@@ -583,7 +673,10 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
     audit.event("init", volume_id=header.volume_id.hex(), kek_version=header.kek_version)
     print(f"created volume {header.volume_id.hex()} in {args.cipher_dir}")
     print(f"  vault key: {url} (KEK version {header.kek_version})")
-    print(f"  mount it:  encfs mount {args.cipher_dir} MOUNTPOINT")
+    print(
+        f"  pinned:    {pins.pin_path(args.cipher_dir)} (this host mounts only this volume there)"
+    )
+    print(f"  mount it:  encfs mount {args.cipher_dir} MOUNTPOINT --vault {url}")
     return ExitCode.OK
 
 
@@ -617,6 +710,8 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         mountpoint=args.mountpoint.resolve(),
         vault=_settings(args),
         vault_url=args.vault_url,
+        vault_addr=env_vault_addr(),
+        repin=args.repin,
         allow_other=opts.get("allow_other", False),
         default_permissions=opts.get("default_permissions", False),
         read_only=read_only,
@@ -783,9 +878,14 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
     from encfs import fsck
 
     hf = volume.read_header(args.cipher_dir)
-    vault = connect(args.vault_url or hf.header.vault_url, _settings(args))
+    vault = connect(_pinned_url(args, hf), _settings(args))
     try:
         keys = volume.unlock(hf, vault)
+        try:
+            pins.check_pin(args.cipher_dir, hf.header.volume_id, keys, create=False)
+        except BaseException:
+            keys.close()
+            raise
     finally:
         vault.close()
     try:
@@ -807,7 +907,7 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
 
 def cmd_rotate(args: argparse.Namespace) -> ExitCode:
     hf = volume.read_header(args.cipher_dir)
-    url = args.vault_url or hf.header.vault_url
+    url = _pinned_url(args, hf)
     audit = AuditLog(
         _audit_settings(args),
         cipher_dir=str(args.cipher_dir),
@@ -817,6 +917,12 @@ def cmd_rotate(args: argparse.Namespace) -> ExitCode:
     vault = connect(url, _settings(args))
     try:
         vault.check_capabilities("rotate")
+        if pins.read_pin(args.cipher_dir) is not None:  # rotate only the volume pinned here
+            keys = volume.unlock(hf, vault)
+            try:
+                pins.check_pin(args.cipher_dir, hf.header.volume_id, keys, create=False)
+            finally:
+                keys.close()
         result = volume.rotate(args.cipher_dir, vault)
     except errors.EncfsError as exc:
         audit.error("rotate", exc, kek_version=hf.header.kek_version)
@@ -933,7 +1039,15 @@ def _dev_root_token(path: Path) -> str:
     from encfs.vault import read_token
 
     if path.exists():
-        return read_token(VaultSettings(token_file=path))
+        secret = read_token(VaultSettings(token_file=path))
+        try:
+            view = secret.view()
+            try:
+                return bytes(view).decode()  # the dev server takes it on its command line
+            finally:
+                view.release()
+        finally:
+            secret.close()
     token = "dev-" + secrets.token_urlsafe(18)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -962,6 +1076,24 @@ def cmd_systemd(args: argparse.Namespace) -> ExitCode:
             )
             return ExitCode.USAGE
         settings[key] = value
+    if not settings.get("VAULT") and not args.ephemeral:
+        hint = ""
+        with contextlib.suppress(errors.EncfsError, OSError):
+            named = volume.read_header(args.cipher_dir).header.vault_url
+            hint = f" (the volume header names {named}; check that it is yours)"
+        print(
+            "encfs: error: encfs systemd install needs --vault URL: the service sends the "
+            "host's token only to a vault pinned in its config (VAULT=), never to the URL "
+            f"in the cipher dir{hint}",
+            file=sys.stderr,
+        )
+        return ExitCode.VAULT_NOT_PINNED
+    if settings.get("VAULT"):
+        try:
+            parse_vault_url(settings["VAULT"])
+        except errors.VaultConfigError:
+            if not settings["VAULT"].startswith(("http://", "https://")):
+                raise
     plan = service.ServicePlan(
         name=args.name,
         settings=settings,
@@ -974,6 +1106,26 @@ def cmd_systemd(args: argparse.Namespace) -> ExitCode:
     service.install(plan, dry_run=args.dry_run, say=print)
     if not args.dry_run:
         print(f"installed encfs@{args.name}.service; `systemctl status encfs@{args.name}`")
+    return ExitCode.OK
+
+
+def cmd_pin(args: argparse.Namespace) -> ExitCode:
+    if args.pin_command == "reset":
+        if pins.reset_pin(args.cipher_dir):
+            print(f"forgot the pin of {args.cipher_dir}; the next mount pins what it finds")
+        else:
+            print(f"{args.cipher_dir} was not pinned ({pins.pin_path(args.cipher_dir)})")
+        return ExitCode.OK
+    pin = pins.read_pin(args.cipher_dir)
+    if pin is None:
+        print(f"{args.cipher_dir} is not pinned on this host", file=sys.stderr)
+        return ExitCode.NO_VOLUME
+    doc = {**pin.__dict__, "pin_file": str(pins.pin_path(args.cipher_dir))}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        for key, value in doc.items():
+            print(f"{key.replace('_', ' '):<12} {value}")
     return ExitCode.OK
 
 
@@ -1117,6 +1269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_vault(args)
         if args.command == "systemd":
             return cmd_systemd(args)
+        if args.command == "pin":
+            return cmd_pin(args)
     except errors.EncfsError as exc:
         print(f"encfs: error: {exc}", file=sys.stderr)
         hint = getattr(exc, "hint", "")

@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -46,12 +47,12 @@ import psutil
 import setproctitle
 
 from encfs import format as fmt
-from encfs import sdnotify, volume
+from encfs import pins, sdnotify, volume
 from encfs.audit import AuditLog, AuditSettings
 from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
 from encfs.fs import EncfsFUSE, EncfsOperations, FsOptions
-from encfs.keys import VolumeKeys
-from encfs.vault import KeyWrapper, VaultSettings, connect, retry_unavailable
+from encfs.keys import VolumeKeys, key_check_value
+from encfs.vault import KeyWrapper, VaultSettings, connect, pin_vault_url, retry_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,12 @@ class MountConfig:
     mountpoint: Path
     vault: VaultSettings = field(default_factory=VaultSettings)
     vault_url: str | None = None
-    """Override of the vault URL stored in the volume header (same key, other address)."""
+    """The vault the operator pinned (``--vault`` / ``VAULT=``): a full URL, or an address
+    that takes the header's mount and key (``vault.pin_vault_url``)."""
+    vault_addr: str | None = None
+    """``VAULT_ADDR`` / ``BAO_ADDR`` of the host, used when ``vault_url`` is not given."""
+    repin: bool = False
+    """Accept and pin another volume than the one pinned for this cipher dir."""
     allow_other: bool = False
     default_permissions: bool = False
     read_only: bool = False
@@ -228,6 +234,12 @@ class Daemon:
         self._stopping = threading.Event()
         self.state: MountState | None = None
         self.header: volume.HeaderFile | None = None
+        """The header as last checked: read at mount, replaced when a rotation is seen; the
+        watcher unwraps its wrapped key when the file on disk is gone or unreadable."""
+        self.check_value = b""
+        """Check value of the volume key in use (``keys.key_check_value``)."""
+        self.vault_url = ""
+        """The vault this mount talks to (pinned; never the header's URL alone)."""
 
     def _check_mountpoint(self) -> None:
         from encfs.errors import MountError
@@ -276,9 +288,15 @@ class Daemon:
             kek_version = 0
             features = fmt.EPHEMERAL_FEATURES
         else:
+            volume.check_cipher_dir_safe(cfg.cipher_dir)
             hf = volume.read_header(cfg.cipher_dir)
             self.header = hf
-            url = cfg.vault_url or hf.header.vault_url
+            pinned = pin_vault_url(
+                hf.header.vault_url, configured=cfg.vault_url, addr=cfg.vault_addr
+            )
+            if pinned.note:
+                log.warning("%s", pinned.note)
+            url = str(pinned.url)
             volume_id, kek_version = hf.header.volume_id.hex(), hf.header.kek_version
             audit = AuditLog(
                 cfg.audit,
@@ -300,6 +318,7 @@ class Daemon:
         state = self.state
         assert state is not None
         self.volume_id = volume_id
+        self.vault_url = url
         self.keys = keys
         if not keys.memory_lock.mlocked:
             log.warning("key memory is not locked: %s", keys.memory_lock.detail)
@@ -318,7 +337,12 @@ class Daemon:
         }
         if cfg.allow_other:
             options["allow_other"] = True
-        if cfg.default_permissions:
+            if not cfg.default_permissions:
+                log.warning(
+                    "allow_other implies default_permissions: the kernel checks modes and "
+                    "owners for every user (encfs itself does not)"
+                )
+        if cfg.default_permissions or cfg.allow_other:
             options["default_permissions"] = True
         if cfg.read_only:
             options["ro"] = True
@@ -384,6 +408,7 @@ class Daemon:
             ephemeral=True,
         )
         self.state = MountState(cfg.mountpoint, audit)
+        volume.check_cipher_dir_safe(cfg.cipher_dir)
         vault: KeyWrapper | None = None
         renew_in: float | None = None
         if cfg.vault_url:
@@ -418,6 +443,14 @@ class Daemon:
             keys = retry_unavailable(unwrap, bound=cfg.vault.timeout, on_retry=retrying)
         except VaultError as exc:
             audit.error("unwrap", exc)
+            raise
+        try:
+            pins.check_pin(cfg.cipher_dir, hf.header.volume_id, keys, create=True, repin=cfg.repin)
+            self.check_value = keys.check_value()
+        except BaseException as exc:
+            keys.close()
+            if isinstance(exc, EncfsError):
+                audit.error("mount", exc)
             raise
         renew_in = self.note_identity(vault, audit, warn=True)
         audit.event("unwrap")
@@ -588,7 +621,7 @@ class Daemon:
             with contextlib.suppress(FormatError, OSError):
                 hf = volume.read_header(cfg.cipher_dir)  # rotation may have moved it on
             out["volume_id"] = hf.header.volume_id.hex()
-            out["vault"] = cfg.vault_url or hf.header.vault_url
+            out["vault"] = self.vault_url
             out["key_name"] = out["vault"].rstrip("/").rsplit("/", 1)[-1]
             out["kek_version"] = hf.header.kek_version
         out["ephemeral"] = cfg.ephemeral
@@ -637,6 +670,7 @@ class KeyWatcher:
         self._next_renew = now + renew_in if renew_in is not None else math.inf
         self._unreachable_since: float | None = None
         self._last_error_kind = ""
+        self._header_unreadable = False
 
     def start(self) -> None:
         if self.vault is not None:  # an ephemeral volume without a vault watches nothing
@@ -693,28 +727,69 @@ class KeyWatcher:
         ops = daemon.ops
         if ops is not None and ops.suspended:
             self._reconnect()  # a replaced token file or fixed policy counts from now
-        try:
-            hf = volume.read_header(daemon.config.cipher_dir)  # picks up `encfs rotate`
-        except (FormatError, OSError) as exc:
-            log.warning("cannot read the volume header to check the key: %s", exc)
-            return
+        held = daemon.header
+        assert held is not None
+        hf = self._header_to_check(held)
         try:
             volume_key = self.vault.unwrap(hf.header.wrapped_key)
         except VaultError as exc:
             self._failed(exc, "unwrap")
             return
         try:
+            ours = hf.header.volume_id == held.header.volume_id and hmac.compare_digest(
+                key_check_value(volume_key, held.header.volume_id), daemon.check_value
+            )
+            if not ours:
+                # The header names a key the host may unwrap, but not the volume's: a
+                # substituted header. Fail closed until the real one is back.
+                self._audit.event("vault_error", result="error", error="VolumeMismatch")
+                daemon.suspend(
+                    f"the volume header at {hf.path} wraps another volume key than the one "
+                    "in use (substituted header?)",
+                    self._audit,
+                    revoked=False,
+                )
+                return
             if ops is not None and ops.suspended:
                 try:
                     daemon.resume(volume_key, hf, self._audit)
                 except EncfsError as exc:
                     log.error("cannot resume: %s", exc)
                     return
+                daemon.header = hf
                 self._next_renew = time.monotonic()  # learn the (maybe new) token's TTL
                 self._note_identity()
+            elif hf is not held:
+                keys = daemon.keys
+                try:
+                    if keys is not None:
+                        keys.verify_header(hf.body, hf.tag)
+                except EncfsError as exc:
+                    log.error("the volume header on disk does not verify: %s", exc)
+                else:
+                    daemon.header = hf  # e.g. `encfs rotate`: the new wrapping is ours
         finally:
             volume_key[:] = bytes(len(volume_key))
         self._succeeded()
+
+    def _header_to_check(self, held: volume.HeaderFile) -> volume.HeaderFile:
+        """The header whose wrapped key this check unwraps: the one on disk when it differs
+        from the one held (``encfs rotate`` moved it on), else the one held since mount —
+        also when the file is gone or unreadable, so that hiding it skips no check."""
+        try:
+            disk = volume.read_header(self.daemon.config.cipher_dir)
+        except (FormatError, OSError) as exc:
+            if not self._header_unreadable:
+                log.warning(
+                    "cannot read the volume header (%s); checking the wrapped key held since mount",
+                    exc,
+                )
+            self._header_unreadable = True
+            return held
+        self._header_unreadable = False
+        if disk.body == held.body and disk.tag == held.tag:
+            return held
+        return disk
 
     def _note_identity(self) -> None:
         assert self.vault is not None

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 
 class EncfsError(Exception):
-    """Base of every error encfs raises on purpose."""
+    """Base of every error encfs raises on purpose. ``hint`` (may be empty) tells the
+    operator what to do; the CLI prints it on a line of its own."""
+
+    hint: str = ""
+
+    def __init__(self, *args: object, hint: str = "") -> None:
+        if hint:
+            self.hint = hint
+        super().__init__(*args)
 
 
 # --- on-disk format -------------------------------------------------------------------------
@@ -29,6 +37,16 @@ class VolumeNotFound(FormatError):
 
 class VolumeExists(EncfsError):
     """``init`` was pointed at a directory that already holds a volume or other files."""
+
+
+class UnsafeCipherDir(EncfsError):
+    """The cipher dir is not root-owned mode 0700 although encfs runs as root: anyone who can
+    write into it could plant links and files for the daemon to follow."""
+
+
+class VolumeMismatch(EncfsError):
+    """The cipher dir holds another volume (other id or other volume key) than the one this
+    host pinned for it: a substituted header. Re-pinning is a deliberate act."""
 
 
 # --- integrity --------------------------------------------------------------------------------
@@ -61,11 +79,15 @@ class VaultError(EncfsError):
     """A vault call failed. ``revoked`` tells whether it means the host lost access for good."""
 
     revoked: bool = False
-    hint: str = ""
 
     def __init__(self, message: str, *, hint: str = "") -> None:
-        self.hint = hint or type(self).hint
-        super().__init__(message)
+        super().__init__(message, hint=hint or type(self).hint)
+
+
+class VaultNotPinned(VaultError):
+    """No vault address is configured on the host (``--vault``, the config file's
+    ``VAULT=``, ``VAULT_ADDR``/``BAO_ADDR``): the header's URL alone is never trusted with a
+    credential, because anyone who can edit the cipher dir can change it."""
 
 
 class VaultConfigError(VaultError):

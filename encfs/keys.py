@@ -10,10 +10,20 @@ Derivation (docs/FORMAT.md §3), all HKDF-SHA256 with the volume id as salt:
     meta    = HKDF(volume_key, salt=volume_id, info="encfs/v1/meta")      32 bytes
     header  = HKDF(volume_key, salt=volume_id, info="encfs/v1/header")    32 bytes
     file    = HKDF(content, salt=none, info="encfs/v1/file" || file_id)   32 bytes
+    check   = HKDF(volume_key, salt=volume_id, info="encfs/v1/key-check") 16 bytes
+
+The *check value* is not a key: it is what the host remembers about a volume it mounts
+(``encfs.pins``) and what the watcher compares a fresh unwrap with, so that another volume
+key (a substituted header) is told apart without keeping the key itself. HKDF is one-way and
+the label is its own, so the value reveals nothing about the volume key or its subkeys.
+
+``LockedSecret`` holds the other secret the daemon keeps for its whole life, the host's vault
+token, in locked memory of its own, zeroed on ``close()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -33,6 +43,18 @@ _SLOTS = {
     "scratch": (192, 32),
 }
 _ARENA_SIZE = mmap.PAGESIZE
+CHECK_VALUE_LEN = 16
+_CHECK_INFO = b"encfs/v1/key-check"
+
+
+def key_check_value(volume_key: bytearray | memoryview, volume_id: bytes) -> bytes:
+    """The check value of a plaintext volume key (see the module docstring); the caller
+    still owns and wipes ``volume_key``."""
+    out = bytearray(CHECK_VALUE_LEN)
+    crypto.hkdf_into(volume_key, salt=volume_id, info=_CHECK_INFO, out=out)
+    return bytes(out)
+
+
 _FILE_CIPHER_CACHE_MAX = 4096
 
 
@@ -177,6 +199,12 @@ class VolumeKeys:
             self._file_ciphers[file_id] = cipher
             return cipher
 
+    def check_value(self) -> bytes:
+        """The volume key's check value (module docstring); never the key."""
+        with self._lock:
+            self._check()
+            return key_check_value(self._slot("volume"), self._volume_id)
+
     def header_tag(self, body: bytes) -> bytes:
         with self._lock:
             self._check()
@@ -203,3 +231,56 @@ class VolumeKeys:
         self.wipe()
         with self._lock:
             self._arena.close()
+
+
+class LockedSecret:
+    """A secret of up to a page (the host's vault token) in its own locked arena.
+
+    Built by copying from a buffer the caller then wipes. ``view()`` lends the bytes for the
+    length of one request; ``close()`` zeroes them. No ``str`` copy is ever made here: the
+    caller builds what it sends into a ``bytearray`` it zeroes (``encfs.vault.transit``).
+    """
+
+    def __init__(self, source: bytes | bytearray | memoryview) -> None:
+        data = memoryview(source)
+        if not 0 < len(data) <= _ARENA_SIZE:
+            raise ValueError("a locked secret holds 1 byte to one page")
+        self._lock = threading.Lock()
+        self._arena = LockedArena()
+        self._len = len(data)
+        self._arena.view[: self._len] = data
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return "<LockedSecret>"
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def memory_lock(self) -> MemoryLockState:
+        return self._arena.state
+
+    def view(self) -> memoryview:
+        """The secret's bytes, valid until ``close()``; do not keep copies."""
+        with self._lock:
+            if self._closed:
+                raise VolumeSuspended("secret is wiped")
+            return self._arena.view[: self._len]
+
+    def within(self, text: bytes | bytearray) -> int:
+        """Where the secret occurs in ``text`` (-1 if it does not): to scrub it from
+        the vault's error messages without making a ``str`` of it."""
+        with self._lock:
+            if self._closed:
+                return -1
+            return bytes(text).find(self._arena.view[: self._len])
+
+    def close(self) -> None:
+        """Zero and release; idempotent."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._arena.zero()
+                with contextlib.suppress(BufferError):  # a view still lent out: zeroed
+                    self._arena.close()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from encfs import crypto, names
 from encfs import format as fmt
-from encfs.errors import FormatError, VolumeExists, VolumeNotFound
+from encfs.errors import FormatError, UnsafeCipherDir, VolumeExists, VolumeNotFound
 from encfs.keys import VolumeKeys
 from encfs.vault import KeyWrapper, wrapped_kek_version
 
@@ -28,6 +30,31 @@ class HeaderFile:
     body: bytes
     tag: bytes
     path: Path
+
+
+def check_cipher_dir_safe(cipher_dir: Path) -> None:
+    """When encfs runs as root, the cipher dir must be owned by root and closed to group and
+    others (mode 0700 or narrower): whoever may write into it could plant symbolic links
+    and files for the root daemon to follow. Raises ``UnsafeCipherDir`` naming the fix; does
+    nothing for a non-root user (who can only harm their own files) or a missing directory
+    (the caller reports that)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(cipher_dir)
+    except FileNotFoundError:
+        return
+    problems = []
+    if st.st_uid != 0:
+        problems.append(f"owned by uid {st.st_uid}, not root")
+    if st.st_mode & 0o077:
+        problems.append(f"mode {stat.S_IMODE(st.st_mode):04o} lets group or others in")
+    if problems:
+        raise UnsafeCipherDir(
+            f"cipher dir {cipher_dir} is {' and '.join(problems)}; encfs runs as root and "
+            "refuses a cipher dir others may change",
+            hint=f"chmod 700 {cipher_dir}; chown root {cipher_dir}",
+        )
 
 
 def header_path(cipher_dir: Path) -> Path:
@@ -90,24 +117,50 @@ def build_header_bytes(header: fmt.VolumeHeader, keys: VolumeKeys) -> bytes:
     return body + keys.header_tag(body)
 
 
+def prepare_cipher_dir(cipher_dir: Path) -> str:
+    """Make ``cipher_dir`` ready for ``init``: created 0700 if missing; an existing one must
+    be an empty directory. As root an existing empty directory owned by root is narrowed
+    to 0700, one owned by another user is refused (``UnsafeCipherDir``: that user could
+    still change it). Returns a note for the operator when it changed a mode, else ""."""
+    if not cipher_dir.exists():
+        cipher_dir.mkdir(mode=0o700, parents=True)
+        os.chmod(cipher_dir, 0o700)  # whatever the umask
+        return ""
+    if not cipher_dir.is_dir():
+        raise VolumeExists(f"{cipher_dir} exists and is not a directory")
+    if header_path(cipher_dir).exists():
+        raise VolumeExists(f"{cipher_dir} already holds an encfs volume")
+    if any(cipher_dir.iterdir()):
+        raise VolumeExists(f"{cipher_dir} is not empty; encfs init needs an empty directory")
+    st = os.stat(cipher_dir)
+    if os.geteuid() == 0 and st.st_uid != 0:
+        raise UnsafeCipherDir(
+            f"cipher dir {cipher_dir} is owned by uid {st.st_uid}, not root; encfs runs as "
+            "root and refuses a cipher dir another user may change",
+            hint=f"chown root {cipher_dir}; chmod 700 {cipher_dir} (or let encfs init create it)",
+        )
+    if st.st_mode & 0o077:
+        os.chmod(cipher_dir, 0o700)
+        return f"narrowed {cipher_dir} from mode {stat.S_IMODE(st.st_mode):04o} to 0700"
+    return ""
+
+
 def create(
-    cipher_dir: Path, vault: KeyWrapper, *, block_size: int = fmt.DEFAULT_BLOCK_SIZE
+    cipher_dir: Path,
+    vault: KeyWrapper,
+    *,
+    block_size: int = fmt.DEFAULT_BLOCK_SIZE,
+    on_keys: Callable[[fmt.VolumeHeader, VolumeKeys], None] | None = None,
 ) -> fmt.VolumeHeader:
-    """Initialise a new volume in ``cipher_dir`` (created if missing; must be empty).
+    """Initialise a new volume in ``cipher_dir`` (``prepare_cipher_dir`` first).
 
     Asks the vault for a fresh wrapped volume key, stores only the wrapped form, and wipes
-    the plaintext copy. Raises ``VolumeExists``, ``ValueError`` (block size), ``VaultError``.
+    the plaintext copy. ``on_keys(header, keys)`` runs once the header is durable, before
+    the keys are wiped (``init`` pins the volume there). Raises ``VolumeExists``,
+    ``UnsafeCipherDir``, ``ValueError`` (block size), ``VaultError``.
     """
     fmt.validate_block_size(block_size)
-    if cipher_dir.exists():
-        if not cipher_dir.is_dir():
-            raise VolumeExists(f"{cipher_dir} exists and is not a directory")
-        if header_path(cipher_dir).exists():
-            raise VolumeExists(f"{cipher_dir} already holds an encfs volume")
-        if any(cipher_dir.iterdir()):
-            raise VolumeExists(f"{cipher_dir} is not empty; encfs init needs an empty directory")
-    else:
-        cipher_dir.mkdir(mode=0o700, parents=True)
+    prepare_cipher_dir(cipher_dir)
     volume_key, wrapped_key = vault.new_volume_key()
     try:
         header = fmt.VolumeHeader(
@@ -126,6 +179,8 @@ def create(
     try:
         names.write_dirid(str(cipher_dir), link=fmt.dirid_links(header.feature_flags))
         write_header_atomic(cipher_dir, build_header_bytes(header, keys))
+        if on_keys is not None:
+            on_keys(header, keys)
     finally:
         keys.close()
     return header

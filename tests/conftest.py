@@ -14,6 +14,20 @@ from tests.harness import Volume, force_unmount
 from tests.openbao import OpenBao
 
 
+@pytest.fixture(scope="session", autouse=True)
+def host_pins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Volume pins (``encfs.pins``) go to a directory of this session, never the machine's
+    /var/lib/encfs/pins; every ``encfs`` the tests run inherits ``ENCFS_PIN_DIR``."""
+    path = tmp_path_factory.mktemp("pins")
+    old = os.environ.get("ENCFS_PIN_DIR")
+    os.environ["ENCFS_PIN_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ENCFS_PIN_DIR", None)
+    else:
+        os.environ["ENCFS_PIN_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def openbao() -> Iterator[OpenBao]:
     """One OpenBao dev server (plain HTTP on loopback, transit at ``transit``) per session.
@@ -41,6 +55,7 @@ class TransitKey:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         env["VAULT_TOKEN"] = self.token
+        env["VAULT_ADDR"] = self.bao.addr  # the vault pinned on the "host" (never the header)
         return env
 
 

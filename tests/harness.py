@@ -17,6 +17,8 @@ def encfs(*args: str | Path, env: dict[str, str] | None = None,
     """Run ``python -m encfs ARGS``; returns the completed process (text output)."""
     env = dict(os.environ if env is None else env)
     env.setdefault("ENCFS_AUDIT_LOG", "none")  # tests never write the machine's audit log
+    if "ENCFS_PIN_DIR" in os.environ:  # nor its volume pins (conftest's host_pins)
+        env.setdefault("ENCFS_PIN_DIR", os.environ["ENCFS_PIN_DIR"])
     proc = subprocess.run(
         [sys.executable, "-m", "encfs", *map(str, args)],
         capture_output=True, text=True, env=env, timeout=timeout,
@@ -73,7 +75,8 @@ class Volume:
               check=True)
 
     def mount(self, *extra: str) -> None:
-        args: list[str | Path] = ["mount", self.cipher_dir, self.mountpoint]
+        args: list[str | Path] = ["mount", self.cipher_dir, self.mountpoint,
+                                  "--vault", self.vault_url]
         if self.options:
             args += ["-o", ",".join(self.options)]
         if self.log_file is not None:

@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
         encfs("init", cipher, "--vault", url, "--block-size", str(BLOCK_SIZE), env=env)
         mnt = Path(tmp) / "mnt"
         mnt.mkdir()
-        encfs("mount", cipher, mnt, env=env)
+        encfs("mount", cipher, mnt, "--vault", url, env=env)
         try:
             populate(mnt)
             tree = snapshot(mnt)

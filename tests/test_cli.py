@@ -61,7 +61,8 @@ def test_init_rejects_bad_block_size(tmp_path: Path, transit_key: TransitKey) ->
 
 
 def _mount_fails(vol: Volume, env: dict[str, str], *extra: str) -> tuple[int, str]:
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, *extra, env=env)
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *extra,
+                 env=env)
     assert not is_mounted(vol.mountpoint), "nothing may be mounted when the vault refuses"
     return proc.returncode, proc.stderr
 
@@ -125,7 +126,8 @@ def test_token_file_must_be_private(make_volume, transit_key: TransitKey, tmp_pa
     assert "chmod 600" in err
     token_file.chmod(0o600)
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--token-file", token_file, env=env)
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
+                 "--token-file", token_file, env=env)
     assert proc.returncode == 0, proc.stderr
     vol.unmount()
 
@@ -133,7 +135,8 @@ def test_token_file_must_be_private(make_volume, transit_key: TransitKey, tmp_pa
 def test_least_privilege_host_token_mounts(make_volume, host_token: Path) -> None:  # type: ignore[no-untyped-def]
     vol: Volume = make_volume(mount=False)
     env = {"PATH": os.environ["PATH"]}
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--token-file", host_token, env=env)
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
+                 "--token-file", host_token, env=env)
     assert proc.returncode == 0, proc.stderr
     (vol.mountpoint / "f").write_bytes(b"x" * 10000)
     vol.unmount()
@@ -223,7 +226,8 @@ def test_mount_with_wrong_ca(tmp_path: Path) -> None:
         code, err = _mount_fails(vol, env)  # system CAs do not know the dev CA
         assert code == ExitCode.VAULT_TLS
         assert "certificate verification failed" in err
-        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--ca-file", bao.ca_file, env=env)
+        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
+                     "--ca-file", bao.ca_file, env=env)
         assert proc.returncode == 0, proc.stderr
         vol.unmount()
 
@@ -242,7 +246,8 @@ def test_mount_waits_for_a_sealed_vault_within_the_timeout(tmp_path: Path) -> No
         timer = threading.Timer(2.0, bao.unseal)
         timer.start()
         t0 = time.monotonic()
-        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault-timeout", "30", env=env)
+        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
+                     "--vault-timeout", "30", env=env)
         timer.join()
         assert proc.returncode == 0, proc.stderr
         assert 1.9 < time.monotonic() - t0 < 20

@@ -517,7 +517,7 @@ def test_kmip_volume_end_to_end_and_revocation(tmp_path: Path) -> None:
         encfs("init", vol.cipher_dir, "--vault", vol.vault_url, *creds, env=env, check=True)
         info = json.loads(encfs("info", vol.cipher_dir, "--json", check=True).stdout)
         assert info["wrapped_key"].startswith("kmip:v1:")
-        proc = encfs("rotate", vol.cipher_dir, *creds, env=env)
+        proc = encfs("rotate", vol.cipher_dir, "--vault", vol.vault_url, *creds, env=env)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(encfs("info", vol.cipher_dir, "--json").stdout)["wrapped_key"] != (
             info["wrapped_key"])
@@ -538,7 +538,8 @@ def test_kmip_volume_end_to_end_and_revocation(tmp_path: Path) -> None:
         finally:
             force_unmount(vol.mountpoint)
         # A revoked KMIP key cannot unwrap again: mount refuses with its own code.
-        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, *creds, env=env)
+        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *creds,
+                     env=env)
         assert proc.returncode == ExitCode.VAULT_KEY_DISABLED, proc.stderr
 
 
@@ -784,7 +785,7 @@ def test_status_warns_when_key_memory_cannot_be_locked(make_volume) -> None:  # 
     proc = subprocess.run(
         ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "prlimit",
          "--memlock=0:0", sys.executable, "-m", "encfs", "mount", str(vol.cipher_dir),
-         str(vol.mountpoint)],
+         str(vol.mountpoint), "--vault", vol.vault_url],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr

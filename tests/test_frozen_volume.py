@@ -76,6 +76,7 @@ def frozen_copy(frozen: Frozen, tmp_path: Path) -> Path:
     for rel, attrs in xattrs.items():
         for name, value in attrs.items():
             os.setxattr(copy / rel, name, base64.b64decode(value), follow_symlinks=False)
+    os.chmod(copy, 0o700)  # a root daemon refuses a cipher dir others may enter
     return copy
 
 

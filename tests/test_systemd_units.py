@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from encfs import service
+from encfs.cli import ExitCode
 from tests.harness import encfs
 
 pytestmark = pytest.mark.skipif(
@@ -94,19 +95,31 @@ def test_install_dry_run_says_everything_and_touches_nothing(tmp_path: Path) -> 
     token.chmod(0o600)
     etc, units = tmp_path / "etc", tmp_path / "units"
     proc = encfs("systemd", "install", "data", "--cipher-dir", "/srv/cipher", "--mountpoint",
-                 "/srv/data", "--token-file", token, "--set", "CHECK_INTERVAL=10",
+                 "/srv/data", "--vault", "transit+https://vault.example:8200/transit/data",
+                 "--token-file", token, "--set", "CHECK_INTERVAL=10",
                  "--set", "OPTIONS=allow_other,default_permissions", "--start", "--dry-run",
                  "--etc-dir", etc, "--unit-dir", units)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for expected in (f"would write {etc}/data.conf (0600)", "CIPHER_DIR=/srv/cipher",
                      "CHECK_INTERVAL=10", f"as {etc}/data.token (0600)",
+                     "VAULT=transit+https://vault.example:8200/transit/data",
                      f"would write {units}/encfs@.service", "would systemctl daemon-reload",
                      "would systemctl enable encfs@data.service",
                      "would systemctl start encfs@data.service"):
         assert expected in out, out
     assert "t\n" not in out  # never the token itself
     assert not etc.exists() and not units.exists()
+
+
+def test_install_needs_a_pinned_vault(tmp_path: Path) -> None:
+    """The service may send its token only to a vault written in its config, never to the
+    URL in the cipher dir: without --vault (or --set VAULT=) install refuses."""
+    proc = encfs("systemd", "install", "data", "--cipher-dir", "/srv/cipher", "--mountpoint",
+                 "/srv/data", "--dry-run", "--etc-dir", tmp_path / "etc",
+                 "--unit-dir", tmp_path / "units")
+    assert proc.returncode == ExitCode.VAULT_NOT_PINNED, proc.stderr
+    assert "needs --vault URL" in proc.stderr
 
 
 @pytest.mark.parametrize(("args", "complaint"), [
@@ -116,6 +129,7 @@ def test_install_dry_run_says_everything_and_touches_nothing(tmp_path: Path) -> 
      "does not exist"),
 ])
 def test_install_refuses_bad_input(args: list[str], complaint: str) -> None:
-    proc = encfs("systemd", "install", *args, "--dry-run")
+    proc = encfs("systemd", "install", *args, "--vault", "transit+https://v:8200/t/k",
+                 "--dry-run")
     assert proc.returncode != 0
     assert complaint in proc.stderr

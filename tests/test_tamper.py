@@ -226,9 +226,9 @@ def test_volume_header_bit_flip_refused(populated: Volume, field_offset: int) ->
     raw[field_offset] ^= 0x01
     header.write_bytes(bytes(raw))
     proc = encfs("mount", vol.cipher_dir, vol.mountpoint, env=vol.env)
-    # Depending on the field: the structure check, the vault (a changed URL or wrapped key)
-    # or the header tag refuses. The URL is used before the tag can be checked: see
-    # docs/SECURITY.md on passing --vault explicitly in production.
+    # Depending on the field: the structure check, the vault (a changed wrapped key, or a
+    # changed mount or key name, which the pinned VAULT_ADDR takes from the header) or the
+    # header tag refuses. The header's host and port are never used (docs/SECURITY.md).
     assert proc.returncode in {
         ExitCode.HEADER_AUTH, ExitCode.BAD_VOLUME, ExitCode.VAULT_PROTOCOL,
         ExitCode.VAULT_KEY_NOT_FOUND, ExitCode.VAULT_CONFIG, ExitCode.VAULT_UNREACHABLE,

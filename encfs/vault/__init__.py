@@ -18,13 +18,20 @@ import ipaddress
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from encfs.errors import VaultConfigError, VaultError, VaultSealed, VaultUnreachable
+from encfs.errors import (
+    VaultConfigError,
+    VaultError,
+    VaultNotPinned,
+    VaultSealed,
+    VaultUnreachable,
+)
+from encfs.keys import LockedSecret
 
 _T = TypeVar("_T")
 
@@ -123,6 +130,114 @@ def parse_vault_url(url: str) -> VaultURL:
     )
 
 
+ADDR_ENV_VARS = ("VAULT_ADDR", "BAO_ADDR")
+"""Where the Vault and OpenBao CLIs take the vault's address from; encfs honours them too."""
+CACERT_ENV_VARS = ("VAULT_CACERT", "BAO_CACERT")
+"""Where the Vault and OpenBao CLIs take the CA bundle from."""
+
+
+def env_vault_addr(environ: Mapping[str, str] | None = None) -> str | None:
+    """The vault address the host's environment configures (``VAULT_ADDR``, then
+    ``BAO_ADDR``), or None."""
+    env = os.environ if environ is None else environ
+    for var in ADDR_ENV_VARS:
+        value = env.get(var, "").strip()
+        if value:
+            return value
+    return None
+
+
+def env_ca_file(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The CA bundle the host's environment configures (``VAULT_CACERT``, ``BAO_CACERT``)."""
+    env = os.environ if environ is None else environ
+    for var in CACERT_ENV_VARS:
+        value = env.get(var, "").strip()
+        if value:
+            return Path(value).absolute()
+    return None
+
+
+@dataclass(frozen=True)
+class PinnedVault:
+    """The vault a command may send the host's credential to, and why (for the log)."""
+
+    url: VaultURL
+    source: str
+    """``--vault`` (command line or the config file's ``VAULT=``) or ``VAULT_ADDR``."""
+    note: str = ""
+    """Set when the pinned URL differs from the one the volume header names."""
+
+
+def pin_vault_url(header_url: str, *, configured: str | None, addr: str | None) -> PinnedVault:
+    """Decide where the host's credential may go, never from the cipher dir alone.
+
+    The volume header's URL is not authenticated before the key is unwrapped (its tag needs
+    the key), so anyone who can edit the cipher dir could point it at a listener of theirs
+    and collect the token. Only an address the operator configured on the host counts:
+
+    - ``configured`` (``--vault URL``, or ``VAULT=URL`` in the volume's config file): a full
+      vault URL, used as it is (it wins over the header's), or a bare
+      ``https://HOST:PORT`` address, which takes the transit mount and key name from the
+      header;
+    - else ``addr`` (``VAULT_ADDR`` / ``BAO_ADDR``, like the Vault CLI): ``http(s)://HOST:PORT``
+      with the header's transit mount and key name (transit volumes only).
+
+    Which key is used on that vault is still read from the header when only an address is
+    pinned; the host's volume pin (``encfs.pins``) catches a header that names another key.
+    Raises ``VaultNotPinned`` when nothing is configured, ``VaultConfigError`` when the
+    configured value is invalid.
+    """
+    if configured:
+        source = "--vault"
+        if urlsplit(configured).scheme in ("http", "https"):
+            url = _at_address(configured, header_url, source)
+        else:
+            url = parse_vault_url(configured)
+    elif addr:
+        source = "VAULT_ADDR"
+        url = _at_address(addr, header_url, source)
+    else:
+        raise VaultNotPinned(
+            f"no vault is configured on this host; the volume header names {header_url!r}, "
+            "but a URL read only from the cipher dir is never sent the host's credential "
+            "(anyone who can edit the cipher dir could change it)",
+            hint=f"pin the vault: --vault {header_url} (or VAULT={header_url} in "
+            "/etc/encfs/NAME.conf, or VAULT_ADDR=https://HOST:PORT), after checking that it "
+            "is your vault",
+        )
+    try:
+        same = str(url) == str(parse_vault_url(header_url))
+    except VaultConfigError:
+        same = False
+    note = ""
+    if not same:
+        note = (
+            f"using the vault pinned by {source}, {url}; the volume header names "
+            f"{header_url!r}, which is ignored"
+        )
+    return PinnedVault(url=url, source=source, note=note)
+
+
+def _at_address(addr: str, header_url: str, source: str) -> VaultURL:
+    """``http(s)://HOST:PORT`` plus the transit mount and key of ``header_url``."""
+    parts = urlsplit(addr)
+    if parts.scheme not in ("http", "https") or parts.path.strip("/"):
+        raise VaultConfigError(
+            f"{source} {addr!r} is not a vault address (https://HOST:PORT); give a full "
+            "vault URL with --vault instead"
+        )
+    header = parse_vault_url(header_url)  # an invalid one: VaultConfigError says why
+    if header.is_kmip:
+        raise VaultNotPinned(
+            f"{source} {addr!r} gives only a transit address, but the volume header names "
+            f"{header_url!r}",
+            hint="pin the full vault URL with --vault URL (or VAULT=URL in the config file)",
+        )
+    return parse_vault_url(
+        f"transit+{parts.scheme}://{parts.netloc}/{header.mount}/{header.key_name}"
+    )
+
+
 KEY_RELEASE_MODES = ("unwrap", "export")
 
 
@@ -145,11 +260,55 @@ class VaultSettings:
     exportable KEK, unwrap locally, wipe it at once)."""
 
 
-def read_token(settings: VaultSettings) -> str:
+_TOKEN_SHAPE_RE = re.compile(r"(?:hv[sbr]|[sbr])\.[A-Za-z0-9_-]{8,}")
+_TOKEN_WORD_RE = re.compile(r"[^\s'\"=,:/]{20,}")
+
+
+def looks_like_token(text: str) -> bool:
+    """Whether ``text`` may be a vault token rather than a path: a Vault/OpenBao token shape
+    (``hvs.``, ``hvb.``, ``s.``, ``b.``, ``r.`` + 8 or more characters) or a word of 20+
+    characters without ``/`` that looks random (>= 3.5 bits of entropy per character).
+    Used to keep a token typed where a path belongs out of every message."""
+    import math
+    from collections import Counter
+
+    text = text.strip()
+    if _TOKEN_SHAPE_RE.fullmatch(text):
+        return True
+    if "/" in text or len(text) < 20 or not _TOKEN_WORD_RE.fullmatch(text):
+        return False
+    counts = Counter(text)
+    entropy = -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+    return entropy >= 3.5
+
+
+def redact_tokens(message: str) -> str:
+    """``message`` with every word that ``looks_like_token`` replaced by ``<redacted>``."""
+    out = _TOKEN_SHAPE_RE.sub("<redacted>", message)
+    return _TOKEN_WORD_RE.sub(
+        lambda m: "<redacted>" if looks_like_token(m.group(0)) else m.group(0), out
+    )
+
+
+def _shown_path(path: Path) -> str:
+    """How a token file's path may appear in a message: not at all if it looks like a token
+    (a token typed where the path belongs)."""
+    if looks_like_token(path.name) or looks_like_token(str(path)):
+        return "(path not shown: it looks like a token)"
+    return str(path)
+
+
+_MAX_TOKEN = 4096
+
+
+def read_token(settings: VaultSettings) -> LockedSecret:
     """Find the host token: ``--token-file``, then ``$CREDENTIALS_DIRECTORY/vault-token``
     (systemd ``LoadCredential=``), then ``VAULT_TOKEN`` / ``BAO_TOKEN``.
 
-    Raises ``VaultCredentialsError`` when none is usable. The token never enters a message.
+    The token comes back in locked memory (``keys.LockedSecret``; the caller closes it): a
+    file is read with ``readv`` into a buffer that is zeroed afterwards, so no ``str`` of it
+    is made. (A token from the environment is a ``str`` there already.) Raises
+    ``VaultCredentialsError`` when none is usable. The token never enters a message.
     """
     from encfs.errors import VaultCredentialsError
 
@@ -166,23 +325,44 @@ def read_token(settings: VaultSettings) -> str:
             if not placeholder:
                 candidates.append(cred)
     for path in candidates:
+        shown = _shown_path(path)
         try:
-            st = path.stat()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            where = shown if shown.startswith("(") else f": {shown}"
+            raise VaultCredentialsError(
+                f"token file not found {where}".replace(" :", ":")
+            ) from None
+        except OSError as exc:
+            raise VaultCredentialsError(f"cannot read token file {shown}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
             if st.st_mode & 0o077 and settings.token_file is not None:
                 raise VaultCredentialsError(
-                    f"token file {path} is readable by group or others (mode "
-                    f"{st.st_mode & 0o777:o}); run: chmod 600 {path}"
+                    f"token file {shown} is readable by group or others (mode "
+                    f"{st.st_mode & 0o777:o}); run: chmod 600 {shown}"
                 )
-            token = path.read_text(encoding="utf-8").strip()
+            buf = bytearray(_MAX_TOKEN + 1)
+            try:
+                got = 0
+                with memoryview(buf) as view:
+                    while got < len(buf) and (n := os.readv(fd, [view[got:]])):
+                        got += n
+                return _token_secret(buf, 0, got, f"token file {shown}")
+            finally:
+                buf[:] = bytes(len(buf))
         except OSError as exc:
-            raise VaultCredentialsError(f"cannot read token file {path}: {exc.strerror}") from None
-        if not token:
-            raise VaultCredentialsError(f"token file {path} is empty")
-        return token
+            raise VaultCredentialsError(f"cannot read token file {shown}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
     for var in ("VAULT_TOKEN", "BAO_TOKEN"):
-        token = os.environ.get(var, "").strip()
-        if token:
-            return token
+        value = os.environ.get(var, "")
+        if value.strip():
+            raw = bytearray(value, "utf-8")
+            try:
+                return _token_secret(raw, 0, len(raw), f"${var}")
+            finally:
+                raw[:] = bytes(len(raw))
     if placeholder:
         raise VaultCredentialsError(
             "no vault token: the service's credential vault-token is empty because "
@@ -192,6 +372,26 @@ def read_token(settings: VaultSettings) -> str:
     raise VaultCredentialsError(
         "no vault token: pass --token-file FILE or set VAULT_TOKEN (or BAO_TOKEN)"
     )
+
+
+def _token_secret(buf: bytearray, start: int, end: int, what: str) -> LockedSecret:
+    """``buf[start:end]`` without surrounding white space, checked, in locked memory."""
+    from encfs.errors import VaultCredentialsError
+
+    if end > _MAX_TOKEN:
+        raise VaultCredentialsError(f"{what} is longer than {_MAX_TOKEN} bytes: not a token")
+    while start < end and buf[start] in b" \t\r\n":
+        start += 1
+    while end > start and buf[end - 1] in b" \t\r\n":
+        end -= 1
+    if start == end:
+        raise VaultCredentialsError(f"{what} is empty")
+    if any(c < 0x21 or c > 0x7E for c in memoryview(buf)[start:end]):
+        raise VaultCredentialsError(
+            f"{what} holds white space or non-printable characters inside the token"
+        )
+    with memoryview(buf) as view:
+        return LockedSecret(view[start:end])
 
 
 def _read_text(path: Path) -> str:

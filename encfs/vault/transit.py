@@ -53,6 +53,7 @@ import threading
 from typing import Any, TypeVar
 
 from encfs import errors
+from encfs.keys import LockedSecret
 from encfs.vault import VaultSettings, VaultURL
 
 __all__ = ["TransitClient"]
@@ -88,11 +89,15 @@ _STALE_CONNECTION = (
 class TransitClient:
     """A transit-engine client for one key. Thread-safe. See ``encfs.vault`` for the contract."""
 
-    def __init__(self, url: VaultURL, *, token: str, settings: VaultSettings) -> None:
+    def __init__(
+        self, url: VaultURL, *, token: LockedSecret | str, settings: VaultSettings
+    ) -> None:
         if not token:
             raise errors.VaultCredentialsError(f"empty vault token for {url}")
         self._url = url
-        self._token = token
+        # The token lives in locked memory for the client's life; each request copies it
+        # into a request buffer that is zeroed once sent (``_request_bytes``).
+        self._token = token if isinstance(token, LockedSecret) else LockedSecret(token.encode())
         self._settings = settings
         self._lock = threading.Lock()
         self._conn: http.client.HTTPConnection | None = None
@@ -397,21 +402,19 @@ class TransitClient:
     ) -> tuple[int, bytearray]:
         """Send one request on the keep-alive connection; returns (status, body buffer)."""
         payload = json.dumps(body).encode() if body is not None else None
-        headers = {"X-Vault-Token": self._token, "Accept": "application/json"}
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
         where = f"vault {self._url.base_url} ({method} {path})"
         with self._lock:
             while True:
                 reused = self._conn is not None and self._conn_used
                 conn = self._connection()
                 try:
-                    conn.request(method, path, body=payload, headers=headers)
-                    resp = conn.getresponse()
+                    resp = self._send(conn, method, path, payload)
                     status = resp.status
                     location = resp.getheader("Location", "")
                     raw = _read_body(resp)
                     self._conn_used = True
+                    if resp.will_close:
+                        self._drop()
                     break
                 except _STALE_CONNECTION:
                     self._drop()
@@ -462,6 +465,54 @@ class TransitClient:
             )
         return status, raw
 
+    def _send(
+        self, conn: http.client.HTTPConnection, method: str, path: str, payload: bytes | None
+    ) -> http.client.HTTPResponse:
+        """Write one request straight to the socket and read the answer's head.
+
+        ``http.client`` would turn the token header into several immutable ``bytes``
+        objects (the header line, the joined request), freed without being zeroed: the
+        request is built here, once, in a buffer of its final size that is zeroed as soon
+        as it is sent."""
+        if conn.sock is None:
+            conn.connect()
+        sock = conn.sock
+        assert sock is not None
+        request = self._request_bytes(method, path, payload)
+        try:
+            sock.sendall(request)
+        finally:
+            _zero(request)
+        resp = conn.response_class(sock, method=method)
+        resp.begin()
+        return resp
+
+    def _request_bytes(self, method: str, path: str, payload: bytes | None) -> bytearray:
+        host = f"[{self._url.host}]" if ":" in self._url.host else self._url.host
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {host}:{self._url.port}\r\n"
+            "Accept: application/json\r\nAccept-Encoding: identity\r\n"
+        )
+        if payload is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        elif method in ("POST", "PUT"):
+            head += "Content-Length: 0\r\n"
+        head_bytes = head.encode("ascii") + b"X-Vault-Token: "
+        body = payload or b""
+        token = self._token.view()
+        try:
+            size = len(head_bytes) + len(token) + 4 + len(body)
+            request = bytearray(size)  # one allocation: no copy left behind by growth
+            i = len(head_bytes)
+            request[:i] = head_bytes
+            request[i : i + len(token)] = token
+            i += len(token)
+            request[i : i + 4] = b"\r\n\r\n"
+            request[i + 4 :] = body
+        finally:
+            token.release()
+        return request
+
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
             timeout = self._settings.timeout
@@ -510,7 +561,9 @@ class TransitClient:
         elif doc is None and raw:
             detail = raw[:_MAX_DETAIL].decode("utf-8", errors="replace")
         detail = " ".join(detail.split())  # one line: a policy miss comes as a bulleted list
-        detail = detail.replace(self._token, "<token>")[:_MAX_DETAIL]
+        if self._token.within(detail.encode("utf-8", errors="replace")) >= 0:
+            detail = "(the vault's message is not shown: it contained the token)"
+        detail = detail[:_MAX_DETAIL]
         low = detail.lower()
         what = f"vault {self._url.base_url} refused {method} {path}: HTTP {status}" + (
             f" {detail}" if detail else ""

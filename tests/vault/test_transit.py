@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from encfs import errors
+from encfs.keys import LockedSecret
 from encfs.vault import (
     VaultSettings,
     VaultURL,
@@ -746,10 +747,19 @@ def write_token(path: Path, token: str, mode: int) -> Path:
     return path
 
 
+def _reveal(secret: LockedSecret) -> str:
+    """The token a ``LockedSecret`` holds, as a ``str`` (tests only: an unwipeable copy)."""
+    view = secret.view()
+    try:
+        return bytes(view).decode()
+    finally:
+        view.release()
+
+
 def test_read_token_file(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
     path = write_token(tmp_path / "t", "s.file-token", 0o600)
     clean_env.setenv("VAULT_TOKEN", "s.env-token")
-    assert read_token(VaultSettings(token_file=path)) == "s.file-token"
+    assert _reveal(read_token(VaultSettings(token_file=path))) == "s.file-token"
 
 
 def test_read_token_refuses_open_file(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
@@ -767,16 +777,16 @@ def test_read_token_refuses_open_file(tmp_path: Path, clean_env: pytest.MonkeyPa
 
 def test_read_token_env_fallback(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("BAO_TOKEN", "s.bao-token")
-    assert read_token(VaultSettings()) == "s.bao-token"
+    assert _reveal(read_token(VaultSettings())) == "s.bao-token"
     clean_env.setenv("VAULT_TOKEN", "s.vault-token")
-    assert read_token(VaultSettings()) == "s.vault-token"
+    assert _reveal(read_token(VaultSettings())) == "s.vault-token"
 
 
 def test_read_token_systemd_credential(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
     write_token(tmp_path / "vault-token", "s.cred-token", 0o400)
     clean_env.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     clean_env.setenv("VAULT_TOKEN", "s.env-token")
-    assert read_token(VaultSettings()) == "s.cred-token"
+    assert _reveal(read_token(VaultSettings())) == "s.cred-token"
 
 
 def test_read_token_unit_placeholder(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
@@ -786,7 +796,7 @@ def test_read_token_unit_placeholder(tmp_path: Path, clean_env: pytest.MonkeyPat
     with pytest.raises(errors.VaultCredentialsError, match=re.escape("/etc/encfs/NAME.token")):
         read_token(VaultSettings())
     clean_env.setenv("VAULT_TOKEN", "s.env-token")
-    assert read_token(VaultSettings()) == "s.env-token"
+    assert _reveal(read_token(VaultSettings())) == "s.env-token"
 
 
 @pytest.mark.parametrize("how", ["nothing", "missing file", "empty file"])
@@ -975,7 +985,7 @@ def test_retry_unavailable_waits_for_an_unsealed_vault() -> None:
             assert 1.4 < time.monotonic() - t0 < 10
             assert retries and set(retries) == {"VaultSealed"}
             # Refusals are never retried.
-            bao.revoke_token(c._token)
+            bao.revoke_token(_reveal(c._token))
             t0 = time.monotonic()
             with pytest.raises(errors.VaultPermissionDenied):
                 retry_unavailable(lambda: c.unwrap(wrapped), bound=20)

@@ -19,7 +19,8 @@ UNIT_DIR = "/usr/local/lib/systemd/system"  # persisted across the two boots (a 
 FIRST_BOOT = rf"""
 systemctl is-system-running --wait || true
 encfs systemd install data --cipher-dir /srv/cipher --mountpoint /srv/data \
-    --unit-dir {UNIT_DIR} --no-enable --set CA_FILE={CA} --set CHECK_INTERVAL=1 \
+    --vault transit+https://127.0.0.1:8200/transit/data --unit-dir {UNIT_DIR} --no-enable \
+    --set CA_FILE={CA} --set CHECK_INTERVAL=1 \
     --set AUDIT_LOG=/srv/audit.log
 systemctl daemon-reload
 systemctl start encfs-vault.service

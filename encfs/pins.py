@@ -1,0 +1,157 @@
+"""What the host remembers about the volumes it mounts: one pin per cipher dir.
+
+The volume header is authenticated with a key derived from the volume key it wraps, so a
+header is only "valid" relative to *some* key. Anyone who may ask the same KEK for a data
+key (``transit/datakey``) can build a header of their own — a fresh volume key, a valid tag
+— and put it in place of the real one; the pinned vault unwraps it and the host would mount
+the attacker's volume and write into it. The host therefore pins, per cipher dir, the
+volume id and the volume key's *check value* (``keys.key_check_value``; never the key):
+
+- ``encfs init`` pins the volume it creates; the first ``encfs mount`` (or ``fsck``) of a
+  volume this host has no pin for pins it (trust on first use, logged);
+- every later mount, fsck and rotate compares and refuses another volume
+  (``VolumeMismatch``, exit 8) naming what differs;
+- re-pinning is deliberate: ``encfs mount --repin`` or ``encfs pin reset CIPHERDIR``.
+
+Pins live in ``/var/lib/encfs/pins`` (``$ENCFS_PIN_DIR`` overrides; a non-root user's are
+under ``$XDG_STATE_HOME/encfs/pins``), one ``<sha256 of the cipher dir's real path>.json``
+file each (0600, directory 0700).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from encfs.errors import VolumeMismatch
+from encfs.keys import VolumeKeys
+
+log = logging.getLogger(__name__)
+
+PIN_DIR_ENV = "ENCFS_PIN_DIR"
+DEFAULT_PIN_DIR = Path("/var/lib/encfs/pins")
+
+
+def pin_dir() -> Path:
+    """Where pins are kept (module docstring)."""
+    override = os.environ.get(PIN_DIR_ENV, "").strip()
+    if override:
+        return Path(override).absolute()
+    if os.geteuid() == 0:
+        return DEFAULT_PIN_DIR
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "encfs" / "pins"
+
+
+def pin_path(cipher_dir: Path) -> Path:
+    digest = hashlib.sha256(os.fsencode(cipher_dir.resolve())).hexdigest()[:32]
+    return pin_dir() / f"{digest}.json"
+
+
+@dataclass(frozen=True)
+class Pin:
+    cipher_dir: str
+    volume_id: str
+    key_check: str
+    pinned_at: str
+    by: str
+
+
+def read_pin(cipher_dir: Path) -> Pin | None:
+    """The pin for ``cipher_dir``, None if there is none. A damaged pin file raises
+    ``VolumeMismatch`` (refuse rather than re-pin silently)."""
+    path = pin_path(cipher_dir)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise VolumeMismatch(f"cannot read the volume pin {path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(raw)
+        return Pin(**{k: str(doc[k]) for k in Pin.__dataclass_fields__})
+    except (ValueError, KeyError, TypeError):
+        raise VolumeMismatch(
+            f"the volume pin {path} for {cipher_dir} is damaged; if the volume is the right "
+            f"one, re-pin it: encfs pin reset {cipher_dir}"
+        ) from None
+
+
+def write_pin(cipher_dir: Path, volume_id: bytes, keys: VolumeKeys, *, by: str) -> Path:
+    """Pin ``cipher_dir`` to this volume (replacing any pin); returns the pin file."""
+    path = pin_path(cipher_dir)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    doc = {
+        "cipher_dir": str(cipher_dir.resolve()),
+        "volume_id": volume_id.hex(),
+        "key_check": keys.check_value().hex(),
+        "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "by": by,
+    }
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, (json.dumps(doc, indent=2) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def reset_pin(cipher_dir: Path) -> bool:
+    """Forget the pin of ``cipher_dir``; returns whether there was one."""
+    try:
+        pin_path(cipher_dir).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def check_pin(
+    cipher_dir: Path,
+    volume_id: bytes,
+    keys: VolumeKeys,
+    *,
+    create: bool,
+    repin: bool = False,
+    by: str = "mount",
+) -> str:
+    """Compare the unlocked volume with the host's pin for ``cipher_dir``.
+
+    Returns ``"match"``, ``"pinned"`` (no pin yet and ``create``: written now; also after
+    ``repin``) or ``"unpinned"`` (no pin, ``create`` false). Raises ``VolumeMismatch``
+    naming what differs and how to re-pin deliberately.
+    """
+    pin = None if repin else read_pin(cipher_dir)
+    if pin is None:
+        if not (create or repin):
+            return "unpinned"
+        path = write_pin(cipher_dir, volume_id, keys, by=by)
+        log.warning(
+            "%s volume %s of %s on this host (%s)",
+            "re-pinned" if repin else "pinned",
+            volume_id.hex(),
+            cipher_dir,
+            path,
+        )
+        return "pinned"
+    differs = []
+    if pin.volume_id != volume_id.hex():
+        differs.append(f"volume id {volume_id.hex()} (pinned: {pin.volume_id})")
+    if pin.key_check != keys.check_value().hex():
+        differs.append("volume key (its check value differs from the pinned one)")
+    if differs:
+        raise VolumeMismatch(
+            f"{cipher_dir} holds another volume than the one this host pinned on "
+            f"{pin.pinned_at}: {' and '.join(differs)}. The volume header may have been "
+            "replaced by one built with another data key of the same KEK",
+            hint=f"if this is deliberate (a restored or re-created volume), re-pin it: "
+            f"`encfs mount --repin ...` or `encfs pin reset {cipher_dir}`",
+        )
+    return "match"
