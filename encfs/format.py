@@ -116,6 +116,18 @@ def is_longname(name: str) -> bool:
     return name.startswith(LONGNAME_PREFIX) and not name.endswith(LONGNAME_SUFFIX)
 
 
+def is_valid_plain_name(raw: bytes) -> bool:
+    """Whether a decrypted name can be an entry's name (§4.4): 1 to ``MAX_PLAIN_NAME``
+    bytes, neither ``.`` nor ``..``, no ``/`` and no NUL. Anything else was not written by
+    encfs and is treated as corrupt, never handed to the kernel."""
+    return (
+        0 < len(raw) <= MAX_PLAIN_NAME
+        and raw not in (b".", b"..")
+        and b"/" not in raw
+        and b"\0" not in raw
+    )
+
+
 # --- the volume header -------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -37,7 +37,7 @@ os.environ["FUSE_LIBRARY_PATH"] = os.environ.get("FUSE_LIBRARY_PATH") or next(
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy
 
-from encfs import crypto, names
+from encfs import backing, crypto, names
 from encfs import format as fmt
 from encfs.cipherfile import CipherFile, Sealer
 from encfs.errors import FormatError, IntegrityError, VolumeSuspended
@@ -55,8 +55,8 @@ FUSE_READDIR_PLUS = 1 << 0
 FUSE_FILL_DIR_PLUS = 1 << 1
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
-RENAME_NOREPLACE = 1 << 0
-RENAME_EXCHANGE = 1 << 1
+RENAME_NOREPLACE = backing.RENAME_NOREPLACE
+RENAME_EXCHANGE = backing.RENAME_EXCHANGE
 MAX_WRITE = 1 << 20
 
 
@@ -347,11 +347,12 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         *,
         dirid_links: bool = False,
     ) -> None:
-        self.root = os.path.abspath(cipher_dir)
+        names.raise_fd_limit()  # the name cache keeps directories open
+        root = backing.open_root(cipher_dir)
         self.keys = keys
         self.geo = fmt.Geometry(block_size)
         self.options = options
-        self.names = names.Names(self.root, keys, dirid_links=dirid_links)
+        self.names = names.Names(root, keys, dirid_links=dirid_links)
         self.counters = Counters()
         self._on_init = on_init
         self._table_lock = threading.Lock()
@@ -480,28 +481,29 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         if self.options.read_only:
             raise OSError(errno.EROFS, "read-only mount")
 
-    def _own(self, backing_path: str, fd: int | None = None) -> None:
-        """Give a new entry to the calling user, as a kernel filesystem would (root only)."""
+    def _own(self, entry: names.Entry, fd: int | None = None) -> None:
+        """Give a new entry to the calling user, as a kernel filesystem would (root only).
+        ``fd``: the entry's own open fd, if we have one."""
         if not self._as_root:
             return
         uid, gid, _pid = mfusepy.fuse_get_context()
         if uid == 0 and gid == 0:
             return
-        if os.stat(os.path.dirname(backing_path)).st_mode & stat.S_ISGID:
+        if entry.parent.fstat().st_mode & stat.S_ISGID:
             gid = -1  # a set-group-ID directory gives its group (the backing fs applied it)
         if fd is not None:
             os.fchown(fd, uid, gid)
         else:
-            os.chown(backing_path, uid, gid, follow_symlinks=False)
+            entry.parent.chown(entry.name, uid, gid)
 
-    def _attach(self, fd: int, backing_path: str) -> CipherFile:
+    def _attach(self, fd: int, display: str) -> CipherFile:
         """Register ``fd`` as a handle on its inode's shared ``CipherFile``."""
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         with self._table_lock:
             cfile = self._inodes.get(key)
             if cfile is None:
-                cfile = CipherFile(self.keys, self.geo, backing_path, self.sealer)
+                cfile = CipherFile(self.keys, self.geo, display, self.sealer)
                 cfile.inode_key = key
                 self._inodes[key] = cfile
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
@@ -524,14 +526,26 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             raise OSError(errno.EBADF, "unknown file handle")
         return cfile
 
-    def _open_backing(self, backing_path: str, flags: int, mode: int = 0) -> int:
-        """Open a backing file for our own reads and writes: always readable (partial-block
-        writes read first), never O_APPEND (the kernel resolves appends with writeback
-        cache), never O_TRUNC (truncation runs under the file lock)."""
+    @staticmethod
+    def _backing_flags(flags: int) -> int:
+        """Flags for our own fd of a backing file: always readable (partial-block writes
+        read first), never O_APPEND (the kernel resolves appends with writeback cache),
+        never O_TRUNC (truncation runs under the file lock)."""
         acc = flags & os.O_ACCMODE
-        keep = flags & (os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_SYNC | os.O_DSYNC)
-        bflags = keep | os.O_CLOEXEC | (os.O_RDONLY if acc == os.O_RDONLY else os.O_RDWR)
-        return os.open(backing_path, bflags, mode)
+        return (flags & (os.O_SYNC | os.O_DSYNC)) | (
+            os.O_RDONLY if acc == os.O_RDONLY else os.O_RDWR
+        )
+
+    @contextlib.contextmanager
+    def _creating(self, entry: names.Entry) -> Iterator[None]:
+        """Create ``entry`` inside: its long-name companion first, removed again if the
+        creation fails (unless the entry exists after all)."""
+        self.names.add_companion(entry)
+        try:
+            yield
+        except BaseException:
+            self.names.rollback_companion(entry)
+            raise
 
     # --- attributes ------------------------------------------------------------------------
 
@@ -547,12 +561,12 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         elif path is None:
             raise OSError(errno.EBADF, "no path and no handle")
         else:
-            backing = self.names.backing_path(path)
-            st = os.lstat(backing)
+            entry = self.names.entry(path)
+            st = entry.parent.lstat(entry.name)
             cfile = self._inodes.get((st.st_dev, st.st_ino))
             if cfile is not None and cfile.pending:
                 cfile.drain()
-                st = os.lstat(backing)
+                st = entry.parent.lstat(entry.name)
             self.seen.note(path)
             if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
                 self.aliases.note((st.st_dev, st.st_ino), path)
@@ -573,26 +587,32 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     @fuse_op
     def access(self, path: str, amode: int) -> int:
-        backing = self.names.backing_path(path)
+        entry = self.names.entry(path)
         if amode == os.F_OK:
-            os.lstat(backing)
+            entry.parent.lstat(entry.name)
             return 0
         if amode & os.W_OK and self.options.read_only:
             raise OSError(errno.EROFS, "read-only mount")
-        if not os.access(backing, amode):
+        if not entry.parent.access(entry.name, amode):
             raise OSError(errno.EACCES, "access denied")
         return 0
 
-    def _target(self, path: str | None, fh: int | None) -> str | int:
+    def _target(self, path: str | None, fh: int | None) -> int | names.Entry:
         """What a metadata change applies to: the handle's fd when libfuse gives one (it then
-        gives no path), else the backing path."""
+        gives no path), else the backing entry (never followed)."""
         if fh is not None and fh in self._handles:
             return fh
         if path is None:
             raise OSError(errno.EBADF, "operation needs a path or a file handle")
-        return self.names.backing_path(path)
+        return self.names.entry(path)
 
-    def _changed(self, target: str | int, path: str | None) -> None:
+    @staticmethod
+    def _lstat(target: int | names.Entry) -> os.stat_result:
+        if isinstance(target, int):
+            return os.fstat(target)
+        return target.parent.lstat(target.name)
+
+    def _changed(self, target: int | names.Entry, path: str | None) -> None:
         """Tell the other names of a multiply-linked file that ``target`` changed."""
         if not self.aliases:
             return
@@ -601,7 +621,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             key = cfile.inode_key if cfile is not None else None
             self.aliases.changed(key, self._fh_paths.get(target))
         else:
-            st = os.lstat(target)
+            st = self._lstat(target)
             if st.st_nlink > 1:
                 self.aliases.changed((st.st_dev, st.st_ino), path)
 
@@ -609,15 +629,18 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
         self._check_writable()
         target = self._target(path, fh)
-        os.chmod(target, stat.S_IMODE(mode))
+        if isinstance(target, int):
+            os.fchmod(target, stat.S_IMODE(mode))
+        else:
+            target.parent.chmod(target.name, stat.S_IMODE(mode))
         if mode & (stat.S_ISUID | stat.S_ISGID):
             if isinstance(target, int):
-                self._cfile(target).setid = True
+                cfile = self._handles.get(target)
             else:
-                st = os.lstat(target)
+                st = self._lstat(target)
                 cfile = self._inodes.get((st.st_dev, st.st_ino))
-                if cfile is not None:
-                    cfile.setid = True
+            if cfile is not None:
+                cfile.setid = True
         self._changed(target, path)
         return 0
 
@@ -628,7 +651,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         if isinstance(target, int):
             os.fchown(target, uid, gid)
         else:
-            os.chown(target, uid, gid, follow_symlinks=False)
+            target.parent.chown(target.name, uid, gid)
         self._changed(target, path)
         return 0
 
@@ -641,29 +664,33 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     ) -> int:
         self._check_writable()
         target = self._target(path, fh)
-        follow = isinstance(target, int)  # an fd is followed by definition
-        if times is None:
-            os.utime(target, follow_symlinks=follow)
-            self._changed(target, path)
-            return 0
-        now = time.time_ns()
-        st: os.stat_result | None = None
-        result = []
-        for index, (sec, nsec) in enumerate(times):
-            if nsec == UTIME_NOW:
-                result.append(now)
-            elif nsec == UTIME_OMIT:
-                st = st or (os.fstat(target) if isinstance(target, int) else os.lstat(target))
-                result.append(st.st_atime_ns if index == 0 else st.st_mtime_ns)
+        ns: tuple[int, int] | None = None
+        if times is not None:
+            now = time.time_ns()
+            st: os.stat_result | None = None
+            result = []
+            for index, (sec, nsec) in enumerate(times):
+                if nsec == UTIME_NOW:
+                    result.append(now)
+                elif nsec == UTIME_OMIT:
+                    st = st or self._lstat(target)
+                    result.append(st.st_atime_ns if index == 0 else st.st_mtime_ns)
+                else:
+                    result.append(sec * 10**9 + nsec)
+            ns = (result[0], result[1])
+        if isinstance(target, int):
+            if ns is None:
+                os.utime(target)
             else:
-                result.append(sec * 10**9 + nsec)
-        os.utime(target, ns=(result[0], result[1]), follow_symlinks=follow)
+                os.utime(target, ns=ns)
+        else:
+            target.parent.utime(target.name, ns)
         self._changed(target, path)
         return 0
 
     @fuse_op
     def statfs(self, path: str) -> dict[str, int]:
-        sv = os.statvfs(self.root)
+        sv = self.names.root.statvfs()
         return {
             "f_bsize": sv.f_bsize,
             "f_frsize": sv.f_frsize,
@@ -713,8 +740,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         path = self._dir_handles.get(fh, path)
         if path is None:
             raise OSError(errno.EBADF, "unknown directory handle")
-        backing_dir, _dir_id = self.names.directory(path)
-        dot = os.lstat(backing_dir)
+        directory, _dir_id = self.names.directory(path)
+        dot = directory.fstat()
         entries: Listing = [
             (".", (dot, dot.st_size), 0),
             ("..", None, 0),
@@ -738,52 +765,52 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def mkdir(self, path: str, mode: int) -> int:
         self._check_writable()
         entry = self.names.entry(path)
-        self.names.add_companion(entry)
-        try:
-            os.mkdir(entry.backing_path, mode)
-        except BaseException:
-            if not os.path.lexists(entry.backing_path):
-                self.names.remove_companion(entry)
-            raise
-        try:
-            names.write_dirid(entry.backing_path, link=self.names.dirid_links)
-            self._own(entry.backing_path)
-        except BaseException:
-            _remove_tree_quietly(entry.backing_path)
-            self.names.remove_companion(entry)
-            raise
+        with self._creating(entry):
+            entry.parent.mkdir(entry.name, mode)
+            try:
+                child = entry.opendir()
+                names.write_dirid(child, link=self.names.dirid_links)
+                self._own(entry, child.fd)
+            except BaseException:
+                self._remove_new_dir(entry)
+                raise
         return 0
+
+    def _remove_new_dir(self, entry: names.Entry) -> None:
+        """Undo a mkdir that failed after the directory was made (best effort)."""
+        with contextlib.suppress(OSError):
+            entry.opendir().unlink(fmt.DIRID_NAME)
+        with contextlib.suppress(OSError):
+            entry.parent.rmdir(entry.name)
 
     @fuse_op
     def rmdir(self, path: str) -> int:
         self._check_writable()
         entry = self.names.entry(path)
-        self._rmdir_backing(entry.backing_path)
+        self._rmdir_backing(entry)
         self.names.remove_companion(entry)
         self.names.invalidate()
         return 0
 
-    def _rmdir_backing(self, backing_dir: str) -> None:
-        """Remove an empty backing directory and its id file; restore the id if rmdir fails."""
-        st = os.lstat(backing_dir)
-        if not stat.S_ISDIR(st.st_mode):
+    def _rmdir_backing(self, entry: names.Entry) -> None:
+        """Remove an empty backing directory and its id; restore the id if rmdir fails."""
+        if not stat.S_ISDIR(entry.parent.lstat(entry.name).st_mode):
             raise OSError(errno.ENOTDIR, "not a directory")
-        with os.scandir(backing_dir) as it:
-            if any(d.name != fmt.DIRID_NAME for d in it):
-                raise OSError(errno.ENOTEMPTY, "directory not empty")
-        dirid_path = os.path.join(backing_dir, fmt.DIRID_NAME)
+        directory = entry.opendir()
+        if any(name != fmt.DIRID_NAME for name in directory.names()):
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
         try:
-            dir_id = names.read_dirid(backing_dir)
+            dir_id: bytes | None = names.read_dirid(directory)
         except FormatError:
             dir_id = None
         if dir_id is not None:
-            was_link = os.path.islink(dirid_path)
-            os.unlink(dirid_path)
+            was_link = names.dirid_is_link(directory)
+            directory.unlink(fmt.DIRID_NAME)
         try:
-            os.rmdir(backing_dir)
+            entry.parent.rmdir(entry.name)
         except OSError:
             if dir_id is not None:
-                names.write_dirid(backing_dir, link=was_link, dir_id=dir_id)
+                names.write_dirid(directory, link=was_link, dir_id=dir_id)
             raise
 
     # --- entries ---------------------------------------------------------------------------
@@ -792,16 +819,22 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def create(self, path: str, mode: int, flags: int = os.O_RDWR) -> int:
         self._check_writable()
         entry = self.names.entry(path)
-        self.names.add_companion(entry)
+        bflags = self._backing_flags(flags)
+        with self._creating(entry):
+            try:
+                fd = entry.parent.create_file(entry.name, bflags, stat.S_IMODE(mode))
+                created = True
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                # A stale negative entry in the kernel: open what is there (a regular file
+                # only; never through a link).
+                fd = entry.parent.open_file(entry.name, bflags)
+                created = False
         try:
-            fd = self._open_backing(entry.backing_path, flags | os.O_CREAT, stat.S_IMODE(mode))
-        except BaseException:
-            if not os.path.lexists(entry.backing_path):
-                self.names.remove_companion(entry)
-            raise
-        try:
-            self._own(entry.backing_path, fd)
-            cfile = self._attach(fd, entry.backing_path)
+            if created:
+                self._own(entry, fd)
+            cfile = self._attach(fd, entry.display)
             self._fh_paths[fd] = path
             if flags & os.O_TRUNC:
                 cfile.truncate(fd, 0)
@@ -815,15 +848,15 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def open(self, path: str, flags: int) -> int:
         if self.options.read_only and flags & (os.O_ACCMODE | os.O_TRUNC) not in (os.O_RDONLY,):
             raise OSError(errno.EROFS, "read-only mount")
-        backing = self.names.backing_path(path)
+        entry = self.names.entry(path)
         try:
-            fd = self._open_backing(backing, flags & ~os.O_CREAT)
+            fd = entry.parent.open_file(entry.name, self._backing_flags(flags))
         except PermissionError:
             if flags & os.O_ACCMODE != os.O_WRONLY:
                 raise
-            fd = os.open(backing, os.O_WRONLY | os.O_CLOEXEC)
+            fd = entry.parent.open_file(entry.name, os.O_WRONLY)
         try:
-            cfile = self._attach(fd, backing)
+            cfile = self._attach(fd, entry.display)
             self._fh_paths[fd] = path
             if flags & os.O_TRUNC:
                 cfile.truncate(fd, 0)
@@ -887,10 +920,10 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             return 0
         if path is None:
             raise OSError(errno.EBADF, "no path and no handle")
-        backing = self.names.backing_path(path)
-        fd = os.open(backing, os.O_RDWR | os.O_CLOEXEC)
+        entry = self.names.entry(path)
+        fd = entry.parent.open_file(entry.name, os.O_RDWR)
         try:
-            cfile = self._attach(fd, backing)
+            cfile = self._attach(fd, entry.display)
             cfile.truncate(fd, length)
             self._truncated(fd, path)
         finally:
@@ -939,7 +972,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def unlink(self, path: str) -> int:
         self._check_writable()
         entry = self.names.entry(path)
-        os.unlink(entry.backing_path)
+        entry.parent.unlink(entry.name)
         self.names.remove_companion(entry)
         if self.aliases:
             self.aliases.changed(self.aliases.forget(path))  # the others' link count
@@ -947,19 +980,17 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     @fuse_op
     def mknod(self, path: str, mode: int, dev: int) -> int:
+        """Regular files, FIFOs, sockets and (the kernel lets only CAP_MKNOD callers ask)
+        device nodes. The daemon never opens any of them but regular files; the mount is
+        ``nodev``, so a device node is inert there."""
         self._check_writable()
         kind = stat.S_IFMT(mode)
-        if kind not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG):
-            raise OSError(errno.EPERM, "device nodes are not allowed on encfs")
+        if kind not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK):
+            raise OSError(errno.EINVAL, "unknown file type")
         entry = self.names.entry(path)
-        self.names.add_companion(entry)
-        try:
-            os.mknod(entry.backing_path, mode, 0)
-            self._own(entry.backing_path)
-        except BaseException:
-            if not os.path.lexists(entry.backing_path):
-                self.names.remove_companion(entry)
-            raise
+        with self._creating(entry):
+            entry.parent.mknod(entry.name, mode, dev if kind in _DEVICES else 0)
+            self._own(entry)
         return 0
 
     @fuse_op
@@ -971,40 +1002,30 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             raise OSError(errno.ENAMETOOLONG, "symlink target too long for encfs")
         entry = self.names.entry(target)
         sealed = crypto.b64encode(self.keys.meta.seal(raw, fmt.SYMLINK_AD))
-        self.names.add_companion(entry)
-        try:
-            os.symlink(sealed, entry.backing_path)
-            self._own(entry.backing_path)
-        except BaseException:
-            if not os.path.lexists(entry.backing_path):
-                self.names.remove_companion(entry)
-            raise
+        with self._creating(entry):
+            entry.parent.symlink(sealed, entry.name)
+            self._own(entry)
         return 0
 
     @fuse_op
     def readlink(self, path: str) -> str:
-        backing = self.names.backing_path(path)
-        sealed = crypto.b64decode(os.readlink(backing))
+        entry = self.names.entry(path)
+        sealed = crypto.b64decode(entry.parent.readlink(entry.name))
         try:
             raw = self.keys.meta.open(sealed, fmt.SYMLINK_AD, "symlink target")
         except IntegrityError as exc:
-            raise IntegrityError(exc.what, backing_path=backing) from None
+            raise IntegrityError(exc.what, backing_path=entry.display) from None
         return os.fsdecode(raw)
 
     @fuse_op
     def link(self, target: str, source: str) -> int:
         """Create the hard link ``target`` to the existing ``source`` (both mount paths)."""
         self._check_writable()
-        src = self.names.backing_path(source)
+        src = self.names.entry(source)
         entry = self.names.entry(target)
-        self.names.add_companion(entry)
-        try:
-            os.link(src, entry.backing_path, follow_symlinks=False)
-        except BaseException:
-            if not os.path.lexists(entry.backing_path):
-                self.names.remove_companion(entry)
-            raise
-        st = os.lstat(src)
+        with self._creating(entry):
+            backing.link(src.parent, src.name, entry.parent, entry.name)
+        st = src.parent.lstat(src.name)
         if stat.S_ISREG(st.st_mode):
             key = (st.st_dev, st.st_ino)
             self.aliases.note(key, source)
@@ -1017,11 +1038,11 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._check_writable()
         src = self.names.entry(old)
         dst = self.names.entry(new)
-        src_st = os.lstat(src.backing_path)
+        src_st = src.parent.lstat(src.name)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unsupported rename flags")
         if flags & RENAME_EXCHANGE:
-            _renameat2(src.backing_path, dst.backing_path, RENAME_EXCHANGE)
+            backing.rename(src.parent, src.name, dst.parent, dst.name, RENAME_EXCHANGE)
             self._renamed_paths(old, new, exchange=True)
             self.seen.renamed(old, new, exchange=True, is_dir=True)
             if src.is_long or dst.is_long:
@@ -1031,7 +1052,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             self.names.invalidate()
             return 0
         try:
-            dst_st: os.stat_result | None = os.lstat(dst.backing_path)
+            dst_st: os.stat_result | None = dst.parent.lstat(dst.name)
         except FileNotFoundError:
             dst_st = None
         if dst_st is not None and flags & RENAME_NOREPLACE:
@@ -1042,24 +1063,16 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             and stat.S_ISDIR(src_st.st_mode)
             and (dst_st.st_dev, dst_st.st_ino) != (src_st.st_dev, src_st.st_ino)
         ):
-            # The backing directory holds its id file, so the kernel would call it non-empty.
-            self._rmdir_backing(dst.backing_path)
-        self.names.add_companion(dst)
-        try:
-            if flags & RENAME_NOREPLACE:
-                _renameat2(src.backing_path, dst.backing_path, RENAME_NOREPLACE)
-            else:
-                os.rename(src.backing_path, dst.backing_path)
-        except BaseException:
-            if not os.path.lexists(dst.backing_path):
-                self.names.remove_companion(dst)
-            raise
+            # The backing directory holds its id, so the kernel would call it non-empty.
+            self._rmdir_backing(dst)
+        with self._creating(dst):
+            backing.rename(src.parent, src.name, dst.parent, dst.name, flags & RENAME_NOREPLACE)
         if dst_st is not None and dst_st.st_nlink > 1 and self.aliases:
             self.aliases.forget(new)
             self.aliases.changed((dst_st.st_dev, dst_st.st_ino))  # the others' link count
         self._renamed_paths(old, new)
         self.seen.renamed(old, new, exchange=False, is_dir=stat.S_ISDIR(src_st.st_mode))
-        if src.backing_path != dst.backing_path:
+        if (src.parent.fd, src.name) != (dst.parent.fd, dst.name):
             self.names.remove_companion(src)
         if stat.S_ISDIR(src_st.st_mode):
             self.names.invalidate()
@@ -1085,29 +1098,29 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         if not name.startswith(fmt.XATTR_PREFIX):
             # The kernel asks for security.capability on every write: answer fast.
-            raise OSError(errno.ENODATA, "no such attribute")
-        backing = self.names.backing_path(path)
+            raise OSError(errno.EOPNOTSUPP, "only user.* extended attributes are supported")
+        entry = self.names.entry(path)
         bname = self._xattr_backing_name(name)
-        sealed = os.getxattr(backing, bname, follow_symlinks=False)
+        sealed = entry.parent.getxattr(entry.name, bname)
         try:
             return self.keys.meta.open(sealed, bname.encode(), "xattr value")
         except IntegrityError as exc:
-            raise IntegrityError(exc.what, backing_path=backing) from None
+            raise IntegrityError(exc.what, backing_path=entry.display) from None
 
     @fuse_op
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
         self._check_writable()
-        backing = self.names.backing_path(path)
+        entry = self.names.entry(path)
         bname = self._xattr_backing_name(name)
         sealed = self.keys.meta.seal(value, bname.encode())
-        os.setxattr(backing, bname, sealed, options, follow_symlinks=False)
+        entry.parent.setxattr(entry.name, bname, sealed, options)
         return 0
 
     @fuse_op
     def listxattr(self, path: str) -> list[str]:
-        backing = self.names.backing_path(path)
+        entry = self.names.entry(path)
         result = []
-        for bname in os.listxattr(backing, follow_symlinks=False):
+        for bname in entry.parent.listxattr(entry.name):
             if not bname.startswith(fmt.XATTR_BACKING_PREFIX):
                 continue
             try:
@@ -1115,7 +1128,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
                     bname[len(fmt.XATTR_BACKING_PREFIX) :], fmt.XATTR_NAME_AD
                 )
             except IntegrityError:
-                log.error("xattr name authentication failed on %s; attribute hidden", backing)
+                log.error("xattr name authentication failed on %s; attribute hidden", entry.display)
                 continue
             result.append(fmt.XATTR_PREFIX + os.fsdecode(plain))
         return result
@@ -1123,30 +1136,12 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     @fuse_op
     def removexattr(self, path: str, name: str) -> int:
         self._check_writable()
-        os.removexattr(
-            self.names.backing_path(path), self._xattr_backing_name(name), follow_symlinks=False
-        )
+        entry = self.names.entry(path)
+        entry.parent.removexattr(entry.name, self._xattr_backing_name(name))
         return 0
 
 
-def _remove_tree_quietly(backing_dir: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(backing_dir, fmt.DIRID_NAME))
-    with contextlib.suppress(OSError):
-        os.rmdir(backing_dir)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _renameat2(src: str, dst: str, flags: int) -> None:
-    at_fdcwd = -100
-    res = _libc.renameat2(
-        at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), ctypes.c_uint(flags)
-    )
-    if res != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+_DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
 
 
 class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]

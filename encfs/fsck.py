@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encfs import crypto, names
+from encfs import backing, crypto, names
 from encfs import format as fmt
 from encfs.errors import FormatError, IntegrityError
 from encfs.keys import VolumeKeys
@@ -58,12 +58,16 @@ class Report:
 
 
 class _Checker:
+    """One walk of the backing tree through the door (``backing``): no link followed, no
+    special file opened, whatever the cipher dir holds."""
+
     def __init__(self, root: Path, keys: VolumeKeys, block_size: int) -> None:
-        self.root = str(root.resolve())
+        self.root = backing.open_root(str(root))
         self.keys = keys
         self.geo = fmt.Geometry(block_size)
         self.names = names.Names(self.root, keys)
         self.report = Report()
+        self.dir_ids: dict[bytes, str] = {}
 
     def problem(
         self, kind: str, backing: str, plain: str | None, detail: str, block_no: int | None = None
@@ -74,63 +78,80 @@ class _Checker:
         self.check_dir(self.root, "/")
         return self.report
 
-    def check_dir(self, backing_dir: str, plain_dir: str) -> None:
+    def check_dir(self, directory: backing.Dir, plain_dir: str) -> None:
         self.report.dirs += 1
+        where = directory.display
         try:
-            dir_id = names.read_dirid(backing_dir)
+            dir_id = names.read_dirid(directory)
         except (FormatError, OSError) as exc:
-            self.problem("directory id", backing_dir, plain_dir, str(exc))
+            self.problem("directory id", where, plain_dir, str(exc))
             return
-        self.check_xattrs(backing_dir, plain_dir)
+        twin = self.dir_ids.setdefault(dir_id, plain_dir)
+        if twin != plain_dir:
+            self.problem(
+                "directory id",
+                where,
+                plain_dir,
+                f"same id as {twin}: one was copied from the other (entries can be grafted "
+                "between them)",
+            )
+        self.check_xattrs(directory, ".", plain_dir)
         try:
-            entries = sorted(os.scandir(backing_dir), key=lambda d: d.name)
+            entries = sorted(directory.scandir(), key=lambda d: d.name)
         except OSError as exc:
-            self.problem("directory", backing_dir, plain_dir, f"cannot list: {exc.strerror}")
+            self.problem("directory", where, plain_dir, f"cannot list: {exc.strerror}")
             return
         present = {d.name for d in entries}
         for dent in entries:
             name = dent.name
+            here = directory.path(name)
             if name == fmt.DIRID_NAME or (
-                backing_dir == self.root and name.startswith(fmt.VOLUME_HEADER_NAME)
+                directory is self.root and name.startswith(fmt.VOLUME_HEADER_NAME)
             ):
                 continue
             if name.startswith(fmt.LONGNAME_PREFIX) and name.endswith(fmt.LONGNAME_SUFFIX):
                 if name[: -len(fmt.LONGNAME_SUFFIX)] not in present:
-                    self.problem("orphan long-name companion", dent.path, None, "no entry for it")
+                    self.problem("orphan long-name companion", here, None, "no entry for it")
                 continue
             if fmt.is_reserved_backing_name(name) and not fmt.is_longname(name):
-                self.problem("unknown entry", dent.path, None, "not written by encfs")
+                self.problem("unknown entry", here, None, "not written by encfs")
                 continue
             try:
-                plain_name = self.names.decrypt_backing_name(backing_dir, dir_id, name)
+                plain_name = self.names.decrypt_backing_name(directory, dir_id, name)
             except IntegrityError as exc:
-                self.problem("name", dent.path, None, exc.what)
+                self.problem("name", here, None, exc.what)
                 continue
             plain = os.path.join(plain_dir, plain_name)
             try:
-                st = dent.stat(follow_symlinks=False)
+                st = directory.lstat(name)
             except OSError as exc:
-                self.problem("entry", dent.path, plain, f"cannot stat: {exc.strerror}")
+                self.problem("entry", here, plain, f"cannot stat: {exc.strerror}")
                 continue
             if stat.S_ISDIR(st.st_mode):
-                self.check_dir(dent.path, plain)
+                try:
+                    child = directory.opendir(name)
+                except OSError as exc:
+                    self.problem("directory", here, plain, f"cannot open: {exc.strerror}")
+                    continue
+                self.check_dir(child, plain)
             elif stat.S_ISLNK(st.st_mode):
-                self.check_symlink(dent.path, plain)
+                self.check_symlink(directory, name, plain)
             elif stat.S_ISREG(st.st_mode):
-                self.check_file(dent.path, plain, st.st_size)
-                self.check_xattrs(dent.path, plain)
+                self.check_file(directory, name, plain, st.st_size)
+                self.check_xattrs(directory, name, plain)
 
-    def check_symlink(self, backing: str, plain: str) -> None:
+    def check_symlink(self, directory: backing.Dir, name: str, plain: str) -> None:
         self.report.symlinks += 1
         try:
-            sealed = crypto.b64decode(os.readlink(backing))
+            sealed = crypto.b64decode(directory.readlink(name))
             self.keys.meta.open(sealed, fmt.SYMLINK_AD, "symlink target")
         except IntegrityError as exc:
-            self.problem("symlink target", backing, plain, exc.what)
+            self.problem("symlink target", directory.path(name), plain, exc.what)
 
-    def check_xattrs(self, backing: str, plain: str) -> None:
+    def check_xattrs(self, directory: backing.Dir, name: str, plain: str) -> None:
+        where = directory.path(name) if name != "." else directory.display
         try:
-            xnames = os.listxattr(backing, follow_symlinks=False)
+            xnames = directory.listxattr(name)
         except OSError:
             return
         for bname in xnames:
@@ -139,28 +160,29 @@ class _Checker:
             self.report.xattrs += 1
             try:
                 self.keys.names.decrypt(bname[len(fmt.XATTR_BACKING_PREFIX) :], fmt.XATTR_NAME_AD)
-                sealed = os.getxattr(backing, bname, follow_symlinks=False)
+                sealed = directory.getxattr(name, bname)
                 self.keys.meta.open(sealed, bname.encode(), "xattr value")
             except IntegrityError as exc:
-                self.problem("xattr", backing, plain, f"{bname}: {exc.what}")
+                self.problem("xattr", where, plain, f"{bname}: {exc.what}")
             except OSError as exc:
-                self.problem("xattr", backing, plain, f"{bname}: {exc.strerror}")
+                self.problem("xattr", where, plain, f"{bname}: {exc.strerror}")
 
-    def check_file(self, backing: str, plain: str, cipher_size: int) -> None:
+    def check_file(self, directory: backing.Dir, name: str, plain: str, cipher_size: int) -> None:
         self.report.files += 1
         if cipher_size == 0:
             return
         geo = self.geo
+        where = directory.path(name)
         try:
-            fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+            fd = directory.open_file(name, os.O_RDONLY)
         except OSError as exc:
-            self.problem("file", backing, plain, f"cannot open: {exc.strerror}")
+            self.problem("file", where, plain, f"cannot open: {exc.strerror}")
             return
         try:
             try:
                 file_id = fmt.parse_file_header(os.pread(fd, fmt.FILE_HEADER_LEN, 0))
             except FormatError as exc:
-                self.problem("file header", backing, plain, str(exc))
+                self.problem("file header", where, plain, str(exc))
                 return
             cipher = self.keys.file_cipher(file_id)
             body = cipher_size - fmt.FILE_HEADER_LEN
@@ -169,7 +191,7 @@ class _Checker:
             if rest and rest <= fmt.BLOCK_OVERHEAD:
                 self.problem(
                     "block",
-                    backing,
+                    where,
                     plain,
                     "trailing fragment too short to be a block",
                     block_no=nblocks - 1,
@@ -178,7 +200,7 @@ class _Checker:
             for first in range(0, nblocks, _CHUNK_BLOCKS):
                 count = min(_CHUNK_BLOCKS, nblocks - first)
                 raw = os.pread(fd, count * geo.cipher_block_size, geo.block_cipher_off(first))
-                self.check_blocks(cipher, first, raw, backing, plain)
+                self.check_blocks(cipher, first, raw, where, plain)
         finally:
             os.close(fd)
 

@@ -1,12 +1,16 @@
-"""Name encryption: plaintext paths to backing paths, per-directory ids, long names, listing.
+"""Name encryption: plaintext paths to backing entries, per-directory ids, long names, listing.
 
 Every backing directory holds ``.encfs.dirid`` (16 random bytes, in a file or a symbolic
 link, see ``write_dirid``); a name is encrypted with
 AES-SIV under the names key with its parent's id as associated data, so equal names in
 different directories differ and a lookup needs no directory scan. Encodings longer than
 255 bytes are stored as ``encfs.ln.<sha256 of the encoding>`` with the full encoding in a
-companion file ``encfs.ln.<hash>.name``. The module caches directory resolutions; callers
-that rename or remove a directory call ``invalidate()``.
+companion file ``encfs.ln.<hash>.name``.
+
+Resolution never builds a backing path: a plaintext directory resolves to an open
+``backing.Dir`` reached component by component without following links, and an entry is
+that ``Dir`` plus one backing name. The module caches directory resolutions (their fds);
+callers that rename or remove a directory call ``invalidate()``.
 """
 
 from __future__ import annotations
@@ -15,22 +19,21 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from encfs import crypto
+from encfs import backing, crypto
 from encfs import format as fmt
 from encfs.errors import FormatError, IntegrityError
 from encfs.keys import VolumeKeys
 
 log = logging.getLogger(__name__)
 
-_DIR_CACHE_MAX = 8192
 
-
-def write_dirid(backing_dir: str, *, link: bool, dir_id: bytes | None = None) -> bytes:
-    """Give the new backing directory ``backing_dir`` its id (a fresh one unless ``dir_id``
+def write_dirid(directory: backing.Dir, *, link: bool, dir_id: bytes | None = None) -> bytes:
+    """Give the new backing directory ``directory`` its id (a fresh one unless ``dir_id``
     is given); returns the id. Raises OSError (FileExistsError if it has one).
 
     ``link`` (volumes with ``FEATURE_DIRID_LINKS``): a symbolic link whose target is the id,
@@ -41,44 +44,39 @@ def write_dirid(backing_dir: str, *, link: bool, dir_id: bytes | None = None) ->
     """
     if dir_id is None:
         dir_id = crypto.random_bytes(fmt.DIRID_LEN)
-    path = os.path.join(backing_dir, fmt.DIRID_NAME)
     if link:
-        os.symlink(crypto.b64encode(dir_id), path)
-        return dir_id
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o440)
-    try:
-        os.write(fd, dir_id)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        directory.symlink(crypto.b64encode(dir_id), fmt.DIRID_NAME)
+    else:
+        directory.write_new(fmt.DIRID_NAME, dir_id)
     return dir_id
 
 
-def read_dirid(backing_dir: str) -> bytes:
-    """The id of ``backing_dir``, in either form (``write_dirid``); a link is never followed.
-    Raises FileNotFoundError/NotADirectoryError if the directory is gone, FormatError if
-    its id is missing or damaged."""
-    path = os.path.join(backing_dir, fmt.DIRID_NAME)
+def read_dirid(directory: backing.Dir) -> bytes:
+    """The id of ``directory``, in either form (``write_dirid``); a link is never followed
+    and a special file never opened. Raises FormatError if it is missing or damaged."""
     try:
         try:
-            target = os.readlink(path)
+            dir_id = _dirid_from_link(directory.readlink(fmt.DIRID_NAME))
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # EINVAL: not a link, so the file form
                 raise
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                dir_id = os.read(fd, fmt.DIRID_LEN + 1)
-            finally:
-                os.close(fd)
-        else:
-            dir_id = _dirid_from_link(target)
+            dir_id = directory.read_small(fmt.DIRID_NAME, fmt.DIRID_LEN + 1)
     except FileNotFoundError:
-        if os.path.isdir(backing_dir):
-            raise FormatError(f"directory id missing in {backing_dir}") from None
-        raise
+        raise FormatError(f"directory id missing in {directory.display}") from None
+    except backing.SpecialFile:
+        raise FormatError(f"directory id damaged in {directory.display}") from None
     if len(dir_id) != fmt.DIRID_LEN:
-        raise FormatError(f"directory id damaged in {backing_dir}")
+        raise FormatError(f"directory id damaged in {directory.display}")
     return dir_id
+
+
+def dirid_is_link(directory: backing.Dir) -> bool:
+    """Whether ``directory``'s id is in the link form (False if it is missing)."""
+    try:
+        directory.readlink(fmt.DIRID_NAME)
+    except OSError:
+        return False
+    return True
 
 
 def _dirid_from_link(target: str) -> bytes:
@@ -92,36 +90,75 @@ def _dirid_from_link(target: str) -> bytes:
     return dir_id if crypto.b64encode(dir_id) == target else b""
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A resolved plaintext path: where it lives on the backing side."""
+def long_backing_name(encoded: str) -> str:
+    """The backing name of an encoding longer than ``MAX_BACKING_NAME``."""
+    return fmt.LONGNAME_PREFIX + crypto.b64encode(crypto.sha256(encoded.encode()))
 
-    backing_path: str
-    parent_backing: str
-    backing_name: str
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A resolved plaintext path: one name inside an open backing directory."""
+
+    parent: backing.Dir
+    name: str
+    """The backing name inside ``parent``."""
     encoded: str
-    """The full encrypted name (differs from ``backing_name`` for long names)."""
+    """The full encrypted name (differs from ``name`` for long names)."""
 
     @property
     def is_long(self) -> bool:
-        return self.backing_name != self.encoded
+        return self.name != self.encoded
 
     @property
     def companion(self) -> str:
-        return self.backing_path + fmt.LONGNAME_SUFFIX
+        """The backing name of a long name's companion, inside ``parent``."""
+        return self.name + fmt.LONGNAME_SUFFIX
+
+    @property
+    def display(self) -> str:
+        """Where the entry is, for messages (never opened)."""
+        return self.parent.path(self.name)
+
+    def opendir(self) -> backing.Dir:
+        return self.parent.opendir(self.name)
+
+
+def _cache_limit() -> int:
+    """How many directories to keep open: a quarter of the fds we may have, at most 8192
+    (each cached entry holds its parent's fd; both caches empty together)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(64, min(8192, soft // 4))
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's soft open-file limit to its hard limit (the daemon keeps
+    directory fds open; systemd's default soft limit is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Names:
-    """Plaintext path -> backing path resolution for one mounted volume. Thread-safe."""
+    """Plaintext path -> backing entry resolution for one mounted volume. Thread-safe.
 
-    def __init__(self, cipher_root: str, keys: VolumeKeys, *, dirid_links: bool = False) -> None:
-        self.root = cipher_root
+    Locks: ``_lock`` guards the caches' replacement; lookups read them without it.
+    """
+
+    def __init__(
+        self, cipher_root: str | backing.Dir, keys: VolumeKeys, *, dirid_links: bool = False
+    ) -> None:
+        self.root = (
+            cipher_root if isinstance(cipher_root, backing.Dir) else backing.open_root(cipher_root)
+        )
         self._keys = keys
         self.dirid_links = dirid_links
         """New directories get their id as a link (``FEATURE_DIRID_LINKS``)."""
         self._lock = threading.Lock()
         self._gen = 0
-        self._dirs: dict[str, tuple[str, bytes]] = {}
+        self._limit = _cache_limit()
+        self._dirs: dict[str, tuple[backing.Dir, bytes]] = {}
         self._entries: dict[str, Entry] = {}
 
     # --- resolution -----------------------------------------------------------------------
@@ -130,29 +167,30 @@ class Names:
         """Forget every cached directory (after a directory rename or removal)."""
         with self._lock:
             self._gen += 1
-            self._dirs.clear()
-            self._entries.clear()
+            self._dirs = {}
+            self._entries = {}
 
-    def directory(self, plain_dir: str) -> tuple[str, bytes]:
-        """(backing path, dir id) of a plaintext directory path. Raises OSError/FormatError."""
+    def directory(self, plain_dir: str) -> tuple[backing.Dir, bytes]:
+        """(open backing directory, dir id) of a plaintext directory path. Raises OSError
+        (``ELOOP``/``ENOTDIR`` where the backing entry is not a real directory) or
+        FormatError."""
         hit = self._dirs.get(plain_dir)
         if hit is not None:
             return hit
         gen = self._gen
-        if plain_dir == "/":
-            result = (self.root, read_dirid(self.root))
-        else:
-            entry = self.entry(plain_dir)
-            result = (entry.backing_path, read_dirid(entry.backing_path))
+        directory = self.root if plain_dir == "/" else self.entry(plain_dir).opendir()
+        result = (directory, read_dirid(directory))
         with self._lock:
             if gen == self._gen:
-                if len(self._dirs) >= _DIR_CACHE_MAX:
-                    self._dirs.clear()
+                if len(self._dirs) >= self._limit:
+                    self._dirs = {}
+                    self._entries = {}  # they hold their parents' fds
                 self._dirs[plain_dir] = result
         return result
 
     def entry(self, plain_path: str) -> Entry:
-        """Resolve ``plain_path`` (absolute, not ``/``) to its backing location.
+        """Resolve ``plain_path`` (absolute) to its backing location (``/``: the cipher dir
+        as ``.`` inside itself, for metadata operations).
 
         Cached: the mapping depends only on the parent directory's id and the name, so it
         stays right across file renames and unlinks; ``invalidate()`` drops it when
@@ -161,84 +199,90 @@ class Names:
         hit = self._entries.get(plain_path)
         if hit is not None:
             return hit
+        if plain_path == "/":
+            return Entry(parent=self.root, name=".", encoded=".")
         gen = self._gen
         parent, _, name = plain_path.rpartition("/")
-        parent_backing, dir_id = self.directory(parent or "/")
-        entry = self.child(parent_backing, dir_id, name)
+        parent_dir, dir_id = self.directory(parent or "/")
+        entry = self.child(parent_dir, dir_id, name)
         with self._lock:
             if gen == self._gen:
-                if len(self._entries) >= _DIR_CACHE_MAX * 4:
-                    self._entries.clear()
+                if len(self._entries) >= self._limit * 4:
+                    self._entries = {}
                 self._entries[plain_path] = entry
         return entry
 
-    def child(self, parent_backing: str, dir_id: bytes, name: str) -> Entry:
+    def child(self, parent: backing.Dir, dir_id: bytes, name: str) -> Entry:
         raw = os.fsencode(name)
         if len(raw) > fmt.MAX_PLAIN_NAME:
-            raise OSError(36, "File name too long")  # ENAMETOOLONG
+            raise OSError(errno.ENAMETOOLONG, "File name too long")
         encoded = self._keys.names.encrypt(raw, dir_id)
         backing_name = encoded
         if len(encoded) > fmt.MAX_BACKING_NAME:
-            backing_name = fmt.LONGNAME_PREFIX + crypto.b64encode(crypto.sha256(encoded.encode()))
-        return Entry(
-            backing_path=os.path.join(parent_backing, backing_name),
-            parent_backing=parent_backing,
-            backing_name=backing_name,
-            encoded=encoded,
-        )
-
-    def backing_path(self, plain_path: str) -> str:
-        if plain_path == "/":
-            return self.root
-        return self.entry(plain_path).backing_path
+            backing_name = long_backing_name(encoded)
+        return Entry(parent=parent, name=backing_name, encoded=encoded)
 
     # --- long-name companions -------------------------------------------------------------
 
     def add_companion(self, entry: Entry) -> None:
         """Write the companion file of a long name, durably, before the entry itself is
         created: a crash that kept the entry but not its companion's content would leave
-        a name nothing can decrypt (long names are rare; the fsync costs little overall)."""
+        a name nothing can decrypt (long names are rare; the fsync costs little overall).
+        A companion already there (a rename onto an existing long name) is replaced only
+        if it is a regular file; it holds the same encoding."""
         if not entry.is_long:
             return
-        fd = os.open(entry.companion, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o440)
+        data = entry.encoded.encode("ascii")
         try:
-            os.write(fd, entry.encoded.encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            entry.parent.write_new(entry.companion, data)
+        except FileExistsError:
+            if entry.parent.read_small(entry.companion, len(data) + 1) != data:
+                entry.parent.unlink(entry.companion)
+                entry.parent.write_new(entry.companion, data)
 
     def remove_companion(self, entry: Entry) -> None:
         if entry.is_long:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.companion)
+                entry.parent.unlink(entry.companion)
+
+    def rollback_companion(self, entry: Entry) -> None:
+        """After creating ``entry`` failed: remove the companion written for it, unless
+        the entry exists after all (then the companion is its)."""
+        if entry.is_long and not entry.parent.exists(entry.name):
+            self.remove_companion(entry)
 
     # --- listing --------------------------------------------------------------------------
 
-    def decrypt_backing_name(self, parent_backing: str, dir_id: bytes, backing_name: str) -> str:
-        """Plaintext name of a backing entry. Raises ``IntegrityError`` if it is not ours."""
+    def decrypt_backing_name(self, parent: backing.Dir, dir_id: bytes, backing_name: str) -> str:
+        """Plaintext name of a backing entry. Raises ``IntegrityError`` if it is not ours
+        (also for a name that decrypts but cannot be a file name, ``is_valid_plain_name``)."""
         encoded = backing_name
         if backing_name.startswith(fmt.LONGNAME_PREFIX):
             try:
-                with open(os.path.join(parent_backing, backing_name + fmt.LONGNAME_SUFFIX)) as f:
-                    encoded = f.read(4096)
+                encoded = parent.read_small(backing_name + fmt.LONGNAME_SUFFIX, 4096).decode(
+                    "ascii"
+                )
             except (OSError, UnicodeDecodeError):
                 raise IntegrityError(
                     "long name companion missing or unreadable",
-                    backing_path=os.path.join(parent_backing, backing_name),
+                    backing_path=parent.path(backing_name),
                 ) from None
-            expect = fmt.LONGNAME_PREFIX + crypto.b64encode(crypto.sha256(encoded.encode()))
-            if expect != backing_name:
+            if long_backing_name(encoded) != backing_name:
                 raise IntegrityError(
                     "long name does not match its companion",
-                    backing_path=os.path.join(parent_backing, backing_name),
+                    backing_path=parent.path(backing_name),
                 )
         try:
             raw = self._keys.names.decrypt(encoded, dir_id)
         except IntegrityError:
             raise IntegrityError(
-                "name authentication failed",
-                backing_path=os.path.join(parent_backing, backing_name),
+                "name authentication failed", backing_path=parent.path(backing_name)
             ) from None
+        if not fmt.is_valid_plain_name(raw):
+            raise IntegrityError(
+                "name decrypts to something that is not a file name",
+                backing_path=parent.path(backing_name),
+            )
         return os.fsdecode(raw)
 
     def listdir(self, plain_dir: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
@@ -247,13 +291,12 @@ class Names:
         Entries whose names fail authentication are logged once each and skipped
         (``fsck`` reports them); listing goes on.
         """
-        parent_backing, dir_id = self.directory(plain_dir)
-        with os.scandir(parent_backing) as it:
-            for dent in it:
-                name = dent.name
-                if fmt.is_reserved_backing_name(name) and not fmt.is_longname(name):
-                    continue
-                try:
-                    yield self.decrypt_backing_name(parent_backing, dir_id, name), dent
-                except IntegrityError as exc:
-                    log.error("%s; entry hidden", exc)
+        parent, dir_id = self.directory(plain_dir)
+        for dent in parent.scandir():
+            name = dent.name
+            if fmt.is_reserved_backing_name(name) and not fmt.is_longname(name):
+                continue
+            try:
+                yield self.decrypt_backing_name(parent, dir_id, name), dent
+            except IntegrityError as exc:
+                log.error("%s; entry hidden", exc)

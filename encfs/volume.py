@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from encfs import crypto, names
+from encfs import backing, crypto, names
 from encfs import format as fmt
 from encfs.errors import FormatError, UnsafeCipherDir, VolumeExists, VolumeNotFound
 from encfs.keys import VolumeKeys
@@ -177,7 +177,9 @@ def create(
     finally:
         volume_key[:] = bytes(len(volume_key))
     try:
-        names.write_dirid(str(cipher_dir), link=fmt.dirid_links(header.feature_flags))
+        names.write_dirid(
+            backing.open_root(str(cipher_dir)), link=fmt.dirid_links(header.feature_flags)
+        )
         write_header_atomic(cipher_dir, build_header_bytes(header, keys))
         if on_keys is not None:
             on_keys(header, keys)
@@ -294,7 +296,9 @@ def start_ephemeral(
         os.fsync(fd)
     finally:
         os.close(fd)
-    names.write_dirid(str(cipher_dir), link=fmt.dirid_links(fmt.EPHEMERAL_FEATURES))
+    names.write_dirid(
+        backing.open_root(str(cipher_dir)), link=fmt.dirid_links(fmt.EPHEMERAL_FEATURES)
+    )
     fsync_dir(cipher_dir)
     volume_id = crypto.random_bytes(fmt.VOLUME_ID_LEN)
     volume_key = bytearray(fmt.VOLUME_KEY_LEN)

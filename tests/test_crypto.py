@@ -280,6 +280,7 @@ def test_long_name_vectors_encoding() -> None:
 def test_name_vectors_through_names_module(tmp_path: Path) -> None:
     """The path layer (names.Names) yields the vector's backing names, short and long, and
     reads a long name back through its companion file."""
+    from encfs import backing
     from encfs.keys import VolumeKeys
     from encfs.names import Names
 
@@ -290,23 +291,24 @@ def test_name_vectors_through_names_module(tmp_path: Path) -> None:
         block_size=BS,
     )
     try:
-        nm = Names(str(tmp_path), keys)
+        root = backing.open_root(str(tmp_path))
+        nm = Names(root, keys)
         for case in vec["cases"]:
             name = os.fsdecode(bytes.fromhex(case["plain_hex"]))
-            entry = nm.child(str(tmp_path), bytes.fromhex(case["dir_id"]), name)
-            assert entry.backing_name == case["backing_name"]
+            entry = nm.child(root, bytes.fromhex(case["dir_id"]), name)
+            assert entry.name == case["backing_name"]
             assert not entry.is_long
         for case in vec["long_names"]:
             name = os.fsdecode(bytes.fromhex(case["plain_hex"]))
             dir_id = bytes.fromhex(case["dir_id"])
-            entry = nm.child(str(tmp_path), dir_id, name)
+            entry = nm.child(root, dir_id, name)
             assert entry.is_long
             assert entry.encoded == case["encoded"]
-            assert entry.backing_name == case["backing_name"]
-            assert os.path.basename(entry.companion) == case["companion_name"]
+            assert entry.name == case["backing_name"]
+            assert entry.companion == case["companion_name"]
             nm.add_companion(entry)
-            assert Path(entry.companion).read_text() == case["companion_content"]
-            got = nm.decrypt_backing_name(str(tmp_path), dir_id, case["backing_name"])
+            assert (tmp_path / entry.companion).read_text() == case["companion_content"]
+            got = nm.decrypt_backing_name(root, dir_id, case["backing_name"])
             assert got == name
     finally:
         keys.close()

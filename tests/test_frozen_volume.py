@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from encfs import crypto, fsck, names, volume
+from encfs import backing, crypto, fsck, names, volume
 from encfs import format as fmt
 from encfs.cipherfile import CipherFile
 from encfs.keys import VolumeKeys
@@ -117,14 +117,15 @@ def read_tree_offline(cipher_dir: Path, keys: VolumeKeys, block_size: int) -> Tr
 
     def walk(plain_dir: str) -> None:
         backing_dir, _dir_id = nm.directory(plain_dir)
-        tree[plain_dir] = {"kind": "dir", "xattrs": xattrs(backing_dir)}
+        tree[plain_dir] = {"kind": "dir", "xattrs": xattrs(backing_dir.display)}
         for name, dent in sorted(nm.listdir(plain_dir)):
+            where = os.path.join(backing_dir.display, dent.name)
             plain = plain_dir.rstrip("/") + "/" + name
             st = dent.stat(follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 walk(plain)
             elif stat.S_ISLNK(st.st_mode):
-                sealed = crypto.b64decode(os.readlink(dent.path))
+                sealed = crypto.b64decode(os.readlink(where))
                 target = keys.meta.open(sealed, fmt.SYMLINK_AD, "symlink target")
                 tree[plain] = {
                     "kind": "symlink",
@@ -132,8 +133,8 @@ def read_tree_offline(cipher_dir: Path, keys: VolumeKeys, block_size: int) -> Tr
                     "size": len(target),
                 }
             else:
-                cfile = CipherFile(keys, geo, dent.path)
-                fd = os.open(dent.path, os.O_RDONLY)
+                cfile = CipherFile(keys, geo, where)
+                fd = os.open(where, os.O_RDONLY)
                 try:
                     size = cfile.plain_size(fd)
                     data = cfile.read(fd, 0, size + 1)
@@ -143,7 +144,7 @@ def read_tree_offline(cipher_dir: Path, keys: VolumeKeys, block_size: int) -> Tr
                     "kind": "file",
                     "size": size,
                     "sha256": hashlib.sha256(data).hexdigest(),
-                    "xattrs": xattrs(dent.path),
+                    "xattrs": xattrs(where),
                 }
 
     walk("/")
@@ -265,5 +266,5 @@ def test_frozen_volume_mounts_with_the_cli(
     (new_dir,) = {p for p in frozen_copy.rglob("*") if p.is_dir()} - before
     dirid = new_dir / fmt.DIRID_NAME
     assert dirid.is_symlink() is bool(frozen.flags & fmt.FEATURE_DIRID_LINKS)
-    assert len(names.read_dirid(str(new_dir))) == fmt.DIRID_LEN
+    assert len(names.read_dirid(backing.open_root(str(new_dir)))) == fmt.DIRID_LEN
     assert volume.read_header(frozen_copy).header.feature_flags == frozen.flags

@@ -397,8 +397,27 @@ def test_special_files(vol: Volume) -> None:
         assert stat.S_ISSOCK((m / "sock").stat().st_mode)
     finally:
         sock.close()
+    # Device nodes (root may make them; the kernel refuses CAP_MKNOD-less callers before
+    # asking us): stored as device nodes, inert on the mount, which is nodev.
+    os.mknod(m / "dev", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(m / "blk", 0o600 | stat.S_IFBLK, os.makedev(7, 200))
+    st = (m / "dev").stat()
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK((m / "blk").stat().st_mode)
+    assert (m / "blk").stat().st_rdev == os.makedev(7, 200)
+    assert "nodev" in _mount_options(m)
     with pytest.raises(PermissionError):
-        os.mknod(m / "dev", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        (m / "dev").open("rb")  # nodev: the kernel refuses, and never asks the daemon
+    kinds = sorted(stat.S_IFMT(p.lstat().st_mode) for p in vol.backing_files())
+    assert stat.S_IFCHR in kinds and stat.S_IFBLK in kinds
+
+
+def _mount_options(mountpoint: Path) -> list[str]:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mountpoint):
+            return fields[5].split(",")
+    raise AssertionError(f"{mountpoint} is not mounted")
 
 
 def test_metadata(vol: Volume) -> None:
@@ -1324,12 +1343,12 @@ def test_mount_reads_ahead_a_mebibyte(make_volume) -> None:  # type: ignore[no-u
 def _ops(tmp_path: Path) -> tuple[Any, int, int]:
     """EncfsOperations over a fresh cipher dir, with a stream begun on ``/s`` (one long
     write, so the next contiguous ones are queued); returns (ops, rw fh, ro fh)."""
-    from encfs import names
+    from encfs import backing, names
     from encfs.fs import EncfsOperations, FsOptions
     from encfs.keys import VolumeKeys
 
     keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=os.urandom(16), block_size=4096)
-    names.write_dirid(str(tmp_path), link=False)
+    names.write_dirid(backing.open_root(str(tmp_path)), link=False)
     ops = EncfsOperations(str(tmp_path), keys, 4096, FsOptions())
     fh = ops.create("/s", 0o644, os.O_RDWR | os.O_CREAT)
     ops.write(None, os.urandom(1 << 20), 0, fh)

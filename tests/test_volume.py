@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from encfs import format as fmt
-from encfs import names, volume
+from encfs import backing, names, volume
 from encfs.errors import (
     FormatError,
     HeaderAuthError,
@@ -208,7 +208,7 @@ def test_create_and_unlock_offline(tmp_path: Path) -> None:
     header = volume.create(cipher, FakeWrapper(), block_size=8192)
     assert stat.S_IMODE(cipher.stat().st_mode) == 0o700
     assert sorted(p.name for p in cipher.iterdir()) == [fmt.DIRID_NAME, fmt.VOLUME_HEADER_NAME]
-    assert len(names.read_dirid(str(cipher))) == fmt.DIRID_LEN
+    assert len(names.read_dirid(backing.open_root(str(cipher)))) == fmt.DIRID_LEN
     assert (cipher / fmt.DIRID_NAME).is_symlink()  # new volumes: ids are links
     assert header.format_version == 1
     assert header.feature_flags == fmt.FEATURE_DIRID_LINKS
@@ -282,7 +282,7 @@ def test_create_and_unlock_with_openbao(
     keys = volume.unlock(hf, vault)
     try:
         # The same key every unlock: a name encrypts the same way twice.
-        dir_id = names.read_dirid(str(cipher))
+        dir_id = names.read_dirid(backing.open_root(str(cipher)))
         first = keys.names.encrypt(b"x", dir_id)
     finally:
         keys.close()

@@ -1,0 +1,254 @@
+"""The only door to the cipher dir: every operation relative to a directory fd, no link followed.
+
+The daemon runs as root over a directory that anyone with write access to the backing
+store may have changed (an offline disk, a restored backup, a shared volume). So nothing
+here ever resolves a path: a backing directory is reached one component at a time
+(``openat`` with ``O_NOFOLLOW | O_DIRECTORY``) from the cipher dir's own fd, and every
+operation names one entry *inside* an open directory with ``AT_SYMLINK_NOFOLLOW`` or its
+equivalent. Consequences callers rely on:
+
+- a symbolic link planted anywhere in the cipher dir is never followed: as a directory
+  component the lookup fails with ``ELOOP``/``ENOTDIR``; as the entry itself, metadata
+  changes apply to the link (or fail), opens fail with ``ELOOP``;
+- new files are created with ``O_EXCL``: a planted link or file is never written through;
+- special files (FIFOs, sockets, devices) are never opened: ``open_file`` checks the
+  entry's type before and after its ``O_NONBLOCK | O_NOFOLLOW`` open, and refuses
+  anything that is not a regular file with ``EIO`` (``SpecialFile``);
+- mode and extended-attribute changes go through an ``O_PATH`` fd of the entry and its
+  ``/proc/self/fd`` link, which names exactly the inode found without following links;
+- a backing path is never built whole, so plaintext paths up to PATH_MAX work although
+  their encrypted form is longer.
+
+``Dir`` objects are shared and cached by ``names``; a ``Dir``'s fd is closed when the last
+reference to it goes, so no operation can see its fd closed (or reused) under it.
+``display`` strings are for messages only and are never opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+_AT_FDCWD = -100
+
+
+class SpecialFile(OSError):
+    """A backing entry the daemon must not open (not a regular file) was asked to be one."""
+
+    def __init__(self, display: str) -> None:
+        super().__init__(errno.EIO, "not a regular file in the cipher dir (never opened)", display)
+
+
+class Dir:
+    """An open backing directory. Thread-safe: every method is one or a few syscalls on
+    names inside it; none follows a symbolic link. Raises ``OSError`` as the syscalls do."""
+
+    __slots__ = ("display", "fd")
+
+    def __init__(self, fd: int, display: str) -> None:
+        self.fd = fd
+        self.display = display
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, TypeError):
+            os.close(self.fd)
+
+    def __repr__(self) -> str:
+        return f"Dir({self.display!r})"
+
+    def path(self, name: str) -> str:
+        """``name`` inside this directory, for messages (never opened)."""
+        return self.display.rstrip("/") + "/" + name
+
+    # --- this directory --------------------------------------------------------------------
+
+    def fstat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.fstatvfs(self.fd)
+
+    def scandir(self) -> Iterator[os.DirEntry[str]]:
+        """The entries; each ``DirEntry.stat(follow_symlinks=False)`` is an ``fstatat`` here."""
+        with os.scandir(self.fd) as it:
+            yield from it
+
+    def names(self) -> list[str]:
+        return os.listdir(self.fd)
+
+    # --- entries ---------------------------------------------------------------------------
+
+    def lstat(self, name: str) -> os.stat_result:
+        return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.lstat(name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def opendir(self, name: str) -> Dir:
+        """The subdirectory ``name``; ``ELOOP``/``ENOTDIR`` if it is a link or not a dir."""
+        fd = os.open(name, _O_DIR, dir_fd=self.fd)
+        return Dir(fd, self.path(name))
+
+    def open_file(self, name: str, flags: int) -> int:
+        """Open the existing regular file ``name`` (``flags``: access mode and O_SYNC-like
+        bits; ``O_CREAT``/``O_TRUNC``/``O_APPEND`` are not passed). Raises ``SpecialFile``
+        for anything else, without opening it (checked again on the fd: the entry may
+        change between the two)."""
+        if not stat.S_ISREG(self.lstat(name).st_mode):
+            raise SpecialFile(self.path(name))
+        keep = flags & (os.O_ACCMODE | os.O_SYNC | os.O_DSYNC)
+        fd = os.open(name, keep | _O_FILE, dir_fd=self.fd)
+        return _regular_or_close(fd, self.path(name))
+
+    def create_file(self, name: str, flags: int, mode: int) -> int:
+        """Create the regular file ``name`` (never an existing entry: ``FileExistsError``)."""
+        keep = flags & (os.O_ACCMODE | os.O_SYNC | os.O_DSYNC)
+        return os.open(name, keep | _O_FILE | os.O_CREAT | os.O_EXCL, mode, dir_fd=self.fd)
+
+    def read_small(self, name: str, limit: int) -> bytes:
+        """Up to ``limit`` bytes of the small regular file ``name`` (ids, companions)."""
+        fd = self.open_file(name, os.O_RDONLY)
+        try:
+            return os.read(fd, limit)
+        finally:
+            os.close(fd)
+
+    def write_new(self, name: str, data: bytes, mode: int = 0o440, *, sync: bool = True) -> None:
+        """Create ``name`` holding ``data`` (fsynced unless ``sync`` is False); raises
+        ``FileExistsError`` if it exists, and leaves no partial file on failure."""
+        fd = self.create_file(name, os.O_WRONLY, mode)
+        try:
+            os.write(fd, data)
+            if sync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self.unlink(name)
+            raise
+        os.close(fd)
+
+    def mkdir(self, name: str, mode: int) -> None:
+        os.mkdir(name, mode, dir_fd=self.fd)
+
+    def rmdir(self, name: str) -> None:
+        os.rmdir(name, dir_fd=self.fd)
+
+    def unlink(self, name: str) -> None:
+        os.unlink(name, dir_fd=self.fd)
+
+    def mknod(self, name: str, mode: int, device: int) -> None:
+        os.mknod(name, mode, device, dir_fd=self.fd)
+
+    def symlink(self, target: str, name: str) -> None:
+        os.symlink(target, name, dir_fd=self.fd)
+
+    def readlink(self, name: str) -> str:
+        """The target of the link ``name`` (``EINVAL`` if it is not a link); never followed."""
+        return os.readlink(name, dir_fd=self.fd)
+
+    def chown(self, name: str, uid: int, gid: int) -> None:
+        os.chown(name, uid, gid, dir_fd=self.fd, follow_symlinks=False)
+
+    def utime(self, name: str, ns: tuple[int, int] | None) -> None:
+        if ns is None:
+            os.utime(name, dir_fd=self.fd, follow_symlinks=False)
+        else:
+            os.utime(name, ns=ns, dir_fd=self.fd, follow_symlinks=False)
+
+    def access(self, name: str, amode: int) -> bool:
+        return os.access(name, amode, dir_fd=self.fd, follow_symlinks=False)
+
+    def chmod(self, name: str, mode: int) -> None:
+        """Change the mode of ``name`` itself; ``EOPNOTSUPP`` for a symbolic link (Linux
+        keeps no mode on links)."""
+        with self._pinned(name) as (proc, st):
+            if stat.S_ISLNK(st.st_mode):
+                raise OSError(errno.EOPNOTSUPP, "symbolic links have no mode")
+            os.chmod(proc, mode)
+
+    def getxattr(self, name: str, attr: str) -> bytes:
+        with self._pinned(name) as (proc, _st):
+            return os.getxattr(proc, attr)
+
+    def setxattr(self, name: str, attr: str, value: bytes, flags: int) -> None:
+        with self._pinned(name) as (proc, _st):
+            os.setxattr(proc, attr, value, flags)
+
+    def listxattr(self, name: str) -> list[str]:
+        with self._pinned(name) as (proc, _st):
+            return os.listxattr(proc)
+
+    def removexattr(self, name: str, attr: str) -> None:
+        with self._pinned(name) as (proc, _st):
+            os.removexattr(proc, attr)
+
+    @contextlib.contextmanager
+    def _pinned(self, name: str) -> Iterator[tuple[str, os.stat_result]]:
+        """An ``O_PATH`` fd of the entry ``name`` itself (a link stays a link; nothing is
+        opened for I/O, so a FIFO or device is harmless) as its ``/proc/self/fd`` path,
+        which resolves to exactly that inode, and its stat."""
+        fd = os.open(name, _O_PATH, dir_fd=self.fd)
+        try:
+            yield f"/proc/self/fd/{fd}", os.fstat(fd)
+        finally:
+            os.close(fd)
+
+
+def _regular_or_close(fd: int, display: str) -> int:
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SpecialFile(display)
+    return fd
+
+
+def open_root(path: str) -> Dir:
+    """The cipher dir itself. Its own path is the operator's (links in it are theirs to
+    make), so it is resolved normally; everything below it never is."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return Dir(fd, os.path.abspath(path))
+
+
+def rename(src: Dir, src_name: str, dst: Dir, dst_name: str, flags: int = 0) -> None:
+    """``renameat2`` between two open directories (``flags``: RENAME_NOREPLACE or
+    RENAME_EXCHANGE); links are renamed, never followed."""
+    if not flags:
+        os.rename(src_name, dst_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        return
+    res = _LIBC.renameat2(
+        src.fd, os.fsencode(src_name), dst.fd, os.fsencode(dst_name), ctypes.c_uint(flags)
+    )
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst.path(dst_name))
+
+
+def link(src: Dir, src_name: str, dst: Dir, dst_name: str) -> None:
+    """A new hard link ``dst_name`` to the entry ``src_name`` itself (never its target)."""
+    os.link(src_name, dst_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd, follow_symlinks=False)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+"""libc, for the calls ``os`` lacks (``renameat2``)."""
