@@ -94,7 +94,7 @@ def moved(path: str, old: str, new: str, exchange: bool = False) -> str:
 
 
 class Aliases:
-    """Mount paths of multiply-linked regular files, so that a change made through one name
+    """Mount paths of multiply-linked files (anything but directories), so that a change made through one name
     can invalidate what the kernel caches under the others.
 
     libfuse's high-level API gives every *path* its own kernel inode: after a write through
@@ -568,7 +568,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
                 cfile.drain()
                 st = entry.parent.lstat(entry.name)
             self.seen.note(path)
-            if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 self.aliases.note((st.st_dev, st.st_ino), path)
         return st, self._plain_size(st)
 
@@ -754,7 +754,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             except FileNotFoundError:
                 continue
             note(prefix + name)
-            if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 self.aliases.note((st.st_dev, st.st_ino), prefix + name)
             entries.append((name, (st, self._plain_size(st)), 0))
         if fh in self._dir_handles:
@@ -1026,7 +1026,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         with self._creating(entry):
             backing.link(src.parent, src.name, entry.parent, entry.name)
         st = src.parent.lstat(src.name)
-        if stat.S_ISREG(st.st_mode):
+        if not stat.S_ISDIR(st.st_mode):
             key = (st.st_dev, st.st_ino)
             self.aliases.note(key, source)
             self.aliases.note(key, target)

@@ -17,6 +17,7 @@ import stat
 import string
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1214,6 +1215,33 @@ def test_hard_link_names_see_each_others_changes(vol: Volume) -> None:
     assert a.stat().st_nlink == 3
     os.unlink(c)
     assert a.stat().st_nlink == 2 and b.stat().st_nlink == 2
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_hard_linked_special_files_show_one_set_of_attributes(vol: Volume, kind: str) -> None:
+    """Every name of one FIFO or socket shows the same link count, mode and ctime at once
+    (a POSIX conformance suite checks exactly this on link/unlink/chmod/chown)."""
+    a, b, c = (vol.mountpoint / n for n in "abc")
+    if kind == "fifo":
+        os.mkfifo(a, 0o644)
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(a))
+        sock.close()
+    os.link(a, b)
+    assert a.lstat().st_nlink == b.lstat().st_nlink == 2  # both names now cached
+    os.link(b, c)
+    assert a.lstat().st_nlink == 3
+    before = a.lstat().st_ctime_ns
+    time.sleep(0.01)
+    os.chmod(b, 0o600)
+    os.chown(c, 4321, 8765)
+    for name in (a, b, c):
+        st = name.lstat()
+        assert stat.S_IMODE(st.st_mode) == 0o600 and (st.st_uid, st.st_gid) == (4321, 8765)
+        assert st.st_ctime_ns > before
+    os.unlink(c)
+    assert a.lstat().st_nlink == b.lstat().st_nlink == 1 + 1
 
 
 def test_large_directory_listing(vol: Volume) -> None:
