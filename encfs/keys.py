@@ -268,13 +268,21 @@ class LockedSecret:
                 raise VolumeSuspended("secret is wiped")
             return self._arena.view[: self._len]
 
-    def within(self, text: bytes | bytearray) -> int:
-        """Where the secret occurs in ``text`` (-1 if it does not): to scrub it from
-        the vault's error messages without making a ``str`` of it."""
+    def within(self, text: bytes | bytearray, start: int = 0) -> int:
+        """Where the secret occurs in ``text`` from ``start`` on (-1 if it does not), found
+        without a copy of either: to blank it in a vault answer before it is parsed."""
         with self._lock:
             if self._closed:
                 return -1
-            return bytes(text).find(self._arena.view[: self._len])
+            with self._arena.view[: self._len] as view:
+                return text.find(view, start)
+
+    def blank_in(self, buf: bytearray) -> None:
+        """Overwrite every occurrence of the secret in ``buf`` with ``*`` (same length)."""
+        i = self.within(buf)
+        while i >= 0:
+            buf[i : i + self._len] = b"*" * self._len
+            i = self.within(buf, i + self._len)
 
     def close(self) -> None:
         """Zero and release; idempotent."""

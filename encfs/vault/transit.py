@@ -412,6 +412,9 @@ class TransitClient:
                     status = resp.status
                     location = resp.getheader("Location", "")
                     raw = _read_body(resp)
+                    # lookup-self and renew-self answer with the token itself (``id``,
+                    # ``client_token``): blank it before json makes a str of it.
+                    self._token.blank_in(raw)
                     self._conn_used = True
                     if resp.will_close:
                         self._drop()
