@@ -112,6 +112,14 @@ vault token (the host's identity), first found wins:
   --token-file FILE (mode 0600), $CREDENTIALS_DIRECTORY/vault-token (systemd
   LoadCredential=), $VAULT_TOKEN, $BAO_TOKEN. Never on the command line.
 
+vault address (where the token may go), first found wins:
+  --vault URL|https://HOST:PORT (or VAULT= in the config file), $VAULT_ADDR, $BAO_ADDR
+  (CA: --ca-file, $VAULT_CACERT, $BAO_CACERT). Never the URL in the volume header alone.
+
+volume pins: init and the first mount remember each cipher dir's volume (id and a key
+  check value) in /var/lib/encfs/pins ($ENCFS_PIN_DIR); another volume there is refused
+  (exit 8) until `encfs mount --repin` or `encfs pin reset CIPHERDIR`.
+
 exit codes:
 """
     + "\n".join(f"  {code.value:3d}  {code.name.lower().replace('_', '-')}" for code in ExitCode)
@@ -120,11 +128,14 @@ exit codes:
 examples:
   encfs init /srv/cipher --vault transit+https://vault.example:8200/transit/host-key \\
       --token-file /etc/encfs/host.token
-  encfs mount /srv/cipher /srv/data --token-file /etc/encfs/host.token
+  encfs mount /srv/cipher /srv/data --token-file /etc/encfs/host.token \\
+      --vault transit+https://vault.example:8200/transit/host-key
   encfs status /srv/data
-  encfs rotate /srv/cipher --token-file /etc/encfs/host.token
+  VAULT_ADDR=https://vault.example:8200 encfs rotate /srv/cipher \\
+      --token-file /etc/encfs/host.token
   encfs unmount /srv/data
   encfs systemd install data --cipher-dir /srv/cipher --mountpoint /srv/data \\
+      --vault transit+https://vault.example:8200/transit/host-key \\
       --token-file /etc/encfs/host.token --start
   encfs mount --ephemeral /var/scratch-cipher /scratch
   encfs vault dev          # a throw-away OpenBao for trying it out
@@ -296,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: allow_other (let other users in; root only), "
-        "default_permissions (the kernel checks modes and owners; use with allow_other), "
+        help="mount options: allow_other (let other users in; root only; implies "
+        "default_permissions), default_permissions (the kernel checks modes and owners), "
         "ro (read-only), writeback_cache (the kernel gathers small writes; faster, but a "
         "file's other hard-link names then show a stale size until they are reopened)",
     )
