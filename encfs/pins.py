@@ -7,10 +7,11 @@ key (``transit/datakey``) can build a header of their own — a fresh volume key
 the attacker's volume and write into it. The host therefore pins, per cipher dir, the
 volume id and the volume key's *check value* (``keys.key_check_value``; never the key):
 
-- ``encfs init`` pins the volume it creates; the first ``encfs mount`` (or ``fsck``) of a
-  volume this host has no pin for pins it (trust on first use, logged);
-- every later mount, fsck and rotate compares and refuses another volume
-  (``VolumeMismatch``, exit 8) naming what differs;
+- ``encfs init`` pins the volume it creates; the first ``encfs mount`` of a volume this
+  host has no pin for pins it (trust on first use, logged); ``encfs systemd install`` does
+  not (it has no key), the service's first start does;
+- every later mount, and fsck and rotate when a pin exists, compares and refuses another
+  volume (``VolumeMismatch``, exit 8) naming what differs;
 - re-pinning is deliberate: ``encfs mount --repin`` or ``encfs pin reset CIPHERDIR``.
 
 Pins live in ``/var/lib/encfs/pins`` (``$ENCFS_PIN_DIR`` overrides; a non-root user's are
