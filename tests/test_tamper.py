@@ -270,3 +270,64 @@ def test_header_tag_mismatch_is_header_auth(populated: Volume) -> None:
     proc = encfs("mount", vol.cipher_dir, vol.mountpoint, env=vol.env)
     assert proc.returncode == ExitCode.HEADER_AUTH
     assert "tag mismatch" in proc.stderr
+
+
+def test_what_integrity_does_not_cover(populated: Volume) -> None:
+    """docs/SECURITY.md lists what format v1 does not detect; each item is shown here, so
+    that a change in behaviour must change the list: truncation at a block boundary,
+    extension by zero blocks, rollback of a file, a whole-file swap, symlink targets copied
+    between entries, and a directory grafted by copying its id (fsck names the twins)."""
+    vol = populated
+    m = vol.mountpoint
+    geo = fmt.Geometry(BS)
+    vol.mount()
+    (m / "old-new").write_bytes(b"first version")
+    (m / "dir2").mkdir()
+    os.symlink("b.bin", m / "link2")
+    vol.unmount()
+    by_size = {
+        p.stat().st_size: p
+        for p in vol.cipher_dir.rglob("*")
+        if p.is_file() and not p.is_symlink() and "." not in p.name
+    }
+    rollback = by_size[geo.cipher_size(len(b"first version"))]
+    saved = rollback.read_bytes()
+    vol.mount()
+    (m / "old-new").write_bytes(b"later version")
+    vol.unmount()
+
+    a = _backing_of(vol, 3 * BS)
+    b = _backing_of(vol, 3 * BS + 1)
+    os.truncate(a, geo.block_cipher_off(2))  # cut at a block boundary
+    os.truncate(b, geo.block_cipher_off(3))  # b: drop its 1-byte last block, then ...
+    with open(b, "ab") as f:
+        f.write(bytes(CBS))  # ... extend by one zero block: reads as a zero block
+    rollback.write_bytes(saved)  # an older ciphertext of the same file
+    links = sorted(p for p in vol.cipher_dir.iterdir() if p.is_symlink() and "." not in p.name)
+    assert len(links) == 2
+    target_of = {p: os.readlink(p) for p in links}
+    for p in links:
+        p.unlink()
+    links[0].symlink_to(target_of[links[1]])  # the two targets exchanged
+    links[1].symlink_to(target_of[links[0]])
+    dirs = [p for p in vol.cipher_dir.iterdir() if p.is_dir()]
+    src = next(d for d in dirs if any(c.name != fmt.DIRID_NAME for c in d.iterdir()))
+    dst = next(d for d in dirs if d != src)
+    (dst / fmt.DIRID_NAME).unlink()
+    os.symlink(os.readlink(src / fmt.DIRID_NAME), dst / fmt.DIRID_NAME)
+    for child in src.iterdir():
+        if child.name != fmt.DIRID_NAME:
+            (dst / child.name).write_bytes(child.read_bytes())
+
+    vol.mount()
+    assert (m / "a.bin").read_bytes() == b"A" * (2 * BS)
+    assert (m / "b.bin").read_bytes() == b"B" * (3 * BS) + bytes(BS)
+    assert (m / "old-new").read_bytes() == b"first version"
+    assert (os.readlink(m / "link"), os.readlink(m / "link2")) == ("b.bin", "a.bin")
+    assert os.listdir(m / "dir") == os.listdir(m / "dir2") == ["note.txt"]
+    assert (m / "dir2" / "note.txt").read_bytes() == b"hello tamper"
+    vol.unmount()
+    code, out = _fsck(vol)
+    assert code == ExitCode.CORRUPT
+    assert "same id as" in out
+    assert out.count("CORRUPT") == 1, out  # the rest is invisible to fsck too
