@@ -224,14 +224,14 @@ SECRET = b"shadow:$6$\n"  # short: the kernel may cap a read at the link's size
 
 
 @pytest.fixture
-def scene(reachable_tmp: Path, transit_key: Any) -> Iterator[Scene]:
+def scene(reachable_tmp: Path, transit_key: Any, tmp_path: Path) -> Iterator[Scene]:
     """A volume mounted with allow_other,default_permissions in a directory nobody can
     reach; its root is root's (0755) and holds ``home``, nobody's (0755)."""
     mp = reachable_tmp / "plain"
     mp.mkdir()
     vol = Volume(cipher_dir=reachable_tmp / "cipher", mountpoint=mp, vault_url=transit_key.url,
-                 env=transit_key.env, options=MULTIUSER, log_file=reachable_tmp / "daemon.log",
-                 audit_log=reachable_tmp / "audit.log")
+                 env=transit_key.env, options=MULTIUSER, log_file=tmp_path / "daemon.log",
+                 audit_log=tmp_path / "audit.log")  # the daemon may write after teardown
     vol.init()
     vol.mount()
     os.chmod(vol.mountpoint, 0o755)
@@ -579,8 +579,8 @@ def test_swapped_directory_component_is_not_read(
     assert got not in (b"x's content", "link target", sorted(["x", "l", LONG, "e"]))
 
 
-def test_unprivileged_user_cannot_swap_backing_entries(reachable_tmp: Path,
-                                                       transit_key: Any) -> None:
+def test_unprivileged_user_cannot_swap_backing_entries(reachable_tmp: Path, transit_key: Any,
+                                                       tmp_path: Path) -> None:
     """The original attack, end to end as nobody: the operator made the cipher dir with a
     plain ``mkdir`` (0755) before ``encfs init``; nobody owns a directory in the mount, so
     its backing directory is nobody's too; nobody swaps a backing entry for a link to a
@@ -593,7 +593,7 @@ def test_unprivileged_user_cannot_swap_backing_entries(reachable_tmp: Path,
     mp = reachable_tmp / "op-plain"
     mp.mkdir()
     vol = Volume(cipher_dir=cipher, mountpoint=mp, vault_url=transit_key.url, env=transit_key.env,
-                 options=MULTIUSER, log_file=reachable_tmp / "op.log")
+                 options=MULTIUSER, log_file=tmp_path / "op.log")
     outside = reachable_tmp / "outside"
     outside.mkdir(mode=0o755)
     id_copy = outside / "id"
