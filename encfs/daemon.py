@@ -157,6 +157,21 @@ def _iso(wall: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
 
 
+def _reusable_for_ephemeral(cipher_dir: Path) -> bool:
+    """Whether an ephemeral mount would use (and erase) ``cipher_dir``: it is empty or holds
+    an earlier ephemeral volume. Only then does its ownership and mode matter; anything
+    else is refused as it is (``volume.start_ephemeral``)."""
+    try:
+        entries = os.listdir(cipher_dir)
+    except OSError:
+        return False
+    return not entries or (
+        fmt.EPHEMERAL_MARKER_NAME in entries
+        and fmt.VOLUME_HEADER_NAME not in entries
+        and fmt.VOLUME_HEADER_PREV not in entries
+    )
+
+
 def harden_process() -> None:
     """No core dumps: keys must never reach a disk through a crash."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -408,7 +423,8 @@ class Daemon:
             ephemeral=True,
         )
         self.state = MountState(cfg.mountpoint, audit)
-        volume.check_cipher_dir_safe(cfg.cipher_dir)
+        if _reusable_for_ephemeral(cfg.cipher_dir):  # else start_ephemeral says why not
+            volume.check_cipher_dir_safe(cfg.cipher_dir)
         vault: KeyWrapper | None = None
         renew_in: float | None = None
         if cfg.vault_url:
