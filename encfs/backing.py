@@ -29,9 +29,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Iterator
+
+from encfs import format as fmt
+from encfs.errors import VolumeBusy
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
@@ -229,6 +233,51 @@ def open_root(path: str) -> Dir:
     make), so it is resolved normally; everything below it never is."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     return Dir(fd, os.path.abspath(path))
+
+
+def lock_volume(root: Dir, holder: str) -> int:
+    """Take the cipher dir's exclusive lock (``fmt.LOCK_NAME``) and write ``holder`` (who
+    holds it, for the next one's message) into it; returns the fd that holds the lock.
+    Closing the fd or the process's death, even by SIGKILL, releases it. Raises
+    ``VolumeBusy`` naming the current holder if another process has it."""
+    name = fmt.LOCK_NAME
+    if root.exists(name) and not stat.S_ISREG(root.lstat(name).st_mode):
+        raise SpecialFile(root.path(name))
+    fd = _regular_or_close(
+        os.open(name, os.O_RDWR | os.O_CREAT | _O_FILE, 0o600, dir_fd=root.fd), root.path(name)
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
+        raise VolumeBusy(
+            f"{root.display} is in use by {who or 'another encfs process'}",
+            hint="unmount it first (encfs unmount MOUNTPOINT): two encfs processes writing "
+            "one cipher dir lose data",
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode("utf-8", "replace"), 0)
+    return fd
+
+
+def volume_holder(root: Dir) -> str | None:
+    """Who holds the cipher dir's lock now (its description), or None if nobody does."""
+    try:
+        fd = root.open_file(fmt.LOCK_NAME, os.O_RDONLY)
+    except (FileNotFoundError, SpecialFile):
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "encfs"
+        return None
+    finally:
+        os.close(fd)
 
 
 def rename(src: Dir, src_name: str, dst: Dir, dst_name: str, flags: int = 0) -> None:

@@ -44,6 +44,11 @@ class UnsafeCipherDir(EncfsError):
     write into it could plant links and files for the daemon to follow."""
 
 
+class VolumeBusy(EncfsError):
+    """Another encfs process holds the cipher dir (a mount, or a repair): two writers on one
+    cipher dir lose data without an error."""
+
+
 class VolumeMismatch(EncfsError):
     """The cipher dir holds another volume (other id or other volume key) than the one this
     host pinned for it: a substituted header. Re-pinning is a deliberate act."""

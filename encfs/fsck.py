@@ -1,15 +1,16 @@
 """Offline check of a volume: authenticate every directory id, name, file header, block,
 symlink target and xattr, and report each problem with its path and block.
 
-Read-only. Walks the backing tree with the same code the mount uses (``names``,
-``crypto`` through ``keys``), so what fsck accepts is exactly what the mount would serve.
+Read-only, unless asked to repair bad blocks (``check(..., repair=True)``). Walks the backing
+tree through the same door and code the mount uses (``backing``, ``names``, ``crypto``
+through ``keys``), so what fsck accepts is exactly what the mount would serve.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from encfs import backing, crypto, names
@@ -29,13 +30,21 @@ class Problem:
     plain_path: str | None
     block_no: int | None
     detail: str
+    repaired: str = ""
+    """What ``--repair`` did about it ("" if nothing)."""
+    lost: tuple[int, int] | None = None
+    """The plaintext byte range [start, end) the repair gave up, if it repaired."""
 
     def __str__(self) -> str:
         what = self.kind
         if self.block_no is not None:
-            what += f" block {self.block_no} of"
+            what = (
+                f"block {self.block_no}" if what == "block" else f"{what} (block {self.block_no})"
+            )
+            what += " of"
         where = self.plain_path if self.plain_path is not None else "(name unreadable)"
-        return f"CORRUPT {what} {where} (cipher: {self.backing_path}): {self.detail}"
+        line = f"CORRUPT {what} {where} (cipher: {self.backing_path}): {self.detail}"
+        return f"{line}; REPAIRED: {self.repaired}" if self.repaired else line
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -44,6 +53,8 @@ class Problem:
             "backing_path": self.backing_path,
             "block": self.block_no,
             "detail": self.detail,
+            "repaired": self.repaired or None,
+            "lost": list(self.lost) if self.lost is not None else None,
         }
 
 
@@ -56,12 +67,17 @@ class Report:
     symlinks: int = 0
     xattrs: int = 0
 
+    @property
+    def unrepaired(self) -> list[Problem]:
+        return [p for p in self.problems if not p.repaired]
+
 
 class _Checker:
     """One walk of the backing tree through the door (``backing``): no link followed, no
     special file opened, whatever the cipher dir holds."""
 
-    def __init__(self, root: Path, keys: VolumeKeys, block_size: int) -> None:
+    def __init__(self, root: Path, keys: VolumeKeys, block_size: int, repair: bool) -> None:
+        self.repair = repair
         self.root = backing.open_root(str(root))
         self.keys = keys
         self.geo = fmt.Geometry(block_size)
@@ -105,9 +121,7 @@ class _Checker:
         for dent in entries:
             name = dent.name
             here = directory.path(name)
-            if name == fmt.DIRID_NAME or (
-                directory is self.root and name.startswith(fmt.VOLUME_HEADER_NAME)
-            ):
+            if name == fmt.DIRID_NAME or (directory is self.root and name in fmt.ROOT_FILES):
                 continue
             if name.startswith(fmt.LONGNAME_PREFIX) and name.endswith(fmt.LONGNAME_SUFFIX):
                 if name[: -len(fmt.LONGNAME_SUFFIX)] not in present:
@@ -174,10 +188,11 @@ class _Checker:
         geo = self.geo
         where = directory.path(name)
         try:
-            fd = directory.open_file(name, os.O_RDONLY)
+            fd = directory.open_file(name, os.O_RDWR if self.repair else os.O_RDONLY)
         except OSError as exc:
             self.problem("file", where, plain, f"cannot open: {exc.strerror}")
             return
+        first_problem = len(self.report.problems)
         try:
             try:
                 file_id = fmt.parse_file_header(os.pread(fd, fmt.FILE_HEADER_LEN, 0))
@@ -201,8 +216,46 @@ class _Checker:
                 count = min(_CHUNK_BLOCKS, nblocks - first)
                 raw = os.pread(fd, count * geo.cipher_block_size, geo.block_cipher_off(first))
                 self.check_blocks(cipher, first, raw, where, plain)
+            if self.repair and len(self.report.problems) > first_problem:
+                self.repair_blocks(fd, cipher_size, first_problem)
         finally:
             os.close(fd)
+
+    def repair_blocks(self, fd: int, cipher_size: int, first_problem: int) -> None:
+        """Make a file whose blocks failed readable again, losing only those blocks: a run
+        of bad blocks at the end (a torn write: a crash cut the file's last write short) is
+        cut off; a bad block before good ones is zeroed, so it reads as a hole (zeros). The
+        problems from ``first_problem`` on (this file's, all blocks) say which plaintext
+        ranges were lost. fsynced before returning."""
+        geo = self.geo
+        bs = geo.block_size
+        problems = self.report.problems
+        bad = {p.block_no for p in problems[first_problem:] if p.block_no is not None}
+        total = -(-(cipher_size - fmt.FILE_HEADER_LEN) // geo.cipher_block_size)
+        cut = total
+        while cut - 1 in bad:
+            cut -= 1
+        plain_size = geo.plain_size(cipher_size)
+        zero = bytes(geo.cipher_block_size)
+        for bad_no in sorted(b for b in bad if b < cut):
+            os.pwrite(fd, zero, geo.block_cipher_off(bad_no))
+        if cut < total:
+            os.ftruncate(fd, geo.block_cipher_off(cut))
+        os.fsync(fd)
+        for index in range(first_problem, len(problems)):
+            problem = problems[index]
+            block_no = problem.block_no
+            if block_no is None:
+                continue
+            start = block_no * bs
+            if block_no >= cut:
+                lost = (start, max(start, min(start + bs, plain_size)))
+                done = f"torn tail cut at plaintext offset {cut * bs}"
+            else:
+                lost = (start, start + bs)
+                done = "block zeroed (reads as zeros)"
+            done += f": plaintext bytes {lost[0]}-{lost[1]} lost"
+            problems[index] = replace(problem, repaired=done, lost=lost)
 
     def check_blocks(
         self, cipher: crypto.BlockCipher, first: int, raw: bytes, backing: str, plain: str
@@ -227,6 +280,8 @@ class _Checker:
                 self.problem("block", backing, plain, exc.what, block_no=first + i)
 
 
-def check(cipher_dir: Path, keys: VolumeKeys, block_size: int) -> Report:
-    """Check the whole volume under ``cipher_dir`` with unlocked ``keys``."""
-    return _Checker(cipher_dir, keys, block_size).run()
+def check(cipher_dir: Path, keys: VolumeKeys, block_size: int, *, repair: bool = False) -> Report:
+    """Check the whole volume under ``cipher_dir`` with unlocked ``keys``. With ``repair``,
+    files with bad blocks are made readable again (``_Checker.repair_blocks``); the volume
+    must not be mounted then."""
+    return _Checker(cipher_dir, keys, block_size, repair).run()

@@ -157,12 +157,13 @@ def test_rotate_while_a_writer_runs(make_volume, openbao: OpenBao,  # type: igno
         assert (vol.mountpoint / name).read_bytes() == data
 
 
-# Kill points, in the order rotation reaches them (see volume.write_header_atomic):
-# the first fsync (new header written, not yet durable), the link keeping the previous
-# header, the fsync after it, the rename, the last directory fsync. With an existing
-# .prev, the unlink of the old .prev comes first.
+# Kill points, in the order rotation reaches them (see volume.write_header_atomic; every
+# call is relative to the cipher dir's fd): the first fsync (new header written, not yet
+# durable), the link keeping the previous header, the fsync after it, the rename, the last
+# directory fsync. The first unlinkat removes a .tmp a crash may have left (none here);
+# with an existing .prev, the second one removes it.
 KILL_POINTS = [
-    ("fsync", 1), ("link", 1), ("fsync", 2), ("rename", 1), ("fsync", 3), ("unlink", 1),
+    ("fsync", 1), ("linkat", 1), ("fsync", 2), ("renameat", 1), ("fsync", 3), ("unlinkat", 2),
 ]
 
 
@@ -174,7 +175,7 @@ def test_rotation_killed_at_each_step_leaves_a_volume_that_mounts(
     vol: Volume = make_volume()
     (vol.mountpoint / "f").write_bytes(b"survives rotation crashes" * 100)
     vol.unmount()
-    if syscall == "unlink":  # a second rotation, so that an old .prev exists to replace
+    if syscall == "unlinkat":  # a second rotation, so that an old .prev exists to replace
         openbao.rotate_key(transit_key.name)
         assert rotate(vol).returncode == 0
         assert (vol.cipher_dir / "encfs.volume.prev").exists()

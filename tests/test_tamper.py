@@ -4,6 +4,7 @@ the daemon names file and block in one log line; fsck reports every problem."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -331,3 +332,47 @@ def test_what_integrity_does_not_cover(populated: Volume) -> None:
     assert code == ExitCode.CORRUPT
     assert "same id as" in out
     assert out.count("CORRUPT") == 1, out  # the rest is invisible to fsck too
+
+
+def test_fsck_repair_cuts_a_torn_tail_and_zeroes_a_torn_block(populated: Volume) -> None:
+    """A write torn by a crash leaves a block that fails forever; ``fsck --repair`` makes
+    the file readable again and names exactly the plaintext range it gave up."""
+    vol = populated
+    geo = fmt.Geometry(BS)
+    a = _backing_of(vol, 3 * BS)  # torn in the middle: block 1 half new, half old
+    _flip(a, geo.block_cipher_off(1) + 100)
+    b = _backing_of(vol, 3 * BS + 1)  # torn at the end: the last full block cut short
+    os.truncate(b, geo.block_cipher_off(2) + 1000)
+    code, out = _fsck(vol)
+    assert code == ExitCode.CORRUPT
+    assert "CORRUPT block 1 of /a.bin" in out and "block block" not in out
+
+    proc = encfs("fsck", vol.cipher_dir, "--repair", "--json", env=vol.env)
+    assert proc.returncode == ExitCode.OK, proc.stdout + proc.stderr
+    items = [json.loads(line) for line in proc.stdout.splitlines()]
+    summary = items.pop()
+    assert summary["kind"] == "summary" and summary["problems"] == summary["repaired"] == 2
+    lost = {item["plain_path"]: item["lost"] for item in items}
+    assert lost == {"/a.bin": [BS, 2 * BS], "/b.bin": [2 * BS, 2 * BS + 1000 - fmt.BLOCK_OVERHEAD]}
+    assert all("lost" in item["repaired"] for item in items)
+    assert _fsck(vol)[0] == ExitCode.OK
+    vol.mount()
+    assert (vol.mountpoint / "a.bin").read_bytes() == b"A" * BS + bytes(BS) + b"A" * BS
+    assert (vol.mountpoint / "b.bin").read_bytes() == b"B" * (2 * BS)
+
+
+def test_fsck_json_summary_and_a_mounted_volume(populated: Volume) -> None:
+    """A clean volume gives a JSON summary on stdout; fsck of a mounted volume warns, and
+    ``--repair`` is refused while it is mounted (exit 24, naming the mount)."""
+    vol = populated
+    proc = encfs("fsck", vol.cipher_dir, "--json", env=vol.env)
+    assert proc.returncode == ExitCode.OK
+    summary = json.loads(proc.stdout)
+    assert summary["kind"] == "summary" and summary["problems"] == 0 and summary["files"] >= 4
+    vol.mount()
+    proc = encfs("fsck", vol.cipher_dir, env=vol.env)
+    assert proc.returncode == ExitCode.OK
+    assert "in use by the encfs mount at" in proc.stderr and str(vol.mountpoint) in proc.stderr
+    proc = encfs("fsck", vol.cipher_dir, "--repair", env=vol.env)
+    assert proc.returncode == ExitCode.VOLUME_IN_USE
+    assert str(vol.mountpoint) in proc.stderr
