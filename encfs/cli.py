@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from encfs import __version__, errors, pins, volume
+from encfs import __version__, backing, errors, pins, volume
 from encfs import format as fmt
 from encfs.audit import DEFAULT_AUDIT_LOG, AuditLog, AuditSettings, under_systemd
 from encfs.keys import VolumeKeys
@@ -63,6 +63,7 @@ class ExitCode(enum.IntEnum):
     NOT_MOUNTED = 21
     BUSY = 22
     REVOKED = 23
+    VOLUME_IN_USE = 24
     CORRUPT = 30
 
 
@@ -86,6 +87,7 @@ _ERROR_CODES: tuple[tuple[type[errors.EncfsError], ExitCode], ...] = (
     (errors.VaultProtocolError, ExitCode.VAULT_PROTOCOL),
     (errors.MountError, ExitCode.MOUNT_FAILED),
     (errors.VolumeRevoked, ExitCode.REVOKED),
+    (errors.VolumeBusy, ExitCode.VOLUME_IN_USE),
 )
 
 
@@ -309,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPT[,OPT...]",
         help="mount options: allow_other (let other users in; root only; implies "
         "default_permissions), default_permissions (the kernel checks modes and owners), "
-        "ro (read-only), writeback_cache (the kernel gathers small writes; faster, but a "
-        "file's other hard-link names then show a stale size until they are reopened)",
+        "nonempty (mount over a mount point that holds entries, hiding them; refused "
+        "otherwise), ro (read-only), writeback_cache (the kernel gathers small writes; "
+        "faster, but a file's other hard-link names then show a stale size until they are "
+        "reopened)",
     )
     _vault_override_arg(p)
     p.add_argument(
@@ -394,11 +398,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="authenticate every name and block of a volume",
         description="Unwrap the key, then decrypt and authenticate every directory id, name, "
         "file header, block, symlink and xattr. Lists each problem with its path and block. "
-        "Exit 0 when clean, 30 (corrupt) when anything failed. Read-only. Run it on an "
-        "unmounted volume (or accept that concurrent writes may show as problems).",
+        "Exit 0 when clean, 30 (corrupt) when anything failed. Read-only unless --repair. "
+        "Run it on an unmounted volume: on a mounted one it warns that concurrent writes may "
+        "show as problems. With --repair (refused while the volume is mounted: exit 24), "
+        "every file with bad blocks is made readable again, losing only those blocks: a run "
+        "of bad blocks at a file's end (a write torn by a crash or a killed daemon) is cut "
+        "off, a bad block before good ones is zeroed (it then reads as zeros); each repair "
+        "names the plaintext byte range it lost. Names, directory ids, file headers, "
+        "symlinks and xattrs that fail are reported, never changed. Exit 0 when everything "
+        "found was repaired.",
     )
     p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
-    p.add_argument("--json", action="store_true", help="problems as JSON lines")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per problem, then one with kind 'summary'",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="cut torn tails and zero bad blocks so that every file reads again",
+    )
     _vault_override_arg(p)
     _vault_args(p)
 
@@ -692,7 +712,7 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
 
 
 def _mount_options(raw: Sequence[str]) -> dict[str, bool]:
-    known = {"allow_other", "default_permissions", "ro", "rw", "writeback_cache"}
+    known = {"allow_other", "default_permissions", "nonempty", "ro", "rw", "writeback_cache"}
     opts: dict[str, bool] = {}
     for group in raw:
         for opt in filter(None, group.split(",")):
@@ -723,6 +743,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         vault_url=args.vault_url,
         vault_addr=env_vault_addr(),
         repin=args.repin,
+        nonempty=opts.get("nonempty", False),
         allow_other=opts.get("allow_other", False),
         default_permissions=opts.get("default_permissions", False),
         read_only=read_only,
@@ -899,21 +920,45 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
             raise
     finally:
         vault.close()
+    root = backing.open_root(str(args.cipher_dir))
+    lock: int | None = None
     try:
-        report = fsck.check(args.cipher_dir, keys, hf.header.block_size)
+        if args.repair:
+            lock = backing.lock_volume(root, f"encfs fsck --repair (pid {os.getpid()})")
+        elif (holder := backing.volume_holder(root)) is not None:
+            print(
+                f"encfs: warning: {args.cipher_dir} is in use by {holder}; writes made while "
+                "fsck runs may show as problems (unmount it for a clean check)",
+                file=sys.stderr,
+            )
+        report = fsck.check(args.cipher_dir, keys, hf.header.block_size, repair=args.repair)
     finally:
         keys.close()
+        if lock is not None:
+            os.close(lock)
     for problem in report.problems:
-        if args.json:
-            print(json.dumps(problem.as_dict()))
-        else:
-            print(problem)
-    summary = (
-        f"{report.files} files, {report.dirs} directories, {report.blocks} blocks "
-        f"checked: {len(report.problems)} problem(s)"
-    )
-    print(summary, file=sys.stderr if args.json else sys.stdout)
-    return ExitCode.CORRUPT if report.problems else ExitCode.OK
+        print(json.dumps(problem.as_dict()) if args.json else problem)
+    left = report.unrepaired
+    repaired = len(report.problems) - len(left)
+    if args.json:
+        summary: dict[str, object] = {
+            "kind": "summary",
+            "files": report.files,
+            "dirs": report.dirs,
+            "blocks": report.blocks,
+            "symlinks": report.symlinks,
+            "xattrs": report.xattrs,
+            "problems": len(report.problems),
+            "repaired": repaired,
+        }
+        print(json.dumps(summary))
+    else:
+        print(
+            f"{report.files} files, {report.dirs} directories, {report.blocks} blocks "
+            f"checked: {len(report.problems)} problem(s)"
+            + (f", {repaired} repaired" if args.repair else "")
+        )
+    return ExitCode.CORRUPT if left else ExitCode.OK
 
 
 def cmd_rotate(args: argparse.Namespace) -> ExitCode:

@@ -46,8 +46,8 @@ from typing import Any
 import psutil
 import setproctitle
 
+from encfs import backing, pins, sdnotify, volume
 from encfs import format as fmt
-from encfs import pins, sdnotify, volume
 from encfs.audit import AuditLog, AuditSettings
 from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
 from encfs.fs import EncfsFUSE, EncfsOperations, FsOptions
@@ -86,6 +86,8 @@ class MountConfig:
     """Seconds to keep serving while the vault cannot be reached (0: suspend at once)."""
     on_revoke: str = "suspend"
     """``suspend`` (wait for access to come back) or ``unmount`` (unmount and exit 23)."""
+    nonempty: bool = False
+    """Mount even over a mount point that holds entries (they are hidden while mounted)."""
     ephemeral: bool = False
     """A crypto-erased scratch volume: a fresh random key, never stored (``vault_url``, if
     given, is only watched: revocation of the host's access erases the volume)."""
@@ -264,6 +266,11 @@ class Daemon:
             raise MountError(f"{mp} is already a mount point; unmount it first")
         if not mp.is_dir():
             raise MountError(f"mount point {mp} does not exist or is not a directory")
+        if not self.config.nonempty and (entries := len(os.listdir(mp))):
+            raise MountError(
+                f"mount point {mp} is not empty ({entries} entries): the mount would hide them",
+                hint="mount on an empty directory, or pass -o nonempty to hide them anyway",
+            )
         if not os.path.exists("/dev/fuse"):
             raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
 
@@ -292,9 +299,30 @@ class Daemon:
 
         Every key is wiped before this returns.
         """
-        cfg = self.config
         harden_process()
         self._check_mountpoint()
+        lock = self._lock_cipher_dir()
+        try:
+            self._run(on_ready)
+        finally:
+            os.close(lock)
+
+    def _lock_cipher_dir(self) -> int:
+        """Hold the cipher dir's lock (``backing.lock_volume``) for the daemon's life: a
+        second mount of the same cipher dir fails (``VolumeBusy``) instead of interleaving
+        writes. The lock goes with the process, however it dies."""
+        cfg = self.config
+        if cfg.ephemeral:
+            volume.check_ephemeral_dir(cfg.cipher_dir)  # its refusal says more than unsafe
+        volume.require_cipher_dir(cfg.cipher_dir)
+        volume.check_cipher_dir_safe(cfg.cipher_dir)
+        return backing.lock_volume(
+            backing.open_root(str(cfg.cipher_dir)),
+            f"the encfs mount at {cfg.mountpoint} (pid {os.getpid()})",
+        )
+
+    def _run(self, on_ready: Callable[[], None] | None) -> None:
+        cfg = self.config
         if cfg.ephemeral:
             keys, vault, audit, renew_in = self._start_ephemeral()
             url = cfg.vault_url or ""
@@ -380,6 +408,10 @@ class Daemon:
             status.start()
             if sdnotify.watchdog_interval() is not None:
                 health.start()
+            # Entries made for a caller get exactly the mode the kernel passes (already
+            # masked by the caller's umask), as on a kernel filesystem; the daemon's own
+            # files all have explicit modes.
+            os.umask(0)
             EncfsFUSE(ops, str(cfg.mountpoint), **options)
         except RuntimeError as exc:
             # fuse_main answers 8 when its loop ended on SIGTERM/SIGINT/SIGHUP (libfuse's
@@ -524,16 +556,16 @@ class Daemon:
             RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = runtime_file(self.config.mountpoint)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "pid": os.getpid(),
-                        "mountpoint": str(self.config.mountpoint.resolve()),
-                        "cipher_dir": str(self.config.cipher_dir.resolve()),
-                        "started": self.started,
-                    }
-                )
-            )
+            record = {
+                "pid": os.getpid(),
+                "mountpoint": str(self.config.mountpoint.resolve()),
+                "cipher_dir": str(self.config.cipher_dir.resolve()),
+                "started": self.started,
+            }
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:  # explicit mode: the daemon's umask is 0
+                f.write(json.dumps(record))
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("cannot write runtime file in %s: %s", RUN_DIR, exc)

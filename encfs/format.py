@@ -17,9 +17,21 @@ VOLUME_HEADER_NAME = "encfs.volume"
 VOLUME_HEADER_TMP = "encfs.volume.tmp"
 """Temporary name used while a new header is written (then renamed over the old one)."""
 VOLUME_HEADER_PREV = "encfs.volume.prev"
+"""The previous header, kept until its replacement is durable."""
 EPHEMERAL_MARKER_NAME = "encfs.ephemeral"
 """Marks a cipher dir as an ephemeral (crypto-erased) volume: plain text, no key, no header."""
-"""The previous header, kept until its replacement is durable."""
+LOCK_NAME = "encfs.lock"
+"""Lock file in the cipher dir root: a mounting daemon (or ``fsck --repair``) holds an
+exclusive ``flock`` on it for its whole life; its content names the holder (pid and
+mountpoint, nothing secret). Not part of the volume: it may be missing or stale."""
+ROOT_FILES = (
+    VOLUME_HEADER_NAME,
+    VOLUME_HEADER_TMP,
+    VOLUME_HEADER_PREV,
+    EPHEMERAL_MARKER_NAME,
+    LOCK_NAME,
+)
+"""Names in the cipher dir root that are not entries of the volume's root directory."""
 
 VOLUME_MAGIC = b"ENCFSVOL"
 FORMAT_VERSION = 1
@@ -92,6 +104,32 @@ XATTR_PREFIX = "user."
 XATTR_BACKING_PREFIX = "user.encfs."
 MAX_PLAIN_XATTR_NAME = 159
 """Longest plaintext xattr name (after ``user.``): the encoding must fit XATTR_NAME_MAX (255)."""
+
+
+ROOT_ATTRS_XATTR = "user.encfs-root"
+"""Extended attribute of the cipher dir holding the plaintext root directory's mode and
+owner (§6.2), so that the cipher dir itself stays root's 0700 whatever the mount's root
+shows. Outside ``XATTR_BACKING_PREFIX``: never taken for an encrypted xattr."""
+_ROOT_ATTRS = struct.Struct(">BHII")
+ROOT_ATTRS_VERSION = 1
+NEW_ROOT_MODE = 0o755
+"""The mount root of a new volume: as ``mkfs`` makes it."""
+
+
+def pack_root_attrs(mode: int, uid: int, gid: int) -> bytes:
+    """The ``ROOT_ATTRS_XATTR`` value: version, permission bits (07777), uid, gid."""
+    return _ROOT_ATTRS.pack(ROOT_ATTRS_VERSION, mode & 0o7777, uid, gid)
+
+
+def parse_root_attrs(raw: bytes) -> tuple[int, int, int] | None:
+    """(permission bits, uid, gid) from a ``ROOT_ATTRS_XATTR`` value; None if it is not
+    one this version knows (the cipher dir's own mode and owner are shown then)."""
+    if len(raw) != _ROOT_ATTRS.size:
+        return None
+    version, mode, uid, gid = _ROOT_ATTRS.unpack(raw)
+    if version != ROOT_ATTRS_VERSION or mode & ~0o7777:
+        return None
+    return mode, uid, gid
 
 
 def dirid_links(flags: int) -> bool:

@@ -94,8 +94,8 @@ def moved(path: str, old: str, new: str, exchange: bool = False) -> str:
 
 
 class Aliases:
-    """Mount paths of multiply-linked files (anything but directories), so that a change made through one name
-    can invalidate what the kernel caches under the others.
+    """Mount paths of multiply-linked files (anything but directories), so that a change
+    made through one name can invalidate what the kernel caches under the others.
 
     libfuse's high-level API gives every *path* its own kernel inode: after a write through
     ``a`` the kernel would go on serving ``b``'s old size, times and pages. Every name the
@@ -353,6 +353,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self.geo = fmt.Geometry(block_size)
         self.options = options
         self.names = names.Names(root, keys, dirid_links=dirid_links)
+        self._root_attrs = names.read_root_attrs(root)
+        """The plaintext root's mode and owner (None: the cipher dir's own are shown)."""
         self.counters = Counters()
         self._on_init = on_init
         self._table_lock = threading.Lock()
@@ -570,6 +572,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             self.seen.note(path)
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 self.aliases.note((st.st_dev, st.st_ino), path)
+            elif path == "/" and self._root_attrs is not None:
+                st = names.with_root_attrs(st, self._root_attrs)
         return st, self._plain_size(st)
 
     def _plain_size(self, st: os.stat_result) -> int:
@@ -625,9 +629,29 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             if st.st_nlink > 1:
                 self.aliases.changed((st.st_dev, st.st_ino), path)
 
+    def _set_root_attrs(self, mode: int = -1, uid: int = -1, gid: int = -1) -> None:
+        """chmod/chown of the mount's root: recorded on the cipher dir (FORMAT.md §6.2),
+        which itself stays as it is (root's 0700)."""
+        root = self.names.root
+        if self._root_attrs is not None:
+            old_mode, old_uid, old_gid = self._root_attrs
+        else:
+            st = root.fstat()
+            old_mode, old_uid, old_gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        new = (
+            stat.S_IMODE(mode) if mode != -1 else old_mode,
+            uid if uid != -1 else old_uid,
+            gid if gid != -1 else old_gid,
+        )
+        names.write_root_attrs(root, *new)
+        self._root_attrs = new
+
     @fuse_op
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
         self._check_writable()
+        if path == "/" and fh is None:
+            self._set_root_attrs(mode=mode)
+            return 0
         target = self._target(path, fh)
         if isinstance(target, int):
             os.fchmod(target, stat.S_IMODE(mode))
@@ -647,6 +671,9 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     @fuse_op
     def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
         self._check_writable()
+        if path == "/" and fh is None:
+            self._set_root_attrs(uid=uid, gid=gid)
+            return 0
         target = self._target(path, fh)
         if isinstance(target, int):
             os.fchown(target, uid, gid)
@@ -742,6 +769,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             raise OSError(errno.EBADF, "unknown directory handle")
         directory, _dir_id = self.names.directory(path)
         dot = directory.fstat()
+        if path == "/" and self._root_attrs is not None:
+            dot = names.with_root_attrs(dot, self._root_attrs)
         entries: Listing = [
             (".", (dot, dot.st_size), 0),
             ("..", None, 0),

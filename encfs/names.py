@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import resource
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,6 +78,38 @@ def dirid_is_link(directory: backing.Dir) -> bool:
     except OSError:
         return False
     return True
+
+
+def read_root_attrs(root: backing.Dir) -> tuple[int, int, int] | None:
+    """The plaintext root's (permission bits, uid, gid) kept on the cipher dir (FORMAT.md
+    §6.2), or None where there are none (older volumes: the cipher dir's own are shown)."""
+    try:
+        raw = root.getxattr(".", fmt.ROOT_ATTRS_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return None
+        raise
+    return fmt.parse_root_attrs(raw)
+
+
+def write_root_attrs(root: backing.Dir, mode: int, uid: int, gid: int) -> None:
+    """Record the plaintext root's mode and owner on the cipher dir (never its own)."""
+    root.setxattr(".", fmt.ROOT_ATTRS_XATTR, fmt.pack_root_attrs(mode, uid, gid), 0)
+
+
+def with_root_attrs(st: os.stat_result, attrs: tuple[int, int, int]) -> os.stat_result:
+    """``st`` (the cipher dir's stat) showing the plaintext root's mode and owner."""
+    mode, uid, gid = attrs
+    fields = list(st)
+    fields[0] = stat.S_IFMT(st.st_mode) | mode
+    fields[4], fields[5] = uid, gid
+    return os.stat_result(fields, {name: getattr(st, name) for name in _STAT_EXTRA})
+
+
+_STAT_EXTRA = (
+    "st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+    "st_blksize", "st_blocks", "st_rdev",
+)  # fmt: skip
 
 
 def _dirid_from_link(target: str) -> bytes:

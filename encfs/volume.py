@@ -8,6 +8,7 @@ finds no ``encfs.volume`` but a ``.prev`` (a crash between steps) falls back to 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -61,13 +62,26 @@ def header_path(cipher_dir: Path) -> Path:
     return cipher_dir / fmt.VOLUME_HEADER_NAME
 
 
-def read_header(cipher_dir: Path) -> HeaderFile:
-    """Read and structurally check the header. Raises ``VolumeNotFound`` or ``FormatError``."""
+def require_cipher_dir(cipher_dir: Path) -> None:
+    """Raise ``VolumeNotFound`` unless ``cipher_dir`` is a directory."""
     if not cipher_dir.is_dir():
         raise VolumeNotFound(f"cipher directory {cipher_dir} does not exist or is not a directory")
-    for candidate in (header_path(cipher_dir), cipher_dir / fmt.VOLUME_HEADER_PREV):
+
+
+_HEADER_READ_MAX = 1 << 16
+"""More than any header can be (its variable part is the URL and the wrapped key)."""
+
+
+def read_header(cipher_dir: Path) -> HeaderFile:
+    """Read and structurally check the header, through the door (a link or special file
+    in its place is refused, never followed or opened). Raises ``VolumeNotFound`` or
+    ``FormatError``."""
+    require_cipher_dir(cipher_dir)
+    root = backing.open_root(str(cipher_dir))
+    for name in (fmt.VOLUME_HEADER_NAME, fmt.VOLUME_HEADER_PREV):
+        candidate = cipher_dir / name
         try:
-            raw = candidate.read_bytes()
+            raw = root.read_small(name, _HEADER_READ_MAX)
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -84,24 +98,20 @@ def read_header(cipher_dir: Path) -> HeaderFile:
 
 
 def write_header_atomic(cipher_dir: Path, raw: bytes) -> None:
-    """Replace the header crash-safely (see module docstring). Raises ``OSError``."""
-    final = header_path(cipher_dir)
-    tmp = cipher_dir / fmt.VOLUME_HEADER_TMP
-    prev = cipher_dir / fmt.VOLUME_HEADER_PREV
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(raw)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if final.exists():
-        prev.unlink(missing_ok=True)
-        os.link(final, prev)
-        fsync_dir(cipher_dir)
-    os.rename(tmp, final)
-    fsync_dir(cipher_dir)
+    """Replace the header crash-safely (see module docstring), through the door: the
+    temporary file is made new (``O_EXCL``), nothing planted under the three names is
+    followed. Raises ``OSError``."""
+    root = backing.open_root(str(cipher_dir))
+    with contextlib.suppress(FileNotFoundError):
+        root.unlink(fmt.VOLUME_HEADER_TMP)  # left by a crash
+    root.write_new(fmt.VOLUME_HEADER_TMP, raw, 0o600)
+    if root.exists(fmt.VOLUME_HEADER_NAME):
+        with contextlib.suppress(FileNotFoundError):
+            root.unlink(fmt.VOLUME_HEADER_PREV)
+        backing.link(root, fmt.VOLUME_HEADER_NAME, root, fmt.VOLUME_HEADER_PREV)
+        root.fsync()
+    backing.rename(root, fmt.VOLUME_HEADER_TMP, root, fmt.VOLUME_HEADER_NAME)
+    root.fsync()
 
 
 def fsync_dir(path: Path) -> None:
@@ -177,9 +187,9 @@ def create(
     finally:
         volume_key[:] = bytes(len(volume_key))
     try:
-        names.write_dirid(
-            backing.open_root(str(cipher_dir)), link=fmt.dirid_links(header.feature_flags)
-        )
+        root = backing.open_root(str(cipher_dir))
+        names.write_dirid(root, link=fmt.dirid_links(header.feature_flags))
+        names.write_root_attrs(root, fmt.NEW_ROOT_MODE, os.geteuid(), os.getegid())
         write_header_atomic(cipher_dir, build_header_bytes(header, keys))
         if on_keys is not None:
             on_keys(header, keys)
@@ -257,6 +267,28 @@ EPHEMERAL_MARKER_TEXT = (
 )
 
 
+def check_ephemeral_dir(cipher_dir: Path) -> list[Path]:
+    """Whether ``cipher_dir`` may become an ephemeral volume (``start_ephemeral``): created
+    0700 if missing; returns what erasing it would remove. Raises ``VolumeExists`` for a
+    directory holding a persistent volume or anything that is not an earlier ephemeral
+    volume."""
+    if cipher_dir.exists() and not cipher_dir.is_dir():
+        raise VolumeExists(f"{cipher_dir} exists and is not a directory")
+    cipher_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if header_path(cipher_dir).exists() or (cipher_dir / fmt.VOLUME_HEADER_PREV).exists():
+        raise VolumeExists(
+            f"{cipher_dir} holds a persistent encfs volume; refusing to erase it for an "
+            "ephemeral mount (use an empty directory)"
+        )
+    entries = [e for e in cipher_dir.iterdir() if e.name != fmt.LOCK_NAME]
+    if entries and not (cipher_dir / fmt.EPHEMERAL_MARKER_NAME).exists():
+        raise VolumeExists(
+            f"{cipher_dir} is not empty and is not an ephemeral encfs volume; refusing to "
+            "erase it (use an empty directory)"
+        )
+    return entries
+
+
 def start_ephemeral(
     cipher_dir: Path, *, block_size: int = fmt.DEFAULT_BLOCK_SIZE
 ) -> tuple[bytes, VolumeKeys]:
@@ -266,23 +298,10 @@ def start_ephemeral(
     written anywhere. The directory must be empty (created if missing) or hold an earlier
     ephemeral volume (``encfs.ephemeral``), whose undecryptable ciphertext is removed.
     Refuses (``VolumeExists``) a directory holding a persistent volume or anything else.
-    Returns (volume id, keys).
+    Returns (volume id, keys). The caller holds the cipher dir's lock (``fmt.LOCK_NAME``,
+    which is kept).
     """
-    if cipher_dir.exists() and not cipher_dir.is_dir():
-        raise VolumeExists(f"{cipher_dir} exists and is not a directory")
-    cipher_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    marker = cipher_dir / fmt.EPHEMERAL_MARKER_NAME
-    if header_path(cipher_dir).exists() or (cipher_dir / fmt.VOLUME_HEADER_PREV).exists():
-        raise VolumeExists(
-            f"{cipher_dir} holds a persistent encfs volume; refusing to erase it for an "
-            "ephemeral mount (use an empty directory)"
-        )
-    entries = list(cipher_dir.iterdir())
-    if entries and not marker.exists():
-        raise VolumeExists(
-            f"{cipher_dir} is not empty and is not an ephemeral encfs volume; refusing to "
-            "erase it (use an empty directory)"
-        )
+    entries = check_ephemeral_dir(cipher_dir)
     for entry in entries:
         if entry.name == fmt.EPHEMERAL_MARKER_NAME:
             continue
@@ -290,15 +309,11 @@ def start_ephemeral(
             shutil.rmtree(entry)
         else:
             entry.unlink()
-    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, EPHEMERAL_MARKER_TEXT.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    names.write_dirid(
-        backing.open_root(str(cipher_dir)), link=fmt.dirid_links(fmt.EPHEMERAL_FEATURES)
-    )
+    root = backing.open_root(str(cipher_dir))
+    if not root.exists(fmt.EPHEMERAL_MARKER_NAME):
+        root.write_new(fmt.EPHEMERAL_MARKER_NAME, EPHEMERAL_MARKER_TEXT.encode(), 0o600)
+    names.write_dirid(root, link=fmt.dirid_links(fmt.EPHEMERAL_FEATURES))
+    names.write_root_attrs(root, fmt.NEW_ROOT_MODE, os.geteuid(), os.getegid())
     fsync_dir(cipher_dir)
     volume_id = crypto.random_bytes(fmt.VOLUME_ID_LEN)
     volume_key = bytearray(fmt.VOLUME_KEY_LEN)

@@ -410,7 +410,7 @@ def _key_material(live: Live, root_token: str) -> dict[str, bytes]:
                          out=buf)
         out[purpose] = bytes(buf)
     contents = [p for p in live.vol.cipher_dir.rglob("*")
-                if p.is_file() and not p.name.startswith((".encfs", "encfs.volume"))
+                if p.is_file() and not p.name.startswith((".encfs", "encfs.volume", fmt.LOCK_NAME))
                 and p.stat().st_size > fmt.FILE_HEADER_LEN]
     assert contents
     for i, backing in enumerate(contents):  # every file's own key
@@ -550,7 +550,9 @@ def test_kmip_volume_end_to_end_and_revocation(tmp_path: Path) -> None:
             finally:
                 witness.close()
         finally:
+            pid = vol.daemon_pid()
             force_unmount(vol.mountpoint)
+            assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
         # A revoked KMIP key cannot unwrap again: mount refuses with its own code.
         proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *creds,
                      env=env)
@@ -664,8 +666,9 @@ def test_ephemeral_volume_is_crypto_erased(tmp_path: Path) -> None:
     try:
         assert os.listdir(mp) == []
         now = {p.name for p in cipher.rglob("*")}
-        assert now == {"encfs.ephemeral", ".encfs.dirid"}
-        assert not (old - {"encfs.ephemeral", ".encfs.dirid"}) & now
+        kept = {"encfs.ephemeral", ".encfs.dirid", fmt.LOCK_NAME}
+        assert now == kept
+        assert not (old - kept) & now
     finally:
         assert encfs("unmount", mp).returncode == 0
 
@@ -811,3 +814,41 @@ def test_status_warns_when_key_memory_cannot_be_locked(make_volume) -> None:  # 
     assert "key memory   NOT locked" in text
     (vol.mountpoint / "f").write_text("still works")
     assert (vol.mountpoint / "f").read_text() == "still works"
+
+
+def test_one_cipher_dir_is_mounted_once(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two daemons on one cipher dir interleaved appends and lost 90 of 100 lines without
+    an error: the second mount now fails (exit 24) naming the first mountpoint; the lock
+    goes with the daemon, even when it is killed, and a restart mounts again."""
+    vol: Volume = make_volume()
+    other = tmp_path / "second-plain"
+    other.mkdir()
+    proc = encfs("mount", vol.cipher_dir, other, *vol.audit_args(), env=vol.env)
+    assert proc.returncode == ExitCode.VOLUME_IN_USE, proc.stderr
+    assert f"the encfs mount at {vol.mountpoint}" in proc.stderr
+    assert not is_mounted(other)
+    (vol.mountpoint / "f").write_bytes(b"kept")
+    os.kill(vol.daemon_pid(), signal.SIGKILL)
+    assert wait_until(lambda: _enotconn(vol.mountpoint), timeout=10)
+    proc = encfs("mount", vol.cipher_dir, other, *vol.audit_args(), env=vol.env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert (other / "f").read_bytes() == b"kept"
+    finally:
+        encfs("unmount", other, env=vol.env)
+        subprocess.run(["fusermount3", "-uz", str(vol.mountpoint)], capture_output=True)
+
+
+def test_mounting_over_a_nonempty_directory_needs_nonempty(make_volume) -> None:  # type: ignore[no-untyped-def]
+    """A mount over files hides them silently; refuse (exit 20, saying why and how) unless
+    ``-o nonempty``, as gocryptfs does."""
+    vol: Volume = make_volume(mount=False)
+    (vol.mountpoint / "hidden-by-a-mount").write_text("here")
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, *vol.audit_args(), env=vol.env)
+    assert proc.returncode == ExitCode.MOUNT_FAILED
+    assert "not empty" in proc.stderr and "-o nonempty" in proc.stderr
+    assert not is_mounted(vol.mountpoint)
+    vol.mount("-o", "nonempty")
+    assert os.listdir(vol.mountpoint) == []
+    vol.unmount()
+    assert (vol.mountpoint / "hidden-by-a-mount").read_text() == "here"

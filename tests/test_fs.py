@@ -16,6 +16,8 @@ import socket
 import stat
 import string
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -279,7 +281,7 @@ def test_directories(vol: Volume) -> None:
     os.rmdir(m / "d")
     assert os.listdir(m) == []
     assert sorted(p.name for p in vol.cipher_dir.iterdir()) == sorted(
-        [".encfs.dirid", "encfs.volume"]
+        [".encfs.dirid", "encfs.volume", "encfs.lock"]
     )
 
 
@@ -1459,3 +1461,50 @@ def test_system_libfuse_still_works_without_killpriv_v2(make_volume) -> None:  #
     (vol.mountpoint / "f").write_bytes(data)
     vol.remount()
     assert (vol.mountpoint / "f").read_bytes() == data
+
+
+def test_new_entries_get_the_callers_mode_not_the_daemons_umask(vol: Volume) -> None:
+    """A file created 0620 under umask 0 is 0620 (a conformance suite checks this for
+    files, directories, FIFOs and sockets): the kernel applies the caller's umask; the
+    daemon adds none of its own."""
+    m = vol.mountpoint
+    script = textwrap.dedent(f"""
+        import os, socket
+        os.umask(0)
+        os.close(os.open({str(m / "f")!r}, os.O_CREAT | os.O_WRONLY, 0o620))
+        os.mkdir({str(m / "d")!r}, 0o777)
+        os.mkfifo({str(m / "p")!r}, 0o666)
+        s = socket.socket(socket.AF_UNIX); s.bind({str(m / "s")!r})
+        os.umask(0o027)
+        os.mkdir({str(m / "d2")!r}, 0o777)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    modes = {n: stat.S_IMODE((m / n).lstat().st_mode) for n in ("f", "d", "p", "d2")}
+    assert modes == {"f": 0o620, "d": 0o777, "p": 0o666, "d2": 0o750}
+    assert stat.S_IMODE((m / "s").lstat().st_mode) == 0o777
+
+
+def test_the_mount_root_has_its_own_mode_and_owner(make_volume, reachable_tmp: Path) -> None:  # type: ignore[no-untyped-def]
+    """The cipher dir stays root's 0700 (a root daemon refuses anything else), yet the
+    mount's root is a directory like any other: 0755 root's when new, and chmod/chown of
+    it are kept (on the cipher dir, FORMAT.md §6.2) across remounts without opening the
+    cipher dir to anyone."""
+    vol: Volume = make_volume(options=MULTIUSER)
+    m = vol.mountpoint
+    st = m.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
+    os.chmod(m, 0o1777)
+    os.chown(m, 4321, 8765)
+    vol.remount()
+    st = m.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o1777, 4321, 8765)
+    assert os.listdir(m) == []  # and readdir's "." agrees
+    cipher = vol.cipher_dir.stat()
+    assert (stat.S_IMODE(cipher.st_mode), cipher.st_uid) == (0o700, 0)
+    as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    proc = subprocess.run([*as_nobody, "touch", str(m / "by-nobody")], capture_output=True)
+    assert proc.returncode == 0, proc.stderr  # 1777: anyone may create
+    assert (m / "by-nobody").stat().st_uid == 65534
+    os.chmod(m, 0o700)
+    proc = subprocess.run([*as_nobody, "ls", str(m)], capture_output=True)
+    assert proc.returncode != 0  # 0700 and not nobody's: the kernel says no

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from encfs import format as fmt
 from encfs import backing, names, volume
+from encfs import format as fmt
 from encfs.errors import (
     FormatError,
     HeaderAuthError,
