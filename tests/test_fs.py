@@ -959,7 +959,7 @@ def _everything_in(top: Path) -> tuple[list[tuple[str, bytes]], dict[str, int]]:
         for name in os.listxattr(path, follow_symlinks=False):
             seen.append((f"{path} xattr name", os.fsencode(name)))
             seen.append((f"{path} xattr {name}", os.getxattr(path, name, follow_symlinks=False)))
-            if name.startswith("user."):
+            if name.startswith("user.") and name != fmt.ROOT_ATTRS_XATTR:  # the root's mode
                 user_xattrs.add((st.st_ino, name))
 
     visit(str(top))
