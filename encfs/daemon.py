@@ -332,7 +332,7 @@ class Daemon:
             features = fmt.EPHEMERAL_FEATURES
         else:
             volume.check_cipher_dir_safe(cfg.cipher_dir)
-            hf = volume.read_header(cfg.cipher_dir)
+            hf = volume.read_checked_header(cfg.cipher_dir)
             self.header = hf
             pinned = pin_vault_url(
                 hf.header.vault_url, configured=cfg.vault_url, addr=cfg.vault_addr
@@ -493,7 +493,15 @@ class Daemon:
             audit.error("unwrap", exc)
             raise
         try:
-            pins.check_pin(cfg.cipher_dir, hf.header.volume_id, keys, create=True, repin=cfg.repin)
+            pins.check_pin(
+                cfg.cipher_dir,
+                hf.header.volume_id,
+                keys,
+                create=True,
+                repin=cfg.repin,
+                vault_url=hf.header.vault_url,
+                block_size=hf.header.block_size,
+            )
             self.check_value = keys.check_value()
         except BaseException as exc:
             keys.close()

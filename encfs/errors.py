@@ -35,6 +35,18 @@ class VolumeNotFound(FormatError):
     """The cipher directory has no volume header (not initialised, or the wrong directory)."""
 
 
+class HeaderMissing(VolumeNotFound):
+    """The volume header is gone from a cipher dir that still holds an encfs volume (its
+    directory ids are there): restore a header backup; ``encfs init`` would need the
+    directory emptied, and a new volume key cannot read the old ciphertext."""
+
+
+class HeaderDamaged(FormatError):
+    """The volume header parses but is not one encfs wrote for this volume (a field that
+    never changes after ``init`` differs from the host's pin or from the header's own other
+    fields): refused before anything is sent to the vault."""
+
+
 class VolumeExists(EncfsError):
     """``init`` was pointed at a directory that already holds a volume or other files."""
 
@@ -165,6 +177,20 @@ class VaultProtocolError(VaultError):
     """The vault answered something encfs does not understand (wrong endpoint, bad ciphertext)."""
 
     hint = "check that the URL points at a transit mount of Vault or OpenBao"
+
+
+class VaultCiphertextRejected(VaultProtocolError):
+    """The vault answered, and refused to unwrap the ciphertext it was given (transit
+    ``decrypt`` HTTP 400, or a local unwrap that fails authentication): the ciphertext is
+    damaged, or was not made by this key (a key deleted and re-created under its name)."""
+
+    hint = ""
+
+
+class WrappedKeyRejected(VaultCiphertextRejected):
+    """The wrapped key in a structurally valid volume header does not unwrap with the KEK
+    the host uses: the header is damaged, or the KEK was re-created. ``hint`` says whether
+    ``encfs.volume.prev`` unwraps (``encfs header restore``)."""
 
 
 # --- daemon / mount ----------------------------------------------------------------------------

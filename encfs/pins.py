@@ -56,11 +56,20 @@ def pin_path(cipher_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class Pin:
+    """One pin file. ``vault_url`` and ``block_size`` are the header's fields that never
+    change after ``init`` (empty in pins written before they were recorded): a header that
+    differs in them while naming the pinned volume id is damaged (``volume.check_header``)."""
+
     cipher_dir: str
     volume_id: str
     key_check: str
     pinned_at: str
     by: str
+    vault_url: str = ""
+    block_size: str = ""
+
+
+_OPTIONAL_PIN_FIELDS = ("vault_url", "block_size")
 
 
 def read_pin(cipher_dir: Path) -> Pin | None:
@@ -75,7 +84,12 @@ def read_pin(cipher_dir: Path) -> Pin | None:
         raise VolumeMismatch(f"cannot read the volume pin {path}: {exc.strerror}") from None
     try:
         doc = json.loads(raw)
-        return Pin(**{k: str(doc[k]) for k in Pin.__dataclass_fields__})
+        return Pin(
+            **{
+                k: str(doc[k] if k not in _OPTIONAL_PIN_FIELDS else doc.get(k, ""))
+                for k in Pin.__dataclass_fields__
+            }
+        )
     except (ValueError, KeyError, TypeError):
         raise VolumeMismatch(
             f"the volume pin {path} for {cipher_dir} is damaged; if the volume is the right "
@@ -83,8 +97,17 @@ def read_pin(cipher_dir: Path) -> Pin | None:
         ) from None
 
 
-def write_pin(cipher_dir: Path, volume_id: bytes, keys: VolumeKeys, *, by: str) -> Path:
-    """Pin ``cipher_dir`` to this volume (replacing any pin); returns the pin file."""
+def write_pin(
+    cipher_dir: Path,
+    volume_id: bytes,
+    keys: VolumeKeys,
+    *,
+    by: str,
+    vault_url: str = "",
+    block_size: int = 0,
+) -> Path:
+    """Pin ``cipher_dir`` to this volume (replacing any pin); returns the pin file.
+    ``vault_url`` and ``block_size`` are the header's (recorded when given)."""
     path = pin_path(cipher_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     doc = {
@@ -94,6 +117,10 @@ def write_pin(cipher_dir: Path, volume_id: bytes, keys: VolumeKeys, *, by: str) 
         "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "by": by,
     }
+    if vault_url:
+        doc["vault_url"] = vault_url
+    if block_size:
+        doc["block_size"] = str(block_size)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
@@ -122,6 +149,8 @@ def check_pin(
     create: bool,
     repin: bool = False,
     by: str = "mount",
+    vault_url: str = "",
+    block_size: int = 0,
 ) -> str:
     """Compare the unlocked volume with the host's pin for ``cipher_dir``.
 
@@ -133,7 +162,9 @@ def check_pin(
     if pin is None:
         if not (create or repin):
             return "unpinned"
-        path = write_pin(cipher_dir, volume_id, keys, by=by)
+        path = write_pin(
+            cipher_dir, volume_id, keys, by=by, vault_url=vault_url, block_size=block_size
+        )
         log.warning(
             "%s volume %s of %s on this host (%s)",
             "re-pinned" if repin else "pinned",
@@ -154,5 +185,9 @@ def check_pin(
             "replaced by one built with another data key of the same KEK",
             hint=f"if this is deliberate (a restored or re-created volume), re-pin it: "
             f"`encfs mount --repin ...` or `encfs pin reset {cipher_dir}`",
+        )
+    if create and vault_url and not pin.vault_url:  # a pin from before these were recorded
+        write_pin(
+            cipher_dir, volume_id, keys, by=pin.by, vault_url=vault_url, block_size=block_size
         )
     return "match"

@@ -10,17 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from encfs import backing, crypto, names
+from encfs import backing, crypto, names, pins
 from encfs import format as fmt
-from encfs.errors import FormatError, UnsafeCipherDir, VolumeExists, VolumeNotFound
+from encfs.errors import (
+    EncfsError,
+    FormatError,
+    HeaderAuthError,
+    HeaderDamaged,
+    HeaderMissing,
+    UnsafeCipherDir,
+    UnsupportedFormat,
+    VaultCiphertextRejected,
+    VaultConfigError,
+    VolumeExists,
+    VolumeMismatch,
+    VolumeNotFound,
+    WrappedKeyRejected,
+)
 from encfs.keys import VolumeKeys
-from encfs.vault import KeyWrapper, wrapped_kek_version
+from encfs.vault import KeyWrapper, parse_vault_url, wrapped_kek_version
 
 
 @dataclass(frozen=True)
@@ -72,29 +87,155 @@ _HEADER_READ_MAX = 1 << 16
 """More than any header can be (its variable part is the URL and the wrapped key)."""
 
 
+def parse_header_file(raw: bytes, path: Path) -> HeaderFile:
+    """``raw`` parsed as a volume header that came from ``path`` (structure only: the tag
+    needs the volume key). Raises ``FormatError`` / ``UnsupportedFormat`` naming ``path``."""
+    try:
+        header, body, tag = fmt.parse_volume_header(raw)
+    except UnsupportedFormat as exc:
+        raise UnsupportedFormat(
+            f"{path}: {exc} (written by a newer encfs, or the header is damaged)"
+        ) from None
+    except FormatError as exc:
+        raise FormatError(f"the volume header {path} is damaged: {exc}") from None
+    return HeaderFile(header=header, body=body, tag=tag, path=path)
+
+
+def _read_header_in(root: backing.Dir, cipher_dir: Path, name: str) -> HeaderFile | None:
+    """The header file ``name`` in the cipher dir, parsed; None if it does not exist.
+    Raises ``FormatError``."""
+    candidate = cipher_dir / name
+    try:
+        raw = root.read_small(name, _HEADER_READ_MAX)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise FormatError(f"cannot read volume header {candidate}: {exc.strerror}") from None
+    return parse_header_file(raw, candidate)
+
+
+def read_prev_header(cipher_dir: Path) -> HeaderFile | None:
+    """``encfs.volume.prev`` parsed, or None if it is missing or does not parse."""
+    try:
+        root = backing.open_root(str(cipher_dir))
+        return _read_header_in(root, cipher_dir, fmt.VOLUME_HEADER_PREV)
+    except (FormatError, OSError):
+        return None
+
+
+def _prev_offer(cipher_dir: Path, current: bytes | None) -> str:
+    """A hint offering ``encfs.volume.prev`` when it parses and differs from ``current``."""
+    prev = read_prev_header(cipher_dir)
+    if prev is None or (current is not None and prev.body + prev.tag == current):
+        return ""
+    return (
+        f"{fmt.VOLUME_HEADER_PREV} (volume {prev.header.volume_id.hex()}, KEK version "
+        f"{prev.header.kek_version}) parses: `encfs header restore {cipher_dir}` puts it back "
+        "(the damaged header is kept as the new .prev)"
+    )
+
+
 def read_header(cipher_dir: Path) -> HeaderFile:
     """Read and structurally check the header, through the door (a link or special file
-    in its place is refused, never followed or opened). Raises ``VolumeNotFound`` or
-    ``FormatError``."""
+    in its place is refused, never followed or opened). A missing ``encfs.volume`` falls
+    back to ``encfs.volume.prev``; one that does not parse does not (its ``FormatError``
+    says the header is damaged and offers ``.prev`` when that parses). Raises
+    ``VolumeNotFound`` (``HeaderMissing`` when the directory still holds an encfs volume)
+    or ``FormatError``."""
     require_cipher_dir(cipher_dir)
     root = backing.open_root(str(cipher_dir))
     for name in (fmt.VOLUME_HEADER_NAME, fmt.VOLUME_HEADER_PREV):
-        candidate = cipher_dir / name
         try:
-            raw = root.read_small(name, _HEADER_READ_MAX)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise FormatError(f"cannot read volume header {candidate}: {exc.strerror}") from None
-        try:
-            header, body, tag = fmt.parse_volume_header(raw)
+            hf = _read_header_in(root, cipher_dir, name)
         except FormatError as exc:
-            raise type(exc)(f"{candidate}: {exc}") from None
-        return HeaderFile(header=header, body=body, tag=tag, path=candidate)
+            if name == fmt.VOLUME_HEADER_NAME and not exc.hint:
+                exc.hint = _prev_offer(cipher_dir, None)
+            raise
+        if hf is not None:
+            return hf
+    if root.exists(fmt.EPHEMERAL_MARKER_NAME):
+        raise VolumeNotFound(
+            f"{cipher_dir} is an ephemeral encfs volume: it has no header (its key lived "
+            "only in memory); mount it with `encfs mount --ephemeral`, which starts it empty"
+        )
+    if root.exists(fmt.DIRID_NAME):
+        raise HeaderMissing(
+            f"the volume header is missing: {cipher_dir} holds an encfs volume (its "
+            f"directory ids are there) but neither {fmt.VOLUME_HEADER_NAME} nor "
+            f"{fmt.VOLUME_HEADER_PREV}",
+            hint=f"restore a header backup: `encfs header restore {cipher_dir} FILE` (FILE "
+            "made by `encfs header backup`). Do not run `encfs init`: a new volume key "
+            "cannot read this ciphertext",
+        )
     raise VolumeNotFound(
         f"{cipher_dir} holds no encfs volume (no {fmt.VOLUME_HEADER_NAME}); "
         "create one with `encfs init`"
     )
+
+
+_TRANSIT_WRAPPED = re.compile(r"vault:v([1-9][0-9]*):[A-Za-z0-9+/]{20,}={0,2}")
+_KMIP_WRAPPED = re.compile(r"kmip:v1:[A-Za-z0-9_-]{80}")
+
+
+def header_findings(hf: HeaderFile, pin: pins.Pin | None) -> list[str]:
+    """What is certainly wrong with a header that parses, judged before the key is
+    unwrapped (the tag needs the key, so only structure and the host's pin can tell):
+    a vault URL that is not one, a wrapped key that is not a vault's ciphertext, a KEK
+    version field that disagrees with the wrapped key (the writer copies it), and — when
+    the host's pin names this volume id — a vault URL or block size other than the
+    pinned ones (neither changes after ``init``). Empty for every header encfs writes."""
+    h = hf.header
+    found: list[str] = []
+    kmip = None
+    try:
+        kmip = parse_vault_url(h.vault_url).is_kmip
+    except VaultConfigError as exc:
+        found.append(f"its vault URL {h.vault_url!r} is not a vault URL ({exc})")
+    if kmip is not True and _TRANSIT_WRAPPED.fullmatch(h.wrapped_key):
+        if wrapped_kek_version(h.wrapped_key) != h.kek_version:
+            found.append(
+                f"its KEK version field says {h.kek_version} but its wrapped key names "
+                f"v{wrapped_kek_version(h.wrapped_key)}"
+            )
+    elif kmip is not False and _KMIP_WRAPPED.fullmatch(h.wrapped_key):
+        if h.kek_version != 0:
+            found.append(f"its KEK version field says {h.kek_version}; a kmip key has none (0)")
+    else:
+        found.append(
+            f"its wrapped key {h.wrapped_key[:24]!r}... is not a "
+            f"{'KMIP' if kmip else 'transit'} ciphertext"
+        )
+    if pin is not None and pin.volume_id == h.volume_id.hex():
+        if pin.vault_url and pin.vault_url != h.vault_url:
+            found.append(
+                f"its vault URL {h.vault_url!r} is not the one this host pinned for volume "
+                f"{pin.volume_id} ({pin.vault_url!r})"
+            )
+        if pin.block_size and pin.block_size != str(h.block_size):
+            found.append(
+                f"its block size {h.block_size} is not the pinned one ({pin.block_size})"
+            )
+    return found
+
+
+def check_header(cipher_dir: Path, hf: HeaderFile) -> None:
+    """Refuse a header with ``header_findings`` against the host's pin (``HeaderDamaged``,
+    offering ``encfs.volume.prev`` when it parses), before anything goes to the vault.
+    A damaged pin file raises ``VolumeMismatch``."""
+    found = header_findings(hf, pins.read_pin(cipher_dir))
+    if found:
+        raise HeaderDamaged(
+            f"the volume header {hf.path} is damaged: {'; '.join(found)}",
+            hint=_prev_offer(cipher_dir, hf.body + hf.tag)
+            or f"restore a header backup: `encfs header restore {cipher_dir} FILE`",
+        )
+
+
+def read_checked_header(cipher_dir: Path) -> HeaderFile:
+    """``read_header`` then ``check_header``: what mount, fsck and rotate read."""
+    hf = read_header(cipher_dir)
+    check_header(cipher_dir, hf)
+    return hf
 
 
 def write_header_atomic(cipher_dir: Path, raw: bytes) -> None:
@@ -112,6 +253,103 @@ def write_header_atomic(cipher_dir: Path, raw: bytes) -> None:
         root.fsync()
     backing.rename(root, fmt.VOLUME_HEADER_TMP, root, fmt.VOLUME_HEADER_NAME)
     root.fsync()
+
+
+def backup_header(cipher_dir: Path, dest: Path) -> HeaderFile:
+    """Copy the volume header (the one ``read_header`` reads, so it parses) to the new file
+    ``dest``: mode 0600, fsynced with its directory, never over an existing file
+    (``FileExistsError``) nor through a link. Needs no vault: the header holds the volume
+    key only wrapped. Raises ``VolumeNotFound``, ``FormatError``, ``OSError``."""
+    hf = read_header(cipher_dir)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(dest, flags, 0o600)
+    try:
+        os.write(fd, hf.body + hf.tag)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        raise
+    os.close(fd)
+    fsync_dir(dest.parent)
+    return hf
+
+
+@dataclass(frozen=True)
+class Restore:
+    """What ``restore_header`` did: the header now in place, and whether it wrote."""
+
+    header: HeaderFile
+    changed: bool
+
+
+def restore_header(cipher_dir: Path, source: Path | None = None) -> Restore:
+    """Put a header back: from ``source`` (a file made by ``backup_header``) or, when None,
+    from ``encfs.volume.prev``. Refuses (nothing written):
+
+    - while the volume is mounted or repaired (``VolumeBusy``: the lock is held for the
+      whole restore, so no mount starts meanwhile);
+    - a replacement that does not parse (``FormatError``) or has ``header_findings``
+      (``HeaderDamaged``);
+    - a replacement of another volume (``VolumeMismatch``) than the one this host pinned
+      there, or, without a pin, than both the current header and ``.prev`` name.
+
+    Writes with ``write_header_atomic``, so the header it replaces (damaged or not) stays
+    as ``encfs.volume.prev``. Needs no vault; the tag is checked by the next mount or fsck.
+    Raises as above and ``VolumeNotFound``, ``OSError``."""
+    require_cipher_dir(cipher_dir)
+    root = backing.open_root(str(cipher_dir))
+    if source is None:
+        source_path = cipher_dir / fmt.VOLUME_HEADER_PREV
+        try:
+            raw = root.read_small(fmt.VOLUME_HEADER_PREV, _HEADER_READ_MAX + 1)
+        except FileNotFoundError:
+            raise VolumeNotFound(
+                f"{cipher_dir} has no {fmt.VOLUME_HEADER_PREV} to restore",
+                hint=f"give the backup file: `encfs header restore {cipher_dir} FILE`",
+            ) from None
+    else:
+        source_path = source
+        with open(source, "rb") as f:
+            raw = f.read(_HEADER_READ_MAX + 1)
+    if len(raw) > _HEADER_READ_MAX:
+        raise FormatError(f"{source_path} is too large to be a volume header")
+    new = parse_header_file(raw, source_path)
+    lock = backing.lock_volume(root, f"encfs header restore (pid {os.getpid()})")
+    try:
+        pin = pins.read_pin(cipher_dir)
+        found = header_findings(new, pin)
+        if found:
+            raise HeaderDamaged(f"the header in {source_path} is damaged: {'; '.join(found)}")
+        current: HeaderFile | None = None
+        with contextlib.suppress(FormatError):
+            current = _read_header_in(root, cipher_dir, fmt.VOLUME_HEADER_NAME)
+        new_id = new.header.volume_id.hex()
+        if pin is not None:
+            allowed = {pin.volume_id}
+            whose = f"this host pinned volume {pin.volume_id} there"
+        else:
+            others = (current, None if source is None else read_prev_header(cipher_dir))
+            allowed = {o.header.volume_id.hex() for o in others if o is not None}
+            whose = f"{cipher_dir} holds volume {' / '.join(sorted(allowed))}"
+        if allowed and new_id not in allowed:
+            raise VolumeMismatch(
+                f"the header in {source_path} is of volume {new_id}, but {whose}: a header "
+                "unlocks only its own volume's ciphertext",
+                hint=f"if the volume was replaced on purpose, `encfs pin reset {cipher_dir}` "
+                f"first; if the current header's volume id is the damaged part, move "
+                f"{fmt.VOLUME_HEADER_NAME} (and {fmt.VOLUME_HEADER_PREV}) aside and retry"
+                if pin is None
+                else f"if the volume was replaced on purpose, `encfs pin reset {cipher_dir}` "
+                "first",
+            )
+        if current is not None and current.body + current.tag == raw:
+            return Restore(header=current, changed=False)
+        write_header_atomic(cipher_dir, raw)
+    finally:
+        os.close(lock)
+    return Restore(header=replace(new, path=header_path(cipher_dir)), changed=True)
 
 
 def fsync_dir(path: Path) -> None:
@@ -140,6 +378,13 @@ def prepare_cipher_dir(cipher_dir: Path) -> str:
         raise VolumeExists(f"{cipher_dir} exists and is not a directory")
     if header_path(cipher_dir).exists():
         raise VolumeExists(f"{cipher_dir} already holds an encfs volume")
+    marks = (fmt.VOLUME_HEADER_PREV, fmt.DIRID_NAME)
+    if any(os.path.lexists(cipher_dir / mark) for mark in marks):
+        raise VolumeExists(
+            f"{cipher_dir} holds an encfs volume whose header is missing; encfs init would "
+            "not make its ciphertext readable again",
+            hint=f"restore a header backup: `encfs header restore {cipher_dir} [FILE]`",
+        )
     if any(cipher_dir.iterdir()):
         raise VolumeExists(f"{cipher_dir} is not empty; encfs init needs an empty directory")
     st = os.stat(cipher_dir)
@@ -202,8 +447,27 @@ def unlock(hf: HeaderFile, vault: KeyWrapper) -> VolumeKeys:
     """Unwrap the volume key with the vault, derive the keys, verify the header tag.
 
     The plaintext volume key copy from the vault is wiped before returning. Raises
-    ``VaultError`` or ``HeaderAuthError``.
+    ``VaultError`` or ``HeaderAuthError``. When the vault refuses the wrapped key itself,
+    or the tag fails, the error says the header may be damaged and its ``hint`` whether
+    ``encfs.volume.prev`` unwraps and verifies (``encfs header restore``); finding that
+    out costs one more vault call, on the error path only.
     """
+    try:
+        keys = _unlock_once(hf, vault)
+    except VaultCiphertextRejected as exc:
+        raise WrappedKeyRejected(
+            f"the wrapped key in the volume header {hf.path} does not unwrap with "
+            f"{vault.url}: the header may be damaged, or the KEK was deleted and re-created "
+            f"under the same name (a re-created key cannot unwrap the old volume key) [{exc}]",
+            hint=_restore_hint(hf, vault),
+        ) from None
+    except HeaderAuthError as exc:
+        exc.hint = _restore_hint(hf, vault)
+        raise
+    return keys
+
+
+def _unlock_once(hf: HeaderFile, vault: KeyWrapper) -> VolumeKeys:
     volume_key = vault.unwrap(hf.header.wrapped_key)
     try:
         keys = VolumeKeys(
@@ -217,6 +481,25 @@ def unlock(hf: HeaderFile, vault: KeyWrapper) -> VolumeKeys:
         keys.close()
         raise
     return keys
+
+
+def _restore_hint(hf: HeaderFile, vault: KeyWrapper) -> str:
+    """What to do about a header whose key does not unwrap or whose tag fails: restore
+    ``encfs.volume.prev`` if it unwraps and its own tag verifies, else a backup."""
+    cipher_dir = hf.path.parent
+    restore = f"restore a header backup (`encfs header restore {cipher_dir} FILE`)"
+    prev = read_prev_header(cipher_dir)
+    if prev is None or prev.path == hf.path or prev.body + prev.tag == hf.body + hf.tag:
+        return restore + "; if the KEK was re-created, only a vault backup of the old key helps"
+    try:
+        _unlock_once(prev, vault).close()
+    except EncfsError as exc:
+        return f"{fmt.VOLUME_HEADER_PREV} does not unlock either ({exc}); {restore}"
+    return (
+        f"{fmt.VOLUME_HEADER_PREV} unwraps and its tag verifies (volume "
+        f"{prev.header.volume_id.hex()}, KEK version {prev.header.kek_version}): "
+        f"`encfs header restore {cipher_dir}` puts it back"
+    )
 
 
 @dataclass(frozen=True)

@@ -132,8 +132,10 @@ def test_read_header_does_not_hide_a_bad_current_header(tmp_path: Path) -> None:
     volume.write_header_atomic(tmp_path, header_bytes(url="old"))
     volume.write_header_atomic(tmp_path, header_bytes(url="new"))
     (tmp_path / fmt.VOLUME_HEADER_NAME).write_bytes(b"garbage")
-    with pytest.raises(FormatError, match=r"encfs\.volume: volume header truncated"):
+    with pytest.raises(FormatError, match=r"encfs\.volume is damaged: volume header truncated") \
+            as info:
         volume.read_header(tmp_path)
+    assert "encfs header restore" in info.value.hint  # encfs.volume.prev parses: offered
     (tmp_path / fmt.VOLUME_HEADER_NAME).write_bytes(header_bytes(version=2))
     with pytest.raises(UnsupportedFormat, match=r"encfs\.volume: volume format version 2"):
         volume.read_header(tmp_path)

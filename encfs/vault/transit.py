@@ -20,7 +20,9 @@ HTTP 503 "Vault is sealed"                                  ``VaultSealed``
 refused / reset / timeout / DNS; HTTP 502 and 504           ``VaultUnreachable``
 (a gateway in front of the vault says it cannot reach it)
 certificate verification, handshake, https to a plain port  ``VaultTLSError``
-anything else (bad ciphertext, HTTP 400 "lease is not       ``VaultProtocolError``
+other HTTP 400 on ``decrypt``/``rewrap`` (bad ciphertext,   ``VaultCiphertextRejected``
+or not made by this key: a key re-created under its name)
+anything else (HTTP 400 "lease is not                       ``VaultProtocolError``
 renewable", non-JSON, missing fields, redirects)
 ==========================================================  ==========================
 
@@ -202,7 +204,7 @@ class TransitClient:
             try:
                 blob = base64.b64decode(parts[2], validate=True)
             except ValueError:
-                raise errors.VaultProtocolError(
+                raise errors.VaultCiphertextRejected(
                     "the wrapped key in the volume is not valid base64 after vault:vN:"
                 ) from None
             from encfs import crypto
@@ -210,7 +212,7 @@ class TransitClient:
             try:
                 key = crypto.open_transit_ciphertext(kek, blob)
             except errors.IntegrityError as exc:
-                raise errors.VaultProtocolError(
+                raise errors.VaultCiphertextRejected(
                     f"{exc} (key {self._url.key_name!r} version {version})"
                 ) from None
         finally:
@@ -597,6 +599,8 @@ class TransitClient:
             return errors.VaultKeyNotFound(
                 f"{what} (no key {self._url.key_name!r} in mount {self._url.mount!r})"
             )
+        if status == 400 and path in (self._key_path("decrypt"), self._key_path("rewrap")):
+            return errors.VaultCiphertextRejected(what)  # the key exists; the ciphertext fails
         return errors.VaultProtocolError(what)
 
     def _section(self, doc: Any, section: str, method: str, path: str) -> dict[str, Any]:
