@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -76,8 +77,16 @@ class _Checker:
     """One walk of the backing tree through the door (``backing``): no link followed, no
     special file opened, whatever the cipher dir holds."""
 
-    def __init__(self, root: Path, keys: VolumeKeys, block_size: int, repair: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        keys: VolumeKeys,
+        block_size: int,
+        repair: bool,
+        progress: Callable[[Report], None] | None = None,
+    ) -> None:
         self.repair = repair
+        self.progress = progress
         self.root = backing.open_root(str(root))
         self.keys = keys
         self.geo = fmt.Geometry(block_size)
@@ -183,6 +192,8 @@ class _Checker:
 
     def check_file(self, directory: backing.Dir, name: str, plain: str, cipher_size: int) -> None:
         self.report.files += 1
+        if self.progress is not None:
+            self.progress(self.report)
         if cipher_size == 0:
             return
         geo = self.geo
@@ -216,6 +227,8 @@ class _Checker:
                 count = min(_CHUNK_BLOCKS, nblocks - first)
                 raw = os.pread(fd, count * geo.cipher_block_size, geo.block_cipher_off(first))
                 self.check_blocks(cipher, first, raw, where, plain)
+                if self.progress is not None:
+                    self.progress(self.report)
             if self.repair and len(self.report.problems) > first_problem:
                 self.repair_blocks(fd, cipher_size, first_problem)
         finally:
@@ -280,8 +293,17 @@ class _Checker:
                 self.problem("block", backing, plain, exc.what, block_no=first + i)
 
 
-def check(cipher_dir: Path, keys: VolumeKeys, block_size: int, *, repair: bool = False) -> Report:
+def check(
+    cipher_dir: Path,
+    keys: VolumeKeys,
+    block_size: int,
+    *,
+    repair: bool = False,
+    progress: Callable[[Report], None] | None = None,
+) -> Report:
     """Check the whole volume under ``cipher_dir`` with unlocked ``keys``. With ``repair``,
     files with bad blocks are made readable again (``_Checker.repair_blocks``); the volume
-    must not be mounted then."""
-    return _Checker(cipher_dir, keys, block_size, repair).run()
+    must not be mounted then. ``progress(report)``, if given, is called with the report so
+    far once per file and once per run of blocks read (up to 256); it must be cheap and
+    throttle itself."""
+    return _Checker(cipher_dir, keys, block_size, repair, progress).run()
