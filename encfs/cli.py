@@ -71,6 +71,7 @@ _ERROR_CODES: tuple[tuple[type[errors.EncfsError], ExitCode], ...] = (
     (errors.VolumeNotFound, ExitCode.NO_VOLUME),
     (errors.HeaderAuthError, ExitCode.HEADER_AUTH),
     (errors.FormatError, ExitCode.BAD_VOLUME),
+    (errors.WrappedKeyRejected, ExitCode.BAD_VOLUME),
     (errors.VolumeExists, ExitCode.VOLUME_EXISTS),
     (errors.UnsafeCipherDir, ExitCode.UNSAFE_CIPHER_DIR),
     (errors.VolumeMismatch, ExitCode.VOLUME_MISMATCH),
@@ -136,6 +137,7 @@ examples:
   VAULT_ADDR=https://vault.example:8200 encfs rotate /srv/cipher \\
       --token-file /etc/encfs/host.token
   encfs unmount /srv/data
+  encfs header backup /srv/cipher /root/cipher-header.backup   # keep it off that disk
   encfs systemd install data --cipher-dir /srv/cipher --mountpoint /srv/data \\
       --vault transit+https://vault.example:8200/transit/host-key \\
       --token-file /etc/encfs/host.token --start
@@ -270,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="plaintext bytes per encrypted block, 4096..65536 in steps of 4096 "
         "(default: %(default)s)",
     )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     _vault_args(p)
 
     p = sub.add_parser(
@@ -419,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="cut torn tails and zero bad blocks so that every file reads again",
     )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress on stderr: a line updated in place when stderr is a terminal "
+        "(the default there), else one JSON object per second "
+        '({"kind": "progress", ...}; only when asked). --no-progress: none',
+    )
     _vault_override_arg(p)
     _vault_args(p)
 
@@ -435,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         "token needs update on MOUNT/rewrap/KEY and MOUNT/decrypt/KEY.",
     )
     p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     _vault_override_arg(p)
     _vault_args(p)
 
@@ -448,6 +460,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", type=_abs_path, nargs="?", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    hp = sub.add_parser(
+        "header",
+        help="back up or restore the volume header (its loss loses the volume)",
+        description="The volume header (CIPHERDIR/encfs.volume) holds the only copy of the "
+        "wrapped volume key: without it the ciphertext cannot be read, whatever the vault "
+        "holds. `backup` copies it to a file; `restore` puts a copy back. A backup holds no "
+        "secret the vault does not guard (the key is wrapped by the KEK), and stays valid "
+        "across rotations as long as the KEK version it names is not retired. Neither needs "
+        "the vault.",
+    )
+    hsub = hp.add_subparsers(dest="header_command", required=True, metavar="ACTION")
+    p = hsub.add_parser(
+        "backup",
+        help="copy the volume header to FILE (0600; never overwrites)",
+        description="Copy the volume header of CIPHERDIR to FILE, a new file (mode 0600, "
+        "fsynced); refuses to overwrite an existing FILE. Keep it off the cipher dir's disk.",
+    )
+    p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
+    p.add_argument("file", type=_abs_path, metavar="FILE")
+    p = hsub.add_parser(
+        "restore",
+        help="put a header back, from FILE or from encfs.volume.prev",
+        description="Replace CIPHERDIR/encfs.volume with the header in FILE (made by "
+        "`encfs header backup`) or, without FILE, with encfs.volume.prev (the header before "
+        "the last rotation). Refused while the volume is mounted (exit 24), for a FILE that "
+        "is not a volume header (exit 4), and for a header of another volume than the one "
+        "this host pinned there (exit 8). Written crash-safely; the header it replaces is "
+        "kept as encfs.volume.prev. Run `encfs fsck` or mount afterwards: they verify its "
+        "tag with the vault.",
+    )
+    p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
+    p.add_argument("file", type=_abs_path, nargs="?", metavar="FILE")
 
     pp = sub.add_parser(
         "pin",
@@ -598,7 +643,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="CA of the vault's certificate (serve: DATA/tls/ca.pem)",
     )
     p.add_argument("--mount", default="transit", metavar="PATH", help="transit mount")
+    _verbose_everywhere(parser)
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser`` (aliases once)."""
+    found: dict[int, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if id(child) not in found:
+                    found[id(child)] = child
+                    for grandchild in _subparsers(child):
+                        found.setdefault(id(grandchild), grandchild)
+    return list(found.values())
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after the command too (``encfs mount ... -v``), counted with the one before."""
+    for child in _subparsers(parser):
+        child.add_argument(
+            "-v",
+            "--verbose",
+            dest="sub_verbose",
+            action="count",
+            default=argparse.SUPPRESS,
+            help="more log output (-vv for debug); before or after the command",
+        )
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """``-v`` counted before and after the command."""
+    return int(args.verbose) + int(getattr(args, "sub_verbose", 0))
 
 
 def _positive_float(text: str) -> float:
@@ -690,7 +767,14 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         print(f"encfs: note: {note}", file=sys.stderr)
 
     def pin(header: fmt.VolumeHeader, keys: VolumeKeys) -> None:
-        pins.write_pin(args.cipher_dir, header.volume_id, keys, by="init")
+        pins.write_pin(
+            args.cipher_dir,
+            header.volume_id,
+            keys,
+            by="init",
+            vault_url=header.vault_url,
+            block_size=header.block_size,
+        )
 
     vault = connect(url, _settings(args))
     try:
@@ -702,6 +786,18 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
     finally:
         vault.close()
     audit.event("init", volume_id=header.volume_id.hex(), kek_version=header.kek_version)
+    if args.json:
+        doc = {
+            "cipher_dir": str(args.cipher_dir),
+            "volume_id": header.volume_id.hex(),
+            "vault": str(url),
+            "kek_version": header.kek_version,
+            "block_size": header.block_size,
+            "features": fmt.feature_names(header.feature_flags),
+            "pin_file": str(pins.pin_path(args.cipher_dir)),
+        }
+        print(json.dumps(doc, indent=2))
+        return ExitCode.OK
     print(f"created volume {header.volume_id.hex()} in {args.cipher_dir}")
     print(f"  vault key: {url} (KEK version {header.kek_version})")
     print(
@@ -752,7 +848,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
             writeback_cache=opts.get("writeback_cache", False),
             suspended_errno=args.suspended_errno,
         ),
-        debug=args.verbose >= 3,
+        debug=verbosity(args) >= 3,
         audit=_audit_settings(args),
         ephemeral=args.ephemeral,
         check_interval=args.check_interval,
@@ -767,7 +863,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         # Background child: from now on log only to the log file / syslog, then tell the
         # waiting parent that the mount is live (it exits, and our stderr pipe closes).
         setup_logging(
-            args.verbose, stream=False, log_file=args.log_file, syslog=args.log_file is None
+            verbosity(args), stream=False, log_file=args.log_file, syslog=args.log_file is None
         )
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
@@ -909,7 +1005,7 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
 def cmd_fsck(args: argparse.Namespace) -> ExitCode:
     from encfs import fsck
 
-    hf = volume.read_header(args.cipher_dir)
+    hf = volume.read_checked_header(args.cipher_dir)
     vault = connect(_pinned_url(args, hf), _settings(args))
     try:
         keys = volume.unlock(hf, vault)
@@ -931,7 +1027,18 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
                 "fsck runs may show as problems (unmount it for a clean check)",
                 file=sys.stderr,
             )
-        report = fsck.check(args.cipher_dir, keys, hf.header.block_size, repair=args.repair)
+        progress = _FsckProgress.choose(args.progress)
+        try:
+            report = fsck.check(
+                args.cipher_dir,
+                keys,
+                hf.header.block_size,
+                repair=args.repair,
+                progress=progress.update if progress else None,
+            )
+        finally:
+            if progress:
+                progress.done()
     finally:
         keys.close()
         if lock is not None:
@@ -961,8 +1068,65 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
     return ExitCode.CORRUPT if left else ExitCode.OK
 
 
+class _FsckProgress:
+    """fsck's progress on stderr, at most every ``interval`` seconds (the callback itself
+    only compares the clock): a line rewritten in place on a terminal, JSON lines
+    otherwise (only when asked: ``--progress``)."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.interval = 0.2 if tty else 1.0
+        self.start = time.monotonic()
+        self.next = self.start + self.interval
+        self.shown = False
+        self.last: Any = None
+
+    @classmethod
+    def choose(cls, asked: bool | None) -> _FsckProgress | None:
+        tty = sys.stderr.isatty()
+        if asked is False or (asked is None and not tty):
+            return None
+        return cls(tty)
+
+    def update(self, report: Any) -> None:
+        self.last = report
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + self.interval
+        self.show(report, now)
+
+    def show(self, report: Any, now: float) -> None:
+        elapsed = now - self.start
+        if self.tty:
+            sys.stderr.write(
+                f"\rfsck: {report.files} files, {report.dirs} directories, {report.blocks} "
+                f"blocks checked, {len(report.problems)} problem(s), {elapsed:.0f} s\x1b[K"
+            )
+        else:
+            doc = {
+                "kind": "progress",
+                "files": report.files,
+                "dirs": report.dirs,
+                "blocks": report.blocks,
+                "problems": len(report.problems),
+                "elapsed": round(elapsed, 1),
+            }
+            sys.stderr.write(json.dumps(doc) + "\n")
+        sys.stderr.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        """Clear the terminal line; in JSON mode, one last line with the final counts."""
+        if self.tty and self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+        elif not self.tty and self.last is not None:
+            self.show(self.last, time.monotonic())
+
+
 def cmd_rotate(args: argparse.Namespace) -> ExitCode:
-    hf = volume.read_header(args.cipher_dir)
+    hf = volume.read_checked_header(args.cipher_dir)
     url = _pinned_url(args, hf)
     audit = AuditLog(
         _audit_settings(args),
@@ -991,7 +1155,16 @@ def cmd_rotate(args: argparse.Namespace) -> ExitCode:
         old_kek_version=result.old_version,
         changed=result.changed,
     )
-    if result.changed:
+    if args.json:
+        doc = {
+            "cipher_dir": str(args.cipher_dir),
+            "volume_id": hf.header.volume_id.hex(),
+            "changed": result.changed,
+            "old_kek_version": result.old_version,
+            "kek_version": result.new_version,
+        }
+        print(json.dumps(doc, indent=2))
+    elif result.changed:
         print(
             f"rotated {args.cipher_dir}: volume key now wrapped with KEK version "
             f"{result.new_version} (was {result.old_version}); no data re-encrypted"
@@ -1165,6 +1338,33 @@ def cmd_systemd(args: argparse.Namespace) -> ExitCode:
     return ExitCode.OK
 
 
+def cmd_header(args: argparse.Namespace) -> ExitCode:
+    if args.header_command == "backup":
+        try:
+            hf = volume.backup_header(args.cipher_dir, args.file)
+        except FileExistsError:
+            print(f"encfs: error: {args.file} exists; refusing to overwrite it", file=sys.stderr)
+            return ExitCode.FAILURE
+        print(
+            f"backed up {hf.path} to {args.file} (volume {hf.header.volume_id.hex()}, KEK "
+            f"version {hf.header.kek_version}); keep it away from the cipher dir's disk"
+        )
+        return ExitCode.OK
+    result = volume.restore_header(args.cipher_dir, args.file)
+    h = result.header.header
+    source = args.file or args.cipher_dir / fmt.VOLUME_HEADER_PREV
+    if not result.changed:
+        print(f"{result.header.path} already is the header in {source}; nothing written")
+        return ExitCode.OK
+    print(
+        f"restored the volume header of {args.cipher_dir} from {source} (volume "
+        f"{h.volume_id.hex()}, KEK version {h.kek_version}); the header it replaced is kept "
+        f"as {fmt.VOLUME_HEADER_PREV}. Its tag is verified by the next mount or "
+        f"`encfs fsck {args.cipher_dir}`"
+    )
+    return ExitCode.OK
+
+
 def cmd_pin(args: argparse.Namespace) -> ExitCode:
     if args.pin_command == "reset":
         if pins.reset_pin(args.cipher_dir):
@@ -1304,8 +1504,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"encfs: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    try:
+        return _run(parser, argv)
+    except BrokenPipeError:
+        # The reader went away (`encfs status | head -1`): stop quietly, like other tools.
+        # Point stdout at /dev/null so that the interpreter's final flush cannot fail again.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return ExitCode.FAILURE
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """Parse ``argv`` and run the command; flushes stdout before returning (a reader that
+    went away raises ``BrokenPipeError`` here, for ``main``)."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        sys.stdout.flush()
+        return int(exc.code) if isinstance(exc.code, int) else ExitCode.USAGE
+    setup_logging(verbosity(args))
+    code = _dispatch(parser, args, argv)
+    sys.stdout.flush()
+    return code
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     try:
         if args.command == "init":
             return cmd_init(args)
@@ -1327,6 +1552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_systemd(args)
         if args.command == "pin":
             return cmd_pin(args)
+        if args.command == "header":
+            return cmd_header(args)
     except errors.EncfsError as exc:
         print(f"encfs: error: {exc}", file=sys.stderr)
         hint = getattr(exc, "hint", "")
@@ -1335,6 +1562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_code_for(exc)
     except KeyboardInterrupt:
         return ExitCode.FAILURE
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         print(f"encfs: error: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
