@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def encfs(*args: str | Path, env: dict[str, str] | None = None,
@@ -168,3 +172,59 @@ def kill_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+class Hung(AssertionError):
+    """An operation through the mount did not return within its deadline."""
+
+
+def as_user(fn: Callable[[], Any], uid: int = 65534, timeout: float = 60.0,
+            on_hang: Callable[[], None] | None = None) -> Any:
+    """Run ``fn()`` in a forked child as ``uid`` (and gid ``uid``, no supplementary groups,
+    umask 022) — or as root with ``uid`` 0. Returns what it returns; raises OSError with the
+    child's errno if it raised one, ``Hung`` if it did not finish within ``timeout`` (after
+    calling ``on_hang``, which may free what the child waits for, and killing it)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        code = 1
+        try:
+            os.close(r)
+            if uid != 0:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+            os.umask(0o022)
+            out: tuple[str, Any]
+            try:
+                out = ("ok", fn())
+            except OSError as exc:
+                out = ("oserror", (exc.errno, str(exc)))
+            except BaseException as exc:
+                out = ("error", repr(exc))
+            with os.fdopen(w, "wb") as f:
+                pickle.dump(out, f)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], timeout)
+        if not ready:
+            if on_hang is not None:
+                on_hang()
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise Hung(f"{getattr(fn, '__name__', fn)} did not return within {timeout} s")
+        with os.fdopen(r, "rb", closefd=False) as f:
+            data = f.read()
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, f"the child running as {uid} died"
+    kind, value = pickle.loads(data)
+    if kind == "oserror":
+        raise OSError(*value)
+    if kind == "error":
+        raise AssertionError(f"as uid {uid}: {value}")
+    return value

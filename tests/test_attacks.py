@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
-import select
 import shutil
-import signal
 import stat
 import subprocess
 import time
@@ -40,6 +37,7 @@ import pytest
 from encfs import crypto, volume
 from encfs import format as fmt
 from encfs.vault import VaultSettings, connect
+from tests import harness
 from tests.harness import Volume, encfs, force_unmount, is_mounted
 
 NOBODY = 65534
@@ -49,10 +47,6 @@ LONG = "L" * 200  # a plaintext name whose encoding is a long name (docs/FORMAT.
 
 
 # --- running things as someone, with a deadline --------------------------------------------
-
-
-class Hung(AssertionError):
-    """An operation through the mount did not return within its deadline."""
 
 
 _planted_fifos: list[Path] = []
@@ -84,52 +78,9 @@ def _unblock_daemon_threads() -> Iterator[None]:
 
 
 def as_user(fn: Callable[[], Any], uid: int = NOBODY, timeout: float = DEADLINE) -> Any:
-    """Run ``fn()`` in a forked child as ``uid`` (and gid ``uid``, no supplementary groups,
-    umask 022) — or as root with ``uid`` 0. Returns what it returns; raises OSError with the
-    child's errno if it raised one, ``Hung`` if it did not finish within ``timeout``."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child never returns into pytest
-        code = 1
-        try:
-            os.close(r)
-            if uid != 0:
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-            os.umask(0o022)
-            out: tuple[str, Any]
-            try:
-                out = ("ok", fn())
-            except OSError as exc:
-                out = ("oserror", (exc.errno, str(exc)))
-            except BaseException as exc:
-                out = ("error", repr(exc))
-            with os.fdopen(w, "wb") as f:
-                pickle.dump(out, f)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], timeout)
-        if not ready:
-            release_fifos()
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise Hung(f"{getattr(fn, '__name__', fn)} did not return within {timeout} s")
-        with os.fdopen(r, "rb", closefd=False) as f:
-            data = f.read()
-    finally:
-        os.close(r)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, "the child died"
-    kind, value = pickle.loads(data)
-    if kind == "oserror":
-        raise OSError(*value)
-    if kind == "error":
-        raise AssertionError(f"in the child: {value}")
-    return value
+    """``harness.as_user`` that frees the daemon's threads stuck on planted FIFOs when
+    ``fn`` hangs (``Hung``)."""
+    return harness.as_user(fn, uid, timeout, on_hang=release_fifos)
 
 
 def attempt(fn: Callable[[], Any], uid: int = NOBODY) -> int | None:

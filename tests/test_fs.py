@@ -10,7 +10,6 @@ import json
 import mmap
 import multiprocessing
 import os
-import pickle
 import secrets
 import socket
 import stat
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 
 from encfs import format as fmt
-from tests.harness import Volume, encfs
+from tests.harness import Volume, as_user, encfs
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -572,41 +571,8 @@ def reachable_tmp(tmp_path: Path) -> Iterator[Path]:
 
 
 def as_nobody(fn: Callable[[], Any]) -> Any:
-    """Run ``fn()`` in a forked child as uid/gid 65534 with no supplementary groups and umask
-    022. Returns what it returns; raises OSError with the child's errno if it raised one."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child never returns into pytest
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setresgid(NOBODY, NOBODY, NOBODY)
-            os.setresuid(NOBODY, NOBODY, NOBODY)
-            os.umask(0o022)
-            out: tuple[str, Any]
-            try:
-                out = ("ok", fn())
-            except OSError as exc:
-                out = ("oserror", (exc.errno, str(exc)))
-            except BaseException as exc:
-                out = ("error", repr(exc))
-            with os.fdopen(w, "wb") as f:
-                pickle.dump(out, f)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, "the child running as nobody died"
-    kind, value = pickle.loads(data)
-    if kind == "oserror":
-        raise OSError(*value)
-    if kind == "error":
-        raise AssertionError(f"as nobody: {value}")
-    return value
+    """``fn()`` in a forked child as uid/gid 65534 (``harness.as_user``)."""
+    return as_user(fn, NOBODY)
 
 
 def run_as_nobody(*cmd: str | Path) -> subprocess.CompletedProcess[str]:
