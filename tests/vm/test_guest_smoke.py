@@ -35,7 +35,8 @@ unset VAULT_TOKEN
 encfs init --vault transit+http://127.0.0.1:8200/transit/k --token-file /root/host.token \
     /root/cipher
 mkdir /root/plain
-encfs mount --token-file /root/host.token /root/cipher /root/plain
+encfs mount --vault transit+http://127.0.0.1:8200/transit/k --token-file /root/host.token \
+    /root/cipher /root/plain
 echo "fstype=$(findmnt -n -o FSTYPE /root/plain)"
 echo "hello through fuse" >/root/plain/hello.txt
 echo "read=$(cat /root/plain/hello.txt)"
