@@ -161,6 +161,17 @@ def test_header_url_alone_is_never_sent_the_token(make_volume, transit_key: Tran
     _rewrite_header(vol.cipher_dir,
                     vault_url=f"transit+http://127.0.0.1:{listener.port}/transit/{transit_key.name}")
     env = _no_vault_env(transit_key)
+    # The host pinned the header's URL at init: the edit is refused as damage, before any
+    # vault (the header's or the pinned one) is asked anything.
+    for command in (["mount", vol.cipher_dir, vol.mountpoint], ["fsck", vol.cipher_dir],
+                    ["rotate", vol.cipher_dir]):
+        proc = encfs(*command, env=transit_key.env)
+        assert proc.returncode == ExitCode.BAD_VOLUME, (command, proc.stderr)
+        assert "is damaged" in proc.stderr and "not the one this host pinned" in proc.stderr
+    assert listener.requests == []
+    # Without a pin (a host that never mounted it), only a vault configured on the host
+    # counts, and the tag exposes the edit.
+    encfs("pin", "reset", vol.cipher_dir, check=True)
     for command in (["mount", vol.cipher_dir, vol.mountpoint], ["fsck", vol.cipher_dir],
                     ["rotate", vol.cipher_dir]):
         proc = encfs(*command, env=env)
