@@ -286,7 +286,7 @@ def rename(src: Dir, src_name: str, dst: Dir, dst_name: str, flags: int = 0) -> 
     if not flags:
         os.rename(src_name, dst_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
         return
-    res = _LIBC.renameat2(
+    res = LIBC.renameat2(
         src.fd, os.fsencode(src_name), dst.fd, os.fsencode(dst_name), ctypes.c_uint(flags)
     )
     if res != 0:
@@ -299,5 +299,31 @@ def link(src: Dir, src_name: str, dst: Dir, dst_name: str) -> None:
     os.link(src_name, dst_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd, follow_symlinks=False)
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
-"""libc, for the calls ``os`` lacks (``renameat2``)."""
+LIBC = ctypes.CDLL(None, use_errno=True)
+"""The process's libc, for the calls ``os`` lacks: the one handle encfs loads (keys use it
+for ``mlock``, the daemon for ``prctl`` and ``syncfs``)."""
+LIBC.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+LIBC.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _check(res: int) -> None:
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def fallocate(fd: int, mode: int, cipher_off: int, cipher_len: int) -> None:
+    """fallocate(2) on a backing file's fd. Raises ``OSError``."""
+    _check(LIBC.fallocate(fd, mode, cipher_off, cipher_len))
+
+
+def start_writeback(fd: int, cipher_off: int, cipher_len: int) -> None:
+    """Queue the disk write of a range (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: it
+    does not wait). Best effort: errors are left for fsync to report."""
+    LIBC.sync_file_range(fd, cipher_off, cipher_len, _SYNC_FILE_RANGE_WRITE)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2) of the filesystem holding ``fd``. Raises ``OSError``."""
+    _check(LIBC.syncfs(fd))

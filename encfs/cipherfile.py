@@ -11,14 +11,12 @@ unless named ``cipher_off``; ``format.Geometry`` converts.
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
 import threading
 
-from encfs import crypto
+from encfs import backing, crypto
 from encfs import format as fmt
 from encfs.errors import IntegrityError
 from encfs.keys import VolumeKeys
@@ -441,7 +439,7 @@ class CipherFile:
         if not self._behind <= cipher_off <= self._behind + WRITE_BEHIND:
             self._behind = cipher_off  # not where the stream was: a new stream starts here
         if end - self._behind >= WRITE_BEHIND:
-            _libc.sync_file_range(fd, self._behind, end - self._behind, SYNC_FILE_RANGE_WRITE)
+            backing.start_writeback(fd, self._behind, end - self._behind)
             self._behind = end
 
     def truncate(self, fd: int, new_size: int) -> None:
@@ -497,7 +495,7 @@ class CipherFile:
         if not mode & FALLOC_FL_KEEP_SIZE:
             cipher_len = min(cipher_len, max(os.fstat(fd).st_size - cipher_off, 0))
         if cipher_len > 0:
-            _fallocate(fd, mode, cipher_off, cipher_len)
+            backing.fallocate(fd, mode, cipher_off, cipher_len)
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, cipher_off: int) -> None:
@@ -521,13 +519,3 @@ def _pwritev_all(fd: int, bufs: list[bytes | bytearray], cipher_off: int) -> Non
         cipher_off += len(buf)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
-_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint)
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def _fallocate(fd: int, mode: int, cipher_off: int, cipher_len: int) -> None:
-    if _libc.fallocate(fd, mode, cipher_off, cipher_len) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))

@@ -23,7 +23,6 @@ re-derives the keys from a fresh unwrap; handles opened before work again. A
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import hmac
@@ -178,10 +177,9 @@ def harden_process() -> None:
     """No core dumps: keys must never reach a disk through a crash."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
-        import ctypes
 
         pr_set_dumpable = 4
-        ctypes.CDLL(None).prctl(pr_set_dumpable, 0, 0, 0, 0)
+        backing.LIBC.prctl(pr_set_dumpable, 0, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - Linux always has prctl
         log.warning("could not mark the process non-dumpable")
 
@@ -643,7 +641,6 @@ class Daemon:
     def _flush(self) -> None:
         """Make what the kernel holds dirty (mmap, writeback cache) and what we wrote
         durable while the keys still exist: syncfs(2) on the mount, then on the backing fs."""
-        libc = ctypes.CDLL(None, use_errno=True)
         for path in (self.config.mountpoint, self.config.cipher_dir):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -651,8 +648,9 @@ class Daemon:
                 log.warning("cannot open %s to flush it: %s", path, exc.strerror)
                 continue
             try:
-                if libc.syncfs(fd) != 0:
-                    log.warning("syncfs %s failed: %s", path, os.strerror(ctypes.get_errno()))
+                backing.syncfs(fd)
+            except OSError as exc:
+                log.warning("syncfs %s failed: %s", path, exc.strerror)
             finally:
                 os.close(fd)
 

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import mmap
 import threading
 from dataclasses import dataclass
 
-from encfs import crypto
+from encfs import backing, crypto
 from encfs import format as fmt
 from encfs.errors import HeaderAuthError, VolumeSuspended
 
@@ -84,9 +83,8 @@ class LockedArena:
         except (AttributeError, OSError) as exc:
             detail.append(f"madvise(MADV_DONTDUMP) failed: {exc}")
         mlocked = False
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        if libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(size)) == 0:
+        if backing.LIBC.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(size)) == 0:
             mlocked = True
         else:
             err = ctypes.get_errno()

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import datetime
 import http.client
 import ipaddress
@@ -61,7 +60,7 @@ from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from encfs import errors, sdnotify
+from encfs import backing, errors, sdnotify
 from encfs.vault import is_loopback
 
 __all__ = [
@@ -140,7 +139,7 @@ def bao_binary() -> Path:
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        backing.LIBC.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _child_env(home: Path | None = None) -> dict[str, str]:
