@@ -307,6 +307,12 @@ def parse_file_header(raw: bytes) -> bytes:
     return bytes(file_id)
 
 
+def symlink_plain_size(target_len: int) -> int:
+    """The plaintext length of a symlink whose backing target is ``target_len`` characters
+    (unpadded base64url of the sealed target, §8); 0 for anything shorter than a seal."""
+    return max(target_len * 3 // 4 - BLOCK_OVERHEAD, 0)
+
+
 def block_ad(file_id: bytes, block_no: int) -> bytes:
     """Associated data binding a block to its file and position: file_id || u64 BE block_no."""
     return _BLOCK_AD.pack(file_id, block_no)
@@ -343,6 +349,16 @@ class Geometry:
         if rest:
             size += rest + BLOCK_OVERHEAD
         return size
+
+    def block_count(self, cipher_size: int) -> int:
+        """How many blocks a backing file of ``cipher_size`` bytes holds, a trailing
+        fragment included (0 for an empty or header-only file)."""
+        return -(-max(cipher_size - FILE_HEADER_LEN, 0) // self.cipher_block_size)
+
+    def has_fragment(self, cipher_size: int) -> bool:
+        """Whether the file ends in a fragment too short to be a block (1..28 bytes)."""
+        rest = max(cipher_size - FILE_HEADER_LEN, 0) % self.cipher_block_size
+        return 0 < rest <= BLOCK_OVERHEAD
 
     def block_no(self, plain_off: int) -> int:
         return plain_off // self.block_size

@@ -581,7 +581,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         if stat.S_ISREG(mode):
             return self.geo.plain_size(st.st_size)
         if stat.S_ISLNK(mode):
-            return max(st.st_size * 3 // 4 - fmt.BLOCK_OVERHEAD, 0)
+            return fmt.symlink_plain_size(st.st_size)
         return st.st_size
 
     @fuse_op

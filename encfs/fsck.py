@@ -211,10 +211,8 @@ class _Checker:
                 self.problem("file header", where, plain, str(exc))
                 return
             cipher = self.keys.file_cipher(file_id)
-            body = cipher_size - fmt.FILE_HEADER_LEN
-            nblocks = -(-body // geo.cipher_block_size)
-            rest = body % geo.cipher_block_size
-            if rest and rest <= fmt.BLOCK_OVERHEAD:
+            nblocks = geo.block_count(cipher_size)
+            if geo.has_fragment(cipher_size):
                 self.problem(
                     "block",
                     where,
@@ -244,7 +242,7 @@ class _Checker:
         bs = geo.block_size
         problems = self.report.problems
         bad = {p.block_no for p in problems[first_problem:] if p.block_no is not None}
-        total = -(-(cipher_size - fmt.FILE_HEADER_LEN) // geo.cipher_block_size)
+        total = geo.block_count(cipher_size)
         cut = total
         while cut - 1 in bad:
             cut -= 1

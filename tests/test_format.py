@@ -408,3 +408,26 @@ def test_file_header_in_content_vectors() -> None:
         geo = fmt.Geometry(vec["block_size"])
         assert geo.cipher_size(case["plain_size"]) == case["cipher_size"] == len(cipher)
         assert geo.plain_size(len(cipher)) == case["plain_size"]
+
+
+@given(block_size=st.sampled_from(BLOCK_SIZES), plain=st.integers(0, 1 << 36),
+       fragment=st.integers(0, fmt.BLOCK_OVERHEAD))
+def test_block_count_and_fragment(block_size: int, plain: int, fragment: int) -> None:
+    """A valid file of ``plain`` bytes holds ceil(plain / B) blocks and no fragment; 1..28
+    bytes more after whole blocks are a fragment, counted as one more (bad) block."""
+    geo = fmt.Geometry(block_size)
+    cipher = geo.cipher_size(plain)
+    assert geo.block_count(cipher) == -(-plain // block_size)
+    assert not geo.has_fragment(cipher)
+    if plain and plain % block_size == 0 and fragment:
+        assert geo.has_fragment(cipher + fragment)
+        assert geo.block_count(cipher + fragment) == plain // block_size + 1
+
+
+def test_symlink_plain_size() -> None:
+    """§8: the backing target is b64url(nonce || target || tag), unpadded."""
+    import base64
+
+    for n in (0, 1, 2, 3, 100, fmt.MAX_SYMLINK_TARGET):
+        sealed = base64.urlsafe_b64encode(bytes(n + fmt.BLOCK_OVERHEAD)).rstrip(b"=")
+        assert fmt.symlink_plain_size(len(sealed)) == n
