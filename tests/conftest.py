@@ -87,8 +87,9 @@ def make_volume(transit_key: TransitKey, tmp_path: Path) -> Iterator[object]:
     """
     made: list[Volume] = []
 
-    def factory(options: list[str] | None = None, block_size: int = 4096,
-                mount: bool = True, name: str = "") -> Volume:
+    def factory(
+        options: list[str] | None = None, block_size: int = 4096, mount: bool = True, name: str = ""
+    ) -> Volume:
         tag = name or f"v{len(made)}"
         mp = tmp_path / f"{tag}-plain"
         mp.mkdir()

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 
-def encfs(*args: str | Path, env: dict[str, str] | None = None,
-          check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def encfs(
+    *args: str | Path, env: dict[str, str] | None = None, check: bool = False, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m encfs ARGS``; returns the completed process (text output)."""
     env = dict(os.environ if env is None else env)
     env.setdefault("ENCFS_AUDIT_LOG", "none")  # tests never write the machine's audit log
@@ -25,7 +26,10 @@ def encfs(*args: str | Path, env: dict[str, str] | None = None,
         env.setdefault("ENCFS_PIN_DIR", os.environ["ENCFS_PIN_DIR"])
     proc = subprocess.run(
         [sys.executable, "-m", "encfs", *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -74,13 +78,26 @@ class Volume:
         return [json.loads(line) for line in self.audit_log.read_text().splitlines()]
 
     def init(self) -> None:
-        encfs("init", self.cipher_dir, "--vault", self.vault_url,
-              "--block-size", str(self.block_size), *self.audit_args(), env=self.env,
-              check=True)
+        encfs(
+            "init",
+            self.cipher_dir,
+            "--vault",
+            self.vault_url,
+            "--block-size",
+            str(self.block_size),
+            *self.audit_args(),
+            env=self.env,
+            check=True,
+        )
 
     def mount(self, *extra: str) -> None:
-        args: list[str | Path] = ["mount", self.cipher_dir, self.mountpoint,
-                                  "--vault", self.vault_url]
+        args: list[str | Path] = [
+            "mount",
+            self.cipher_dir,
+            self.mountpoint,
+            "--vault",
+            self.vault_url,
+        ]
         if self.options:
             args += ["-o", ",".join(self.options)]
         if self.log_file is not None:
@@ -178,8 +195,12 @@ class Hung(AssertionError):
     """An operation through the mount did not return within its deadline."""
 
 
-def as_user(fn: Callable[[], Any], uid: int = 65534, timeout: float = 60.0,
-            on_hang: Callable[[], None] | None = None) -> Any:
+def as_user(
+    fn: Callable[[], Any],
+    uid: int = 65534,
+    timeout: float = 60.0,
+    on_hang: Callable[[], None] | None = None,
+) -> Any:
     """Run ``fn()`` in a forked child as ``uid`` (and gid ``uid``, no supplementary groups,
     umask 022) — or as root with ``uid`` 0. Returns what it returns; raises OSError with the
     child's errno if it raised one, ``Hung`` if it did not finish within ``timeout`` (after

@@ -109,8 +109,14 @@ def run(cmd: list[str | Path], uid: int = 0, timeout: float = DEADLINE) -> Ran:
     if uid != 0:
         argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd="/", env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+    )
     hung = False
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -180,9 +186,15 @@ def scene(reachable_tmp: Path, transit_key: Any, tmp_path: Path) -> Iterator[Sce
     reach; its root is root's (0755) and holds ``home``, nobody's (0755)."""
     mp = reachable_tmp / "plain"
     mp.mkdir()
-    vol = Volume(cipher_dir=reachable_tmp / "cipher", mountpoint=mp, vault_url=transit_key.url,
-                 env=transit_key.env, options=MULTIUSER, log_file=tmp_path / "daemon.log",
-                 audit_log=tmp_path / "audit.log")  # the daemon may write after teardown
+    vol = Volume(
+        cipher_dir=reachable_tmp / "cipher",
+        mountpoint=mp,
+        vault_url=transit_key.url,
+        env=transit_key.env,
+        options=MULTIUSER,
+        log_file=tmp_path / "daemon.log",
+        audit_log=tmp_path / "audit.log",  # the daemon may write after teardown
+    )
     vol.init()
     vol.mount()
     os.chmod(vol.mountpoint, 0o755)
@@ -249,10 +261,20 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
                 content = p.read_bytes()
             elif stat.S_ISLNK(st.st_mode):
                 content = os.readlink(p)
-            xattrs = tuple(sorted((n, os.getxattr(p, n, follow_symlinks=False))
-                                  for n in os.listxattr(p, follow_symlinks=False)))
-            out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink,
-                                             content, xattrs)
+            xattrs = tuple(
+                sorted(
+                    (n, os.getxattr(p, n, follow_symlinks=False))
+                    for n in os.listxattr(p, follow_symlinks=False)
+                )
+            )
+            out[str(p.relative_to(root))] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_nlink,
+                content,
+                xattrs,
+            )
     return out
 
 
@@ -284,12 +306,22 @@ def test_chmod_through_swapped_entry_does_not_make_outside_file_setuid(
     "how",
     [
         pytest.param(["truncate", "--no-create", "-s", "0"], id="truncate-c"),
-        pytest.param(["python3", "-c", "import os, sys; os.truncate(sys.argv[1], 0)"],
-                     id="truncate-syscall"),
-        pytest.param(["python3", "-c", "import os, sys; fd = os.open(sys.argv[1], "
-                      "os.O_WRONLY | os.O_TRUNC); os.write(fd, b'x\\n')"], id="open-trunc"),
-        pytest.param(["dd", "conv=nocreat,notrunc", "status=none", "if=/dev/zero", "count=1",
-                      "bs=4"], id="dd-overwrite"),
+        pytest.param(
+            ["python3", "-c", "import os, sys; os.truncate(sys.argv[1], 0)"], id="truncate-syscall"
+        ),
+        pytest.param(
+            [
+                "python3",
+                "-c",
+                "import os, sys; fd = os.open(sys.argv[1], "
+                "os.O_WRONLY | os.O_TRUNC); os.write(fd, b'x\\n')",
+            ],
+            id="open-trunc",
+        ),
+        pytest.param(
+            ["dd", "conv=nocreat,notrunc", "status=none", "if=/dev/zero", "count=1", "bs=4"],
+            id="dd-overwrite",
+        ),
         pytest.param(["truncate", "-s", "0"], id="truncate"),
         pytest.param(["sh", "-c", 'echo x > "$0"'], id="echo-redirect"),
         pytest.param(["sh", "-c", 'echo x >> "$0"'], id="echo-append"),
@@ -317,8 +349,20 @@ def test_writes_through_swapped_entry_leave_outside_file_alone(
 
 
 @pytest.mark.parametrize("uid", WHO)
-@pytest.mark.parametrize("op", ["chown", "touch", "utimens", "setxattr", "removexattr", "link",
-                                "rename", "rename-over", "unlink"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "chown",
+        "touch",
+        "utimens",
+        "setxattr",
+        "removexattr",
+        "link",
+        "rename",
+        "rename-over",
+        "unlink",
+    ],
+)
 def test_metadata_through_swapped_entry_leaves_outside_file_alone(
     scene: Scene, uid: int, op: str
 ) -> None:
@@ -476,8 +520,23 @@ def swapped_dir(scene: Scene) -> tuple[Scene, Path, Path]:
 
 
 @pytest.mark.parametrize("uid", WHO)
-@pytest.mark.parametrize("op", ["create", "mkdir", "mknod", "symlink", "unlink", "rename",
-                                "rename-out", "rmdir", "chmod", "truncate", "setxattr", "link"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "create",
+        "mkdir",
+        "mknod",
+        "symlink",
+        "unlink",
+        "rename",
+        "rename-out",
+        "rmdir",
+        "chmod",
+        "truncate",
+        "setxattr",
+        "link",
+    ],
+)
 def test_swapped_directory_component_is_not_followed(
     swapped_dir: tuple[Scene, Path, Path], uid: int, op: str
 ) -> None:
@@ -530,8 +589,9 @@ def test_swapped_directory_component_is_not_read(
     assert got not in (b"x's content", "link target", sorted(["x", "l", LONG, "e"]))
 
 
-def test_unprivileged_user_cannot_swap_backing_entries(reachable_tmp: Path, transit_key: Any,
-                                                       tmp_path: Path) -> None:
+def test_unprivileged_user_cannot_swap_backing_entries(
+    reachable_tmp: Path, transit_key: Any, tmp_path: Path
+) -> None:
     """The original attack, end to end as nobody: the operator made the cipher dir with a
     plain ``mkdir`` (0755) before ``encfs init``; nobody owns a directory in the mount, so
     its backing directory is nobody's too; nobody swaps a backing entry for a link to a
@@ -543,8 +603,14 @@ def test_unprivileged_user_cannot_swap_backing_entries(reachable_tmp: Path, tran
     os.chmod(cipher, 0o755)
     mp = reachable_tmp / "op-plain"
     mp.mkdir()
-    vol = Volume(cipher_dir=cipher, mountpoint=mp, vault_url=transit_key.url, env=transit_key.env,
-                 options=MULTIUSER, log_file=tmp_path / "op.log")
+    vol = Volume(
+        cipher_dir=cipher,
+        mountpoint=mp,
+        vault_url=transit_key.url,
+        env=transit_key.env,
+        options=MULTIUSER,
+        log_file=tmp_path / "op.log",
+    )
     outside = reachable_tmp / "outside"
     outside.mkdir(mode=0o755)
     id_copy = outside / "id"
@@ -554,8 +620,17 @@ def test_unprivileged_user_cannot_swap_backing_entries(reachable_tmp: Path, tran
         init = encfs("init", cipher, "--vault", vol.vault_url, *vol.audit_args(), env=vol.env)
         if init.returncode != 0:
             return  # init refused the 0755 directory: blocked at the first step
-        mount = encfs("mount", cipher, mp, "--vault", vol.vault_url, "-o", ",".join(MULTIUSER),
-                      *vol.audit_args(), env=vol.env)
+        mount = encfs(
+            "mount",
+            cipher,
+            mp,
+            "--vault",
+            vol.vault_url,
+            "-o",
+            ",".join(MULTIUSER),
+            *vol.audit_args(),
+            env=vol.env,
+        )
         if mount.returncode != 0:
             return  # mount refused: blocked
         os.chmod(mp, 0o755)
@@ -588,8 +663,9 @@ def test_unprivileged_user_cannot_swap_backing_entries(reachable_tmp: Path, tran
 
 
 @pytest.mark.parametrize("precreated", [False, True], ids=["new-dir", "mkdir-0755-first"])
-def test_fresh_init_cipher_dir_is_root_only(reachable_tmp: Path, transit_key: Any,
-                                            precreated: bool) -> None:
+def test_fresh_init_cipher_dir_is_root_only(
+    reachable_tmp: Path, transit_key: Any, precreated: bool
+) -> None:
     """Attack enabler: ``encfs init`` kept an existing 0755 cipher dir, so every user could
     list it and reach the backing directories they own. Users depend on a fresh volume's
     cipher dir being root's and 0700, whoever created the directory, so nobody cannot
@@ -620,8 +696,15 @@ def test_mount_refuses_cipher_dir_not_root_0700(make_volume, how: str) -> None: 
         os.chmod(vol.cipher_dir, 0o755)
     else:
         os.chown(vol.cipher_dir, NOBODY, NOBODY)
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
-                 *vol.audit_args(), env=vol.env)
+    proc = encfs(
+        "mount",
+        vol.cipher_dir,
+        vol.mountpoint,
+        "--vault",
+        vol.vault_url,
+        *vol.audit_args(),
+        env=vol.env,
+    )
     mounted = is_mounted(vol.mountpoint)
     force_unmount(vol.mountpoint)
     assert proc.returncode != 0 and not mounted, "mounted a cipher dir others can write"

@@ -49,8 +49,9 @@ def test_concurrent_writers_never_interleave(tmp_path: Path) -> None:
     assert all(json.loads(line)["event"] == "token_renew" for line in lines)
 
 
-def test_unwritable_log_warns_once_and_never_raises(tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_unwritable_log_warns_once_and_never_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     log = AuditLog(AuditSettings(path=blocker / "audit.log"))  # parent is a file

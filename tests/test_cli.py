@@ -54,15 +54,21 @@ def test_init_refuses_non_empty_dir(tmp_path: Path, transit_key: TransitKey) -> 
 
 
 def test_init_rejects_bad_block_size(tmp_path: Path, transit_key: TransitKey) -> None:
-    proc = encfs("init", tmp_path / "c", "--vault", transit_key.url, "--block-size", "5000",
-                 env=transit_key.env)
+    proc = encfs(
+        "init",
+        tmp_path / "c",
+        "--vault",
+        transit_key.url,
+        "--block-size",
+        "5000",
+        env=transit_key.env,
+    )
     assert proc.returncode == ExitCode.USAGE
     assert "multiple of 4096" in proc.stderr
 
 
 def _mount_fails(vol: Volume, env: dict[str, str], *extra: str) -> tuple[int, str]:
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *extra,
-                 env=env)
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *extra, env=env)
     assert not is_mounted(vol.mountpoint), "nothing may be mounted when the vault refuses"
     return proc.returncode, proc.stderr
 
@@ -88,9 +94,14 @@ def test_mount_vault_unreachable(make_volume, transit_key: TransitKey) -> None: 
     vol: Volume = make_volume(mount=False)
     from tests.openbao import free_port
 
-    code, err = _mount_fails(vol, transit_key.env, "--vault",
-                             f"transit+http://127.0.0.1:{free_port()}/transit/x",
-                             "--vault-timeout", "2")
+    code, err = _mount_fails(
+        vol,
+        transit_key.env,
+        "--vault",
+        f"transit+http://127.0.0.1:{free_port()}/transit/x",
+        "--vault-timeout",
+        "2",
+    )
     assert code == ExitCode.VAULT_UNREACHABLE
     assert "cannot reach vault" in err
 
@@ -126,8 +137,16 @@ def test_token_file_must_be_private(make_volume, transit_key: TransitKey, tmp_pa
     assert "chmod 600" in err
     token_file.chmod(0o600)
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
-                 "--token-file", token_file, env=env)
+    proc = encfs(
+        "mount",
+        vol.cipher_dir,
+        vol.mountpoint,
+        "--vault",
+        vol.vault_url,
+        "--token-file",
+        token_file,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     vol.unmount()
 
@@ -135,8 +154,16 @@ def test_token_file_must_be_private(make_volume, transit_key: TransitKey, tmp_pa
 def test_least_privilege_host_token_mounts(make_volume, host_token: Path) -> None:  # type: ignore[no-untyped-def]
     vol: Volume = make_volume(mount=False)
     env = {"PATH": os.environ["PATH"]}
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
-                 "--token-file", host_token, env=env)
+    proc = encfs(
+        "mount",
+        vol.cipher_dir,
+        vol.mountpoint,
+        "--vault",
+        vol.vault_url,
+        "--token-file",
+        host_token,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     (vol.mountpoint / "f").write_bytes(b"x" * 10000)
     vol.unmount()
@@ -181,14 +208,20 @@ def test_help_documents_exit_codes() -> None:
 # --- vault access in production shape (issue 3) -------------------------------------------------
 
 
-def test_mount_preflight_names_the_missing_capability(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                      transit_key: TransitKey) -> None:
+def test_mount_preflight_names_the_missing_capability(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol: Volume = make_volume(mount=False)
     k, m = transit_key.name, openbao.mount
-    openbao.write_policy(f"no-decrypt-{k}", f"""
+    openbao.write_policy(
+        f"no-decrypt-{k}",
+        f"""
 path "{m}/keys/{k}" {{ capabilities = ["read"] }}
 path "sys/capabilities-self" {{ capabilities = ["update"] }}
-""")
+""",
+    )
     token = openbao.make_token([f"no-decrypt-{k}"])
     code, err = _mount_fails(vol, {**transit_key.env, "VAULT_TOKEN": token}, *vol.audit_args())
     assert code == ExitCode.VAULT_DENIED
@@ -196,7 +229,10 @@ path "sys/capabilities-self" {{ capabilities = ["update"] }}
     assert token not in err
     last = vol.audit_events()[-1]
     assert (last["event"], last["result"], last["error"]) == (
-        "unwrap", "error", "VaultPermissionDenied")
+        "unwrap",
+        "error",
+        "VaultPermissionDenied",
+    )
     assert "lacks 'update'" in str(last["message"])
 
 
@@ -210,8 +246,7 @@ def test_mount_soft_deleted_key(make_volume, openbao: OpenBao, transit_key: Tran
     assert code == ExitCode.VAULT_KEY_DISABLED
     assert "soft-deleted" in err and "soft-delete-restore" in err
     last = vol.audit_events()[-1]
-    assert (last["event"], last["result"], last["error"]) == (
-        "unwrap", "error", "VaultKeyDisabled")
+    assert (last["event"], last["result"], last["error"]) == ("unwrap", "error", "VaultKeyDisabled")
 
 
 def test_mount_with_wrong_ca(tmp_path: Path) -> None:
@@ -221,13 +256,29 @@ def test_mount_with_wrong_ca(tmp_path: Path) -> None:
         env = {"PATH": os.environ["PATH"], "VAULT_TOKEN": bao.root_token}
         vol = Volume(tmp_path / "c", tmp_path / "p", bao.url_for("k"), env)
         vol.mountpoint.mkdir()
-        encfs("init", vol.cipher_dir, "--vault", vol.vault_url, "--ca-file", bao.ca_file,
-              env=env, check=True)
+        encfs(
+            "init",
+            vol.cipher_dir,
+            "--vault",
+            vol.vault_url,
+            "--ca-file",
+            bao.ca_file,
+            env=env,
+            check=True,
+        )
         code, err = _mount_fails(vol, env)  # system CAs do not know the dev CA
         assert code == ExitCode.VAULT_TLS
         assert "certificate verification failed" in err
-        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
-                     "--ca-file", bao.ca_file, env=env)
+        proc = encfs(
+            "mount",
+            vol.cipher_dir,
+            vol.mountpoint,
+            "--vault",
+            vol.vault_url,
+            "--ca-file",
+            bao.ca_file,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr
         vol.unmount()
 
@@ -246,8 +297,16 @@ def test_mount_waits_for_a_sealed_vault_within_the_timeout(tmp_path: Path) -> No
         timer = threading.Timer(2.0, bao.unseal)
         timer.start()
         t0 = time.monotonic()
-        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
-                     "--vault-timeout", "30", env=env)
+        proc = encfs(
+            "mount",
+            vol.cipher_dir,
+            vol.mountpoint,
+            "--vault",
+            vol.vault_url,
+            "--vault-timeout",
+            "30",
+            env=env,
+        )
         timer.join()
         assert proc.returncode == 0, proc.stderr
         assert 1.9 < time.monotonic() - t0 < 20
@@ -277,24 +336,36 @@ def test_mount_key_release_export_of_a_non_exportable_key(make_volume) -> None: 
     assert "not exportable" in err and "--key-release unwrap" in err
 
 
-def test_non_renewable_token_is_reported(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                         transit_key: TransitKey) -> None:
+def test_non_renewable_token_is_reported(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol: Volume = make_volume(mount=False)
     token = openbao.make_token([openbao.write_host_policy(transit_key.name)], renewable=False)
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, *vol.audit_args(),
-                 env={**vol.env, "VAULT_TOKEN": token})
+    proc = encfs(
+        "mount",
+        vol.cipher_dir,
+        vol.mountpoint,
+        *vol.audit_args(),
+        env={**vol.env, "VAULT_TOKEN": token},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "not renewable and expires in" in proc.stderr
     vol.unmount()
 
 
-def test_token_is_renewed_while_mounted_and_audited(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                    transit_key: TransitKey) -> None:
+def test_token_is_renewed_while_mounted_and_audited(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     import time
 
     vol: Volume = make_volume(mount=False)
-    token = openbao.make_token([openbao.write_host_policy(transit_key.name)], ttl="4s",
-                               explicit_max_ttl="1h")
+    token = openbao.make_token(
+        [openbao.write_host_policy(transit_key.name)], ttl="4s", explicit_max_ttl="1h"
+    )
     accessor = openbao.admin.auth.token.lookup(token)["data"]["accessor"]
     vol.env = {**vol.env, "VAULT_TOKEN": token}
     vol.mount()
@@ -345,8 +416,10 @@ OPTIONS=default_permissions
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
-        ("CIPHER_DIR=/a\nMOUNTPOINT=/b\nCHECK_INTERVALL=5\n",
-         "line 3: unknown key 'CHECK_INTERVALL'"),
+        (
+            "CIPHER_DIR=/a\nMOUNTPOINT=/b\nCHECK_INTERVALL=5\n",
+            "line 3: unknown key 'CHECK_INTERVALL'",
+        ),
         ("CIPHER_DIR=/a\n", "MOUNTPOINT is required"),
         ("CIPHER_DIR=/a\nMOUNTPOINT=/b\nEPHEMERAL=maybe\n", "EPHEMERAL must be yes or no"),
         ("CIPHER_DIR=/a\nMOUNTPOINT=/b\nthis is not a setting\n", "line 3: expected KEY=VALUE"),

@@ -384,9 +384,7 @@ def test_name_garbage(bad: str) -> None:
 def test_name_decrypt_accepts_only_the_canonical_encoding() -> None:
     nc = crypto.NameCipher(NAMES_KEY)
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    enc = next(
-        e for i in range(1000) if set("-_") & set(e := nc.encrypt(b"name%d" % i, DIR_A))
-    )
+    enc = next(e for i in range(1000) if set("-_") & set(e := nc.encrypt(b"name%d" % i, DIR_A)))
     assert len(enc) == 43  # 32 bytes: the last character carries 2 spare bits
     spare_bits = enc[:-1] + alphabet[alphabet.index(enc[-1]) ^ 1]
     std_alphabet = enc.replace("-", "+").replace("_", "/")
@@ -414,9 +412,7 @@ def test_xattr_vector() -> None:
     x = vec["xattr"]
     nc = crypto.NameCipher(subkey("names"))
     plain_name = x["plain_name"][len(fmt.XATTR_PREFIX) :].encode()
-    assert fmt.XATTR_BACKING_PREFIX + nc.encrypt(plain_name, fmt.XATTR_NAME_AD) == x[
-        "backing_name"
-    ]
+    assert fmt.XATTR_BACKING_PREFIX + nc.encrypt(plain_name, fmt.XATTR_NAME_AD) == x["backing_name"]
     mc = crypto.MetaCipher(bytes.fromhex(vec["meta_key"]))
     value = mc.open(bytes.fromhex(x["backing_value_hex"]), x["backing_name"].encode())
     assert value.hex() == x["value_hex"]

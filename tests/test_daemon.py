@@ -77,8 +77,7 @@ class Live:
         os.replace(tmp, self.token_file)
 
 
-def _mount_live(make_volume: Callable[..., Volume], bao: OpenBao, key: str,
-                *extra: str) -> Live:
+def _mount_live(make_volume: Callable[..., Volume], bao: OpenBao, key: str, *extra: str) -> Live:
     vol = make_volume(mount=False)
     policy = bao.write_host_policy(key)
     token_file = vol.cipher_dir.parent / f"{vol.mountpoint.name}.token"
@@ -114,8 +113,12 @@ class Witness:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         assert os.pread(self.fd, len(PAYLOAD), 0) == PAYLOAD  # now in the page cache
-        self.child = subprocess.Popen([sys.executable, "-c", _MMAP_CHILD, str(path)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.child = subprocess.Popen(
+            [sys.executable, "-c", _MMAP_CHILD, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.child.stdout is not None
         assert self.child.stdout.readline().strip() == "ready"
 
@@ -154,11 +157,14 @@ class Revocation:
 
 
 def _narrow(live: Live) -> None:
-    live.bao.write_policy(live.policy, f"""
+    live.bao.write_policy(
+        live.policy,
+        f"""
 path "{live.bao.mount}/keys/{live.key}" {{ capabilities = ["read"] }}
 path "auth/token/renew-self" {{ capabilities = ["update"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
-""")
+""",
+    )
 
 
 def _retire(live: Live) -> None:
@@ -238,9 +244,13 @@ def test_unreachable_vault_gets_its_grace(make_volume, tmp_path: Path) -> None: 
     when the vault is back."""
     with OpenBao() as bao:
         bao.create_key("k")
-        vol = Volume(tmp_path / "c", tmp_path / "p", bao.url_for("k"),
-                     {"PATH": os.environ["PATH"], "VAULT_TOKEN": bao.root_token},
-                     audit_log=tmp_path / "audit")
+        vol = Volume(
+            tmp_path / "c",
+            tmp_path / "p",
+            bao.url_for("k"),
+            {"PATH": os.environ["PATH"], "VAULT_TOKEN": bao.root_token},
+            audit_log=tmp_path / "audit",
+        )
         vol.mountpoint.mkdir()
         vol.init()
         live = Live(vol, bao, "k", tmp_path / "unused", "")
@@ -268,8 +278,12 @@ def test_unreachable_vault_gets_its_grace(make_volume, tmp_path: Path) -> None: 
 def test_zero_grace_fails_closed(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     with OpenBao() as bao:
         bao.create_key("k")
-        vol = Volume(tmp_path / "c", tmp_path / "p", bao.url_for("k"),
-                     {"PATH": os.environ["PATH"], "VAULT_TOKEN": bao.root_token})
+        vol = Volume(
+            tmp_path / "c",
+            tmp_path / "p",
+            bao.url_for("k"),
+            {"PATH": os.environ["PATH"], "VAULT_TOKEN": bao.root_token},
+        )
         vol.mountpoint.mkdir()
         vol.init()
         live = Live(vol, bao, "k", tmp_path / "unused", "")
@@ -283,15 +297,31 @@ def test_zero_grace_fails_closed(make_volume, tmp_path: Path) -> None:  # type: 
             force_unmount(vol.mountpoint)
 
 
-def test_on_revoke_unmount_exits_with_its_own_code(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                   transit_key: TransitKey) -> None:
+def test_on_revoke_unmount_exits_with_its_own_code(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol: Volume = make_volume(mount=False)
     token = openbao.make_token([openbao.write_host_policy(transit_key.name)])
     env = {**vol.env, "VAULT_TOKEN": token, "ENCFS_AUDIT_LOG": "none"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "encfs", "mount", "--foreground", str(vol.cipher_dir),
-         str(vol.mountpoint), "--check-interval", str(INTERVAL), "--on-revoke", "unmount"],
-        env=env, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "encfs",
+            "mount",
+            "--foreground",
+            str(vol.cipher_dir),
+            str(vol.mountpoint),
+            "--check-interval",
+            str(INTERVAL),
+            "--on-revoke",
+            "unmount",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert wait_until(lambda: is_mounted(vol.mountpoint), timeout=20)
@@ -348,8 +378,11 @@ def test_fsynced_writes_survive_a_revocation(live: Live) -> None:
         assert (mp / name).read_bytes() == data
 
 
-def test_suspended_errno_is_configurable(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                         transit_key: TransitKey) -> None:
+def test_suspended_errno_is_configurable(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     live = _mount_live(make_volume, openbao, transit_key.name, "--suspended-errno", "EIO")
     (live.vol.mountpoint / "f").write_text("x")
     openbao.soft_delete_key(transit_key.name)
@@ -400,18 +433,22 @@ def _key_material(live: Live, root_token: str) -> dict[str, bytes]:
     """Every key the daemon derives, computed here from the test's own knowledge."""
     header = json.loads(encfs("info", live.vol.cipher_dir, "--json", check=True).stdout)
     answer = live.bao.admin.secrets.transit.decrypt_data(
-        name=live.key, ciphertext=header["wrapped_key"])
+        name=live.key, ciphertext=header["wrapped_key"]
+    )
     volume_key = base64.b64decode(answer["data"]["plaintext"])
     volume_id = bytes.fromhex(header["volume_id"])
     out = {"volume": volume_key}
     for purpose, length in (("content", 32), ("names", 64), ("meta", 32), ("header", 32)):
         buf = bytearray(length)
-        crypto.hkdf_into(volume_key, salt=volume_id, info=b"encfs/v1/" + purpose.encode(),
-                         out=buf)
+        crypto.hkdf_into(volume_key, salt=volume_id, info=b"encfs/v1/" + purpose.encode(), out=buf)
         out[purpose] = bytes(buf)
-    contents = [p for p in live.vol.cipher_dir.rglob("*")
-                if p.is_file() and not p.name.startswith((".encfs", "encfs.volume", fmt.LOCK_NAME))
-                and p.stat().st_size > fmt.FILE_HEADER_LEN]
+    contents = [
+        p
+        for p in live.vol.cipher_dir.rglob("*")
+        if p.is_file()
+        and not p.name.startswith((".encfs", "encfs.volume", fmt.LOCK_NAME))
+        and p.stat().st_size > fmt.FILE_HEADER_LEN
+    ]
     assert contents
     for i, backing in enumerate(contents):  # every file's own key
         file_id = fmt.parse_file_header(backing.read_bytes()[: fmt.FILE_HEADER_LEN])
@@ -440,7 +477,9 @@ Before the token lived in locked memory, five copies and more were found here.""
 
 
 def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
-    make_volume, openbao: OpenBao, transit_key: TransitKey,  # type: ignore[no-untyped-def]
+    make_volume,
+    openbao: OpenBao,
+    transit_key: TransitKey,  # type: ignore[no-untyped-def]
 ) -> None:
     live = _mount_live(make_volume, openbao, transit_key.name)
     mp = live.vol.mountpoint
@@ -487,20 +526,22 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
         ["strace", "-qq", "-o", "/dev/null", "-p", str(pid), "-P", str(runtime_file(mp)),
          "-e", "trace=unlink", "-e", "inject=unlink:signal=STOP"],
         stderr=subprocess.PIPE,
-    )
+    )  # fmt: skip
     try:
         time.sleep(1.0)  # strace attached
         subprocess.run(["fusermount3", "-u", str(mp)], check=True)
 
         def stopped() -> bool:
             status = Path(f"/proc/{pid}/status").read_text()
-            return any(line.startswith("State:") and line.split()[1] == "T"
-                       for line in status.splitlines())
+            return any(
+                line.startswith("State:") and line.split()[1] == "T" for line in status.splitlines()
+            )
 
         # Traced, the daemon passes through 't' at every syscall: wait for the unlink to
         # have happened, detach strace, and expect the group stop (T) the SIGSTOP left.
         assert wait_until(lambda: not runtime_file(mp).exists(), timeout=20), (
-            "daemon did not reach its last unlink")
+            "daemon did not reach its last unlink"
+        )
         time.sleep(0.2)
         tracer.kill()
         tracer.wait()
@@ -522,19 +563,28 @@ def test_kmip_volume_end_to_end_and_revocation(tmp_path: Path) -> None:
 
     with PyKMIPServer() as kmip:
         uid = kmip.create_key()
-        creds = ["--ca-file", str(kmip.ca_file), "--client-cert", str(kmip.client_cert),
-                 "--client-key", str(kmip.client_key)]
+        creds = [
+            "--ca-file",
+            str(kmip.ca_file),
+            "--client-cert",
+            str(kmip.client_cert),
+            "--client-key",
+            str(kmip.client_key),
+        ]
         env = {"PATH": os.environ["PATH"]}
-        vol = Volume(tmp_path / "c", tmp_path / "p", kmip.url_for(uid), env,
-                     audit_log=tmp_path / "audit")
+        vol = Volume(
+            tmp_path / "c", tmp_path / "p", kmip.url_for(uid), env, audit_log=tmp_path / "audit"
+        )
         vol.mountpoint.mkdir()
         encfs("init", vol.cipher_dir, "--vault", vol.vault_url, *creds, env=env, check=True)
         info = json.loads(encfs("info", vol.cipher_dir, "--json", check=True).stdout)
         assert info["wrapped_key"].startswith("kmip:v1:")
         proc = encfs("rotate", vol.cipher_dir, "--vault", vol.vault_url, *creds, env=env)
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(encfs("info", vol.cipher_dir, "--json").stdout)["wrapped_key"] != (
-            info["wrapped_key"])
+        assert (
+            json.loads(encfs("info", vol.cipher_dir, "--json").stdout)["wrapped_key"]
+            != (info["wrapped_key"])
+        )
         vol.mount(*creds, "--check-interval", str(INTERVAL))
         live = Live(vol, OpenBao.__new__(OpenBao), uid, tmp_path / "unused", "")
         try:
@@ -554,16 +604,21 @@ def test_kmip_volume_end_to_end_and_revocation(tmp_path: Path) -> None:
             force_unmount(vol.mountpoint)
             assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
         # A revoked KMIP key cannot unwrap again: mount refuses with its own code.
-        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *creds,
-                     env=env)
+        proc = encfs(
+            "mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *creds, env=env
+        )
         assert proc.returncode == ExitCode.VAULT_KEY_DISABLED, proc.stderr
 
 
 @pytest.mark.systemd
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
-def test_sd_notify_ready_status_watchdog_stopping(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                 transit_key: TransitKey, tmp_path: Path,
-                                                 abstract: bool) -> None:
+def test_sd_notify_ready_status_watchdog_stopping(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+    tmp_path: Path,
+    abstract: bool,
+) -> None:
     """A fake systemd: a datagram socket in NOTIFY_SOCKET receives what a real daemon says
     over a real mount — READY=1 only once the mount answers, STATUS= on every state change,
     WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM."""
@@ -592,12 +647,27 @@ def test_sd_notify_ready_status_watchdog_stopping(make_volume, openbao: OpenBao,
 
     listener = threading.Thread(target=receive)
     listener.start()
-    env = {**vol.env, "NOTIFY_SOCKET": "@" + name if abstract else addr,
-           "WATCHDOG_USEC": "1000000", "ENCFS_AUDIT_LOG": "none"}
+    env = {
+        **vol.env,
+        "NOTIFY_SOCKET": "@" + name if abstract else addr,
+        "WATCHDOG_USEC": "1000000",
+        "ENCFS_AUDIT_LOG": "none",
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "encfs", "mount", "--foreground", str(vol.cipher_dir),
-         str(vol.mountpoint), "--check-interval", str(INTERVAL)],
-        env=env, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "encfs",
+            "mount",
+            "--foreground",
+            str(vol.cipher_dir),
+            str(vol.mountpoint),
+            "--check-interval",
+            str(INTERVAL),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert wait_until(lambda: said("READY", "1"), timeout=20), messages
@@ -659,7 +729,8 @@ def test_ephemeral_volume_is_crypto_erased(tmp_path: Path) -> None:
     assert encfs("mount", cipher, mp, env=env).returncode == ExitCode.NO_VOLUME
     assert encfs("fsck", cipher, env=env).returncode == ExitCode.NO_VOLUME
     assert "cannot be decrypted" in (cipher / "encfs.ephemeral").read_text() or (
-        "nothing here can be decrypted" in (cipher / "encfs.ephemeral").read_text())
+        "nothing here can be decrypted" in (cipher / "encfs.ephemeral").read_text()
+    )
     # The next ephemeral mount starts empty and removes the old ciphertext.
     old = {p.name for p in cipher.rglob("*")}
     assert encfs("mount", "--ephemeral", cipher, mp, env=env).returncode == 0
@@ -694,15 +765,31 @@ def test_ephemeral_refuses_to_erase_anything_else(make_volume, tmp_path: Path) -
 
 
 def test_ephemeral_volume_erases_itself_when_the_vault_revokes(
-    tmp_path: Path, openbao: OpenBao, transit_key: TransitKey,
+    tmp_path: Path,
+    openbao: OpenBao,
+    transit_key: TransitKey,
 ) -> None:
     cipher, mp = tmp_path / "c", tmp_path / "p"
     mp.mkdir()
     env = {**transit_key.env, "ENCFS_AUDIT_LOG": "none"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "encfs", "mount", "--foreground", "--ephemeral", str(cipher),
-         str(mp), "--vault", transit_key.url, "--check-interval", str(INTERVAL)],
-        env=env, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "encfs",
+            "mount",
+            "--foreground",
+            "--ephemeral",
+            str(cipher),
+            str(mp),
+            "--vault",
+            transit_key.url,
+            "--check-interval",
+            str(INTERVAL),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert wait_until(lambda: is_mounted(mp), timeout=20)
@@ -804,7 +891,7 @@ def test_status_warns_when_key_memory_cannot_be_locked(make_volume) -> None:  # 
          "--memlock=0:0", sys.executable, "-m", "encfs", "mount", str(vol.cipher_dir),
          str(vol.mountpoint), "--vault", vol.vault_url],
         env=env, capture_output=True, text=True, timeout=60,
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "key memory is not locked" in proc.stderr
     status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)

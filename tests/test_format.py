@@ -166,9 +166,7 @@ def test_block_offsets(block_size: int, block_no: int) -> None:
     assert geo.block_no(geo.block_plain_off(block_no)) == block_no
     assert geo.block_no(geo.block_plain_off(block_no + 1) - 1) == block_no
     # A full block ends exactly where the next one starts.
-    assert geo.cipher_size(geo.block_plain_off(block_no + 1)) == geo.block_cipher_off(
-        block_no + 1
-    )
+    assert geo.cipher_size(geo.block_plain_off(block_no + 1)) == geo.block_cipher_off(block_no + 1)
 
 
 def test_block_range_examples() -> None:
@@ -410,8 +408,11 @@ def test_file_header_in_content_vectors() -> None:
         assert geo.plain_size(len(cipher)) == case["plain_size"]
 
 
-@given(block_size=st.sampled_from(BLOCK_SIZES), plain=st.integers(0, 1 << 36),
-       fragment=st.integers(0, fmt.BLOCK_OVERHEAD))
+@given(
+    block_size=st.sampled_from(BLOCK_SIZES),
+    plain=st.integers(0, 1 << 36),
+    fragment=st.integers(0, fmt.BLOCK_OVERHEAD),
+)
 def test_block_count_and_fragment(block_size: int, plain: int, fragment: int) -> None:
     """A valid file of ``plain`` bytes holds ceil(plain / B) blocks and no fragment; 1..28
     bytes more after whole blocks are a fragment, counted as one more (bad) block."""

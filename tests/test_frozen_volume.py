@@ -70,9 +70,7 @@ def frozen_copy(frozen: Frozen, tmp_path: Path) -> Path:
     """A private copy of the cipher dir, with the backing xattrs git cannot store."""
     copy = tmp_path / "cipher"
     shutil.copytree(frozen.path / "cipher", copy, symlinks=True)
-    xattrs: dict[str, dict[str, str]] = json.loads(
-        (frozen.path / "cipher-xattrs.json").read_text()
-    )
+    xattrs: dict[str, dict[str, str]] = json.loads((frozen.path / "cipher-xattrs.json").read_text())
     for rel, attrs in xattrs.items():
         for name, value in attrs.items():
             os.setxattr(copy / rel, name, base64.b64decode(value), follow_symlinks=False)
@@ -212,9 +210,13 @@ def test_frozen_volume_offline(frozen: Frozen, frozen_copy: Path) -> None:
 # --- with the real vault -----------------------------------------------------------------------
 
 
-def test_frozen_volume_unlocks_and_is_clean(frozen: Frozen, frozen_copy: Path,
-                                            frozen_kek_url: str, openbao: OpenBao,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_frozen_volume_unlocks_and_is_clean(
+    frozen: Frozen,
+    frozen_copy: Path,
+    frozen_kek_url: str,
+    openbao: OpenBao,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     for var in ("BAO_TOKEN", "CREDENTIALS_DIRECTORY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)

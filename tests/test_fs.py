@@ -83,7 +83,7 @@ def test_random_writes_match_reference(vol: Volume) -> None:
             os.pwrite(fd, chunk, off)
             if off > len(ref):
                 ref.extend(bytes(off - len(ref)))
-            ref[off:off + len(chunk)] = chunk
+            ref[off : off + len(chunk)] = chunk
             if rng.random() < 0.1:
                 new = rng.randrange(0, 50000)
                 os.ftruncate(fd, new)
@@ -91,7 +91,7 @@ def test_random_writes_match_reference(vol: Volume) -> None:
                 ref.extend(bytes(new - len(ref)))
             if rng.random() < 0.2:
                 roff = rng.randrange(0, 50000)
-                assert os.pread(fd, 5000, roff) == bytes(ref[roff:roff + 5000])
+                assert os.pread(fd, 5000, roff) == bytes(ref[roff : roff + 5000])
     finally:
         os.close(fd)
     assert f.read_bytes() == bytes(ref)
@@ -250,7 +250,7 @@ def test_concurrent_writers_never_lose_updates(vol: Volume) -> None:
     expect = bytearray(64 * 1024)
     for s in range(slots):
         for off in range(s * 100, 64 * 1024, slots * 100):
-            expect[off:off + 100] = bytes([65 + s]) * 100
+            expect[off : off + 100] = bytes([65 + s]) * 100
     assert Path(path).read_bytes() == bytes(expect)
     vol.remount()
     assert Path(path).read_bytes() == bytes(expect)
@@ -506,8 +506,18 @@ def test_foreground_mount_and_sigterm(make_volume) -> None:  # type: ignore[no-u
 
     vol: Volume = make_volume(mount=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "encfs", "mount", "--foreground", str(vol.cipher_dir),
-         str(vol.mountpoint), *vol.audit_args()], env=vol.env, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "encfs",
+            "mount",
+            "--foreground",
+            str(vol.cipher_dir),
+            str(vol.mountpoint),
+            *vol.audit_args(),
+        ],
+        env=vol.env,
+        stderr=subprocess.PIPE,
         text=True,
     )
     deadline = time.monotonic() + 20
@@ -538,7 +548,7 @@ def test_large_block_size(make_volume, block_size: int) -> None:  # type: ignore
         h.seek(block_size - 10)
         h.write(b"Z" * 20)
     expect = bytearray(data)
-    expect[block_size - 10:block_size + 10] = b"Z" * 20
+    expect[block_size - 10 : block_size + 10] = b"Z" * 20
     vol.remount()
     assert f.read_bytes() == bytes(expect)
 

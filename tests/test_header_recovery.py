@@ -56,8 +56,11 @@ def _restore_and_read(vol: Volume, *source: Path) -> None:
     vol.unmount()
 
 
-def test_flipped_url_byte_is_a_damaged_header(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                              transit_key: TransitKey) -> None:
+def test_flipped_url_byte_is_a_damaged_header(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol = _rotated(make_volume, openbao, transit_key)
     raw = bytearray(_header(vol).read_bytes())
     raw[_url_offset(raw, b"/transit/") + 5] ^= 0x1C  # transit -> transht: still a URL
@@ -74,8 +77,11 @@ def test_flipped_url_byte_is_a_damaged_header(make_volume, openbao: OpenBao,  # 
     assert (vol.cipher_dir / fmt.VOLUME_HEADER_PREV).read_bytes() == bytes(raw)
 
 
-def test_flipped_wrapped_key_byte_offers_the_previous_header(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                            transit_key: TransitKey) -> None:
+def test_flipped_wrapped_key_byte_offers_the_previous_header(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol = _rotated(make_volume, openbao, transit_key)
     raw = bytearray(_header(vol).read_bytes())
     at = raw.index(b"vault:v2:") + 20
@@ -90,8 +96,11 @@ def test_flipped_wrapped_key_byte_offers_the_previous_header(make_volume, openba
     _restore_and_read(vol)
 
 
-def test_key_recreated_under_the_same_name(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                           transit_key: TransitKey) -> None:
+def test_key_recreated_under_the_same_name(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol: Volume = make_volume(mount=False)
     openbao.delete_key(transit_key.name)
     openbao.create_key(transit_key.name)
@@ -101,8 +110,11 @@ def test_key_recreated_under_the_same_name(make_volume, openbao: OpenBao,  # typ
     assert "transit mount" not in err
 
 
-def test_tag_mismatch_offers_the_previous_header(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                 transit_key: TransitKey) -> None:
+def test_tag_mismatch_offers_the_previous_header(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol = _rotated(make_volume, openbao, transit_key)
     raw = bytearray(_header(vol).read_bytes())
     raw[-1] ^= 0x01
@@ -113,8 +125,11 @@ def test_tag_mismatch_offers_the_previous_header(make_volume, openbao: OpenBao, 
     _restore_and_read(vol)
 
 
-def test_truncated_header_is_damaged_and_prev_is_offered(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                         transit_key: TransitKey) -> None:
+def test_truncated_header_is_damaged_and_prev_is_offered(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol = _rotated(make_volume, openbao, transit_key)
     _header(vol).write_bytes(_header(vol).read_bytes()[:60])
     code, err = _mount(vol)
@@ -124,8 +139,11 @@ def test_truncated_header_is_damaged_and_prev_is_offered(make_volume, openbao: O
     _restore_and_read(vol)
 
 
-def test_missing_header_is_not_an_empty_directory(make_volume, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                  transit_key: TransitKey) -> None:
+def test_missing_header_is_not_an_empty_directory(
+    make_volume,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol: Volume = make_volume()
     (vol.mountpoint / "f").write_text("keep me")
     vol.unmount()
@@ -173,8 +191,7 @@ def test_restore_refusals(make_volume, tmp_path: Path) -> None:  # type: ignore[
 
 
 def test_info_and_init_json(tmp_path: Path, transit_key: TransitKey) -> None:
-    proc = encfs("init", tmp_path / "c", "--vault", transit_key.url, "--json",
-                 env=transit_key.env)
+    proc = encfs("init", tmp_path / "c", "--vault", transit_key.url, "--json", env=transit_key.env)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["vault"] == transit_key.url and doc["kek_version"] == 1
@@ -198,17 +215,30 @@ def test_header_findings_need_no_vault(tmp_path: Path) -> None:
     from encfs import pins, volume
 
     header = fmt.VolumeHeader(
-        format_version=1, feature_flags=1, cipher=1, block_size=4096,
-        volume_id=bytes(range(16)), vault_url="transit+http://127.0.0.1:8200/transit/k",
-        kek_version=2, wrapped_key="vault:v2:" + "A" * 80,
+        format_version=1,
+        feature_flags=1,
+        cipher=1,
+        block_size=4096,
+        volume_id=bytes(range(16)),
+        vault_url="transit+http://127.0.0.1:8200/transit/k",
+        kek_version=2,
+        wrapped_key="vault:v2:" + "A" * 80,
     )
     hf = volume.HeaderFile(header, header.body(), bytes(32), tmp_path / "encfs.volume")
     assert volume.header_findings(hf, None) == []
-    pin = pins.Pin(str(tmp_path), bytes(range(16)).hex(), "00", "t", "init",
-                   vault_url="transit+http://127.0.0.1:8200/transit/j", block_size="8192")
+    pin = pins.Pin(
+        str(tmp_path),
+        bytes(range(16)).hex(),
+        "00",
+        "t",
+        "init",
+        vault_url="transit+http://127.0.0.1:8200/transit/j",
+        block_size="8192",
+    )
     found = volume.header_findings(hf, pin)
     assert len(found) == 2 and "pinned" in found[0] and "block size 4096" in found[1]
     from dataclasses import replace
+
     bad = replace(header, kek_version=3, vault_url="transit+http://127.0.0.1:8200")
     found = volume.header_findings(volume.HeaderFile(bad, bad.body(), bytes(32), hf.path), None)
     assert any("not a vault URL" in f for f in found)
@@ -234,8 +264,12 @@ def test_broken_pipe_exits_quietly(make_volume) -> None:  # type: ignore[no-unty
 
     vol: Volume = make_volume(mount=False)
     for args in (["info", str(vol.cipher_dir)], ["--help"], ["status"]):
-        proc = subprocess.Popen([sys.executable, "-m", "encfs", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env={**vol.env, "ENCFS_AUDIT_LOG": "none"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "encfs", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**vol.env, "ENCFS_AUDIT_LOG": "none"},
+        )
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()  # the reader is gone before encfs writes (like `| head -0`)
         err = proc.stderr.read().decode()
@@ -307,4 +341,5 @@ def test_readme_synopsis_lists_every_option() -> None:
                         continue
                     longest = max(opt.option_strings, key=len)
                     assert re.search(re.escape(longest) + r"(?![\w-])", text), (
-                        f"README synopsis of `encfs {name}` lacks {longest}")
+                        f"README synopsis of `encfs {name}` lacks {longest}"
+                    )

@@ -58,8 +58,13 @@ class Listener:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _any(self) -> None:
-                outer.requests.append({"method": self.command, "path": self.path,
-                                       **{k.lower(): v for k, v in self.headers.items()}})
+                outer.requests.append(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        **{k.lower(): v for k, v in self.headers.items()},
+                    }
+                )
                 body = b'{"errors":["permission denied"]}'
                 self.send_response(403)
                 self.send_header("Content-Type", "application/json")
@@ -106,11 +111,14 @@ def _no_vault_env(transit_key: TransitKey) -> dict[str, str]:
 def _substitute_header(bao: OpenBao, key: str, cipher_dir: Path) -> None:
     """The attack of §3: a principal whose only right is ``datakey`` on the volume's KEK
     makes a fresh data key and writes a header around it, with a valid tag."""
-    bao.write_policy(f"datakey-only-{key}",
-                     f'path "{bao.mount}/datakey/plaintext/{key}" {{ capabilities = ["update"] }}')
+    bao.write_policy(
+        f"datakey-only-{key}",
+        f'path "{bao.mount}/datakey/plaintext/{key}" {{ capabilities = ["update"] }}',
+    )
     attacker = hvac.Client(url=bao.addr, token=bao.make_token([f"datakey-only-{key}"]))
-    answer = attacker.secrets.transit.generate_data_key(name=key, key_type="plaintext",
-                                                        mount_point=bao.mount)
+    answer = attacker.secrets.transit.generate_data_key(
+        name=key, key_type="plaintext", mount_point=bao.mount
+    )
     real = volume.read_header(cipher_dir).header
     forged = dataclasses.replace(real, wrapped_key=answer["data"]["ciphertext"])
     new_key = bytearray(base64.b64decode(answer["data"]["plaintext"]))
@@ -140,31 +148,43 @@ def _status(vol: Volume) -> dict[str, object]:
 def _wait_state(vol: Volume, state: str, bound: float = BOUND + 3) -> float:
     t0 = time.monotonic()
     assert wait_until(lambda: _status(vol)["state"] == state, timeout=bound, interval=0.1), (
-        f"not {state} after {bound} s: {_status(vol)}")
+        f"not {state} after {bound} s: {_status(vol)}"
+    )
     return time.monotonic() - t0
 
 
 def _narrow(bao: OpenBao, policy: str, key: str) -> None:
-    bao.write_policy(policy, f"""
+    bao.write_policy(
+        policy,
+        f"""
 path "{bao.mount}/keys/{key}" {{ capabilities = ["read"] }}
 path "auth/token/renew-self" {{ capabilities = ["update"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
-""")
+""",
+    )
 
 
 # --- §2: the header's vault URL is never sent a credential ---------------------------------
 
 
-def test_header_url_alone_is_never_sent_the_token(make_volume, transit_key: TransitKey,  # type: ignore[no-untyped-def]
-                                                  listener: Listener) -> None:
+def test_header_url_alone_is_never_sent_the_token(
+    make_volume,
+    transit_key: TransitKey,  # type: ignore[no-untyped-def]
+    listener: Listener,
+) -> None:
     vol: Volume = make_volume(mount=False)
-    _rewrite_header(vol.cipher_dir,
-                    vault_url=f"transit+http://127.0.0.1:{listener.port}/transit/{transit_key.name}")
+    _rewrite_header(
+        vol.cipher_dir,
+        vault_url=f"transit+http://127.0.0.1:{listener.port}/transit/{transit_key.name}",
+    )
     env = _no_vault_env(transit_key)
     # The host pinned the header's URL at init: the edit is refused as damage, before any
     # vault (the header's or the pinned one) is asked anything.
-    for command in (["mount", vol.cipher_dir, vol.mountpoint], ["fsck", vol.cipher_dir],
-                    ["rotate", vol.cipher_dir]):
+    for command in (
+        ["mount", vol.cipher_dir, vol.mountpoint],
+        ["fsck", vol.cipher_dir],
+        ["rotate", vol.cipher_dir],
+    ):
         proc = encfs(*command, env=transit_key.env)
         assert proc.returncode == ExitCode.BAD_VOLUME, (command, proc.stderr)
         assert "is damaged" in proc.stderr and "not the one this host pinned" in proc.stderr
@@ -172,8 +192,11 @@ def test_header_url_alone_is_never_sent_the_token(make_volume, transit_key: Tran
     # Without a pin (a host that never mounted it), only a vault configured on the host
     # counts, and the tag exposes the edit.
     encfs("pin", "reset", vol.cipher_dir, check=True)
-    for command in (["mount", vol.cipher_dir, vol.mountpoint], ["fsck", vol.cipher_dir],
-                    ["rotate", vol.cipher_dir]):
+    for command in (
+        ["mount", vol.cipher_dir, vol.mountpoint],
+        ["fsck", vol.cipher_dir],
+        ["rotate", vol.cipher_dir],
+    ):
         proc = encfs(*command, env=env)
         assert proc.returncode == ExitCode.VAULT_NOT_PINNED, (command, proc.stderr)
         assert f"127.0.0.1:{listener.port}" in proc.stderr  # names the header's URL
@@ -194,18 +217,24 @@ def test_header_url_alone_is_never_sent_the_token(make_volume, transit_key: Tran
     assert listener.requests == []
 
 
-def test_pinned_vault_url_wins_over_the_header_and_says_so(openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                           transit_key: TransitKey,
-                                                           tmp_path: Path) -> None:
+def test_pinned_vault_url_wins_over_the_header_and_says_so(
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+    tmp_path: Path,
+) -> None:
     """A volume made while the vault was known by another name (the vault moved): the
     pinned URL is used, the header's is not, and the log line says which won."""
     old_url = f"transit+http://localhost:{openbao.port}/transit/{transit_key.name}"
-    vol = Volume(tmp_path / "c", tmp_path / "p", old_url, _no_vault_env(transit_key),
-                 log_file=tmp_path / "log")
+    vol = Volume(
+        tmp_path / "c",
+        tmp_path / "p",
+        old_url,
+        _no_vault_env(transit_key),
+        log_file=tmp_path / "log",
+    )
     vol.mountpoint.mkdir()
     vol.init()
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", transit_key.url,
-                 env=vol.env)
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", transit_key.url, env=vol.env)
     try:
         assert proc.returncode == 0, proc.stderr
         assert f"using the vault pinned by --vault, {transit_key.url}" in proc.stderr
@@ -218,8 +247,11 @@ def test_pinned_vault_url_wins_over_the_header_and_says_so(openbao: OpenBao,  # 
 # --- §3: key substitution and a hidden header ---------------------------------------------
 
 
-def test_substituted_header_is_refused_by_the_host_pin(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                       transit_key: TransitKey) -> None:
+def test_substituted_header_is_refused_by_the_host_pin(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol: Volume = make_volume()
     (vol.mountpoint / "real").write_text("the real volume")
     vol.unmount()
@@ -233,17 +265,21 @@ def test_substituted_header_is_refused_by_the_host_pin(make_volume, openbao: Ope
         proc = encfs(command, vol.cipher_dir, env=vol.env)
         assert proc.returncode == ExitCode.VOLUME_MISMATCH, (command, proc.stderr)
     # Re-pinning is a deliberate act, and then it mounts.
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, "--repin",
-                 env=vol.env)
+    proc = encfs(
+        "mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, "--repin", env=vol.env
+    )
     assert proc.returncode == 0, proc.stderr
     vol.unmount()
     pin = json.loads(encfs("pin", "show", vol.cipher_dir, "--json", check=True).stdout)
     assert pin["by"] == "mount"
 
 
-def test_substituted_header_while_mounted_suspends(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                    transit_key: TransitKey,
-                                                    tmp_path: Path) -> None:
+def test_substituted_header_while_mounted_suspends(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+    tmp_path: Path,
+) -> None:
     vol: Volume = make_volume(mount=False)
     token, _ = _token_file(openbao, transit_key.name, tmp_path / "t")
     vol.mount("--token-file", str(token), "--check-interval", str(INTERVAL))
@@ -261,9 +297,13 @@ def test_substituted_header_while_mounted_suspends(make_volume, openbao: OpenBao
 
 
 @pytest.mark.parametrize("revoke", ["policy-narrowed", "token-revoked"])
-def test_hidden_header_skips_no_check(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                      transit_key: TransitKey, tmp_path: Path,
-                                      revoke: str) -> None:
+def test_hidden_header_skips_no_check(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+    tmp_path: Path,
+    revoke: str,
+) -> None:
     vol: Volume = make_volume(mount=False)
     token, policy = _token_file(openbao, transit_key.name, tmp_path / "t")
     vol.mount("--token-file", str(token), "--check-interval", str(INTERVAL))
@@ -302,15 +342,27 @@ def shared_mountpoint() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def test_allow_other_alone_still_enforces_permissions(transit_key: TransitKey, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                      shared_mountpoint: Path) -> None:
+def test_allow_other_alone_still_enforces_permissions(
+    transit_key: TransitKey,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    shared_mountpoint: Path,
+) -> None:
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux)")
-    vol = Volume(tmp_path / "c", shared_mountpoint, transit_key.url, transit_key.env,
-                 options=["allow_other"])
+    vol = Volume(
+        tmp_path / "c", shared_mountpoint, transit_key.url, transit_key.env, options=["allow_other"]
+    )
     vol.init()
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
-                 "-o", "allow_other", env=vol.env)
+    proc = encfs(
+        "mount",
+        vol.cipher_dir,
+        vol.mountpoint,
+        "--vault",
+        vol.vault_url,
+        "-o",
+        "allow_other",
+        env=vol.env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "allow_other implies default_permissions" in proc.stderr
     mp = vol.mountpoint
@@ -319,20 +371,33 @@ def test_allow_other_alone_still_enforces_permissions(transit_key: TransitKey, t
     fd = os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, b"root's secret\n")
     os.close(fd)
-    options = next(line.split()[3] for line in Path("/proc/mounts").read_text().splitlines()
-                   if line.split()[1] == str(mp))
+    options = next(
+        line.split()[3]
+        for line in Path("/proc/mounts").read_text().splitlines()
+        if line.split()[1] == str(mp)
+    )
     assert "default_permissions" in options.split(","), options
-    for cmd in (["cat", str(secret)], ["sh", "-c", f"echo nobody >> {secret}"],
-                ["chown", "nobody", str(secret)], ["chmod", "666", str(secret)]):
-        run = subprocess.run([*NOBODY, *cmd], capture_output=True, text=True, timeout=30,
-                             env=PLAIN_ENV)
+    for cmd in (
+        ["cat", str(secret)],
+        ["sh", "-c", f"echo nobody >> {secret}"],
+        ["chown", "nobody", str(secret)],
+        ["chmod", "666", str(secret)],
+    ):
+        run = subprocess.run(
+            [*NOBODY, *cmd], capture_output=True, text=True, timeout=30, env=PLAIN_ENV
+        )
         assert run.returncode != 0, (cmd, run.stdout)
         assert "Permission denied" in run.stderr or "not permitted" in run.stderr, run.stderr
     assert secret.read_bytes() == b"root's secret\n"
     st = secret.stat()
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
-    run = subprocess.run([*NOBODY, "/usr/bin/python3", "-c", f"open({str(secret)!r}).read()"],
-                         capture_output=True, text=True, timeout=30, env=PLAIN_ENV)
+    run = subprocess.run(
+        [*NOBODY, "/usr/bin/python3", "-c", f"open({str(secret)!r}).read()"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=PLAIN_ENV,
+    )
     assert "PermissionError" in run.stderr and "Errno 13" in run.stderr, run.stderr  # EACCES
 
 
@@ -343,8 +408,7 @@ FAKE_TOKEN = "hvs.CAESIJq3c2VjcmV0LXRva2VuLXRoYXQtbXVzdC1ub3QtbGVhaw"
 
 
 @pytest.mark.parametrize("spelling", ["--token", "--tok", "--token-f"])
-def test_abbreviations_are_refused_without_echoing_the_token(tmp_path: Path,
-                                                             spelling: str) -> None:
+def test_abbreviations_are_refused_without_echoing_the_token(tmp_path: Path, spelling: str) -> None:
     proc = encfs("mount", tmp_path / "c", tmp_path / "m", spelling, FAKE_TOKEN)
     assert proc.returncode == ExitCode.USAGE, proc.stderr
     assert FAKE_TOKEN not in proc.stderr + proc.stdout
@@ -357,28 +421,63 @@ def test_abbreviations_are_refused_without_echoing_the_token(tmp_path: Path,
 def test_token_given_as_token_file_is_not_echoed(make_volume, transit_key: TransitKey) -> None:  # type: ignore[no-untyped-def]
     vol: Volume = make_volume(mount=False)
     for token in (FAKE_TOKEN, "s.AbCdEfGhIjKlMnOp", "7f1c0b9e3a4d5f60718293a4b5c6d7e8f9"):
-        proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
-                     "--token-file", token, env=vol.env)
+        proc = encfs(
+            "mount",
+            vol.cipher_dir,
+            vol.mountpoint,
+            "--vault",
+            vol.vault_url,
+            "--token-file",
+            token,
+            env=vol.env,
+        )
         assert proc.returncode == ExitCode.VAULT_CREDENTIALS, proc.stderr
         assert token not in proc.stderr
         assert "token file not found (path not shown: it looks like a token)" in proc.stderr
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url,
-                 "--token-file", "no-such.token", env=vol.env)
+    proc = encfs(
+        "mount",
+        vol.cipher_dir,
+        vol.mountpoint,
+        "--vault",
+        vol.vault_url,
+        "--token-file",
+        "no-such.token",
+        env=vol.env,
+    )
     assert proc.returncode == ExitCode.VAULT_CREDENTIALS
     assert "no-such.token" in proc.stderr  # an ordinary path is still named
 
 
-def test_relative_token_file_survives_suspension(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                 transit_key: TransitKey,
-                                                 tmp_path: Path) -> None:
+def test_relative_token_file_survives_suspension(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+    tmp_path: Path,
+) -> None:
     vol: Volume = make_volume(mount=False)
     token, _ = _token_file(openbao, transit_key.name, tmp_path / "rel.token")
     env = {k: v for k, v in vol.env.items() if k not in ("VAULT_TOKEN", "BAO_TOKEN")}
     proc = subprocess.run(
-        [*_encfs_cmd(), "mount", str(vol.cipher_dir), str(vol.mountpoint), "--vault",
-         vol.vault_url, "--token-file", "rel.token", "--check-interval", str(INTERVAL),
-         "--audit-log", "none"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        [
+            *_encfs_cmd(),
+            "mount",
+            str(vol.cipher_dir),
+            str(vol.mountpoint),
+            "--vault",
+            vol.vault_url,
+            "--token-file",
+            "rel.token",
+            "--check-interval",
+            str(INTERVAL),
+            "--audit-log",
+            "none",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     try:
         (vol.mountpoint / "f").write_text("x")

@@ -75,8 +75,9 @@ def test_file_keys_match_vectors(vkeys: VolumeKeys) -> None:
 def test_names_and_meta_use_the_vector_keys(vkeys: VolumeKeys) -> None:
     names = vector("names.json")
     case = names["cases"][0]
-    assert vkeys.names.encrypt(bytes.fromhex(case["plain_hex"]), bytes.fromhex(case["dir_id"])) == (
-        case["encoded"]
+    assert (
+        vkeys.names.encrypt(bytes.fromhex(case["plain_hex"]), bytes.fromhex(case["dir_id"]))
+        == (case["encoded"])
     )
     meta = vector("meta.json")
     from encfs import crypto

@@ -70,6 +70,7 @@ class FsModel(RuleBasedStateMachine):
                 os.pwrite(fd, data, off)
             finally:
                 os.close(fd)
+
         self.both(op)
 
     @rule(d=DIRS, n=NAMES, data=DATA)
@@ -77,6 +78,7 @@ class FsModel(RuleBasedStateMachine):
         def op(root: Path) -> None:
             with open(root / d / n, "ab") as h:
                 h.write(data)
+
         self.both(op)
 
     @rule(d=DIRS, n=NAMES, size=OFFSETS)

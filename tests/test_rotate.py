@@ -21,14 +21,13 @@ from tests.openbao import OpenBao
 
 
 def info(vol: Volume) -> dict[str, object]:
-    out: dict[str, object] = json.loads(
-        encfs("info", vol.cipher_dir, "--json", check=True).stdout
-    )
+    out: dict[str, object] = json.loads(encfs("info", vol.cipher_dir, "--json", check=True).stdout)
     return out
 
 
-def rotate(vol: Volume, *extra: str, env: dict[str, str] | None = None
-           ) -> subprocess.CompletedProcess[str]:
+def rotate(
+    vol: Volume, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return encfs("rotate", vol.cipher_dir, *vol.audit_args(), *extra, env=env or vol.env)
 
 
@@ -41,8 +40,11 @@ def data_files(vol: Volume) -> dict[str, bytes]:
     }
 
 
-def test_rotate_rewraps_without_reencrypting(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                             transit_key: TransitKey) -> None:
+def test_rotate_rewraps_without_reencrypting(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol: Volume = make_volume()
     payload = os.urandom(300_000)
     (vol.mountpoint / "f").write_bytes(payload)
@@ -79,8 +81,11 @@ def test_rotate_is_a_noop_on_the_newest_version(make_volume) -> None:  # type: i
     assert (vol.cipher_dir / "encfs.volume").read_bytes() == header
 
 
-def test_retired_version_is_refused_with_the_way_out(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                     transit_key: TransitKey) -> None:
+def test_retired_version_is_refused_with_the_way_out(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol: Volume = make_volume(mount=False)
     openbao.rotate_key(transit_key.name)
     openbao.set_min_decryption_version(transit_key.name, 2)
@@ -99,15 +104,21 @@ def test_retired_version_is_refused_with_the_way_out(make_volume, openbao: OpenB
     assert info(vol)["kek_version"] == 2
 
 
-def test_rotate_preflight_names_the_missing_capability(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                       transit_key: TransitKey) -> None:
+def test_rotate_preflight_names_the_missing_capability(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol: Volume = make_volume(mount=False)
     openbao.rotate_key(transit_key.name)
     k, m = transit_key.name, openbao.mount
-    openbao.write_policy(f"no-rewrap-{k}", f"""
+    openbao.write_policy(
+        f"no-rewrap-{k}",
+        f"""
 path "{m}/decrypt/{k}" {{ capabilities = ["update"] }}
 path "sys/capabilities-self" {{ capabilities = ["update"] }}
-""")
+""",
+    )
     token = openbao.make_token([f"no-rewrap-{k}"])
     proc = rotate(vol, env={**vol.env, "VAULT_TOKEN": token})
     assert proc.returncode == ExitCode.VAULT_DENIED, proc.stderr
@@ -116,8 +127,11 @@ path "sys/capabilities-self" {{ capabilities = ["update"] }}
     assert info(vol)["kek_version"] == 1
 
 
-def test_rotate_while_a_writer_runs(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                    transit_key: TransitKey) -> None:
+def test_rotate_while_a_writer_runs(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     vol: Volume = make_volume()
     stop = threading.Event()
     written: dict[str, bytes] = {}
@@ -163,14 +177,23 @@ def test_rotate_while_a_writer_runs(make_volume, openbao: OpenBao,  # type: igno
 # directory fsync. The first unlinkat removes a .tmp a crash may have left (none here);
 # with an existing .prev, the second one removes it.
 KILL_POINTS = [
-    ("fsync", 1), ("linkat", 1), ("fsync", 2), ("renameat", 1), ("fsync", 3), ("unlinkat", 2),
+    ("fsync", 1),
+    ("linkat", 1),
+    ("fsync", 2),
+    ("renameat", 1),
+    ("fsync", 3),
+    ("unlinkat", 2),
 ]
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/install)")
 @pytest.mark.parametrize(("syscall", "when"), KILL_POINTS, ids=[f"{s}{w}" for s, w in KILL_POINTS])
 def test_rotation_killed_at_each_step_leaves_a_volume_that_mounts(
-    make_volume, openbao: OpenBao, transit_key: TransitKey, syscall: str, when: int,  # type: ignore[no-untyped-def]
+    make_volume,
+    openbao: OpenBao,
+    transit_key: TransitKey,
+    syscall: str,
+    when: int,  # type: ignore[no-untyped-def]
 ) -> None:
     vol: Volume = make_volume()
     (vol.mountpoint / "f").write_bytes(b"survives rotation crashes" * 100)
@@ -187,7 +210,7 @@ def test_rotation_killed_at_each_step_leaves_a_volume_that_mounts(
          "-e", f"inject={syscall}:signal=KILL:when={when}",
          sys.executable, "-m", "encfs", "rotate", str(vol.cipher_dir)],
         env=env, capture_output=True, text=True, timeout=60,
-    )
+    )  # fmt: skip
     assert proc.returncode in (-9, 137), (proc.returncode, proc.stderr)
     assert "rotated" not in proc.stdout
     # The kill landed where intended: only the last fsync comes after the rename.
@@ -206,8 +229,11 @@ def test_rotation_killed_at_each_step_leaves_a_volume_that_mounts(
     assert (vol.mountpoint / "f").read_bytes() == b"survives rotation crashes" * 100
 
 
-def test_rotation_survives_a_missing_current_header(make_volume, openbao: OpenBao,  # type: ignore[no-untyped-def]
-                                                    transit_key: TransitKey) -> None:
+def test_rotation_survives_a_missing_current_header(
+    make_volume,
+    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
+) -> None:
     """The state a crash between unlink-and-rename would leave on a filesystem without
     atomic rename: only ``encfs.volume.prev``. Reading falls back to it."""
     vol: Volume = make_volume()

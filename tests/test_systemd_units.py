@@ -32,7 +32,9 @@ def _render_all(tmp_path: Path, exec_command: str) -> dict[str, Path]:
         out[unit] = path
     instance = subprocess.run(
         ["systemd-escape", "--template=encfs@.service", "data-volume"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     inst = tmp_path / instance
     inst.write_text(service.render_unit("encfs@.service", exec_command))
@@ -50,9 +52,15 @@ def test_units_verify_without_a_word(tmp_path: Path, how: str) -> None:
         exec_command = service.ServicePlan(name="x", settings={}).exec_command
     units = _render_all(tmp_path, exec_command)
     proc = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(units["encfs-vault.service"]),
-         str(units["instance"])],
-        capture_output=True, text=True,
+        [
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            str(units["encfs-vault.service"]),
+            str(units["instance"]),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", (
         proc.stdout + proc.stderr
@@ -60,8 +68,9 @@ def test_units_verify_without_a_word(tmp_path: Path, how: str) -> None:
 
 
 def _exposure(unit: Path) -> float:
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True
+    )
     found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", proc.stdout)
     assert found, proc.stdout + proc.stderr
     return float(found.group(1))
@@ -77,13 +86,32 @@ def test_security_exposure_stays_low(tmp_path: Path) -> None:
 
 def test_no_namespace_hardening_in_the_volume_unit() -> None:
     text = (REPO / "systemd" / "encfs@.service").read_text()
-    settings = [line.split("=", 1)[0] for line in text.splitlines()
-                if line and not line.startswith(("#", "["))]
-    forbidden = {"ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts",
-                 "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths", "BindPaths",
-                 "TemporaryFileSystem", "ProtectKernelTunables", "ProtectKernelModules",
-                 "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ProtectHostname",
-                 "ProtectClock", "PrivateUsers", "MountFlags"}
+    settings = [
+        line.split("=", 1)[0]
+        for line in text.splitlines()
+        if line and not line.startswith(("#", "["))
+    ]
+    forbidden = {
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "PrivateMounts",
+        "ReadWritePaths",
+        "ReadOnlyPaths",
+        "InaccessiblePaths",
+        "BindPaths",
+        "TemporaryFileSystem",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "ProtectProc",
+        "ProtectHostname",
+        "ProtectClock",
+        "PrivateUsers",
+        "MountFlags",
+    }
     assert not forbidden & set(settings)
     assert "LoadCredential" in settings and "WatchdogSec" in settings
     assert re.search(r"^RestartPreventExitStatus=.*\b23\b", text, re.M)
@@ -98,15 +126,20 @@ def test_install_dry_run_says_everything_and_touches_nothing(tmp_path: Path) -> 
                  "/srv/data", "--vault", "transit+https://vault.example:8200/transit/data",
                  "--token-file", token, "--set", "CHECK_INTERVAL=10",
                  "--set", "OPTIONS=allow_other,default_permissions", "--start", "--dry-run",
-                 "--etc-dir", etc, "--unit-dir", units)
+                 "--etc-dir", etc, "--unit-dir", units)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for expected in (f"would write {etc}/data.conf (0600)", "CIPHER_DIR=/srv/cipher",
-                     "CHECK_INTERVAL=10", f"as {etc}/data.token (0600)",
-                     "VAULT=transit+https://vault.example:8200/transit/data",
-                     f"would write {units}/encfs@.service", "would systemctl daemon-reload",
-                     "would systemctl enable encfs@data.service",
-                     "would systemctl start encfs@data.service"):
+    for expected in (
+        f"would write {etc}/data.conf (0600)",
+        "CIPHER_DIR=/srv/cipher",
+        "CHECK_INTERVAL=10",
+        f"as {etc}/data.token (0600)",
+        "VAULT=transit+https://vault.example:8200/transit/data",
+        f"would write {units}/encfs@.service",
+        "would systemctl daemon-reload",
+        "would systemctl enable encfs@data.service",
+        "would systemctl start encfs@data.service",
+    ):
         assert expected in out, out
     assert "t\n" not in out  # never the token itself
     assert not etc.exists() and not units.exists()
@@ -117,19 +150,26 @@ def test_install_needs_a_pinned_vault(tmp_path: Path) -> None:
     URL in the cipher dir: without --vault (or --set VAULT=) install refuses."""
     proc = encfs("systemd", "install", "data", "--cipher-dir", "/srv/cipher", "--mountpoint",
                  "/srv/data", "--dry-run", "--etc-dir", tmp_path / "etc",
-                 "--unit-dir", tmp_path / "units")
+                 "--unit-dir", tmp_path / "units")  # fmt: skip
     assert proc.returncode == ExitCode.VAULT_NOT_PINNED, proc.stderr
     assert "needs --vault URL" in proc.stderr
 
 
-@pytest.mark.parametrize(("args", "complaint"), [
-    (["bad/name", "--cipher-dir", "/c", "--mountpoint", "/m"], "invalid service name"),
-    (["ok", "--cipher-dir", "/c", "--mountpoint", "/m", "--set", "NOPE=1"], "expected KEY=VALUE"),
-    (["ok", "--cipher-dir", "/c", "--mountpoint", "/m", "--token-file", "/no/such"],
-     "does not exist"),
-])
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["bad/name", "--cipher-dir", "/c", "--mountpoint", "/m"], "invalid service name"),
+        (
+            ["ok", "--cipher-dir", "/c", "--mountpoint", "/m", "--set", "NOPE=1"],
+            "expected KEY=VALUE",
+        ),
+        (
+            ["ok", "--cipher-dir", "/c", "--mountpoint", "/m", "--token-file", "/no/such"],
+            "does not exist",
+        ),
+    ],
+)
 def test_install_refuses_bad_input(args: list[str], complaint: str) -> None:
-    proc = encfs("systemd", "install", *args, "--vault", "transit+https://v:8200/t/k",
-                 "--dry-run")
+    proc = encfs("systemd", "install", *args, "--vault", "transit+https://v:8200/t/k", "--dry-run")
     assert proc.returncode != 0
     assert complaint in proc.stderr

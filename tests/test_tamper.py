@@ -24,9 +24,7 @@ def _backing_of(vol: Volume, size: int) -> Path:
     hits = [
         p
         for p in vol.cipher_dir.rglob("*")
-        if p.is_file()
-        and not p.name.startswith((".encfs", "encfs"))
-        and p.stat().st_size == want
+        if p.is_file() and not p.name.startswith((".encfs", "encfs")) and p.stat().st_size == want
     ]
     assert len(hits) == 1, hits
     return hits[0]
@@ -56,8 +54,10 @@ def _fsck(vol: Volume) -> tuple[int, str]:
 def populated(make_volume):  # type: ignore[no-untyped-def]
     vol: Volume = make_volume()
     m = vol.mountpoint
+    # fmt: off
     (m / "a.bin").write_bytes(b"A" * (3 * BS))           # 3 blocks
     (m / "b.bin").write_bytes(b"B" * (3 * BS + 1))       # 4 blocks (last 1 byte)
+    # fmt: on
     (m / "dir").mkdir()
     (m / "dir" / "note.txt").write_bytes(b"hello tamper")
     os.symlink("a.bin", m / "link")
@@ -76,7 +76,7 @@ def test_flip_bit_in_block(populated: Volume) -> None:
     vol.mount()
     f = vol.mountpoint / "a.bin"
     with open(f, "rb") as h:
-        assert h.read(BS) == b"A" * BS          # block 0 is intact
+        assert h.read(BS) == b"A" * BS  # block 0 is intact
         with pytest.raises(OSError) as info:
             h.read(BS)
         assert info.value.errno == errno.EIO
@@ -93,7 +93,7 @@ def test_swap_two_blocks(populated: Volume) -> None:
     backing = _backing_of(vol, 3 * BS)
     raw = bytearray(backing.read_bytes())
     o0, o1 = fmt.FILE_HEADER_LEN, fmt.FILE_HEADER_LEN + CBS
-    raw[o0:o0 + CBS], raw[o1:o1 + CBS] = raw[o1:o1 + CBS], raw[o0:o0 + CBS]
+    raw[o0 : o0 + CBS], raw[o1 : o1 + CBS] = raw[o1 : o1 + CBS], raw[o0 : o0 + CBS]
     backing.write_bytes(bytes(raw))
     vol.mount()
     _read_fails_eio(vol.mountpoint / "a.bin", b"A" * BS)
@@ -109,7 +109,7 @@ def test_block_copied_from_other_file(populated: Volume) -> None:
     raw_a = bytearray(a.read_bytes())
     raw_b = b.read_bytes()
     o = fmt.FILE_HEADER_LEN
-    raw_a[o:o + CBS] = raw_b[o:o + CBS]
+    raw_a[o : o + CBS] = raw_b[o : o + CBS]
     a.write_bytes(bytes(raw_a))
     vol.mount()
     with pytest.raises(OSError) as info:
@@ -213,7 +213,7 @@ def test_zeroed_block_reads_as_hole(populated: Volume) -> None:
     a = _backing_of(vol, 3 * BS)
     raw = bytearray(a.read_bytes())
     o = fmt.FILE_HEADER_LEN + CBS
-    raw[o:o + CBS] = bytes(CBS)
+    raw[o : o + CBS] = bytes(CBS)
     a.write_bytes(bytes(raw))
     vol.mount()
     assert (vol.mountpoint / "a.bin").read_bytes() == b"A" * BS + bytes(BS) + b"A" * BS
@@ -231,8 +231,12 @@ def test_volume_header_bit_flip_refused(populated: Volume, field_offset: int) ->
     # changed mount or key name, which the pinned VAULT_ADDR takes from the header) or the
     # header tag refuses. The header's host and port are never used (docs/SECURITY.md).
     assert proc.returncode in {
-        ExitCode.HEADER_AUTH, ExitCode.BAD_VOLUME, ExitCode.VAULT_PROTOCOL,
-        ExitCode.VAULT_KEY_NOT_FOUND, ExitCode.VAULT_CONFIG, ExitCode.VAULT_UNREACHABLE,
+        ExitCode.HEADER_AUTH,
+        ExitCode.BAD_VOLUME,
+        ExitCode.VAULT_PROTOCOL,
+        ExitCode.VAULT_KEY_NOT_FOUND,
+        ExitCode.VAULT_CONFIG,
+        ExitCode.VAULT_UNREACHABLE,
         ExitCode.VAULT_DENIED,
     }, proc.stderr
     assert not is_mounted(vol.mountpoint)

@@ -132,8 +132,9 @@ def test_read_header_does_not_hide_a_bad_current_header(tmp_path: Path) -> None:
     volume.write_header_atomic(tmp_path, header_bytes(url="old"))
     volume.write_header_atomic(tmp_path, header_bytes(url="new"))
     (tmp_path / fmt.VOLUME_HEADER_NAME).write_bytes(b"garbage")
-    with pytest.raises(FormatError, match=r"encfs\.volume is damaged: volume header truncated") \
-            as info:
+    with pytest.raises(
+        FormatError, match=r"encfs\.volume is damaged: volume header truncated"
+    ) as info:
         volume.read_header(tmp_path)
     assert "encfs header restore" in info.value.hint  # encfs.volume.prev parses: offered
     (tmp_path / fmt.VOLUME_HEADER_NAME).write_bytes(header_bytes(version=2))
@@ -149,8 +150,11 @@ def test_read_header_unreadable(tmp_path: Path) -> None:
 
 
 def test_volume_not_found_messages(tmp_path: Path) -> None:
-    with pytest.raises(VolumeNotFound, match=r"holds no encfs volume \(no encfs\.volume\); "
-                       r"create one with `encfs init`"):
+    with pytest.raises(
+        VolumeNotFound,
+        match=r"holds no encfs volume \(no encfs\.volume\); "
+        r"create one with `encfs init`",
+    ):
         volume.read_header(tmp_path)
     missing = tmp_path / "nope"
     with pytest.raises(VolumeNotFound, match="does not exist or is not a directory"):

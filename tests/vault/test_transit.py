@@ -374,8 +374,13 @@ def test_soft_deleted_key(openbao: OpenBao, transit_key: TransitKey) -> None:
             )
         with pytest.raises(errors.VaultKeyDisabled) as ei:  # the vault still shows the
             c.key_status()  # metadata with soft_deleted: true; for us it is unusable
-        check_error(ei.value, errors.VaultKeyDisabled, token=transit_key.token, revoked=True,
-                    contains=("is soft-deleted",))
+        check_error(
+            ei.value,
+            errors.VaultKeyDisabled,
+            token=transit_key.token,
+            revoked=True,
+            contains=("is soft-deleted",),
+        )
         openbao.restore_key(transit_key.name)
         assert c.key_status()["soft_deleted"] is False
         assert c.unwrap(wrapped) == key
@@ -914,31 +919,39 @@ def test_key_release_export_refused_for_a_non_exportable_key(transit_key: Transi
     with client(transit_key.url, transit_key.token) as c:
         _, wrapped = c.new_volume_key()
     settings = VaultSettings(timeout=5.0, key_release="export")
-    exp = TransitClient(parse_vault_url(transit_key.url), token=transit_key.token,
-                        settings=settings)
+    exp = TransitClient(
+        parse_vault_url(transit_key.url), token=transit_key.token, settings=settings
+    )
     with exp, pytest.raises(errors.VaultError) as ei:
         exp.unwrap(wrapped)
     assert "export" in str(ei.value) and "not exportable" in str(ei.value).lower()
 
 
-def test_preflight_names_the_missing_capability(openbao: OpenBao,
-                                                transit_key: TransitKey) -> None:
+def test_preflight_names_the_missing_capability(openbao: OpenBao, transit_key: TransitKey) -> None:
     k, m = transit_key.name, openbao.mount
     c, _ = host_client(openbao, k)
     with c:
         for purpose in ("init", "mount", "rotate"):
             c.check_capabilities(purpose)  # the host policy has everything
-    openbao.write_policy(f"only-datakey-{k}", f"""
+    openbao.write_policy(
+        f"only-datakey-{k}",
+        f"""
 path "{m}/datakey/plaintext/{k}" {{ capabilities = ["update"] }}
 path "sys/capabilities-self" {{ capabilities = ["update"] }}
-""")
+""",
+    )
     narrow = openbao.make_token([f"only-datakey-{k}"])
     with client(transit_key.url, narrow) as c:
         c.check_capabilities("init")
         with pytest.raises(errors.VaultPermissionDenied) as ei:
             c.check_capabilities("mount")
-        check_error(ei.value, errors.VaultPermissionDenied, token=narrow, revoked=True,
-                    contains=(f"lacks 'update' on {m}/decrypt/{k}",))
+        check_error(
+            ei.value,
+            errors.VaultPermissionDenied,
+            token=narrow,
+            revoked=True,
+            contains=(f"lacks 'update' on {m}/decrypt/{k}",),
+        )
     # A token that may not ask about itself: the preflight steps aside.
     openbao.write_policy(f"no-caps-{k}", f'path "{m}/decrypt/{k}" {{ capabilities = ["update"] }}')
     blind = openbao.make_token([f"no-caps-{k}"])
@@ -978,8 +991,11 @@ def test_retry_unavailable_waits_for_an_unsealed_vault() -> None:
             timer.start()
             retries: list[str] = []
             t0 = time.monotonic()
-            got = retry_unavailable(lambda: c.unwrap(wrapped), bound=20,
-                                    on_retry=lambda exc, d: retries.append(type(exc).__name__))
+            got = retry_unavailable(
+                lambda: c.unwrap(wrapped),
+                bound=20,
+                on_retry=lambda exc, d: retries.append(type(exc).__name__),
+            )
             timer.join()
             assert got == key
             assert 1.4 < time.monotonic() - t0 < 10
@@ -999,13 +1015,17 @@ def test_retry_unavailable_waits_for_an_unsealed_vault() -> None:
         assert 1.9 < time.monotonic() - t0 < 5
 
 
-def test_client_certificate_problems_are_credentials_errors(tls_bao: OpenBao,
-                                                            tmp_path: Path) -> None:
+def test_client_certificate_problems_are_credentials_errors(
+    tls_bao: OpenBao, tmp_path: Path
+) -> None:
     bad = tmp_path / "client.pem"
     bad.write_text("not a certificate\n")
     settings = VaultSettings(ca_file=tls_bao.ca_file, client_cert=bad, timeout=5)
     with pytest.raises(errors.VaultCredentialsError, match="client certificate"):
         TransitClient(parse_vault_url(tls_bao.url_for("k")), token="t", settings=settings)
     with pytest.raises(errors.VaultConfigError, match="needs TLS"):
-        TransitClient(parse_vault_url("transit+http://127.0.0.1:1/transit/k"), token="t",
-                      settings=VaultSettings(client_cert=bad))
+        TransitClient(
+            parse_vault_url("transit+http://127.0.0.1:1/transit/k"),
+            token="t",
+            settings=VaultSettings(client_cert=bad),
+        )

@@ -139,9 +139,7 @@ def content_vectors() -> dict[str, Any]:
                 "plain_size": size,
                 "plain": plain.hex(),
                 "plain_sha256": hashlib.sha256(plain).hexdigest(),
-                "nonces": [
-                    nonce(tag, b).hex() for b in range(-(-size // BLOCK_SIZE))
-                ],
+                "nonces": [nonce(tag, b).hex() for b in range(-(-size // BLOCK_SIZE))],
                 "cipher_size": len(sealed),
                 "cipher": sealed.hex(),
             }

@@ -167,7 +167,9 @@ class GuestResult:
         if not raw.exists():
             subprocess.run(
                 ["qemu-img", "convert", "-O", "raw", str(self.disk), str(raw)],
-                check=True, capture_output=True, timeout=120,
+                check=True,
+                capture_output=True,
+                timeout=120,
             )
         return raw
 
@@ -175,7 +177,9 @@ class GuestResult:
         """Run one read-only ``debugfs -R REQUEST`` on the guest's disk; its stdout."""
         proc = subprocess.run(
             ["debugfs", "-R", request, str(self.raw_disk())],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"debugfs -R {request!r}: {proc.stderr.strip()}")
@@ -254,8 +258,13 @@ def build_guest(*, vm: bool = False) -> GuestArtifacts:
     root = path("root")
     if root is None or "key" not in values:
         raise RuntimeError(f"unexpected output from {GUEST_ROOT_SCRIPT}:\n{proc.stdout}")
-    return GuestArtifacts(root=root, key=values["key"], kernel=path("kernel"),
-                          initrd=path("initrd"), image=path("image"))
+    return GuestArtifacts(
+        root=root,
+        key=values["key"],
+        kernel=path("kernel"),
+        initrd=path("initrd"),
+        image=path("image"),
+    )
 
 
 def _artifacts_or_skip(*, vm: bool) -> GuestArtifacts:
@@ -301,8 +310,15 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _collect(kind: str, workdir: Path, results: Path, console: Path, timed_out: bool,
-             wall: float, disk: Path | None = None) -> GuestResult:
+def _collect(
+    kind: str,
+    workdir: Path,
+    results: Path,
+    console: Path,
+    timed_out: bool,
+    wall: float,
+    disk: Path | None = None,
+) -> GuestResult:
     status = _read(results / "status").strip()
     timing = {"wall_s": round(wall, 2)}
     marks: dict[str, float] = {}
@@ -315,8 +331,7 @@ def _collect(kind: str, workdir: Path, results: Path, console: Path, timed_out: 
         zero = marks.get("pid1_start_uptime", 0.0) if kind == "nspawn" else 0.0
         timing["boot_s"] = round(marks["script_start_uptime"] - zero, 2)
         if "script_end_uptime" in marks:
-            timing["script_s"] = round(
-                marks["script_end_uptime"] - marks["script_start_uptime"], 2)
+            timing["script_s"] = round(marks["script_end_uptime"] - marks["script_start_uptime"], 2)
     return GuestResult(
         kind=kind,
         returncode=int(status) if status.isdigit() else None,
@@ -369,8 +384,7 @@ def _kill_container(container_uuid: str) -> None:
             ns = os.readlink(entry / "ns" / "pid")
         except OSError:
             continue
-        nspid = next((ln.split()[1:] for ln in status.splitlines()
-                      if ln.startswith("NSpid:")), [])
+        nspid = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:")), [])
         if nspid[-1:] == ["1"] and len(nspid) > 1:
             namespaces.add(ns)
             with suppress(ProcessLookupError):
@@ -433,14 +447,19 @@ def run_nspawn(
         *(f"--bind={h}:{g}" for h, g in binds),
         *(f"--bind-ro={h}:{g}" for h, g in ro_binds),
         "--", f"systemd.wants={TEST_UNIT}",
-    ]
+    ]  # fmt: skip
     (workdir / "command").write_text(shlex.join(cmd) + "\n")
     start = time.monotonic()
     timed_out = False
     try:
         with console.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 timed_out = _wait(proc, timeout)
             finally:
@@ -461,7 +480,7 @@ def _virtiofsd(source: Path, socket: Path, log: Path) -> Iterator[None]:
              "-o", "sandbox=chroot", "-o", "cache=auto"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
-        )
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 10
         while not socket.exists():
@@ -509,13 +528,18 @@ def run_qemu(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(artifacts.image),
          str(disk)],
         check=True, capture_output=True, timeout=60,
-    )
+    )  # fmt: skip
     console = workdir / "console.log"
-    append = " ".join([
-        "root=/dev/vda", "rw", "console=ttyS0", "panic=-1",
-        f"systemd.wants={TEST_UNIT}",
-        *kernel_args,
-    ])
+    append = " ".join(
+        [
+            "root=/dev/vda",
+            "rw",
+            "console=ttyS0",
+            "panic=-1",
+            f"systemd.wants={TEST_UNIT}",
+            *kernel_args,
+        ]
+    )
     start = time.monotonic()
     timed_out = False
     with ExitStack() as stack:
@@ -523,7 +547,8 @@ def run_qemu(
         sockdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="encfs-vfs-")))
         for tag, source in (("src", src), ("results", results)):
             stack.enter_context(
-                _virtiofsd(source, sockdir / f"{tag}.sock", workdir / f"virtiofsd-{tag}.log"))
+                _virtiofsd(source, sockdir / f"{tag}.sock", workdir / f"virtiofsd-{tag}.log")
+            )
         cmd = [
             "timeout", "-k", "5", str(int(timeout) + 15),
             "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", str(cpus),
@@ -535,17 +560,27 @@ def run_qemu(
             # vhost-user (virtiofs) needs guest RAM in a shared memory backend.
             "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
             "-numa", "node,memdev=mem",
-        ]
+        ]  # fmt: skip
         for tag in ("src", "results"):
-            cmd += ["-chardev", f"socket,id={tag},path={sockdir / f'{tag}.sock'}",
-                    "-device", f"vhost-user-fs-pci,chardev={tag},tag={tag}"]
+            cmd += [
+                "-chardev",
+                f"socket,id={tag},path={sockdir / f'{tag}.sock'}",
+                "-device",
+                f"vhost-user-fs-pci,chardev={tag},tag={tag}",
+            ]
         (workdir / "command").write_text(shlex.join(cmd) + "\n")
         with console.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 timed_out = _wait(proc, timeout)
             finally:
                 _kill_group(proc)
-    return _collect("qemu", workdir, results, console, timed_out, time.monotonic() - start,
-                    disk=disk)
+    return _collect(
+        "qemu", workdir, results, console, timed_out, time.monotonic() - start, disk=disk
+    )

@@ -67,8 +67,9 @@ def test_nspawn_boots_systemd_and_mounts_encfs(tmp_path: Path) -> None:
 @pytest.mark.systemd
 def test_nspawn_exit_status_and_leaves_root_untouched(tmp_path: Path) -> None:
     root = guest_root()
-    result = run_nspawn(root, "touch /etc/written-by-test\necho partial\nexit 7\n",
-                        workdir=tmp_path)
+    result = run_nspawn(
+        root, "touch /etc/written-by-test\necho partial\nexit 7\n", workdir=tmp_path
+    )
     assert result.returncode == 7, result.describe()
     assert result.stdout == "partial\n"
     assert not (root / "etc" / "written-by-test").exists()

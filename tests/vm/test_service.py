@@ -139,7 +139,7 @@ def test_units_under_a_real_systemd(tmp_path: Path) -> None:
     assert "boot2-ok" in out, second.describe()
     assert re.search(r"^state=(running|degraded)$", out, re.M), second.describe()
     assert "status-at-boot=active" in out
-    assert "Status: \"suspended: access revoked (VaultKeyDisabled)" in out, second.describe()
+    assert 'Status: "suspended: access revoked (VaultKeyDisabled)' in out, second.describe()
     assert "resumed-ok" in out
     assert re.search(r"^restarts=1$", out, re.M), second.describe()
     assert "stop-result=success" in out and "exit-status=0" in out
@@ -193,5 +193,5 @@ def test_ci_vm_scratch_is_crypto_erased_at_power_off(tmp_path: Path) -> None:
         tail = b""
         while chunk := disk.read(16 << 20):
             found += (tail + chunk).count(needle)
-            tail = chunk[-len(needle):]
+            tail = chunk[-len(needle) :]
     assert found == 0, "the job's plaintext reached the VM's disk"
