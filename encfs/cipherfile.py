@@ -517,5 +517,3 @@ def _pwritev_all(fd: int, bufs: list[bytes | bytearray], cipher_off: int) -> Non
             _pwrite_all(fd, memoryview(buf)[written:], cipher_off + written)
             written = 0
         cipher_off += len(buf)
-
-

@@ -177,7 +177,6 @@ def harden_process() -> None:
     """No core dumps: keys must never reach a disk through a crash."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
-
         pr_set_dumpable = 4
         backing.LIBC.prctl(pr_set_dumpable, 0, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - Linux always has prctl

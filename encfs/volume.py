@@ -212,9 +212,7 @@ def header_findings(hf: HeaderFile, pin: pins.Pin | None) -> list[str]:
                 f"{pin.volume_id} ({pin.vault_url!r})"
             )
         if pin.block_size and pin.block_size != str(h.block_size):
-            found.append(
-                f"its block size {h.block_size} is not the pinned one ({pin.block_size})"
-            )
+            found.append(f"its block size {h.block_size} is not the pinned one ({pin.block_size})")
     return found
 
 
@@ -341,8 +339,7 @@ def restore_header(cipher_dir: Path, source: Path | None = None) -> Restore:
                 f"first; if the current header's volume id is the damaged part, move "
                 f"{fmt.VOLUME_HEADER_NAME} (and {fmt.VOLUME_HEADER_PREV}) aside and retry"
                 if pin is None
-                else f"if the volume was replaced on purpose, `encfs pin reset {cipher_dir}` "
-                "first",
+                else f"if the volume was replaced on purpose, `encfs pin reset {cipher_dir}` first",
             )
         if current is not None and current.body + current.tag == raw:
             return Restore(header=current, changed=False)
