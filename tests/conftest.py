@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Volume, force_unmount
+from tests.harness import MakeVolume, Volume, force_unmount
 from tests.openbao import OpenBao
 
 
@@ -80,7 +80,7 @@ def host_token(openbao: OpenBao, transit_key: TransitKey, tmp_path: Path) -> Pat
 
 
 @pytest.fixture
-def make_volume(transit_key: TransitKey, tmp_path: Path) -> Iterator[object]:
+def make_volume(transit_key: TransitKey, tmp_path: Path) -> Iterator[MakeVolume]:
     """Factory: ``make_volume(options=[...], block_size=N, mount=True) -> Volume``.
 
     Every integration test mounts through this fixture; teardown unmounts whatever is left.
@@ -115,7 +115,7 @@ def make_volume(transit_key: TransitKey, tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture
-def vol(make_volume) -> Volume:  # type: ignore[no-untyped-def]
+def vol(make_volume: MakeVolume) -> Volume:
     """A mounted volume with default options."""
     v: Volume = make_volume()
     return v

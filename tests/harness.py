@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
 def encfs(
@@ -142,6 +142,19 @@ class Volume:
             except OSError:
                 pass
         return b"\0".join(chunks)
+
+
+class MakeVolume(Protocol):
+    """The ``make_volume`` fixture (conftest): a fresh volume, initialised and by default
+    mounted; torn down with the test."""
+
+    def __call__(
+        self,
+        options: list[str] | None = None,
+        block_size: int = 4096,
+        mount: bool = True,
+        name: str = "",
+    ) -> Volume: ...
 
 
 def wait_until(cond: object, timeout: float = 10.0, interval: float = 0.05) -> bool:

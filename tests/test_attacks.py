@@ -38,7 +38,7 @@ from encfs import crypto, volume
 from encfs import format as fmt
 from encfs.vault import VaultSettings, connect
 from tests import harness
-from tests.harness import Volume, encfs, force_unmount, is_mounted
+from tests.harness import MakeVolume, Volume, encfs, force_unmount, is_mounted
 
 NOBODY = 65534
 MULTIUSER = ["allow_other", "default_permissions"]
@@ -686,7 +686,7 @@ def test_fresh_init_cipher_dir_is_root_only(
 
 
 @pytest.mark.parametrize("how", ["mode-0755", "owned-by-nobody"])
-def test_mount_refuses_cipher_dir_not_root_0700(make_volume, how: str) -> None:  # type: ignore[no-untyped-def]
+def test_mount_refuses_cipher_dir_not_root_0700(make_volume: MakeVolume, how: str) -> None:
     """Checks the door's §"init and mount make/require the cipher dir 0700 root": a cipher
     dir other users can enter (0755), or that is not root's, is refused at mount with a
     message saying what to fix (0700 / chmod). Users depend on the mount never serving a

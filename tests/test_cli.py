@@ -12,11 +12,11 @@ import pytest
 
 from encfs.cli import ExitCode
 from tests.conftest import TransitKey
-from tests.harness import Volume, encfs, is_mounted
+from tests.harness import MakeVolume, Volume, encfs, is_mounted
 from tests.openbao import OpenBao
 
 
-def test_init_info_mount_roundtrip(make_volume, transit_key: TransitKey) -> None:  # type: ignore[no-untyped-def]
+def test_init_info_mount_roundtrip(make_volume: MakeVolume, transit_key: TransitKey) -> None:
     vol: Volume = make_volume()
     (vol.mountpoint / "hello.txt").write_text("hello, vault\n")
     info = json.loads(encfs("info", vol.cipher_dir, "--json", check=True).stdout)
@@ -35,7 +35,7 @@ def test_init_info_mount_roundtrip(make_volume, transit_key: TransitKey) -> None
     assert (vol.mountpoint / "hello.txt").read_text() == "hello, vault\n"
 
 
-def test_info_has_no_secret_and_needs_no_vault(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_info_has_no_secret_and_needs_no_vault(make_volume: MakeVolume) -> None:
     vol: Volume = make_volume(mount=False)
     proc = encfs("info", vol.cipher_dir, env={"PATH": os.environ["PATH"]})
     assert proc.returncode == 0, proc.stderr
@@ -73,7 +73,9 @@ def _mount_fails(vol: Volume, env: dict[str, str], *extra: str) -> tuple[int, st
     return proc.returncode, proc.stderr
 
 
-def test_mount_revoked_token(make_volume, openbao: OpenBao, transit_key: TransitKey) -> None:  # type: ignore[no-untyped-def]
+def test_mount_revoked_token(
+    make_volume: MakeVolume, openbao: OpenBao, transit_key: TransitKey
+) -> None:
     vol: Volume = make_volume(mount=False)
     token = openbao.make_token(["default"])
     openbao.admin.auth.token.revoke(token)
@@ -83,14 +85,16 @@ def test_mount_revoked_token(make_volume, openbao: OpenBao, transit_key: Transit
     assert token not in err
 
 
-def test_mount_key_missing(make_volume, transit_key: TransitKey, openbao: OpenBao) -> None:  # type: ignore[no-untyped-def]
+def test_mount_key_missing(
+    make_volume: MakeVolume, transit_key: TransitKey, openbao: OpenBao
+) -> None:
     vol: Volume = make_volume(mount=False)
     code, err = _mount_fails(vol, transit_key.env, "--vault", openbao.url_for("no-such-key"))
     assert code == ExitCode.VAULT_KEY_NOT_FOUND
     assert "encryption key not found" in err
 
 
-def test_mount_vault_unreachable(make_volume, transit_key: TransitKey) -> None:  # type: ignore[no-untyped-def]
+def test_mount_vault_unreachable(make_volume: MakeVolume, transit_key: TransitKey) -> None:
     vol: Volume = make_volume(mount=False)
     from tests.openbao import free_port
 
@@ -119,14 +123,16 @@ def test_mount_vault_sealed(tmp_path: Path) -> None:
         assert "sealed" in err
 
 
-def test_mount_without_token(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_mount_without_token(make_volume: MakeVolume) -> None:
     vol: Volume = make_volume(mount=False)
     code, err = _mount_fails(vol, {"PATH": os.environ["PATH"]})
     assert code == ExitCode.VAULT_CREDENTIALS
     assert "--token-file" in err
 
 
-def test_token_file_must_be_private(make_volume, transit_key: TransitKey, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_token_file_must_be_private(
+    make_volume: MakeVolume, transit_key: TransitKey, tmp_path: Path
+) -> None:
     vol: Volume = make_volume(mount=False)
     token_file = tmp_path / "tok"
     token_file.write_text(transit_key.token)
@@ -151,7 +157,7 @@ def test_token_file_must_be_private(make_volume, transit_key: TransitKey, tmp_pa
     vol.unmount()
 
 
-def test_least_privilege_host_token_mounts(make_volume, host_token: Path) -> None:  # type: ignore[no-untyped-def]
+def test_least_privilege_host_token_mounts(make_volume: MakeVolume, host_token: Path) -> None:
     vol: Volume = make_volume(mount=False)
     env = {"PATH": os.environ["PATH"]}
     proc = encfs(
@@ -209,8 +215,8 @@ def test_help_documents_exit_codes() -> None:
 
 
 def test_mount_preflight_names_the_missing_capability(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol: Volume = make_volume(mount=False)
@@ -236,7 +242,9 @@ path "sys/capabilities-self" {{ capabilities = ["update"] }}
     assert "lacks 'update'" in str(last["message"])
 
 
-def test_mount_soft_deleted_key(make_volume, openbao: OpenBao, transit_key: TransitKey) -> None:  # type: ignore[no-untyped-def]
+def test_mount_soft_deleted_key(
+    make_volume: MakeVolume, openbao: OpenBao, transit_key: TransitKey
+) -> None:
     vol: Volume = make_volume(mount=False)
     openbao.soft_delete_key(transit_key.name)
     try:
@@ -329,7 +337,7 @@ def test_mount_with_key_release_export(tmp_path: Path, openbao: OpenBao) -> None
     vol.unmount()
 
 
-def test_mount_key_release_export_of_a_non_exportable_key(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_mount_key_release_export_of_a_non_exportable_key(make_volume: MakeVolume) -> None:
     vol: Volume = make_volume(mount=False)
     code, err = _mount_fails(vol, vol.env, "--key-release", "export")
     assert code == ExitCode.VAULT_CONFIG
@@ -337,8 +345,8 @@ def test_mount_key_release_export_of_a_non_exportable_key(make_volume) -> None: 
 
 
 def test_non_renewable_token_is_reported(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol: Volume = make_volume(mount=False)
@@ -356,8 +364,8 @@ def test_non_renewable_token_is_reported(
 
 
 def test_token_is_renewed_while_mounted_and_audited(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     import time
@@ -381,7 +389,9 @@ def test_token_is_renewed_while_mounted_and_audited(
     mount_events = [e for e in events if e["event"] != "init"]
     assert all(e["identity"] == accessor for e in mount_events)
     for e in events:
-        assert e["volume_id"] and e["host"] and e["time"].endswith("Z")
+        assert (
+            e["volume_id"] and e["host"] and isinstance(e["time"], str) and e["time"].endswith("Z")
+        )
         assert e["result"] == "ok"
     raw = vol.audit_log.read_text() if vol.audit_log else ""
     assert token not in raw and openbao.root_token not in raw
@@ -390,7 +400,7 @@ def test_token_is_renewed_while_mounted_and_audited(
 # --- volume config files (/etc/encfs/NAME.conf) ---------------------------------------------------
 
 
-def test_mount_from_a_config_file(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_mount_from_a_config_file(make_volume: MakeVolume, tmp_path: Path) -> None:
     vol: Volume = make_volume(mount=False)
     conf = tmp_path / "data.conf"
     conf.write_text(f"""# encfs volume "data"

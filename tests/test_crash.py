@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from encfs.cli import ExitCode
-from tests.harness import Volume, encfs, force_unmount, is_mounted, wait_until
+from tests.harness import MakeVolume, Volume, encfs, force_unmount, is_mounted, wait_until
 
 BS = 4096
 FILES = ("log-a", "log-b", "ow")
@@ -156,7 +156,7 @@ def _read_files(vol: Volume) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_kill_9_loses_at_most_the_write_in_flight(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_kill_9_loses_at_most_the_write_in_flight(make_volume: MakeVolume, tmp_path: Path) -> None:
     """50 rounds of kill -9 of the daemon under a random writer. After each: fsck either
     finds nothing, or only blocks that a torn write left (a fatal signal cuts a large
     write short at a page boundary); ``fsck --repair`` then cuts a torn tail or zeroes a

@@ -30,6 +30,7 @@ from encfs import format as fmt
 from encfs.cli import ExitCode
 from tests.conftest import TransitKey
 from tests.harness import (
+    MakeVolume,
     Volume,
     encfs,
     force_unmount,
@@ -89,7 +90,7 @@ def _mount_live(make_volume: Callable[..., Volume], bao: OpenBao, key: str, *ext
 
 
 @pytest.fixture
-def live(make_volume, openbao: OpenBao, transit_key: TransitKey) -> Live:  # type: ignore[no-untyped-def]
+def live(make_volume: MakeVolume, openbao: OpenBao, transit_key: TransitKey) -> Live:
     return _mount_live(make_volume, openbao, transit_key.name, "--offline-grace", "3")
 
 
@@ -152,7 +153,7 @@ class Witness:
 @dataclass(frozen=True)
 class Revocation:
     revoke: Callable[[Live], None]
-    restore: Callable[[Live], None]
+    restore: Callable[[Live], object]
     reason: str
 
 
@@ -232,14 +233,14 @@ def test_revocation_suspends_and_restoring_resumes(live: Live, kind: str) -> Non
         assert ("suspend", "ok") in events and ("resume", "ok") in events
         # SECURITY.md: the suspension itself (flush, drain, wipe, invalidate) takes ms.
         assert live.vol.log_file is not None
-        took = re.search(r"cached inodes invalidated \((\d+) ms\)", live.vol.log_file.read_text())
-        assert took and int(took.group(1)) < 500, took
+        wiped = re.search(r"cached inodes invalidated \((\d+) ms\)", live.vol.log_file.read_text())
+        assert wiped and int(wiped.group(1)) < 500, wiped
         assert ("vault_error", "error") in events
     finally:
         witness.close()
 
 
-def test_unreachable_vault_gets_its_grace(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_unreachable_vault_gets_its_grace(make_volume: MakeVolume, tmp_path: Path) -> None:
     """Sealed (503) is unreachable, not revoked: serve for the grace, then suspend; resume
     when the vault is back."""
     with OpenBao() as bao:
@@ -275,7 +276,7 @@ def test_unreachable_vault_gets_its_grace(make_volume, tmp_path: Path) -> None: 
             force_unmount(vol.mountpoint)
 
 
-def test_zero_grace_fails_closed(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_zero_grace_fails_closed(make_volume: MakeVolume, tmp_path: Path) -> None:
     with OpenBao() as bao:
         bao.create_key("k")
         vol = Volume(
@@ -298,8 +299,8 @@ def test_zero_grace_fails_closed(make_volume, tmp_path: Path) -> None:  # type: 
 
 
 def test_on_revoke_unmount_exits_with_its_own_code(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol: Volume = make_volume(mount=False)
@@ -379,8 +380,8 @@ def test_fsynced_writes_survive_a_revocation(live: Live) -> None:
 
 
 def test_suspended_errno_is_configurable(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     live = _mount_live(make_volume, openbao, transit_key.name, "--suspended-errno", "EIO")
@@ -477,9 +478,9 @@ Before the token lived in locked memory, five copies and more were found here.""
 
 
 def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
-    make_volume,
+    make_volume: MakeVolume,
     openbao: OpenBao,
-    transit_key: TransitKey,  # type: ignore[no-untyped-def]
+    transit_key: TransitKey,
 ) -> None:
     live = _mount_live(make_volume, openbao, transit_key.name)
     mp = live.vol.mountpoint
@@ -613,8 +614,8 @@ def test_kmip_volume_end_to_end_and_revocation(tmp_path: Path) -> None:
 @pytest.mark.systemd
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_sd_notify_ready_status_watchdog_stopping(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
     tmp_path: Path,
     abstract: bool,
@@ -744,7 +745,7 @@ def test_ephemeral_volume_is_crypto_erased(tmp_path: Path) -> None:
         assert encfs("unmount", mp).returncode == 0
 
 
-def test_ephemeral_refuses_to_erase_anything_else(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_ephemeral_refuses_to_erase_anything_else(make_volume: MakeVolume, tmp_path: Path) -> None:
     vol: Volume = make_volume()
     (vol.mountpoint / "keep").write_text("precious")
     vol.unmount()
@@ -809,7 +810,7 @@ def test_ephemeral_volume_erases_itself_when_the_vault_revokes(
         force_unmount(mp)
 
 
-def test_restart_after_kill_9_detaches_the_dead_mount(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_restart_after_kill_9_detaches_the_dead_mount(make_volume: MakeVolume) -> None:
     """kill -9 leaves the kernel's mount behind (ENOTCONN); the next mount - what systemd's
     Restart= runs - detaches it and mounts again, and the data is there."""
     vol: Volume = make_volume()
@@ -877,7 +878,7 @@ def test_vault_stopped_serves_for_the_grace_then_suspends_and_resumes_when_back(
         server.stop()
 
 
-def test_status_warns_when_key_memory_cannot_be_locked(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_status_warns_when_key_memory_cannot_be_locked(make_volume: MakeVolume) -> None:
     """Without CAP_IPC_LOCK and with RLIMIT_MEMLOCK 0, mlock fails: the mount still works,
     and both the mount's warning and `encfs status` say what to raise."""
     import shutil
@@ -903,7 +904,7 @@ def test_status_warns_when_key_memory_cannot_be_locked(make_volume) -> None:  # 
     assert (vol.mountpoint / "f").read_text() == "still works"
 
 
-def test_one_cipher_dir_is_mounted_once(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_one_cipher_dir_is_mounted_once(make_volume: MakeVolume, tmp_path: Path) -> None:
     """Two daemons on one cipher dir interleaved appends and lost 90 of 100 lines without
     an error: the second mount now fails (exit 24) naming the first mountpoint; the lock
     goes with the daemon, even when it is killed, and a restart mounts again."""
@@ -926,7 +927,7 @@ def test_one_cipher_dir_is_mounted_once(make_volume, tmp_path: Path) -> None:  #
         subprocess.run(["fusermount3", "-uz", str(vol.mountpoint)], capture_output=True)
 
 
-def test_mounting_over_a_nonempty_directory_needs_nonempty(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_mounting_over_a_nonempty_directory_needs_nonempty(make_volume: MakeVolume) -> None:
     """A mount over files hides them silently; refuse (exit 20, saying why and how) unless
     ``-o nonempty``, as gocryptfs does."""
     vol: Volume = make_volume(mount=False)

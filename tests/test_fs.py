@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from encfs import format as fmt
-from tests.harness import Volume, as_user, encfs
+from tests.harness import MakeVolume, Volume, as_user, encfs
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -145,7 +145,7 @@ def test_mmap_write_then_read_after_remount(vol: Volume) -> None:
     f = vol.mountpoint / "mm"
     with open(f, "wb") as h:
         h.truncate(3 * 4096 + 100)
-    with open(f, "r+b") as h, mmap.mmap(h.fileno(), 0) as m:
+    with open(f, "r+b") as rw, mmap.mmap(rw.fileno(), 0) as m:
         m[4090:4110] = b"x" * 20
         m[-5:] = b"tail!"
         m.flush()
@@ -240,8 +240,10 @@ def test_concurrent_writers_never_lose_updates(vol: Volume) -> None:
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_write_slots, args=(path, s, slots, 3)) for s in (0, 1)]
     threads = [threading.Thread(target=_write_slots, args=(path, s, slots, 3)) for s in (2, 3)]
-    for w in (*procs, *threads):
-        w.start()
+    for p in procs:
+        p.start()
+    for t in threads:
+        t.start()
     for t in threads:
         t.join()
     for p in procs:
@@ -481,7 +483,7 @@ def test_xattrs(vol: Volume) -> None:
 # --- mount options ---------------------------------------------------------------------------
 
 
-def test_read_only_mount(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_read_only_mount(make_volume: MakeVolume) -> None:
     vol: Volume = make_volume()
     (vol.mountpoint / "f").write_text("ro")
     vol.unmount()
@@ -499,7 +501,7 @@ def test_read_only_mount(make_volume) -> None:  # type: ignore[no-untyped-def]
         assert info.value.errno == errno.EROFS
 
 
-def test_foreground_mount_and_sigterm(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_foreground_mount_and_sigterm(make_volume: MakeVolume) -> None:
     import signal
     import sys
     import time
@@ -532,14 +534,14 @@ def test_foreground_mount_and_sigterm(make_volume) -> None:  # type: ignore[no-u
     assert (vol.mountpoint / "fg").read_text() == "foreground"
 
 
-def test_unknown_mount_option(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_mount_option(make_volume: MakeVolume) -> None:
     vol: Volume = make_volume(mount=False)
     proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "-o", "bogus", env=vol.env)
     assert proc.returncode == 2 and "unknown mount option 'bogus'" in proc.stderr
 
 
 @pytest.mark.parametrize("block_size", [65536])
-def test_large_block_size(make_volume, block_size: int) -> None:  # type: ignore[no-untyped-def]
+def test_large_block_size(make_volume: MakeVolume, block_size: int) -> None:
     vol: Volume = make_volume(block_size=block_size)
     data = os.urandom(3 * block_size + 123)
     f = vol.mountpoint / "big"
@@ -626,9 +628,7 @@ def backing_of(vol: Volume, path: Path) -> Path:
 
 
 @pytest.fixture
-def multiuser(  # type: ignore[no-untyped-def]
-    make_volume, reachable_tmp: Path
-) -> tuple[Volume, Path]:
+def multiuser(make_volume: MakeVolume, reachable_tmp: Path) -> tuple[Volume, Path]:
     """A volume mounted with allow_other,default_permissions. Its root is root's and 0755; it
     holds ``shared``, root's sticky world-writable directory (1777), with two of root's files
     in it: ``secret`` (0600) and ``public`` (0644)."""
@@ -837,8 +837,8 @@ def test_another_user_lists_and_stats(multiuser: tuple[Volume, Path]) -> None:
     assert cat.returncode == 1 and "Permission denied" in cat.stderr and cat.stdout == ""
 
 
-def test_without_allow_other_other_users_are_locked_out(  # type: ignore[no-untyped-def]
-    make_volume, reachable_tmp: Path
+def test_without_allow_other_other_users_are_locked_out(
+    make_volume: MakeVolume, reachable_tmp: Path
 ) -> None:
     vol: Volume = make_volume()
     os.chmod(vol.mountpoint, 0o755)
@@ -964,7 +964,7 @@ def test_leak_forms_find_embedded_encodings() -> None:
             assert any(f in encoded for f in forms), (pre, encoded)
 
 
-def test_cipher_dir_holds_no_plaintext(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_cipher_dir_holds_no_plaintext(make_volume: MakeVolume) -> None:
     """Names, contents, symlink targets, directory names, xattr names and values: none of
     them is in the cipher dir, raw, hex or base64, once everything is flushed."""
     vol: Volume = make_volume()
@@ -1110,8 +1110,8 @@ def run_fio(vol: Volume, out_dir: Path, *job: str) -> list[dict[str, Any]]:
     return jobs
 
 
-def test_fio_sequential_write_verifies_and_survives_remount(  # type: ignore[no-untyped-def]
-    make_volume, tmp_path: Path
+def test_fio_sequential_write_verifies_and_survives_remount(
+    make_volume: MakeVolume, tmp_path: Path
 ) -> None:
     vol: Volume = make_volume()
     (job,) = run_fio(vol, tmp_path, *SEQ_JOB)
@@ -1128,9 +1128,7 @@ def test_fio_sequential_write_verifies_and_survives_remount(  # type: ignore[no-
     assert proc.returncode != 0 and "verify" in proc.stdout + proc.stderr + report
 
 
-def test_fio_random_4k_writes_verify(  # type: ignore[no-untyped-def]
-    make_volume, tmp_path: Path
-) -> None:
+def test_fio_random_4k_writes_verify(make_volume: MakeVolume, tmp_path: Path) -> None:
     vol: Volume = make_volume()
     (job,) = run_fio(
         vol, tmp_path, "--name=rand", "--filename=rand.dat", "--rw=randwrite", "--bs=4k",
@@ -1139,9 +1137,7 @@ def test_fio_random_4k_writes_verify(  # type: ignore[no-untyped-def]
     assert (job["write"]["io_bytes"], job["read"]["io_bytes"]) == (32 * MIB, 32 * MIB)
 
 
-def test_fio_mixed_jobs_on_separate_files_verify(  # type: ignore[no-untyped-def]
-    make_volume, tmp_path: Path
-) -> None:
+def test_fio_mixed_jobs_on_separate_files_verify(make_volume: MakeVolume, tmp_path: Path) -> None:
     """Two processes, each on its own file, mixing reads with writes of 512 B..64 KiB (most
     of them partial blocks), read back directly from encfs (O_DIRECT) and verified."""
     vol: Volume = make_volume()
@@ -1158,8 +1154,8 @@ def test_fio_mixed_jobs_on_separate_files_verify(  # type: ignore[no-untyped-def
     assert [(vol.mountpoint / f).stat().st_size for f in files] == [16 * MIB] * 2
 
 
-def test_fio_mmap_writes_verify_and_survive_remount(  # type: ignore[no-untyped-def]
-    make_volume, tmp_path: Path
+def test_fio_mmap_writes_verify_and_survive_remount(
+    make_volume: MakeVolume, tmp_path: Path
 ) -> None:
     vol: Volume = make_volume()
     (job,) = run_fio(vol, tmp_path, *MMAP_JOB)
@@ -1236,8 +1232,8 @@ def test_large_directory_listing(vol: Volume) -> None:
     assert all(sizes[name] == i % 7 for i, name in enumerate(sorted(names)))
 
 
-def test_write_and_truncate_by_other_user_clear_setid_bits(  # type: ignore[no-untyped-def]
-    multiuser,
+def test_write_and_truncate_by_other_user_clear_setid_bits(
+    multiuser: tuple[Volume, Path],
 ) -> None:
     """As on a kernel filesystem: a write or truncation by a user without CAP_FSETID clears
     set-user-ID and (on group-executable files) set-group-ID; root's own writes keep them."""
@@ -1265,7 +1261,7 @@ def test_write_and_truncate_by_other_user_clear_setid_bits(  # type: ignore[no-u
     assert (root / "s").read_bytes() == b"first\nagain\n"
 
 
-def test_writes_cost_no_capability_round_trip(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_writes_cost_no_capability_round_trip(make_volume: MakeVolume) -> None:
     """scripts/install builds libfuse 3.17 into the venv; with it the mount negotiates
     HANDLE_KILLPRIV_V2 and the kernel stops asking for ``security.capability`` before every
     write(2) (bookworm's libfuse 3.14 cannot: one more round trip per write)."""
@@ -1287,7 +1283,7 @@ def test_writes_cost_no_capability_round_trip(make_volume) -> None:  # type: ign
     assert "HANDLE_KILLPRIV_V2" in encfs("status", vol.mountpoint, check=True).stdout
 
 
-def test_writeback_cache_option(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_writeback_cache_option(make_volume: MakeVolume) -> None:
     """-o writeback_cache mounts and keeps data byte-exact through small unaligned writes."""
     vol: Volume = make_volume(options=["writeback_cache"])
     p = vol.mountpoint / "f"
@@ -1301,7 +1297,7 @@ def test_writeback_cache_option(make_volume) -> None:  # type: ignore[no-untyped
     assert p.read_bytes() == bytes(ref)
 
 
-def test_stream_writes_are_seen_by_every_other_view(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_stream_writes_are_seen_by_every_other_view(make_volume: MakeVolume) -> None:
     """Long sequential writes are sealed in the background (cipherfile.Sealer); a second
     handle, stat, a directory listing, a hard link and fsync all see every byte, and so
     does the volume after a remount."""
@@ -1330,7 +1326,7 @@ def test_stream_writes_are_seen_by_every_other_view(make_volume) -> None:  # typ
     assert (vol.mountpoint / "alias").read_bytes() == data[: 5 * mib + 7]
 
 
-def test_mount_reads_ahead_a_mebibyte(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_mount_reads_ahead_a_mebibyte(make_volume: MakeVolume) -> None:
     """The kernel starts every FUSE mount at 128 KiB of readahead; the daemon (root) raises
     its mount's to 1 MiB, so sequential reads arrive as 1 MiB requests."""
     vol: Volume = make_volume()
@@ -1421,7 +1417,7 @@ def test_session_end_seals_queued_writes(tmp_path: Path) -> None:
     assert os.fstat(fh).st_size == ops.geo.cipher_size(9 * mib)
 
 
-def test_system_libfuse_still_works_without_killpriv_v2(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_system_libfuse_still_works_without_killpriv_v2(make_volume: MakeVolume) -> None:
     """README: if the libfuse 3.17 build is missing, encfs runs on the system libfuse 3
     (FUSE_LIBRARY_PATH picks it here) — correct, one round trip more per write."""
     system = Path("/usr/lib/x86_64-linux-gnu/libfuse3.so.3")
@@ -1460,7 +1456,9 @@ def test_new_entries_get_the_callers_mode_not_the_daemons_umask(vol: Volume) -> 
     assert stat.S_IMODE((m / "s").lstat().st_mode) == 0o777
 
 
-def test_the_mount_root_has_its_own_mode_and_owner(make_volume, reachable_tmp: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_mount_root_has_its_own_mode_and_owner(
+    make_volume: MakeVolume, reachable_tmp: Path
+) -> None:
     """The cipher dir stays root's 0700 (a root daemon refuses anything else), yet the
     mount's root is a directory like any other: 0755 root's when new, and chmod/chown of
     it are kept (on the cipher dir, FORMAT.md §6.2) across remounts without opening the

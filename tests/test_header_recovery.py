@@ -14,7 +14,7 @@ import pytest
 from encfs import format as fmt
 from encfs.cli import ExitCode
 from tests.conftest import TransitKey
-from tests.harness import Volume, encfs, is_mounted
+from tests.harness import MakeVolume, Volume, encfs, is_mounted
 from tests.openbao import OpenBao
 
 
@@ -30,7 +30,7 @@ def _mount(vol: Volume) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-def _rotated(make_volume, openbao: OpenBao, transit_key: TransitKey) -> Volume:  # type: ignore[no-untyped-def]
+def _rotated(make_volume: MakeVolume, openbao: OpenBao, transit_key: TransitKey) -> Volume:
     """A volume with a file in it, rotated once: ``encfs.volume.prev`` holds KEK v1."""
     vol: Volume = make_volume()
     (vol.mountpoint / "f").write_text("keep me")
@@ -41,7 +41,7 @@ def _rotated(make_volume, openbao: OpenBao, transit_key: TransitKey) -> Volume: 
     return vol
 
 
-def _url_offset(raw: bytes, needle: bytes) -> int:
+def _url_offset(raw: bytes | bytearray, needle: bytes) -> int:
     url_len = int.from_bytes(raw[36:38], "big")
     at = raw[38 : 38 + url_len].index(needle)
     return 38 + at
@@ -57,8 +57,8 @@ def _restore_and_read(vol: Volume, *source: Path) -> None:
 
 
 def test_flipped_url_byte_is_a_damaged_header(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol = _rotated(make_volume, openbao, transit_key)
@@ -78,8 +78,8 @@ def test_flipped_url_byte_is_a_damaged_header(
 
 
 def test_flipped_wrapped_key_byte_offers_the_previous_header(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol = _rotated(make_volume, openbao, transit_key)
@@ -97,8 +97,8 @@ def test_flipped_wrapped_key_byte_offers_the_previous_header(
 
 
 def test_key_recreated_under_the_same_name(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol: Volume = make_volume(mount=False)
@@ -111,8 +111,8 @@ def test_key_recreated_under_the_same_name(
 
 
 def test_tag_mismatch_offers_the_previous_header(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol = _rotated(make_volume, openbao, transit_key)
@@ -126,8 +126,8 @@ def test_tag_mismatch_offers_the_previous_header(
 
 
 def test_truncated_header_is_damaged_and_prev_is_offered(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol = _rotated(make_volume, openbao, transit_key)
@@ -140,8 +140,8 @@ def test_truncated_header_is_damaged_and_prev_is_offered(
 
 
 def test_missing_header_is_not_an_empty_directory(
-    make_volume,
-    tmp_path: Path,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    tmp_path: Path,
     transit_key: TransitKey,
 ) -> None:
     vol: Volume = make_volume()
@@ -155,7 +155,11 @@ def test_missing_header_is_not_an_empty_directory(
     again = encfs("header", "backup", vol.cipher_dir, backup, env=vol.env)
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
     _header(vol).unlink()
-    for cmd in (["mount", vol.cipher_dir, vol.mountpoint], ["info", vol.cipher_dir]):
+    cmds: list[list[str | Path]] = [
+        ["mount", vol.cipher_dir, vol.mountpoint],
+        ["info", vol.cipher_dir],
+    ]
+    for cmd in cmds:
         proc = encfs(*cmd, env=vol.env)
         assert proc.returncode == ExitCode.NO_VOLUME, proc.stderr
         assert "the volume header is missing" in proc.stderr
@@ -167,7 +171,7 @@ def test_missing_header_is_not_an_empty_directory(
     _restore_and_read(vol, backup)
 
 
-def test_restore_refusals(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_restore_refusals(make_volume: MakeVolume, tmp_path: Path) -> None:
     vol: Volume = make_volume()
     other: Volume = make_volume(mount=False, name="other")
     other_backup = tmp_path / "other.backup"
@@ -201,7 +205,7 @@ def test_info_and_init_json(tmp_path: Path, transit_key: TransitKey) -> None:
     assert pin["vault_url"] == transit_key.url and pin["block_size"] == "4096"
 
 
-def test_rotate_json(make_volume, openbao: OpenBao, transit_key: TransitKey) -> None:  # type: ignore[no-untyped-def]
+def test_rotate_json(make_volume: MakeVolume, openbao: OpenBao, transit_key: TransitKey) -> None:
     vol: Volume = make_volume(mount=False)
     doc = json.loads(encfs("rotate", vol.cipher_dir, "--json", env=vol.env, check=True).stdout)
     assert (doc["changed"], doc["kek_version"]) == (False, 1)
@@ -258,7 +262,7 @@ def test_verbose_before_or_after_the_command(where: str) -> None:
     assert verbosity(build_parser().parse_args(["header", "backup", "/x", "/y"])) == 0
 
 
-def test_broken_pipe_exits_quietly(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_broken_pipe_exits_quietly(make_volume: MakeVolume) -> None:
     import subprocess
     import sys
 
@@ -278,7 +282,7 @@ def test_broken_pipe_exits_quietly(make_volume) -> None:  # type: ignore[no-unty
         assert err == "", err
 
 
-def test_fsck_progress(make_volume, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_fsck_progress(make_volume: MakeVolume, capsys: pytest.CaptureFixture[str]) -> None:
     vol: Volume = make_volume()
     for i in range(5):
         (vol.mountpoint / f"f{i}").write_bytes(os.urandom(10000))

@@ -36,7 +36,7 @@ from encfs import volume
 from encfs.cli import ExitCode
 from encfs.keys import VolumeKeys
 from tests.conftest import TransitKey
-from tests.harness import Volume, encfs, force_unmount, is_mounted, wait_until
+from tests.harness import MakeVolume, Volume, encfs, force_unmount, is_mounted, wait_until
 from tests.openbao import OpenBao
 
 INTERVAL = 1.0
@@ -168,8 +168,8 @@ path "auth/token/lookup-self" {{ capabilities = ["read"] }}
 
 
 def test_header_url_alone_is_never_sent_the_token(
-    make_volume,
-    transit_key: TransitKey,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    transit_key: TransitKey,
     listener: Listener,
 ) -> None:
     vol: Volume = make_volume(mount=False)
@@ -178,13 +178,14 @@ def test_header_url_alone_is_never_sent_the_token(
         vault_url=f"transit+http://127.0.0.1:{listener.port}/transit/{transit_key.name}",
     )
     env = _no_vault_env(transit_key)
-    # The host pinned the header's URL at init: the edit is refused as damage, before any
-    # vault (the header's or the pinned one) is asked anything.
-    for command in (
+    commands: list[list[str | Path]] = [
         ["mount", vol.cipher_dir, vol.mountpoint],
         ["fsck", vol.cipher_dir],
         ["rotate", vol.cipher_dir],
-    ):
+    ]
+    # The host pinned the header's URL at init: the edit is refused as damage, before any
+    # vault (the header's or the pinned one) is asked anything.
+    for command in commands:
         proc = encfs(*command, env=transit_key.env)
         assert proc.returncode == ExitCode.BAD_VOLUME, (command, proc.stderr)
         assert "is damaged" in proc.stderr and "not the one this host pinned" in proc.stderr
@@ -192,11 +193,7 @@ def test_header_url_alone_is_never_sent_the_token(
     # Without a pin (a host that never mounted it), only a vault configured on the host
     # counts, and the tag exposes the edit.
     encfs("pin", "reset", vol.cipher_dir, check=True)
-    for command in (
-        ["mount", vol.cipher_dir, vol.mountpoint],
-        ["fsck", vol.cipher_dir],
-        ["rotate", vol.cipher_dir],
-    ):
+    for command in commands:
         proc = encfs(*command, env=env)
         assert proc.returncode == ExitCode.VAULT_NOT_PINNED, (command, proc.stderr)
         assert f"127.0.0.1:{listener.port}" in proc.stderr  # names the header's URL
@@ -218,7 +215,7 @@ def test_header_url_alone_is_never_sent_the_token(
 
 
 def test_pinned_vault_url_wins_over_the_header_and_says_so(
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    openbao: OpenBao,
     transit_key: TransitKey,
     tmp_path: Path,
 ) -> None:
@@ -248,8 +245,8 @@ def test_pinned_vault_url_wins_over_the_header_and_says_so(
 
 
 def test_substituted_header_is_refused_by_the_host_pin(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol: Volume = make_volume()
@@ -275,8 +272,8 @@ def test_substituted_header_is_refused_by_the_host_pin(
 
 
 def test_substituted_header_while_mounted_suspends(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
     tmp_path: Path,
 ) -> None:
@@ -298,8 +295,8 @@ def test_substituted_header_while_mounted_suspends(
 
 @pytest.mark.parametrize("revoke", ["policy-narrowed", "token-revoked"])
 def test_hidden_header_skips_no_check(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
     tmp_path: Path,
     revoke: str,
@@ -344,7 +341,7 @@ def shared_mountpoint() -> Iterator[Path]:
 
 def test_allow_other_alone_still_enforces_permissions(
     transit_key: TransitKey,
-    tmp_path: Path,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
     shared_mountpoint: Path,
 ) -> None:
     if shutil.which("setpriv") is None:
@@ -418,7 +415,9 @@ def test_abbreviations_are_refused_without_echoing_the_token(tmp_path: Path, spe
         assert proc.returncode == ExitCode.USAGE and FAKE_TOKEN not in proc.stderr
 
 
-def test_token_given_as_token_file_is_not_echoed(make_volume, transit_key: TransitKey) -> None:  # type: ignore[no-untyped-def]
+def test_token_given_as_token_file_is_not_echoed(
+    make_volume: MakeVolume, transit_key: TransitKey
+) -> None:
     vol: Volume = make_volume(mount=False)
     for token in (FAKE_TOKEN, "s.AbCdEfGhIjKlMnOp", "7f1c0b9e3a4d5f60718293a4b5c6d7e8f9"):
         proc = encfs(
@@ -449,8 +448,8 @@ def test_token_given_as_token_file_is_not_echoed(make_volume, transit_key: Trans
 
 
 def test_relative_token_file_survives_suspension(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
     tmp_path: Path,
 ) -> None:
@@ -500,7 +499,7 @@ def _encfs_cmd() -> list[str]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rule applies when encfs runs as root")
-def test_mount_refuses_a_cipher_dir_others_may_enter(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_mount_refuses_a_cipher_dir_others_may_enter(make_volume: MakeVolume) -> None:
     vol: Volume = make_volume(mount=False)
     os.chmod(vol.cipher_dir, 0o755)
     proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, env=vol.env)

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,9 @@ class FsModel(RuleBasedStateMachine):
             for root in (self.plain, self.vol.mountpoint):
                 (root / d).mkdir(parents=True, exist_ok=True)
 
-    def both(self, fn):  # type: ignore[no-untyped-def]
+    def both(self, fn: Callable[[Path], None]) -> None:
         """Apply fn to the model and the mount; they must agree on success or errno."""
-        results = []
+        results: list[int | None] = []
         for root in (self.plain, self.vol.mountpoint):
             try:
                 fn(root)

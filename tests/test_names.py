@@ -133,7 +133,7 @@ def test_rmdir_that_fails_restores_the_id_in_its_form(
             raise OSError(errno.EBUSY, "busy")
 
         with monkeypatch.context() as m:
-            m.setattr(backing.os, "rmdir", busy)
+            m.setattr("encfs.backing.os.rmdir", busy)
             with pytest.raises(OSError) as info:
                 ops.rmdir("/d")
         assert info.value.errno == errno.EBUSY

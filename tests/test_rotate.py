@@ -16,7 +16,7 @@ import pytest
 from encfs import format as fmt
 from encfs.cli import ExitCode
 from tests.conftest import TransitKey
-from tests.harness import Volume, encfs, is_mounted
+from tests.harness import MakeVolume, Volume, encfs, is_mounted
 from tests.openbao import OpenBao
 
 
@@ -41,8 +41,8 @@ def data_files(vol: Volume) -> dict[str, bytes]:
 
 
 def test_rotate_rewraps_without_reencrypting(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol: Volume = make_volume()
@@ -72,7 +72,7 @@ def test_rotate_rewraps_without_reencrypting(
     assert "rotate" in events
 
 
-def test_rotate_is_a_noop_on_the_newest_version(make_volume) -> None:  # type: ignore[no-untyped-def]
+def test_rotate_is_a_noop_on_the_newest_version(make_volume: MakeVolume) -> None:
     vol: Volume = make_volume(mount=False)
     header = (vol.cipher_dir / "encfs.volume").read_bytes()
     proc = rotate(vol)
@@ -82,8 +82,8 @@ def test_rotate_is_a_noop_on_the_newest_version(make_volume) -> None:  # type: i
 
 
 def test_retired_version_is_refused_with_the_way_out(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol: Volume = make_volume(mount=False)
@@ -105,8 +105,8 @@ def test_retired_version_is_refused_with_the_way_out(
 
 
 def test_rotate_preflight_names_the_missing_capability(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol: Volume = make_volume(mount=False)
@@ -128,8 +128,8 @@ path "sys/capabilities-self" {{ capabilities = ["update"] }}
 
 
 def test_rotate_while_a_writer_runs(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     vol: Volume = make_volume()
@@ -189,11 +189,11 @@ KILL_POINTS = [
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/install)")
 @pytest.mark.parametrize(("syscall", "when"), KILL_POINTS, ids=[f"{s}{w}" for s, w in KILL_POINTS])
 def test_rotation_killed_at_each_step_leaves_a_volume_that_mounts(
-    make_volume,
+    make_volume: MakeVolume,
     openbao: OpenBao,
     transit_key: TransitKey,
     syscall: str,
-    when: int,  # type: ignore[no-untyped-def]
+    when: int,
 ) -> None:
     vol: Volume = make_volume()
     (vol.mountpoint / "f").write_bytes(b"survives rotation crashes" * 100)
@@ -230,8 +230,8 @@ def test_rotation_killed_at_each_step_leaves_a_volume_that_mounts(
 
 
 def test_rotation_survives_a_missing_current_header(
-    make_volume,
-    openbao: OpenBao,  # type: ignore[no-untyped-def]
+    make_volume: MakeVolume,
+    openbao: OpenBao,
     transit_key: TransitKey,
 ) -> None:
     """The state a crash between unlink-and-rename would leave on a filesystem without

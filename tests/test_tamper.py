@@ -12,7 +12,7 @@ import pytest
 
 from encfs import format as fmt
 from encfs.cli import ExitCode
-from tests.harness import Volume, encfs, is_mounted
+from tests.harness import MakeVolume, Volume, encfs, is_mounted
 
 BS = 4096
 CBS = BS + fmt.BLOCK_OVERHEAD
@@ -51,7 +51,7 @@ def _fsck(vol: Volume) -> tuple[int, str]:
 
 
 @pytest.fixture
-def populated(make_volume):  # type: ignore[no-untyped-def]
+def populated(make_volume: MakeVolume) -> Volume:
     vol: Volume = make_volume()
     m = vol.mountpoint
     # fmt: off

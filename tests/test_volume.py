@@ -10,6 +10,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,21 @@ class FakeWrapper:
         self.calls += 1
         assert wrapped_key == "vault:v4:ZmFrZQ=="
         return bytearray(self.key)
+
+    def rewrap(self, wrapped_key: str) -> str:
+        raise AssertionError("offline tests do not rewrap")
+
+    def key_status(self) -> dict[str, Any]:
+        raise AssertionError("offline tests do not ask for the key's status")
+
+    def check_capabilities(self, purpose: str) -> None:
+        raise AssertionError("offline tests do not preflight")
+
+    def renew_identity(self) -> float | None:
+        raise AssertionError("offline tests do not renew")
+
+    def identity(self) -> dict[str, Any]:
+        raise AssertionError("offline tests have no vault identity")
 
     def close(self) -> None:
         pass
