@@ -57,11 +57,13 @@ class Dir:
     """An open backing directory. Thread-safe: every method is one or a few syscalls on
     names inside it; none follows a symbolic link. Raises ``OSError`` as the syscalls do."""
 
-    __slots__ = ("display", "fd")
+    __slots__ = ("dead", "display", "fd")
 
     def __init__(self, fd: int, display: str) -> None:
         self.fd = fd
         self.display = display
+        self.dead = False
+        """Set once the directory was removed: caches holding it must resolve again."""
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError, TypeError):

@@ -798,11 +798,12 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             entry.parent.mkdir(entry.name, mode)
             try:
                 child = entry.opendir()
-                names.write_dirid(child, link=self.names.dirid_links)
+                dir_id = names.write_dirid(child, link=self.names.dirid_links)
                 self._own(entry, child.fd)
             except BaseException:
                 self._remove_new_dir(entry)
                 raise
+        self.names.made(path, child, dir_id)
         return 0
 
     def _remove_new_dir(self, entry: names.Entry) -> None:
@@ -816,24 +817,24 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     def rmdir(self, path: str) -> int:
         self._check_writable()
         entry = self.names.entry(path)
-        self._rmdir_backing(entry)
+        self._rmdir_backing(path, entry)
         self.names.remove_companion(entry)
-        self.names.invalidate()
         return 0
 
-    def _rmdir_backing(self, entry: names.Entry) -> None:
-        """Remove an empty backing directory and its id; restore the id if rmdir fails."""
+    def _rmdir_backing(self, path: str, entry: names.Entry) -> None:
+        """Remove the empty backing directory of ``path`` and its id (restored, in its
+        form, if rmdir fails); what ``names`` caches under it is then resolved again."""
         if not stat.S_ISDIR(entry.parent.lstat(entry.name).st_mode):
             raise OSError(errno.ENOTDIR, "not a directory")
         directory = entry.opendir()
         if any(name != fmt.DIRID_NAME for name in directory.names()):
             raise OSError(errno.ENOTEMPTY, "directory not empty")
         try:
-            dir_id: bytes | None = names.read_dirid(directory)
+            dir_id: bytes | None
+            dir_id, was_link = names.read_dirid_form(directory)
         except FormatError:
             dir_id = None
         if dir_id is not None:
-            was_link = names.dirid_is_link(directory)
             directory.unlink(fmt.DIRID_NAME)
         try:
             entry.parent.rmdir(entry.name)
@@ -841,6 +842,8 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             if dir_id is not None:
                 names.write_dirid(directory, link=was_link, dir_id=dir_id)
             raise
+        cached = self.names.cached_directory(path)
+        self.names.removed(path, directory if cached is None else cached)
 
     # --- entries ---------------------------------------------------------------------------
 
@@ -1093,7 +1096,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             and (dst_st.st_dev, dst_st.st_ino) != (src_st.st_dev, src_st.st_ino)
         ):
             # The backing directory holds its id, so the kernel would call it non-empty.
-            self._rmdir_backing(dst)
+            self._rmdir_backing(new, dst)
         with self._creating(dst):
             backing.rename(src.parent, src.name, dst.parent, dst.name, flags & RENAME_NOREPLACE)
         if dst_st is not None and dst_st.st_nlink > 1 and self.aliases:

@@ -55,29 +55,25 @@ def write_dirid(directory: backing.Dir, *, link: bool, dir_id: bytes | None = No
 def read_dirid(directory: backing.Dir) -> bytes:
     """The id of ``directory``, in either form (``write_dirid``); a link is never followed
     and a special file never opened. Raises FormatError if it is missing or damaged."""
+    return read_dirid_form(directory)[0]
+
+
+def read_dirid_form(directory: backing.Dir) -> tuple[bytes, bool]:
+    """``read_dirid`` and whether the id is in the link form."""
     try:
         try:
-            dir_id = _dirid_from_link(directory.readlink(fmt.DIRID_NAME))
+            dir_id, link = _dirid_from_link(directory.readlink(fmt.DIRID_NAME)), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # EINVAL: not a link, so the file form
                 raise
-            dir_id = directory.read_small(fmt.DIRID_NAME, fmt.DIRID_LEN + 1)
+            dir_id, link = directory.read_small(fmt.DIRID_NAME, fmt.DIRID_LEN + 1), False
     except FileNotFoundError:
         raise FormatError(f"directory id missing in {directory.display}") from None
     except backing.SpecialFile:
         raise FormatError(f"directory id damaged in {directory.display}") from None
     if len(dir_id) != fmt.DIRID_LEN:
         raise FormatError(f"directory id damaged in {directory.display}")
-    return dir_id
-
-
-def dirid_is_link(directory: backing.Dir) -> bool:
-    """Whether ``directory``'s id is in the link form (False if it is missing)."""
-    try:
-        directory.readlink(fmt.DIRID_NAME)
-    except OSError:
-        return False
-    return True
+    return dir_id, link
 
 
 def read_root_attrs(root: backing.Dir) -> tuple[int, int, int] | None:
@@ -203,12 +199,32 @@ class Names:
             self._dirs = {}
             self._entries = {}
 
+    def removed(self, plain_dir: str, directory: backing.Dir) -> None:
+        """``plain_dir`` (open as ``directory``) was removed: whatever is cached under it
+        resolves again (entries hold their parent, now ``dead``); nothing else is dropped."""
+        directory.dead = True
+        with self._lock:
+            self._dirs.pop(plain_dir, None)
+
+    def cached_directory(self, plain_dir: str) -> backing.Dir | None:
+        """The open directory cached for ``plain_dir``, if any."""
+        hit = self._dirs.get(plain_dir)
+        return hit[0] if hit is not None else None
+
+    def made(self, plain_dir: str, directory: backing.Dir, dir_id: bytes) -> None:
+        """``plain_dir`` was just made as ``directory`` with ``dir_id``: cache it, so that
+        the entries made in it next need no lookup of their own."""
+        gen = self._gen
+        with self._lock:
+            if gen == self._gen and len(self._dirs) < self._limit:
+                self._dirs[plain_dir] = (directory, dir_id)
+
     def directory(self, plain_dir: str) -> tuple[backing.Dir, bytes]:
         """(open backing directory, dir id) of a plaintext directory path. Raises OSError
         (``ELOOP``/``ENOTDIR`` where the backing entry is not a real directory) or
         FormatError."""
         hit = self._dirs.get(plain_dir)
-        if hit is not None:
+        if hit is not None and not hit[0].dead:
             return hit
         gen = self._gen
         directory = self.root if plain_dir == "/" else self.entry(plain_dir).opendir()
@@ -230,7 +246,7 @@ class Names:
         directories move.
         """
         hit = self._entries.get(plain_path)
-        if hit is not None:
+        if hit is not None and not hit.parent.dead:
             return hit
         if plain_path == "/":
             return Entry(parent=self.root, name=".", encoded=".")

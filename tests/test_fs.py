@@ -1482,3 +1482,27 @@ def test_the_mount_root_has_its_own_mode_and_owner(
     os.chmod(m, 0o700)
     proc = subprocess.run([*as_nobody, "ls", str(m)], capture_output=True)
     assert proc.returncode != 0  # 0700 and not nobody's: the kernel says no
+
+
+def test_a_directory_made_again_is_a_new_directory(vol: Volume) -> None:
+    """rmdir keeps the name cache but marks the removed directory dead: a directory made
+    again under the same name is resolved afresh, so its entries land in it (and survive a
+    remount), never in the removed one."""
+    m = vol.mountpoint
+    d = m / "a" / "b"
+    d.mkdir(parents=True)
+    (d / "c").mkdir()
+    (d / "f").write_text("old")
+    (d / "c" / "g").write_text("old")
+    (d / "f").unlink()
+    (d / "c" / "g").unlink()
+    (d / "c").rmdir()
+    d.rmdir()
+    d.mkdir()
+    (d / "c").mkdir()
+    (d / "f").write_text("new")
+    (d / "c" / "g").write_text("new too")
+    assert sorted(os.listdir(d)) == ["c", "f"]
+    vol.remount()
+    assert (d / "f").read_text() == "new" and (d / "c" / "g").read_text() == "new too"
+    assert sorted(os.listdir(d)) == ["c", "f"]
