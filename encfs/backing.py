@@ -184,7 +184,16 @@ class Dir:
 
     def chmod(self, name: str, mode: int) -> None:
         """Change the mode of ``name`` itself; ``EOPNOTSUPP`` for a symbolic link (Linux
-        keeps no mode on links)."""
+        keeps no mode on links). One ``fchmodat2(AT_SYMLINK_NOFOLLOW)`` (Linux >= 6.6);
+        on older kernels an ``O_PATH`` fd and its ``/proc/self/fd`` link (four calls)."""
+        res = LIBC.syscall(
+            _SYS_FCHMODAT2, self.fd, os.fsencode(name), ctypes.c_uint(mode), _AT_SYMLINK_NOFOLLOW
+        )
+        if res == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), self.path(name))
         with self._pinned(name) as (proc, st):
             if stat.S_ISLNK(st.st_mode):
                 raise OSError(errno.EOPNOTSUPP, "symbolic links have no mode")
@@ -304,6 +313,10 @@ def link(src: Dir, src_name: str, dst: Dir, dst_name: str) -> None:
 LIBC = ctypes.CDLL(None, use_errno=True)
 """The process's libc, for the calls ``os`` lacks: the one handle encfs loads (keys use it
 for ``mlock``, the daemon for ``prctl`` and ``syncfs``)."""
+LIBC.syscall.restype = ctypes.c_long
+_SYS_FCHMODAT2 = 452
+"""fchmodat2(2): the same number on every architecture (added in Linux 6.6)."""
+_AT_SYMLINK_NOFOLLOW = 0x100
 LIBC.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
 LIBC.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint)
 _SYNC_FILE_RANGE_WRITE = 2
