@@ -259,18 +259,9 @@ def backup_header(cipher_dir: Path, dest: Path) -> HeaderFile:
     (``FileExistsError``) nor through a link. Needs no vault: the header holds the volume
     key only wrapped. Raises ``VolumeNotFound``, ``FormatError``, ``OSError``."""
     hf = read_header(cipher_dir)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(dest, flags, 0o600)
-    try:
-        os.write(fd, hf.body + hf.tag)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(dest)
-        raise
-    os.close(fd)
-    fsync_dir(dest.parent)
+    parent = backing.open_root(str(dest.parent))  # the operator's directory
+    parent.write_new(dest.name, hf.body + hf.tag, 0o600)
+    parent.fsync()
     return hf
 
 
