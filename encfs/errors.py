@@ -184,13 +184,21 @@ class VaultCiphertextRejected(VaultProtocolError):
     ``decrypt`` HTTP 400, or a local unwrap that fails authentication): the ciphertext is
     damaged, or was not made by this key (a key deleted and re-created under its name)."""
 
-    hint = ""
+    hint = (
+        "the ciphertext is damaged or was made by another key (a key deleted and re-created "
+        "under the same name cannot unwrap what the old one wrapped)"
+    )
 
 
 class WrappedKeyRejected(VaultCiphertextRejected):
     """The wrapped key in a structurally valid volume header does not unwrap with the KEK
     the host uses: the header is damaged, or the KEK was re-created. ``hint`` says whether
     ``encfs.volume.prev`` unwraps (``encfs header restore``)."""
+
+    hint = (
+        "restore the header from a backup (encfs header restore CIPHERDIR FILE), or check "
+        "that the vault's key is the one that wrapped this volume's key"
+    )
 
 
 # --- daemon / mount ----------------------------------------------------------------------------

@@ -415,8 +415,10 @@ class TransitClient:
                     location = resp.getheader("Location", "")
                     raw = _read_body(resp)
                     # lookup-self and renew-self answer with the token itself (``id``,
-                    # ``client_token``): blank it before json makes a str of it.
-                    self._token.blank_in(raw)
+                    # ``client_token``): blank it before json makes a str of it. Only
+                    # there: elsewhere a short token could match an answer's own words.
+                    if path.startswith("/v1/auth/token/"):
+                        self._token.blank_in(raw)
                     self._conn_used = True
                     if resp.will_close:
                         self._drop()

@@ -33,7 +33,7 @@ from encfs.vault import (
 )
 from encfs.vault.transit import TransitClient
 from tests.conftest import TransitKey
-from tests.harness import count_in_memory, scan_memory
+from tests.harness import count_in_memory, encfs, scan_memory
 from tests.openbao import OpenBao, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -427,12 +427,12 @@ def test_bad_ciphertext(
             ciphertext = c.new_volume_key()[1]
     with (
         client(transit_key.url, transit_key.token) as c,
-        pytest.raises(errors.VaultProtocolError) as ei,
+        pytest.raises(errors.VaultCiphertextRejected) as ei,
     ):
         c.unwrap(ciphertext)
     check_error(
         ei.value,
-        errors.VaultProtocolError,
+        errors.VaultCiphertextRejected,  # a protocol error the header check can name
         token=transit_key.token,
         revoked=False,
         contains=(vault_says, "HTTP 400"),
@@ -1029,3 +1029,16 @@ def test_client_certificate_problems_are_credentials_errors(
             token="t",
             settings=VaultSettings(client_cert=bad),
         )
+
+
+def test_a_token_that_is_also_a_word_is_blanked_only_where_it_is_the_token(
+    openbao: OpenBao, transit_key: TransitKey, tmp_path: Path
+) -> None:
+    """The token is blanked in the answers that repeat it (lookup-self, renew-self), and
+    nowhere else: a dev server's token "root" is also the capability that
+    sys/capabilities-self answers, which blanking turned into "****" (init then said the
+    token lacked 'update')."""
+    openbao.admin.auth.token.create(id="root", policies=["root"])
+    env = {**transit_key.env, "VAULT_TOKEN": "root"}
+    proc = encfs("init", tmp_path / "c", "--vault", transit_key.url, env=env)
+    assert proc.returncode == 0, proc.stderr
