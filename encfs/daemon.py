@@ -45,7 +45,7 @@ from typing import Any
 import psutil
 import setproctitle
 
-from encfs import backing, pins, sdnotify, volume
+from encfs import backing, names, pins, sdnotify, volume
 from encfs import format as fmt
 from encfs.audit import AuditLog, AuditSettings
 from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
@@ -297,6 +297,7 @@ class Daemon:
         Every key is wiped before this returns.
         """
         harden_process()
+        names.raise_fd_limit()  # before the operations size their directory cache by it
         self._check_mountpoint()
         lock = self._lock_cipher_dir()
         try:

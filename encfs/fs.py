@@ -347,7 +347,6 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         *,
         dirid_links: bool = False,
     ) -> None:
-        names.raise_fd_limit()  # the name cache keeps directories open
         root = backing.open_root(cipher_dir)
         self.keys = keys
         self.geo = fmt.Geometry(block_size)
