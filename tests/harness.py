@@ -38,6 +38,17 @@ def encfs(
     return proc
 
 
+def mount_foreground(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python -m encfs mount --foreground ARGS`` and return at once (stderr piped,
+    text): for tests that watch the daemon's exit code, signals or notify messages."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "encfs", "mount", "--foreground", *map(str, args)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def is_mounted(path: Path) -> bool:
     """From /proc/self/mountinfo (``os.path.ismount`` cannot stat a suspended mount)."""
     from encfs.daemon import is_mountpoint

@@ -35,6 +35,7 @@ from tests.harness import (
     encfs,
     force_unmount,
     is_mounted,
+    mount_foreground,
     scan_memory,
     wait_until,
 )
@@ -306,23 +307,14 @@ def test_on_revoke_unmount_exits_with_its_own_code(
     vol: Volume = make_volume(mount=False)
     token = openbao.make_token([openbao.write_host_policy(transit_key.name)])
     env = {**vol.env, "VAULT_TOKEN": token, "ENCFS_AUDIT_LOG": "none"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "encfs",
-            "mount",
-            "--foreground",
-            str(vol.cipher_dir),
-            str(vol.mountpoint),
-            "--check-interval",
-            str(INTERVAL),
-            "--on-revoke",
-            "unmount",
-        ],
+    proc = mount_foreground(
+        vol.cipher_dir,
+        vol.mountpoint,
+        "--check-interval",
+        str(INTERVAL),
+        "--on-revoke",
+        "unmount",
         env=env,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         assert wait_until(lambda: is_mounted(vol.mountpoint), timeout=20)
@@ -654,21 +646,8 @@ def test_sd_notify_ready_status_watchdog_stopping(
         "WATCHDOG_USEC": "1000000",
         "ENCFS_AUDIT_LOG": "none",
     }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "encfs",
-            "mount",
-            "--foreground",
-            str(vol.cipher_dir),
-            str(vol.mountpoint),
-            "--check-interval",
-            str(INTERVAL),
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = mount_foreground(
+        vol.cipher_dir, vol.mountpoint, "--check-interval", str(INTERVAL), env=env
     )
     try:
         assert wait_until(lambda: said("READY", "1"), timeout=20), messages
@@ -773,24 +752,15 @@ def test_ephemeral_volume_erases_itself_when_the_vault_revokes(
     cipher, mp = tmp_path / "c", tmp_path / "p"
     mp.mkdir()
     env = {**transit_key.env, "ENCFS_AUDIT_LOG": "none"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "encfs",
-            "mount",
-            "--foreground",
-            "--ephemeral",
-            str(cipher),
-            str(mp),
-            "--vault",
-            transit_key.url,
-            "--check-interval",
-            str(INTERVAL),
-        ],
+    proc = mount_foreground(
+        "--ephemeral",
+        cipher,
+        mp,
+        "--vault",
+        transit_key.url,
+        "--check-interval",
+        str(INTERVAL),
         env=env,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         assert wait_until(lambda: is_mounted(mp), timeout=20)

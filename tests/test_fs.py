@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from encfs import format as fmt
-from tests.harness import MakeVolume, Volume, as_user, encfs
+from tests.harness import MakeVolume, Volume, as_user, encfs, mount_foreground
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -503,25 +503,10 @@ def test_read_only_mount(make_volume: MakeVolume) -> None:
 
 def test_foreground_mount_and_sigterm(make_volume: MakeVolume) -> None:
     import signal
-    import sys
     import time
 
     vol: Volume = make_volume(mount=False)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "encfs",
-            "mount",
-            "--foreground",
-            str(vol.cipher_dir),
-            str(vol.mountpoint),
-            *vol.audit_args(),
-        ],
-        env=vol.env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = mount_foreground(vol.cipher_dir, vol.mountpoint, *vol.audit_args(), env=vol.env)
     deadline = time.monotonic() + 20
     while not os.path.ismount(vol.mountpoint) and time.monotonic() < deadline:
         time.sleep(0.05)
