@@ -1057,6 +1057,7 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
             "xattrs": report.xattrs,
             "problems": len(report.problems),
             "repaired": repaired,
+            "undo_files": report.undo_files,
         }
         print(json.dumps(summary))
     else:
@@ -1065,6 +1066,11 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
             f"checked: {len(report.problems)} problem(s)"
             + (f", {repaired} repaired" if args.repair else "")
         )
+        if report.undo_files:
+            print(
+                f"{report.undo_files} undo file(s) left by a crash"
+                + (": used and removed" if args.repair else " (--repair uses and removes them)")
+            )
     return ExitCode.CORRUPT if left else ExitCode.OK
 
 

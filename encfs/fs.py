@@ -42,6 +42,7 @@ from encfs import format as fmt
 from encfs.cipherfile import CipherFile, Sealer
 from encfs.errors import FormatError, IntegrityError, VolumeSuspended
 from encfs.keys import VolumeKeys
+from encfs.undo import UndoLog
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +370,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self.gate = Gate()
         self.seen = SeenPaths()
         self.sealer = Sealer()
+        self.undo = UndoLog(root)
         self.libfuse_version = f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}"
         self.killpriv_v2 = False  # negotiated in init_with_config
 
@@ -504,7 +506,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         with self._table_lock:
             cfile = self._inodes.get(key)
             if cfile is None:
-                cfile = CipherFile(self.keys, self.geo, display, self.sealer)
+                cfile = CipherFile(self.keys, self.geo, display, self.sealer, self.undo)
                 cfile.inode_key = key
                 self._inodes[key] = cfile
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
@@ -520,6 +522,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
                 cfile.refs -= 1
                 if cfile.refs <= 0 and cfile.inode_key is not None:
                     self._inodes.pop(cfile.inode_key, None)
+                    cfile.close()
 
     def _cfile(self, fh: int) -> CipherFile:
         cfile = self._handles.get(fh)
@@ -990,13 +993,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     @fuse_op
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        cfile = self._cfile(fh)
-        cfile.drain()
-        cfile.raise_deferred()
-        if datasync:
-            os.fdatasync(fh)
-        else:
-            os.fsync(fh)
+        self._cfile(fh).sync(fh, bool(datasync))
         return 0
 
     @fuse_op
