@@ -61,6 +61,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from encfs import backing, errors, sdnotify
+from encfs.hostfiles import write_file_atomic
 from encfs.vault import is_loopback
 
 __all__ = [
@@ -491,32 +492,6 @@ def _ensure_transit(api: _Api, mount: str) -> bool:
 
 
 # --- files ---------------------------------------------------------------------------------------
-
-
-def write_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically: a new ``mode`` file created with O_EXCL next to
-    it, fsynced, renamed over ``path``; the directory is fsynced too."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed it; never wider than asked
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _check_private(path: Path, what: str, *, directory: bool = False) -> None:
