@@ -16,7 +16,9 @@ import threading
 from collections.abc import Callable
 from typing import Generic, Protocol, Self, TypeVar
 
-__all__ = ["Closable", "KeepAlive", "KeepAliveClient"]
+from encfs.vault import VaultURL
+
+__all__ = ["Closable", "KeepAlive", "KeepAliveClient", "KeyWrapperClient"]
 
 
 class Closable(Protocol):
@@ -92,3 +94,15 @@ class KeepAliveClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class KeyWrapperClient(KeepAliveClient):
+    """Base of the key-wrapping clients (transit, KMIP): the vault URL they serve, and
+    their connection."""
+
+    _url: VaultURL
+
+    @property
+    def url(self) -> VaultURL:
+        """The vault URL this client wraps with (its key is named in it)."""
+        return self._url

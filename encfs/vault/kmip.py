@@ -99,7 +99,7 @@ from typing import Any
 
 from encfs import crypto, errors
 from encfs.vault import VaultSettings, VaultURL
-from encfs.vault.connection import KeepAlive, KeepAliveClient
+from encfs.vault.connection import KeepAlive, KeyWrapperClient
 
 __all__ = ["WRAPPED_PREFIX", "KmipClient"]
 
@@ -241,7 +241,7 @@ _STALE_CONNECTION = (
 )
 
 
-class KmipClient(KeepAliveClient):
+class KmipClient(KeyWrapperClient):
     """A KMIP client for one key (``kmip://HOST:PORT/KEY-ID``). Thread-safe.
 
     See ``encfs.vault`` for the contract and this module's docstring for the wrapped-key
@@ -310,10 +310,6 @@ class KmipClient(KeepAliveClient):
 
     def __repr__(self) -> str:
         return f"<KmipClient {self._url} key_release={self._settings.key_release}>"
-
-    @property
-    def url(self) -> VaultURL:
-        return self._url
 
     # --- KeyWrapper -------------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 from encfs import errors
 from encfs.keys import LockedSecret
 from encfs.vault import VaultSettings, VaultURL
-from encfs.vault.connection import KeepAliveClient
+from encfs.vault.connection import KeyWrapperClient
 from encfs.vault.rest import VaultHTTP, tls_context
 from encfs.vault.rest import zero as _zero
 
@@ -76,7 +76,7 @@ for _i, _c in enumerate(_B64_ALPHABET):
 del _i, _c
 
 
-class TransitClient(KeepAliveClient):
+class TransitClient(KeyWrapperClient):
     """A transit-engine client for one key. Thread-safe. See ``encfs.vault`` for the contract."""
 
     def __init__(
@@ -111,10 +111,6 @@ class TransitClient(KeepAliveClient):
 
     def __repr__(self) -> str:
         return f"<TransitClient {self._url}>"
-
-    @property
-    def url(self) -> VaultURL:
-        return self._url
 
     # --- KeyWrapper -------------------------------------------------------------------------
 
