@@ -52,7 +52,8 @@ class WatchSettings:
 class MountControl(Protocol):
     """What the watcher may do to the mount it watches. Each call is safe from the
     watcher's thread while the mount serves; after the mount has wiped its keys for good
-    (unmount) every call does nothing."""
+    (unmount) every call does nothing. Suspending and resuming also move the mount's
+    ``MountState`` (to ``suspended``, to ``active``), in one step with the keys."""
 
     @property
     def suspended(self) -> bool:
@@ -60,13 +61,15 @@ class MountControl(Protocol):
         ...
 
     def suspend(self, reason: str, *, revoked: bool, unmount: bool) -> None:
-        """Flush, wipe every key and cached plaintext, refuse every operation; then, with
-        ``unmount``, unmount. Nothing happens if the mount is suspended already."""
+        """Flush, wipe every key and cached plaintext, refuse every operation, enter
+        ``suspended``; then, with ``unmount``, unmount. Nothing happens if the mount is
+        suspended already."""
         ...
 
     def resume(self, volume_key: bytearray, hf: volume.HeaderFile) -> None:
         """Serve again with ``volume_key`` (freshly unwrapped from ``hf``; the caller wipes
-        its copy). Raises ``EncfsError`` if ``hf``'s tag does not verify under it."""
+        its copy) and enter ``active``. Raises ``EncfsError`` if ``hf``'s tag does not
+        verify under it (the mount stays suspended)."""
         ...
 
     def verify_header(self, hf: volume.HeaderFile) -> None:
