@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("suspend", "unmount"),
         default=_default(WatchSettings, "on_revoke"),
         help="suspend: keep the mount, refuse everything, resume by itself when access "
-        "comes back. unmount: unmount and exit with code 23 (revoked) (default: %(default)s)",
+        "comes back. unmount: unmount and exit with code 23, revoked (default: %(default)s)",
     )
     g.add_argument(
         "--suspended-errno",
