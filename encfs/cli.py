@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import enum
 import errno
 import json
@@ -32,6 +33,7 @@ from encfs.vault import (
     pin_vault_url,
     redact_tokens,
 )
+from encfs.watcher import WatchSettings
 
 if typing.TYPE_CHECKING:
     from encfs.bao.process import BaoExit
@@ -163,6 +165,15 @@ class _Parser(argparse.ArgumentParser):
         super().error(redact_tokens(message))
 
 
+def _default(settings: type[Any], name: str) -> Any:
+    """The default of field ``name`` of the settings dataclass ``settings``: defaults are
+    written once, there, and argparse applies and shows that one."""
+    for f in dataclasses.fields(settings):
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    raise LookupError(f"{settings.__name__}.{name} has no plain default")
+
+
 def _abs_path(text: str) -> Path:
     """A path option, made absolute when parsed: the daemon's working directory may change
     (and a background daemon re-reads its token file long after the shell is gone)."""
@@ -199,7 +210,7 @@ def _vault_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--vault-timeout",
         type=float,
-        default=10.0,
+        default=_default(VaultSettings, "timeout"),
         metavar="SECONDS",
         help="bound on each vault request, and on retrying a vault that is unreachable or "
         "sealed at mount (default: %(default)s)",
@@ -207,10 +218,11 @@ def _vault_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--key-release",
         choices=("unwrap", "export"),
-        default="unwrap",
-        help="unwrap: the vault unwraps the volume key and the KEK never leaves it "
-        "(default). export: fetch the KEK (transit key marked exportable; the host policy "
-        "needs read on MOUNT/export/encryption-key/KEY), unwrap here, wipe the KEK at once",
+        default=_default(VaultSettings, "key_release"),
+        help="unwrap: the vault unwraps the volume key and the KEK never leaves it. "
+        "export: fetch the KEK (transit key marked exportable; the host policy needs read "
+        "on MOUNT/export/encryption-key/KEY), unwrap here, wipe the KEK at once "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--audit-log",
@@ -341,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--check-interval",
         type=_positive_float,
-        default=5.0,
+        default=_default(WatchSettings, "check_interval"),
         metavar="SECONDS",
         help="how often the daemon asks the vault to unwrap the volume key; a refusal "
         "(revoked token, narrowed policy, deleted or retired key) suspends the volume: keys "
@@ -350,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--offline-grace",
         type=_non_negative_float,
-        default=300.0,
+        default=_default(WatchSettings, "offline_grace"),
         metavar="SECONDS",
         help="keep serving this long while the vault cannot be reached or is sealed, then "
         "suspend; 0 fails closed at once (default: %(default)s)",
@@ -358,14 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--on-revoke",
         choices=("suspend", "unmount"),
-        default="suspend",
+        default=_default(WatchSettings, "on_revoke"),
         help="suspend: keep the mount, refuse everything, resume by itself when access "
-        "comes back (default). unmount: unmount and exit with code 23 (revoked)",
+        "comes back. unmount: unmount and exit with code 23, revoked (default: %(default)s)",
     )
     g.add_argument(
         "--suspended-errno",
         type=_errno_name,
-        default=errno.EACCES,
         metavar="NAME",
         help="error returned while suspended (default: EACCES; e.g. EIO, EPERM)",
     )
@@ -835,6 +846,9 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
     if not args.foreground:
         return _spawn_background(argv, args)
     read_only = opts.get("ro", False) and not opts.get("rw", False)
+    fs = FsOptions(read_only=read_only, writeback_cache=opts.get("writeback_cache", False))
+    if args.suspended_errno is not None:  # else FsOptions' default
+        fs = dataclasses.replace(fs, suspended_errno=args.suspended_errno)
     config = MountConfig(
         cipher_dir=args.cipher_dir.resolve(),
         mountpoint=args.mountpoint.resolve(),
@@ -846,17 +860,15 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         allow_other=opts.get("allow_other", False),
         default_permissions=opts.get("default_permissions", False),
         read_only=read_only,
-        fs=FsOptions(
-            read_only=read_only,
-            writeback_cache=opts.get("writeback_cache", False),
-            suspended_errno=args.suspended_errno,
-        ),
+        fs=fs,
         debug=verbosity(args) >= 3,
         audit=_audit_settings(args),
         ephemeral=args.ephemeral,
-        check_interval=args.check_interval,
-        offline_grace=args.offline_grace,
-        on_revoke=args.on_revoke,
+        watch=WatchSettings(
+            check_interval=args.check_interval,
+            offline_grace=args.offline_grace,
+            on_revoke=args.on_revoke,
+        ),
     )
     ready_fd: int | None = args.ready_fd
 
@@ -932,7 +944,7 @@ def _spawn_background(argv: Sequence[str], args: argparse.Namespace) -> ExitCode
 
 
 def cmd_unmount(args: argparse.Namespace) -> ExitCode:
-    from encfs.daemon import fusermount, is_mountpoint, runtime_file
+    from encfs.mounts import fusermount, is_mountpoint, runtime_file
 
     mountpoint = args.mountpoint.resolve()
     if not is_mountpoint(mountpoint):
@@ -1189,7 +1201,7 @@ def cmd_rotate(args: argparse.Namespace) -> ExitCode:
 def cmd_status(args: argparse.Namespace) -> ExitCode:
     import socket
 
-    from encfs.daemon import RUN_DIR, status_socket
+    from encfs.mounts import RUN_DIR, status_socket
 
     if args.mountpoint is not None:
         sockets = [status_socket(args.mountpoint.resolve())]

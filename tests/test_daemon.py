@@ -513,7 +513,7 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
     # Stop the daemon when it removes its runtime file — its last act after unmounting,
     # wiping the keys and closing the vault client, before the interpreter exits — and
     # scan it there. (A SIGSTOP injected at exit_group does not stop the exit.)
-    from encfs.daemon import runtime_file
+    from encfs.mounts import runtime_file
 
     tracer = subprocess.Popen(
         ["strace", "-qq", "-o", "/dev/null", "-p", str(pid), "-P", str(runtime_file(mp)),
