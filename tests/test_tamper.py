@@ -3,6 +3,7 @@ the daemon names file and block in one log line; fsck reports every problem."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -386,7 +387,11 @@ def _undo_files(vol: Volume) -> dict[str, bytes]:
     undo_dir = vol.cipher_dir / fmt.UNDO_DIR_NAME
     if not undo_dir.exists():
         return {}
-    return {p.name: p.read_bytes() for p in undo_dir.iterdir()}
+    found = {}
+    for p in undo_dir.iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a last close may remove it meanwhile
+            found[p.name] = p.read_bytes()
+    return found
 
 
 def test_a_block_torn_mid_rewrite_is_restored_from_its_undo_record(
