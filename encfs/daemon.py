@@ -49,7 +49,7 @@ from encfs import backing, names, pins, sdnotify, volume
 from encfs import format as fmt
 from encfs.audit import AuditLog, AuditSettings
 from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
-from encfs.fs import EncfsFUSE, EncfsOperations, FsOptions
+from encfs.fs import EncfsOperations, FsOptions, select_libfuse, serve
 from encfs.keys import VolumeKeys, key_check_value
 from encfs.vault import KeyWrapper, VaultSettings, connect, pin_vault_url, retry_unavailable
 
@@ -298,6 +298,7 @@ class Daemon:
         """
         harden_process()
         names.raise_fd_limit()  # before the operations size their directory cache by it
+        select_libfuse()  # before any thread: writes the environment mfusepy reads in serve
         self._check_mountpoint()
         lock = self._lock_cipher_dir()
         try:
@@ -410,7 +411,7 @@ class Daemon:
             # masked by the caller's umask), as on a kernel filesystem; the daemon's own
             # files all have explicit modes.
             os.umask(0)
-            EncfsFUSE(ops, str(cfg.mountpoint), **options)
+            serve(ops, str(cfg.mountpoint), **options)
         except RuntimeError as exc:
             # fuse_main answers 8 when its loop ended on SIGTERM/SIGINT/SIGHUP (libfuse's
             # own handlers unmount first): a requested stop, not a failure.

@@ -1414,10 +1414,45 @@ def test_system_libfuse_still_works_without_killpriv_v2(make_volume: MakeVolume)
     status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)
     assert status["libfuse"]["killpriv_v2"] is False
     assert status["libfuse"]["version"] != "3.17"
+    assert status["libfuse"]["version"].startswith("3.")
     data = os.urandom(300_000)
     (vol.mountpoint / "f").write_bytes(data)
     vol.remount()
     assert (vol.mountpoint / "f").read_bytes() == data
+
+
+def test_importing_encfs_loads_no_fuse_library_and_writes_no_environment() -> None:
+    """mfusepy picks its libfuse when imported, from the environment: only ``fs.serve``
+    imports it, after ``select_libfuse``; importing the package, the daemon or the CLI
+    does neither."""
+    code = (
+        "import os, sys; before = dict(os.environ); "
+        "import encfs.cli, encfs.daemon, encfs.fs, encfs.fs.ops, encfs.fs.kcache; "
+        "assert 'mfusepy' not in sys.modules, 'mfusepy imported'; "
+        "assert dict(os.environ) == before, 'environment written'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_select_libfuse_prefers_the_set_path_then_the_build_then_libfuse3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from encfs.fs import select_libfuse
+
+    env = {"FUSE_LIBRARY_PATH": "/chosen/libfuse3.so"}
+    select_libfuse(env)
+    assert env == {"FUSE_LIBRARY_PATH": "/chosen/libfuse3.so", "FUSE_LIBRARY_NAME": "fuse3"}
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    env = {}
+    select_libfuse(env)
+    assert env == {"FUSE_LIBRARY_NAME": "fuse3"}  # mfusepy would find libfuse 2 first
+    built = tmp_path / "lib" / "encfs" / "libfuse3.so.4"
+    built.parent.mkdir(parents=True)
+    built.touch()
+    select_libfuse(env)
+    assert env == {"FUSE_LIBRARY_PATH": str(built), "FUSE_LIBRARY_NAME": "fuse3"}
+    select_libfuse(env)  # a second call changes nothing
+    assert env == {"FUSE_LIBRARY_PATH": str(built), "FUSE_LIBRARY_NAME": "fuse3"}
 
 
 def test_new_entries_get_the_callers_mode_not_the_daemons_umask(vol: Volume) -> None:

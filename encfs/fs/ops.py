@@ -9,59 +9,62 @@ Handles (``fh``) are the backing file descriptors (``fd``) of opened files.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
 import errno
 import functools
 import logging
 import os
-import queue
 import stat
-import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
-
-# Which libfuse mfusepy loads (it reads these at import): $FUSE_LIBRARY_PATH if set, else
-# the libfuse 3.17 that scripts/build-libfuse put into this Python's prefix (it negotiates
-# HANDLE_KILLPRIV_V2: no `security.capability` round trip before every write), else the
-# system's libfuse 3 by name (mfusepy would pick libfuse 2 when both are installed).
-os.environ["FUSE_LIBRARY_PATH"] = os.environ.get("FUSE_LIBRARY_PATH") or next(
-    (p for p in [os.path.join(sys.prefix, "lib", "encfs", "libfuse3.so.4")] if os.path.exists(p)),
-    "",
-)
-os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
-import mfusepy
+from typing import ParamSpec, Protocol, TypeVar
 
 from encfs import backing, crypto, names
 from encfs import format as fmt
 from encfs.cipherfile import CipherFile, Sealer
 from encfs.errors import FormatError, IntegrityError, VolumeSuspended
+from encfs.fs.kcache import Aliases, Gate, SeenPaths, moved
 from encfs.keys import VolumeKeys
 
 log = logging.getLogger(__name__)
 
-FUSE_CAP_ASYNC_READ = 1 << 0
-FUSE_CAP_HANDLE_KILLPRIV = 1 << 20
-FUSE_CAP_HANDLE_KILLPRIV_V2 = 1 << 21
-FUSE_CAP_READDIRPLUS = 1 << 13
-FUSE_CAP_WRITEBACK_CACHE = 1 << 16
-FUSE_CAP_PARALLEL_DIROPS = 1 << 18
-FUSE_READDIR_PLUS = 1 << 0
-FUSE_FILL_DIR_PLUS = 1 << 1
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = backing.RENAME_NOREPLACE
 RENAME_EXCHANGE = backing.RENAME_EXCHANGE
-MAX_WRITE = 1 << 20
+XATTR_UNSUPPORTED = errno.EOPNOTSUPP
+"""The answer for an extended attribute outside ``user.*`` (get, set, remove), as Linux
+filesystems answer for a namespace they do not support; a missing ``user.*`` attribute is
+ENODATA (the backing filesystem's answer)."""
 
 
 Listing = list[tuple[str, tuple[os.stat_result, int] | None, int]]
 """A directory listing: (name, (backing stat, plaintext size) or None, offset)."""
+
+
+class Session(Protocol):
+    """The FUSE session serving the operations, as they use it (``binding.LibfuseSession``
+    is the real one; without one, as in tests that call the operations directly, the
+    caller is root and nothing is invalidated)."""
+
+    @property
+    def libfuse_version(self) -> str: ...
+
+    @property
+    def killpriv_v2(self) -> bool:
+        """Whether HANDLE_KILLPRIV_V2 was negotiated (no capability probe per write)."""
+        ...
+
+    def caller(self) -> tuple[int, int]:
+        """(uid, gid) of the process whose request the calling thread serves."""
+        ...
+
+    def invalidate(self, path: str) -> int:
+        """``kcache.Invalidate``: drop what the kernel caches of mount path ``path``."""
+        ...
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -82,194 +85,6 @@ class FsOptions:
     attr_timeout: float = 10.0
     entry_timeout: float = 10.0
     writeback_cache: bool = False
-
-
-def moved(path: str, old: str, new: str, exchange: bool = False) -> str:
-    """Where mount path ``path`` is after ``old`` was renamed to ``new`` (or, with
-    ``exchange``, after the two were swapped)."""
-    for src, dst in ((old, new), (new, old)) if exchange else ((old, new),):
-        if path == src or path.startswith(src + "/"):
-            return dst + path[len(src) :]
-    return path
-
-
-class Aliases:
-    """Mount paths of multiply-linked files (anything but directories), so that a change
-    made through one name can invalidate what the kernel caches under the others.
-
-    libfuse's high-level API gives every *path* its own kernel inode: after a write through
-    ``a`` the kernel would go on serving ``b``'s old size, times and pages. Every name the
-    kernel can cache passed through ``stat`` or ``readdir`` (which ``note`` it). Invalidation
-    runs in one worker thread: invalidating an inode whose write is in flight waits for that
-    write's page locks, so a caller waits at most ``WAIT`` seconds and never deadlocks.
-
-    Locks: ``_lock`` guards the map and is never held while calling into libfuse.
-    """
-
-    WAIT = 1.0
-    MAX_INODES = 1 << 16
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._paths: dict[tuple[int, int], set[str]] = {}
-        self._work: queue.SimpleQueue[tuple[list[str], threading.Event] | None] = (
-            queue.SimpleQueue()
-        )
-        self._fuse_ptr: int | None = None
-        self._worker: threading.Thread | None = None
-
-    def start(self, fuse_ptr: int | None) -> None:
-        """Begin invalidating through ``fuse_ptr`` (the ``struct fuse *`` of this mount)."""
-        if fuse_ptr is None or self._worker is not None:
-            return
-        libfuse = mfusepy._libfuse
-        libfuse.fuse_invalidate_path.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
-        libfuse.fuse_invalidate_path.restype = ctypes.c_int
-        self._fuse_ptr = fuse_ptr
-        self._worker = threading.Thread(target=self._run, name="encfs-aliases", daemon=True)
-        self._worker.start()
-
-    def stop(self) -> None:
-        if self._worker is not None:
-            self._work.put(None)
-            self._worker = None
-
-    def note(self, key: tuple[int, int], path: str) -> None:
-        with self._lock:
-            paths = self._paths.get(key)
-            if paths is None:
-                if len(self._paths) >= self.MAX_INODES:
-                    self._paths.clear()  # only costs invalidations of names seen before
-                paths = self._paths[key] = set()
-            paths.add(path)
-
-    def __bool__(self) -> bool:
-        return bool(self._paths)
-
-    def forget(self, path: str) -> tuple[int, int] | None:
-        """Drop ``path``; returns the inode it named, if it was tracked."""
-        with self._lock:
-            for key, paths in self._paths.items():
-                if path in paths:
-                    paths.discard(path)
-                    if not paths:
-                        del self._paths[key]
-                    return key
-        return None
-
-    def renamed(self, old: str, new: str, exchange: bool = False) -> None:
-        with self._lock:
-            for key, paths in self._paths.items():
-                self._paths[key] = {moved(p, old, new, exchange) for p in paths}
-
-    def changed(self, key: tuple[int, int] | None, but_not: str | None = None) -> None:
-        """Invalidate the kernel's attributes and pages of every other name of ``key``."""
-        if key is None or self._worker is None:
-            return
-        with self._lock:
-            paths = [p for p in self._paths.get(key, ()) if p != but_not]
-        if paths:
-            done = threading.Event()
-            self._work.put((paths, done))
-            done.wait(self.WAIT)
-
-    def _run(self) -> None:
-        invalidate = mfusepy._libfuse.fuse_invalidate_path
-        while (item := self._work.get()) is not None:
-            paths, done = item
-            for path in paths:
-                if invalidate(self._fuse_ptr, os.fsencode(path)) == -errno.ENOENT:
-                    self.forget(path)
-            done.set()
-
-
-class Gate:
-    """Admission of FUSE operations, closed while the volume is suspended.
-
-    ``enter`` admits an operation (False when closed); ``close`` shuts the gate and waits
-    until the operations already inside have left, so that nothing started before the
-    suspension can still put plaintext into the kernel's cache afterwards.
-
-    Lock-free on the request path (a lock here convoys the FUSE threads behind the GIL):
-    an operation first registers itself (``deque.append``, atomic), *then* looks at
-    ``open``; ``close`` first clears ``open``, *then* waits for the register to empty. An
-    operation therefore either sees the gate closed and withdraws, or is counted before
-    ``close`` starts waiting.
-    """
-
-    def __init__(self) -> None:
-        self._inside: collections.deque[None] = collections.deque()
-        self.open = True
-
-    def enter(self) -> bool:
-        self._inside.append(None)
-        if self.open:
-            return True
-        self._inside.pop()
-        return False
-
-    def leave(self) -> None:
-        self._inside.pop()
-
-    def close(self, timeout: float) -> bool:
-        """Shut; True once no operation is inside (False if some still are at ``timeout``)."""
-        self.open = False
-        deadline = time.monotonic() + timeout
-        while self._inside:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.001)
-        return True
-
-    def reopen(self) -> None:
-        self.open = True
-
-
-class SeenPaths:
-    """Every mount path the kernel may cache attributes or pages under: each passed through
-    ``stat`` (lookups, getattr) or ``readdir`` (readdirplus hands out attributes). Suspension
-    invalidates them all, so nothing cached before it stays readable. Renames keep the set
-    in step; removed names linger harmlessly (invalidating them answers ENOENT).
-
-    Locks: ``_lock`` guards the set; never held while calling into libfuse.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._paths: set[str] = {"/"}
-
-    def note(self, path: str) -> None:
-        self._paths.add(path)  # a single set.add is atomic under the GIL
-
-    def renamed(self, old: str, new: str, exchange: bool, is_dir: bool) -> None:
-        with self._lock:
-            if is_dir or exchange:
-                self._paths = {moved(p, old, new, exchange) for p in self._paths}
-            else:
-                self._paths.discard(old)
-                self._paths.add(new)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def invalidate_all(self, fuse_ptr: int | None) -> int:
-        """Drop the kernel's attributes and pages (also those mapped by ``mmap``) of every
-        seen path; returns how many the kernel still knew. Never call from a request."""
-        if fuse_ptr is None:
-            return 0
-        with self._lock:
-            paths = sorted(self._paths, key=len, reverse=True)  # leaves first
-        invalidate = mfusepy._libfuse.fuse_invalidate_path
-        known = 0
-        gone: list[str] = []
-        for path in paths:
-            if invalidate(fuse_ptr, os.fsencode(path)) == -errno.ENOENT:
-                gone.append(path)
-            else:
-                known += 1
-        with self._lock:
-            self._paths.difference_update(gone)
-        return known
 
 
 @dataclass
@@ -328,7 +143,7 @@ def fuse_op(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
+class EncfsOperations:
     """FUSE operations over one unlocked volume. Thread-safe (libfuse's multi-threaded loop).
 
     Locks: ``_table_lock`` guards the open-inode table; each ``CipherFile`` has its own
@@ -336,6 +151,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
     """
 
     use_ns = True
+    """mfusepy's switch: times in nanoseconds."""
 
     def __init__(
         self,
@@ -363,59 +179,34 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         self._dir_listings: dict[int, Listing] = {}
         self._next_dir_fh = 0
         self._as_root = os.geteuid() == 0
-        self.fuse_ptr: int | None = None
+        self.session: Session | None = None
         self.aliases = Aliases()
         self._fh_paths: dict[int, str] = {}
         self.gate = Gate()
         self.seen = SeenPaths()
         self.sealer = Sealer()
-        self.libfuse_version = f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}"
-        self.killpriv_v2 = False  # negotiated in init_with_config
 
     # --- life cycle ------------------------------------------------------------------------
 
-    def init_with_config(self, conn: Any, config: Any) -> None:
-        if conn is not None:
-            conn.want |= conn.capable & (
-                (FUSE_CAP_WRITEBACK_CACHE if self.options.writeback_cache else 0)
-                | FUSE_CAP_READDIRPLUS
-                | FUSE_CAP_PARALLEL_DIROPS
-                | FUSE_CAP_ASYNC_READ
-                # We clear set-user/group-ID bits on chown (the backing filesystem does)
-                # and on truncate (``_truncated``); the kernel then skips a GETATTR before
-                # every chown and truncate.
-                # (not with the writeback cache: its writes reach us as root, too late).
-                | (0 if self.options.writeback_cache else FUSE_CAP_HANDLE_KILLPRIV)
-                | (0 if self.options.writeback_cache else FUSE_CAP_HANDLE_KILLPRIV_V2)
-            )
-            conn.max_write = MAX_WRITE
-            conn.max_readahead = MAX_WRITE
-            self.killpriv_v2 = bool(conn.want & FUSE_CAP_HANDLE_KILLPRIV_V2)
-            log.info(
-                "libfuse %s, %s",
-                self.libfuse_version,
-                "HANDLE_KILLPRIV_V2"
-                if self.killpriv_v2
-                else "no HANDLE_KILLPRIV_V2 (one more round trip per write; see "
-                "scripts/build-libfuse)",
-            )
-        if config is not None:
-            # auto_cache, not kernel_cache: the page cache survives opens unless the file's
-            # mtime or size changed. libfuse gives each *path* its own kernel inode, so a
-            # write through one hard link must invalidate the other names' caches at open.
-            config.auto_cache = 1
-            config.use_ino = 1
-            # hard_remove stays off: libfuse then hides unlinked-but-open files (renames
-            # them to .fuse_hidden*) so fstat() on their handles keeps working.
-            config.nullpath_ok = 1
-            config.entry_timeout = self.options.entry_timeout
-            config.attr_timeout = self.options.attr_timeout
-            config.negative_timeout = self.options.entry_timeout
-        context = mfusepy._libfuse.fuse_get_context()
-        self.fuse_ptr = context.contents.fuse if context else None
-        self.aliases.start(self.fuse_ptr)
+    def started(self, session: Session) -> None:
+        """The mount is up (libfuse's init, before any request): serve through ``session``
+        from now on, and announce readiness (``on_init``)."""
+        self.session = session
+        self.aliases.start(session.invalidate)
         if self._on_init is not None:
             self._on_init()
+
+    @property
+    def libfuse_version(self) -> str | None:
+        return None if self.session is None else self.session.libfuse_version
+
+    @property
+    def killpriv_v2(self) -> bool:
+        return self.session is not None and self.session.killpriv_v2
+
+    def _caller(self) -> tuple[int, int]:
+        """(uid, gid) of the calling process; root without a session."""
+        return (0, 0) if self.session is None else self.session.caller()
 
     # --- suspension ------------------------------------------------------------------------
 
@@ -444,7 +235,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
             self._dir_listings.clear()
             for cfile in self._inodes.values():
                 cfile.forget_plaintext()
-        return self.seen.invalidate_all(self.fuse_ptr)
+        return self.seen.invalidate_all(None if self.session is None else self.session.invalidate)
 
     def resume(self, volume_key: bytearray, header_body: bytes, header_tag: bytes) -> None:
         """Serve again with the volume key (copied; the caller wipes its own). The header
@@ -487,7 +278,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         ``fd``: the entry's own open fd, if we have one."""
         if not self._as_root:
             return
-        uid, gid, _pid = mfusepy.fuse_get_context()
+        uid, gid = self._caller()
         if uid == 0 and gid == 0:
             return
         if entry.parent.fstat().st_mode & stat.S_ISGID:
@@ -970,7 +761,7 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
         set-group-ID on group-executable files), as the kernel does on local filesystems;
         with HANDLE_KILLPRIV it leaves that to us. Returns whether bits may remain (root
         wrote, so nothing was cleared)."""
-        uid, _gid, _pid = mfusepy.fuse_get_context()
+        uid, _gid = self._caller()
         if uid == 0:
             return True
         mode = os.fstat(fd).st_mode
@@ -1119,19 +910,26 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def _xattr_backing_name(self, name: str) -> str:
         if not name.startswith(fmt.XATTR_PREFIX):
-            raise OSError(errno.EOPNOTSUPP, "only user.* extended attributes are supported")
+            raise OSError(XATTR_UNSUPPORTED, "only user.* extended attributes are supported")
         plain = os.fsencode(name[len(fmt.XATTR_PREFIX) :])
         if len(plain) > fmt.MAX_PLAIN_XATTR_NAME:
             raise OSError(errno.ERANGE, "extended attribute name too long for encfs")
         return fmt.XATTR_BACKING_PREFIX + self.keys.names.encrypt(plain, fmt.XATTR_NAME_AD)
 
+    def foreign_xattr(self) -> int:
+        """The errno of a getxattr outside ``user.*`` (above all the kernel's
+        ``security.capability`` probe before every write without HANDLE_KILLPRIV_V2), for
+        the adapter's fast path: what ``getxattr`` answers (``XATTR_UNSUPPORTED``; the
+        suspended errno while suspended), without an exception or the gate. Counted."""
+        self.counters.security_probes += 1
+        return XATTR_UNSUPPORTED if self.gate.open else self.options.suspended_errno
+
     @fuse_op
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        if not name.startswith(fmt.XATTR_PREFIX):
-            # The kernel asks for security.capability on every write: answer fast.
-            raise OSError(errno.EOPNOTSUPP, "only user.* extended attributes are supported")
-        entry = self.names.entry(path)
+        """A ``user.*`` attribute's value; ENODATA if it has none, ``XATTR_UNSUPPORTED``
+        outside ``user.*`` (what ``foreign_xattr`` answers on the adapter's fast path)."""
         bname = self._xattr_backing_name(name)
+        entry = self.names.entry(path)
         sealed = entry.parent.getxattr(entry.name, bname)
         try:
             return self.keys.meta.open(sealed, bname.encode(), "xattr value")
@@ -1173,207 +971,3 @@ class EncfsOperations(mfusepy.Operations):  # type: ignore[misc]
 
 
 _DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
-
-
-class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
-    """mfusepy's FUSE with three adaptations encfs needs from libfuse 3:
-
-    - readdir fills whole attributes with FUSE_FILL_DIR_PLUS when the kernel asks for
-      READDIRPLUS, so ``ls -l`` and ``find`` need no lookup per entry. It passes real
-      offsets: libfuse 3.14 drops the entries' node ids in its offset-0 buffering mode,
-      and the kernel then looks every entry up again;
-    - utimens passes raw (sec, nsec) pairs so UTIME_NOW / UTIME_OMIT survive;
-    - rename passes its flags (RENAME_NOREPLACE, RENAME_EXCHANGE);
-    - truncate, chmod, chown and utimens pass the file handle when libfuse has one (with
-      nullpath_ok it then passes no path; the kernel sends mtime updates this way);
-    - getattr, create, write and getxattr of non-``user.*`` names skip per-call overheads
-      of the generic binding;
-    - every libfuse worker thread keeps its Python thread state (see ``_wrapper``).
-    """
-
-    def __init__(self, operations: Any, mountpoint: str, **kwargs: Any) -> None:
-        self._thread_state_kept = threading.local()
-        super().__init__(operations, mountpoint, **kwargs)
-
-    def _wrapper(self, func: Callable[..., int], *args: Any, **kwargs: Any) -> int:
-        """Every callback enters here, on one of libfuse's worker threads.
-
-        ctypes gives a foreign thread a fresh Python thread state for each callback and
-        destroys it on return — about 28 µs of every request here (a `getxattr` round trip:
-        67 µs, 39 µs with this). One extra ``PyGILState_Ensure`` on a thread's first
-        callback keeps its state for the thread's life. libfuse (>= 3.12) never retires
-        idle workers (max_idle_threads defaults to unlimited, at most 10 threads), so this
-        costs one thread state per worker. A ``threading.local`` lives in the thread state,
-        so it is empty exactly when the state is new.
-        """
-        kept = self._thread_state_kept
-        if not kept.__dict__:
-            kept.yes = True
-            ctypes.pythonapi.PyGILState_Ensure()
-        try:
-            return func(*args, **kwargs) or 0
-        except OSError as exc:
-            if isinstance(exc.errno, int) and exc.errno > 0:
-                return -exc.errno
-            caught: BaseException = exc
-        except BaseException as exc:
-            caught = exc
-        # Anything else (a bug in an adapter here, init failing, SystemExit) gets the
-        # binding's own handling: logged, and the loop stopped where it must be.
-
-        def reraise(*_args: Any, **_kwargs: Any) -> int:
-            raise caught
-
-        reraise.__name__ = func.__name__
-        result: int = super()._wrapper(reraise)
-        return result
-
-    def readdir_fuse_3(
-        self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
-    ) -> int:
-        decoded = None if path is None else path.decode(self.encoding, self.errors)
-        items: Listing = self.operations.readdir(decoded, fip.contents.fh, offset)
-        plus = flags & FUSE_READDIR_PLUS
-        for index in range(offset, len(items)):
-            name, attrs, _off = items[index]
-            st = None
-            fill_flags = 0
-            if attrs is not None:
-                st = mfusepy.c_stat()
-                _fill_stat(st, *attrs)
-                if plus and name not in (".", ".."):
-                    fill_flags = FUSE_FILL_DIR_PLUS
-            name_b = name.encode(self.encoding, self.errors)
-            if filler(buf, name_b, st, index + 1, fill_flags) != 0:
-                break
-        return 0
-
-    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
-        times = None
-        if buf:
-            times = (
-                (buf.contents.actime.tv_sec, buf.contents.actime.tv_nsec),
-                (buf.contents.modtime.tv_sec, buf.contents.modtime.tv_nsec),
-            )
-        result: int = self.operations.utimens(self._decode(path), times, _fh(fip))
-        return result
-
-    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
-        result: int = self.operations.chmod(self._decode(path), mode, _fh(fip))
-        return result
-
-    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
-        if ctypes.c_uint32(uid + 1).value == 0:
-            uid = -1
-        if ctypes.c_uint32(gid + 1).value == 0:
-            gid = -1
-        result: int = self.operations.chown(self._decode(path), uid, gid, _fh(fip))
-        return result
-
-    def _decode(self, path: bytes | None) -> str | None:
-        return None if path is None else path.decode(self.encoding, self.errors)
-
-    def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
-        """Only ``user.*`` attributes exist on encfs; answer any other name (above all the
-        kernel's ``security.capability`` probe before every write, see docs/BENCHMARKS.md)
-        here, without a Python exception on the way."""
-        if not name.startswith(b"user."):
-            ops = self.operations
-            ops.counters.security_probes += 1
-            return -(errno.EOPNOTSUPP if ops.gate.open else ops.options.suspended_errno)
-        result: int = super().getxattr(path, name, value, size, *args)
-        return result
-
-    def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
-        """Fill the stat buffer straight from os.stat_result (no dict: this is the hottest
-        call of all; every lookup, create and setattr reply goes through it). Errors (ENOENT
-        of every negative lookup) return as -errno, not through the binding's exception
-        handler and its logging."""
-        try:
-            st, size = self.operations.stat(self._decode(path), _fh(fip))
-        except OSError as exc:
-            return -(exc.errno or errno.EIO)
-        _fill_stat(buf.contents, st, size)
-        return 0
-
-    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        """Decrypt into libfuse's reply buffer through a writable view of it, valid only
-        during this call (mfusepy's own callback copies the returned bytes into it)."""
-        out = _view(ctypes.addressof(buf.contents), size, _PYBUF_WRITE)
-        result: int = self.operations.read_into(self._decode(path), out, offset, fip.contents.fh)
-        return result
-
-    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        """Pass a read-only view of libfuse's request buffer, not a copy of it (1 MiB per
-        sequential write). The view is valid only during this call; ``CipherFile.write``
-        keeps nothing of it. (A ctypes array type per size cost ~10 µs a write.)"""
-        data = _view(ctypes.addressof(buf.contents), size, _PYBUF_READ)
-        result: int = self.operations.write(self._decode(path), data, offset, fip.contents.fh)
-        return result
-
-    def create(self, path: bytes, mode: int, fip: Any) -> int:
-        """mfusepy inspects the create() signature on every call (~30 µs); we know it."""
-        fi = fip.contents
-        fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode, fi.flags)
-        return 0
-
-    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
-        result: int = self.operations.truncate(self._decode(path), length, _fh(fip))
-        return result
-
-    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-        result: int = self.operations.rename(
-            old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
-        )
-        return result
-
-
-# A memoryview over foreign memory, format "B" (what pyca wants), in one C call.
-_view = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)(
-    ("PyMemoryView_FromMemory", ctypes.pythonapi)
-)
-_PYBUF_READ = 0x100
-_PYBUF_WRITE = 0x200
-
-# struct stat as mfusepy declares it on LP64 Linux (x86-64): packed in one call instead of
-# a dozen ctypes attribute stores (1.3 µs instead of 6.5 µs per getattr, measured here).
-# Other layouts (e.g. aarch64) take the field-by-field path.
-_STAT = struct.Struct("=QQQIIIiQqqq" + "qq" * 3 + "24x")
-_STAT_FAST = ctypes.sizeof(mfusepy.c_stat) == _STAT.size and [
-    (f[0], getattr(mfusepy.c_stat, f[0]).offset) for f in mfusepy.c_stat._fields_
-] == [
-    ("st_dev", 0), ("st_ino", 8), ("st_nlink", 16), ("st_mode", 24), ("st_uid", 28),
-    ("st_gid", 32), ("__pad0", 36), ("st_rdev", 40), ("st_size", 48), ("st_blksize", 56),
-    ("st_blocks", 64), ("st_atimespec", 72), ("st_mtimespec", 88), ("st_ctimespec", 104),
-    ("reserved", 120),
-]  # fmt: skip
-_NS = 10**9
-
-
-def _fill_stat(out: Any, st: os.stat_result, size: int) -> None:
-    """Write ``st`` with the plaintext ``size`` into the ``c_stat`` ``out`` (st_dev 0)."""
-    if _STAT_FAST:
-        a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-        _STAT.pack_into(
-            out, 0, 0, st.st_ino, st.st_nlink, st.st_mode, st.st_uid, st.st_gid, 0,
-            st.st_rdev, size, st.st_blksize, st.st_blocks,
-            a // _NS, a % _NS, m // _NS, m % _NS, c // _NS, c % _NS,
-        )  # fmt: skip
-        return
-    ctypes.memset(ctypes.addressof(out), 0, ctypes.sizeof(out))
-    out.st_mode = st.st_mode
-    out.st_ino = st.st_ino
-    out.st_nlink = st.st_nlink
-    out.st_uid = st.st_uid
-    out.st_gid = st.st_gid
-    out.st_size = size
-    out.st_blocks = st.st_blocks
-    out.st_blksize = st.st_blksize
-    out.st_rdev = st.st_rdev
-    out.st_atimespec.tv_sec, out.st_atimespec.tv_nsec = divmod(st.st_atime_ns, _NS)
-    out.st_mtimespec.tv_sec, out.st_mtimespec.tv_nsec = divmod(st.st_mtime_ns, _NS)
-    out.st_ctimespec.tv_sec, out.st_ctimespec.tv_nsec = divmod(st.st_ctime_ns, _NS)
-
-
-def _fh(fip: Any) -> int | None:
-    return int(fip.contents.fh) if fip else None
