@@ -367,12 +367,7 @@ class EncfsOperations:
         return st, self._plain_size(st)
 
     def _plain_size(self, st: os.stat_result) -> int:
-        mode = st.st_mode
-        if stat.S_ISREG(mode):
-            return self.geo.plain_size(st.st_size)
-        if stat.S_ISLNK(mode):
-            return fmt.symlink_plain_size(st.st_size)
-        return st.st_size
+        return self.geo.entry_plain_size(st.st_mode, st.st_size)
 
     @fuse_op
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
