@@ -1382,7 +1382,7 @@ def test_suspension_seals_queued_writes_before_the_keys_go(tmp_path: Path) -> No
     for i in range(1, 9):
         ops.write(None, data[(i - 1) * mib : i * mib], i * mib, fh)
     ops.suspend()
-    cfile = ops._handles[fh]
+    cfile = ops.files[fh]
     assert cfile.pending == 0 and cfile.deferred_error is None
     assert os.fstat(fh).st_size == ops.geo.cipher_size(9 * mib)
 
@@ -1416,7 +1416,7 @@ def test_suspension_drops_the_blocks_kept_for_appends(tmp_path: Path) -> None:
     memory (``CipherFile._tail``) goes at suspension, with every open file's."""
     ops, fh, _ro = _ops(tmp_path)
     ops.write(None, b"x" * 5000, 2 << 20, fh)  # ends mid-block: the block is kept
-    cfile = ops._handles[fh]
+    cfile = ops.files[fh]
     assert cfile._tail is not None
     ops.suspend()
     assert cfile._tail is None
@@ -1430,9 +1430,9 @@ def test_session_end_seals_queued_writes(tmp_path: Path) -> None:
     data = os.urandom(8 * mib)  # made first: queuing outpaces sealing
     for i in range(1, 9):
         ops.write(None, data[(i - 1) * mib : i * mib], i * mib, fh)
-    assert ops._handles[fh].pending, "nothing was queued: the test exercises nothing"
+    assert ops.files[fh].pending, "nothing was queued: the test exercises nothing"
     ops.destroy(None)
-    assert ops._handles[fh].pending == 0
+    assert ops.files[fh].pending == 0
     assert os.fstat(fh).st_size == ops.geo.cipher_size(9 * mib)
 
 

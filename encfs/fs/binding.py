@@ -21,7 +21,8 @@ from typing import Any, Protocol
 import mfusepy
 
 from encfs import format as fmt
-from encfs.fs.ops import FsOptions, Listing, Session
+from encfs.fs.handles import Listing
+from encfs.fs.ops import FsOptions, Session
 
 log = logging.getLogger(__name__)
 

@@ -9,39 +9,27 @@ Handles (``fh``) are the backing file descriptors (``fd``) of opened files.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ParamSpec, Protocol, TypeVar
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
-from encfs import backing, crypto, names
+from encfs import backing, names
 from encfs import format as fmt
-from encfs.cipherfile import CipherFile, Sealer
+from encfs.cipherfile import Sealer
 from encfs.errors import FormatError, IntegrityError, VolumeSuspended
-from encfs.fs.kcache import Aliases, Gate, SeenPaths, moved
+from encfs.fs import xattrs
+from encfs.fs.attrs import Attributes
+from encfs.fs.handles import Listing, OpenFiles
+from encfs.fs.kcache import Aliases, Gate, SeenPaths
+from encfs.fs.tree import Tree
 from encfs.keys import VolumeKeys
 
 log = logging.getLogger(__name__)
-
-UTIME_NOW = (1 << 30) - 1
-UTIME_OMIT = (1 << 30) - 2
-RENAME_NOREPLACE = backing.RENAME_NOREPLACE
-RENAME_EXCHANGE = backing.RENAME_EXCHANGE
-XATTR_UNSUPPORTED = errno.EOPNOTSUPP
-"""The answer for an extended attribute outside ``user.*`` (get, set, remove), as Linux
-filesystems answer for a namespace they do not support; a missing ``user.*`` attribute is
-ENODATA (the backing filesystem's answer)."""
-
-
-Listing = list[tuple[str, tuple[os.stat_result, int] | None, int]]
-"""A directory listing: (name, (backing stat, plaintext size) or None, offset)."""
 
 
 class Session(Protocol):
@@ -106,6 +94,16 @@ def fuse_op(method: Callable[P, R]) -> Callable[P, R]:
     """Map every exception of a FUSE operation to an ``OSError`` with an errno, and pass
     the operation through the suspension gate (``EncfsOperations.gate``): while the volume
     is suspended every operation but closing a handle fails with ``suspended_errno``."""
+    return _operation(method, writes=False)
+
+
+def fuse_write(method: Callable[P, R]) -> Callable[P, R]:
+    """``fuse_op`` for an operation that changes the volume: on a read-only mount it
+    fails with EROFS, once inside the gate and before anything else."""
+    return _operation(method, writes=True)
+
+
+def _operation(method: Callable[P, R], writes: bool) -> Callable[P, R]:
     gated = method.__name__ not in _UNGATED
 
     @functools.wraps(method)
@@ -114,6 +112,8 @@ def fuse_op(method: Callable[P, R]) -> Callable[P, R]:
         if gated and not gate.enter():
             raise OSError(args[0].options.suspended_errno, "volume suspended")  # type: ignore[attr-defined]
         try:
+            if writes and args[0].options.read_only:  # type: ignore[attr-defined]
+                raise OSError(errno.EROFS, "read-only mount")
             return method(*args, **kwargs)
         except OSError as exc:
             if isinstance(exc.errno, int) and exc.errno > 0:
@@ -143,11 +143,28 @@ def fuse_op(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _tree_change(
+    method: Callable[Concatenate[Tree, P], None],
+) -> Callable[Concatenate[EncfsOperations, P], int]:
+    """The FUSE operation that is the structure change ``method`` of the mount's ``tree``
+    (a ``fuse_write``: gated, refused on a read-only mount, errors mapped; answers 0)."""
+
+    @functools.wraps(method)
+    def operation(self: EncfsOperations, /, *args: P.args, **kwargs: P.kwargs) -> int:
+        method(self.tree, *args, **kwargs)
+        return 0
+
+    return fuse_write(operation)
+
+
 class EncfsOperations:
     """FUSE operations over one unlocked volume. Thread-safe (libfuse's multi-threaded loop).
 
-    Locks: ``_table_lock`` guards the open-inode table; each ``CipherFile`` has its own
-    reader/writer lock for content. Directory structure changes invalidate the name cache.
+    Every FUSE method is thin: it checks, resolves and delegates — content to the file's
+    ``CipherFile`` (found through ``files``, the open-file table), structure changes to
+    ``tree`` — and ``fuse_op`` turns what they raise into an errno. Locks: each
+    ``CipherFile`` has its own reader/writer lock for content; ``files`` and ``names``
+    guard their own tables.
     """
 
     use_ns = True
@@ -168,23 +185,16 @@ class EncfsOperations:
         self.geo = fmt.Geometry(block_size)
         self.options = options
         self.names = names.Names(root, keys, dirid_links=dirid_links)
-        self._root_attrs = names.read_root_attrs(root)
-        """The plaintext root's mode and owner (None: the cipher dir's own are shown)."""
         self.counters = Counters()
         self._on_init = on_init
-        self._table_lock = threading.Lock()
-        self._inodes: dict[tuple[int, int], CipherFile] = {}
-        self._handles: dict[int, CipherFile] = {}
-        self._dir_handles: dict[int, str] = {}
-        self._dir_listings: dict[int, Listing] = {}
-        self._next_dir_fh = 0
-        self._as_root = os.geteuid() == 0
         self.session: Session | None = None
         self.aliases = Aliases()
-        self._fh_paths: dict[int, str] = {}
         self.gate = Gate()
         self.seen = SeenPaths()
         self.sealer = Sealer()
+        self.files = OpenFiles(keys, self.geo, self.sealer)
+        self.tree = Tree(self.names, keys, self.files, self.aliases, self.seen, self._caller)
+        self.attrs = Attributes(self.names, self.files, self.aliases)
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -231,10 +241,7 @@ class EncfsOperations:
         self.sealer.drain()  # deferred writes need the keys
         self.keys.wipe()
         self.names.invalidate()
-        with self._table_lock:
-            self._dir_listings.clear()
-            for cfile in self._inodes.values():
-                cfile.forget_plaintext()
+        self.files.forget_plaintext()
         return self.seen.invalidate_all(None if self.session is None else self.session.invalidate)
 
     def resume(self, volume_key: bytearray, header_body: bytes, header_tag: bytes) -> None:
@@ -269,55 +276,6 @@ class EncfsOperations:
             "st_rdev": st.st_rdev,
         }
 
-    def _check_writable(self) -> None:
-        if self.options.read_only:
-            raise OSError(errno.EROFS, "read-only mount")
-
-    def _own(self, entry: names.Entry, fd: int | None = None) -> None:
-        """Give a new entry to the calling user, as a kernel filesystem would (root only).
-        ``fd``: the entry's own open fd, if we have one."""
-        if not self._as_root:
-            return
-        uid, gid = self._caller()
-        if uid == 0 and gid == 0:
-            return
-        if entry.parent.fstat().st_mode & stat.S_ISGID:
-            gid = -1  # a set-group-ID directory gives its group (the backing fs applied it)
-        if fd is not None:
-            os.fchown(fd, uid, gid)
-        else:
-            entry.parent.chown(entry.name, uid, gid)
-
-    def _attach(self, fd: int, display: str) -> CipherFile:
-        """Register ``fd`` as a handle on its inode's shared ``CipherFile``."""
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
-        with self._table_lock:
-            cfile = self._inodes.get(key)
-            if cfile is None:
-                cfile = CipherFile(self.keys, self.geo, display, self.sealer)
-                cfile.inode_key = key
-                self._inodes[key] = cfile
-            if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                cfile.setid = True
-            cfile.refs += 1
-            self._handles[fd] = cfile
-        return cfile
-
-    def _detach(self, fd: int) -> None:
-        with self._table_lock:
-            cfile = self._handles.pop(fd, None)
-            if cfile is not None:
-                cfile.refs -= 1
-                if cfile.refs <= 0 and cfile.inode_key is not None:
-                    self._inodes.pop(cfile.inode_key, None)
-
-    def _cfile(self, fh: int) -> CipherFile:
-        cfile = self._handles.get(fh)
-        if cfile is None:
-            raise OSError(errno.EBADF, "unknown file handle")
-        return cfile
-
     @staticmethod
     def _backing_flags(flags: int) -> int:
         """Flags for our own fd of a backing file: always readable (partial-block writes
@@ -328,17 +286,6 @@ class EncfsOperations:
             os.O_RDONLY if acc == os.O_RDONLY else os.O_RDWR
         )
 
-    @contextlib.contextmanager
-    def _creating(self, entry: names.Entry) -> Iterator[None]:
-        """Create ``entry`` inside: its long-name companion first, removed again if the
-        creation fails (unless the entry exists after all)."""
-        self.names.add_companion(entry)
-        try:
-            yield
-        except BaseException:
-            self.names.rollback_companion(entry)
-            raise
-
     # --- attributes ------------------------------------------------------------------------
 
     @fuse_op
@@ -346,7 +293,7 @@ class EncfsOperations:
         """The backing stat and the plaintext size (EncfsFUSE.getattr_fuse_3's fast path)."""
         if fh is not None:
             self.keys.names  # noqa: B018 - raises VolumeSuspended when keys are wiped
-            cfile = self._handles.get(fh)
+            cfile = self.files.get(fh)
             if cfile is not None and cfile.pending:
                 cfile.drain()  # the size must include deferred writes
             st = os.fstat(fh)
@@ -355,15 +302,15 @@ class EncfsOperations:
         else:
             entry = self.names.entry(path)
             st = entry.parent.lstat(entry.name)
-            cfile = self._inodes.get((st.st_dev, st.st_ino))
+            cfile = self.files.of_inode((st.st_dev, st.st_ino))
             if cfile is not None and cfile.pending:
                 cfile.drain()
                 st = entry.parent.lstat(entry.name)
             self.seen.note(path)
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 self.aliases.note((st.st_dev, st.st_ino), path)
-            elif path == "/" and self._root_attrs is not None:
-                st = names.with_root_attrs(st, self._root_attrs)
+            elif path == "/" and self.attrs.root_attrs is not None:
+                st = names.with_root_attrs(st, self.attrs.root_attrs)
         return st, self._plain_size(st)
 
     def _plain_size(self, st: os.stat_result) -> int:
@@ -386,118 +333,24 @@ class EncfsOperations:
             raise OSError(errno.EACCES, "access denied")
         return 0
 
-    def _target(self, path: str | None, fh: int | None) -> int | names.Entry:
-        """What a metadata change applies to: the handle's fd when libfuse gives one (it then
-        gives no path), else the backing entry (never followed)."""
-        if fh is not None and fh in self._handles:
-            return fh
-        if path is None:
-            raise OSError(errno.EBADF, "operation needs a path or a file handle")
-        return self.names.entry(path)
-
-    @staticmethod
-    def _lstat(target: int | names.Entry) -> os.stat_result:
-        if isinstance(target, int):
-            return os.fstat(target)
-        return target.parent.lstat(target.name)
-
-    def _changed(self, target: int | names.Entry, path: str | None) -> None:
-        """Tell the other names of a multiply-linked file that ``target`` changed."""
-        if not self.aliases:
-            return
-        if isinstance(target, int):
-            cfile = self._handles.get(target)
-            key = cfile.inode_key if cfile is not None else None
-            self.aliases.changed(key, self._fh_paths.get(target))
-        else:
-            st = self._lstat(target)
-            if st.st_nlink > 1:
-                self.aliases.changed((st.st_dev, st.st_ino), path)
-
-    def _set_root_attrs(self, mode: int = -1, uid: int = -1, gid: int = -1) -> None:
-        """chmod/chown of the mount's root: recorded on the cipher dir (FORMAT.md §6.2),
-        which itself stays as it is (root's 0700)."""
-        root = self.names.root
-        if self._root_attrs is not None:
-            old_mode, old_uid, old_gid = self._root_attrs
-        else:
-            st = root.fstat()
-            old_mode, old_uid, old_gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
-        new = (
-            stat.S_IMODE(mode) if mode != -1 else old_mode,
-            uid if uid != -1 else old_uid,
-            gid if gid != -1 else old_gid,
-        )
-        names.write_root_attrs(root, *new)
-        self._root_attrs = new
-
-    @fuse_op
+    @fuse_write
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
-        self._check_writable()
-        if path == "/" and fh is None:
-            self._set_root_attrs(mode=mode)
-            return 0
-        target = self._target(path, fh)
-        if isinstance(target, int):
-            os.fchmod(target, stat.S_IMODE(mode))
-        else:
-            target.parent.chmod(target.name, stat.S_IMODE(mode))
-        if mode & (stat.S_ISUID | stat.S_ISGID):
-            if isinstance(target, int):
-                cfile = self._handles.get(target)
-            else:
-                st = self._lstat(target)
-                cfile = self._inodes.get((st.st_dev, st.st_ino))
-            if cfile is not None:
-                cfile.setid = True
-        self._changed(target, path)
+        self.attrs.chmod(path, mode, fh)
         return 0
 
-    @fuse_op
+    @fuse_write
     def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
-        self._check_writable()
-        if path == "/" and fh is None:
-            self._set_root_attrs(uid=uid, gid=gid)
-            return 0
-        target = self._target(path, fh)
-        if isinstance(target, int):
-            os.fchown(target, uid, gid)
-        else:
-            target.parent.chown(target.name, uid, gid)
-        self._changed(target, path)
+        self.attrs.chown(path, uid, gid, fh)
         return 0
 
-    @fuse_op
+    @fuse_write
     def utimens(
         self,
         path: str | None,
         times: tuple[tuple[int, int], tuple[int, int]] | None = None,
         fh: int | None = None,
     ) -> int:
-        self._check_writable()
-        target = self._target(path, fh)
-        ns: tuple[int, int] | None = None
-        if times is not None:
-            now = time.time_ns()
-            st: os.stat_result | None = None
-            result = []
-            for index, (sec, nsec) in enumerate(times):
-                if nsec == UTIME_NOW:
-                    result.append(now)
-                elif nsec == UTIME_OMIT:
-                    st = st or self._lstat(target)
-                    result.append(st.st_atime_ns if index == 0 else st.st_mtime_ns)
-                else:
-                    result.append(sec * 10**9 + nsec)
-            ns = (result[0], result[1])
-        if isinstance(target, int):
-            if ns is None:
-                os.utime(target)
-            else:
-                os.utime(target, ns=ns)
-        else:
-            target.parent.utime(target.name, ns)
-        self._changed(target, path)
+        self.attrs.utimens(path, times, fh)
         return 0
 
     @fuse_op
@@ -519,13 +372,8 @@ class EncfsOperations:
 
     @fuse_op
     def opendir(self, path: str) -> int:
-        """Directory handles carry the plaintext path: with nullpath_ok, readdir gets none."""
         self.names.directory(path)
-        with self._table_lock:
-            self._next_dir_fh += 1
-            fh = self._next_dir_fh
-            self._dir_handles[fh] = path
-        return fh
+        return self.files.open_dir(path)
 
     def destroy(self, path: str | None) -> None:
         """The session ends (unmount or signal): finish the deferred writes."""
@@ -533,9 +381,7 @@ class EncfsOperations:
 
     @fuse_op
     def releasedir(self, path: str | None, fh: int) -> int:
-        with self._table_lock:
-            self._dir_handles.pop(fh, None)
-            self._dir_listings.pop(fh, None)
+        self.files.release_dir(fh)
         return 0
 
     @fuse_op
@@ -544,18 +390,18 @@ class EncfsOperations:
         ``..``). Read once per handle, at ``offset`` 0; later
         offsets (the kernel's next buffer) reuse it, so ``ls`` stays linear in large dirs."""
         if offset:
-            cached = self._dir_listings.get(fh)
+            cached = self.files.listing(fh)
             if cached is not None:
                 return cached
         if self.sealer.busy:
             self.sealer.drain()  # the listing's sizes must include deferred writes
-        path = self._dir_handles.get(fh, path)
+        path = self.files.dir_path(fh) or path
         if path is None:
             raise OSError(errno.EBADF, "unknown directory handle")
         directory, _dir_id = self.names.directory(path)
         dot = directory.fstat()
-        if path == "/" and self._root_attrs is not None:
-            dot = names.with_root_attrs(dot, self._root_attrs)
+        if path == "/" and self.attrs.root_attrs is not None:
+            dot = names.with_root_attrs(dot, self.attrs.root_attrs)
         entries: Listing = [
             (".", (dot, dot.st_size), 0),
             ("..", None, 0),
@@ -571,95 +417,17 @@ class EncfsOperations:
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 self.aliases.note((st.st_dev, st.st_ino), prefix + name)
             entries.append((name, (st, self._plain_size(st)), 0))
-        if fh in self._dir_handles:
-            self._dir_listings[fh] = entries
+        self.files.keep_listing(fh, entries)
         return entries
-
-    @fuse_op
-    def mkdir(self, path: str, mode: int) -> int:
-        self._check_writable()
-        entry = self.names.entry(path)
-        with self._creating(entry):
-            entry.parent.mkdir(entry.name, mode)
-            try:
-                child = entry.opendir()
-                dir_id = names.write_dirid(child, link=self.names.dirid_links)
-                self._own(entry, child.fd)
-            except BaseException:
-                self._remove_new_dir(entry)
-                raise
-        self.names.made(path, child, dir_id)
-        return 0
-
-    def _remove_new_dir(self, entry: names.Entry) -> None:
-        """Undo a mkdir that failed after the directory was made (best effort)."""
-        with contextlib.suppress(OSError):
-            entry.opendir().unlink(fmt.DIRID_NAME)
-        with contextlib.suppress(OSError):
-            entry.parent.rmdir(entry.name)
-
-    @fuse_op
-    def rmdir(self, path: str) -> int:
-        self._check_writable()
-        entry = self.names.entry(path)
-        self._rmdir_backing(path, entry)
-        self.names.remove_companion(entry)
-        return 0
-
-    def _rmdir_backing(self, path: str, entry: names.Entry) -> None:
-        """Remove the empty backing directory of ``path`` and its id (restored, in its
-        form, if rmdir fails); what ``names`` caches under it is then resolved again."""
-        if not stat.S_ISDIR(entry.parent.lstat(entry.name).st_mode):
-            raise OSError(errno.ENOTDIR, "not a directory")
-        directory = entry.opendir()
-        if any(name != fmt.DIRID_NAME for name in directory.names()):
-            raise OSError(errno.ENOTEMPTY, "directory not empty")
-        try:
-            dir_id: bytes | None
-            dir_id, was_link = names.read_dirid_form(directory)
-        except FormatError:
-            dir_id = None
-        if dir_id is not None:
-            directory.unlink(fmt.DIRID_NAME)
-        try:
-            entry.parent.rmdir(entry.name)
-        except OSError:
-            if dir_id is not None:
-                names.write_dirid(directory, link=was_link, dir_id=dir_id)
-            raise
-        cached = self.names.cached_directory(path)
-        self.names.removed(path, directory if cached is None else cached)
 
     # --- entries ---------------------------------------------------------------------------
 
-    @fuse_op
+    @fuse_write
     def create(self, path: str, mode: int, flags: int = os.O_RDWR) -> int:
-        self._check_writable()
         entry = self.names.entry(path)
-        bflags = self._backing_flags(flags)
-        with self._creating(entry):
-            try:
-                fd = entry.parent.create_file(entry.name, bflags, stat.S_IMODE(mode))
-                created = True
-            except FileExistsError:
-                if flags & os.O_EXCL:
-                    raise
-                # A stale negative entry in the kernel: open what is there (a regular file
-                # only; never through a link).
-                fd = entry.parent.open_file(entry.name, bflags)
-                created = False
-        try:
-            if created:
-                self._own(entry, fd)
-            cfile = self._attach(fd, entry.display)
-            self._fh_paths[fd] = path
-            if flags & os.O_TRUNC:
-                cfile.truncate(fd, 0)
-                self._truncated(fd, path)
-        except BaseException:
-            self._release_fd(fd)
-            raise
-        return fd
+        exclusive = bool(flags & os.O_EXCL)
+        fd = self.tree.create_file(entry, self._backing_flags(flags), mode, exclusive)
+        return self._opened(fd, entry, path, flags)
 
     @fuse_op
     def open(self, path: str, flags: int) -> int:
@@ -672,30 +440,24 @@ class EncfsOperations:
             if flags & os.O_ACCMODE != os.O_WRONLY:
                 raise
             fd = entry.parent.open_file(entry.name, os.O_WRONLY)
+        return self._opened(fd, entry, path, flags)
+
+    def _opened(self, fd: int, entry: names.Entry, path: str, flags: int) -> int:
+        """Make the new fd of ``entry`` a handle (truncated for O_TRUNC); it is closed
+        again if that fails."""
         try:
-            cfile = self._attach(fd, entry.display)
-            self._fh_paths[fd] = path
+            cfile = self.files.attach(fd, entry.display, path)
             if flags & os.O_TRUNC:
                 cfile.truncate(fd, 0)
                 self._truncated(fd, path)
         except BaseException:
-            self._release_fd(fd)
+            self.files.release(fd)
             raise
         return fd
 
-    def _release_fd(self, fd: int) -> None:
-        try:
-            cfile = self._handles.get(fd)
-            if cfile is not None:
-                cfile.drain()  # deferred writes use this fd
-            self._fh_paths.pop(fd, None)
-            self._detach(fd)
-        finally:
-            os.close(fd)
-
     @fuse_op
     def release(self, path: str | None, fh: int) -> int:
-        self._release_fd(fh)
+        self.files.release(fh)
         return 0
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
@@ -708,31 +470,29 @@ class EncfsOperations:
     @fuse_op
     def read_into(self, path: str | None, out: memoryview, offset: int, fh: int) -> int:
         """Read into the caller's buffer (libfuse's reply buffer); returns the length."""
-        length = self._cfile(fh).read_into(fh, offset, out)
+        length = self.files[fh].read_into(fh, offset, out)
         counters = self.counters
         counters.reads += 1
         counters.bytes_read += length
         return length
 
-    @fuse_op
+    @fuse_write
     def write(self, path: str | None, data: bytes | memoryview, offset: int, fh: int) -> int:
-        self._check_writable()
-        cfile = self._cfile(fh)
+        cfile = self.files[fh]
         written = cfile.write(fh, offset, data)
         if cfile.setid:
             cfile.setid = self._kill_setid(fh)
         if self.aliases:
-            self._changed(fh, None)
+            self.attrs.changed(fh, None)
         counters = self.counters
         counters.writes += 1
         counters.bytes_written += written
         return written
 
-    @fuse_op
+    @fuse_write
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        self._check_writable()
-        if fh is not None and fh in self._handles:
-            self._cfile(fh).truncate(fh, length)
+        if fh is not None and fh in self.files:
+            self.files[fh].truncate(fh, length)
             self._truncated(fh, path)
             return 0
         if path is None:
@@ -740,16 +500,16 @@ class EncfsOperations:
         entry = self.names.entry(path)
         fd = entry.parent.open_file(entry.name, os.O_RDWR)
         try:
-            cfile = self._attach(fd, entry.display)
+            cfile = self.files.attach(fd, entry.display)
             cfile.truncate(fd, length)
             self._truncated(fd, path)
         finally:
-            self._release_fd(fd)
+            self.files.release(fd)
         return 0
 
     def _truncated(self, fd: int, path: str | None) -> None:
         self._kill_setid(fd)
-        self._changed(fd, path)
+        self.attrs.changed(fd, path)
 
     def _kill_setid(self, fd: int) -> bool:
         """After a write or truncation by a caller other than root, clear set-user-ID (and
@@ -767,16 +527,15 @@ class EncfsOperations:
             os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
         return bool(stat.S_IMODE(mode) & ~kill & (stat.S_ISUID | stat.S_ISGID))
 
-    @fuse_op
+    @fuse_write
     def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
-        self._check_writable()
-        self._cfile(fh).allocate(fh, mode, offset, size)
-        self._changed(fh, path)
+        self.files[fh].allocate(fh, mode, offset, size)
+        self.attrs.changed(fh, path)
         return 0
 
     @fuse_op
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        cfile = self._cfile(fh)
+        cfile = self.files[fh]
         cfile.drain()
         cfile.raise_deferred()
         if datasync:
@@ -785,184 +544,49 @@ class EncfsOperations:
             os.fsync(fh)
         return 0
 
-    @fuse_op
-    def unlink(self, path: str) -> int:
-        self._check_writable()
-        entry = self.names.entry(path)
-        entry.parent.unlink(entry.name)
-        self.names.remove_companion(entry)
-        if self.aliases:
-            self.aliases.changed(self.aliases.forget(path))  # the others' link count
-        return 0
+    # --- structure changes (``tree``) -----------------------------------------------------
 
-    @fuse_op
-    def mknod(self, path: str, mode: int, dev: int) -> int:
-        """Regular files, FIFOs, sockets and (the kernel lets only CAP_MKNOD callers ask)
-        device nodes. The daemon never opens any of them but regular files; the mount is
-        ``nodev``, so a device node is inert there."""
-        self._check_writable()
-        kind = stat.S_IFMT(mode)
-        if kind not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK):
-            raise OSError(errno.EINVAL, "unknown file type")
-        entry = self.names.entry(path)
-        with self._creating(entry):
-            entry.parent.mknod(entry.name, mode, dev if kind in _DEVICES else 0)
-            self._own(entry)
-        return 0
-
-    @fuse_op
-    def symlink(self, target: str, source: str) -> int:
-        """Create the symlink ``target`` (a path in the mount) pointing at ``source``."""
-        self._check_writable()
-        raw = os.fsencode(source)
-        if len(raw) > fmt.MAX_SYMLINK_TARGET:
-            raise OSError(errno.ENAMETOOLONG, "symlink target too long for encfs")
-        entry = self.names.entry(target)
-        sealed = crypto.b64encode(self.keys.meta.seal(raw, fmt.SYMLINK_AD))
-        with self._creating(entry):
-            entry.parent.symlink(sealed, entry.name)
-            self._own(entry)
-        return 0
+    mkdir = _tree_change(Tree.mkdir)
+    rmdir = _tree_change(Tree.rmdir)
+    unlink = _tree_change(Tree.unlink)
+    mknod = _tree_change(Tree.mknod)
+    symlink = _tree_change(Tree.symlink)
+    link = _tree_change(Tree.link)
+    rename = _tree_change(Tree.rename)
 
     @fuse_op
     def readlink(self, path: str) -> str:
-        entry = self.names.entry(path)
-        sealed = crypto.b64decode(entry.parent.readlink(entry.name))
-        try:
-            raw = self.keys.meta.open(sealed, fmt.SYMLINK_AD, "symlink target")
-        except IntegrityError as exc:
-            raise IntegrityError(exc.what, backing_path=entry.display) from None
-        return os.fsdecode(raw)
+        return self.tree.readlink(path)
 
-    @fuse_op
-    def link(self, target: str, source: str) -> int:
-        """Create the hard link ``target`` to the existing ``source`` (both mount paths)."""
-        self._check_writable()
-        src = self.names.entry(source)
-        entry = self.names.entry(target)
-        with self._creating(entry):
-            backing.link(src.parent, src.name, entry.parent, entry.name)
-        st = src.parent.lstat(src.name)
-        if not stat.S_ISDIR(st.st_mode):
-            key = (st.st_dev, st.st_ino)
-            self.aliases.note(key, source)
-            self.aliases.note(key, target)
-            self.aliases.changed(key, target)  # the others' link count
-        return 0
-
-    @fuse_op
-    def rename(self, old: str, new: str, flags: int = 0) -> int:
-        self._check_writable()
-        src = self.names.entry(old)
-        dst = self.names.entry(new)
-        src_st = src.parent.lstat(src.name)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
-            raise OSError(errno.EINVAL, "unsupported rename flags")
-        if flags & RENAME_EXCHANGE:
-            backing.rename(src.parent, src.name, dst.parent, dst.name, RENAME_EXCHANGE)
-            self._renamed_paths(old, new, exchange=True)
-            self.seen.renamed(old, new, exchange=True, is_dir=True)
-            if src.is_long or dst.is_long:
-                # Each companion holds the encoding of its own name; both names still exist.
-                self.names.add_companion(src)
-                self.names.add_companion(dst)
-            self.names.invalidate()
-            return 0
-        try:
-            dst_st: os.stat_result | None = dst.parent.lstat(dst.name)
-        except FileNotFoundError:
-            dst_st = None
-        if dst_st is not None and flags & RENAME_NOREPLACE:
-            raise OSError(errno.EEXIST, "destination exists")
-        if (
-            dst_st is not None
-            and stat.S_ISDIR(dst_st.st_mode)
-            and stat.S_ISDIR(src_st.st_mode)
-            and (dst_st.st_dev, dst_st.st_ino) != (src_st.st_dev, src_st.st_ino)
-        ):
-            # The backing directory holds its id, so the kernel would call it non-empty.
-            self._rmdir_backing(new, dst)
-        with self._creating(dst):
-            backing.rename(src.parent, src.name, dst.parent, dst.name, flags & RENAME_NOREPLACE)
-        if dst_st is not None and dst_st.st_nlink > 1 and self.aliases:
-            self.aliases.forget(new)
-            self.aliases.changed((dst_st.st_dev, dst_st.st_ino))  # the others' link count
-        self._renamed_paths(old, new)
-        self.seen.renamed(old, new, exchange=False, is_dir=stat.S_ISDIR(src_st.st_mode))
-        if (src.parent.fd, src.name) != (dst.parent.fd, dst.name):
-            self.names.remove_companion(src)
-        if stat.S_ISDIR(src_st.st_mode):
-            self.names.invalidate()
-        return 0
-
-    def _renamed_paths(self, old: str, new: str, exchange: bool = False) -> None:
-        """Keep the mount paths we hold (open handles, aliases) in step with a rename."""
-        self.aliases.renamed(old, new, exchange)
-        for fh, path in list(self._fh_paths.items()):
-            self._fh_paths[fh] = moved(path, old, new, exchange)
-
-    # --- extended attributes ---------------------------------------------------------------
-
-    def _xattr_backing_name(self, name: str) -> str:
-        if not name.startswith(fmt.XATTR_PREFIX):
-            raise OSError(XATTR_UNSUPPORTED, "only user.* extended attributes are supported")
-        plain = os.fsencode(name[len(fmt.XATTR_PREFIX) :])
-        if len(plain) > fmt.MAX_PLAIN_XATTR_NAME:
-            raise OSError(errno.ERANGE, "extended attribute name too long for encfs")
-        return fmt.XATTR_BACKING_PREFIX + self.keys.names.encrypt(plain, fmt.XATTR_NAME_AD)
+    # --- extended attributes (``xattrs``) ------------------------------------------------
 
     def foreign_xattr(self) -> int:
         """The errno of a getxattr outside ``user.*`` (above all the kernel's
         ``security.capability`` probe before every write without HANDLE_KILLPRIV_V2), for
-        the adapter's fast path: what ``getxattr`` answers (``XATTR_UNSUPPORTED``; the
+        the adapter's fast path: what ``getxattr`` answers (``xattrs.UNSUPPORTED``; the
         suspended errno while suspended), without an exception or the gate. Counted."""
         self.counters.security_probes += 1
-        return XATTR_UNSUPPORTED if self.gate.open else self.options.suspended_errno
+        return xattrs.UNSUPPORTED if self.gate.open else self.options.suspended_errno
 
     @fuse_op
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        """A ``user.*`` attribute's value; ENODATA if it has none, ``XATTR_UNSUPPORTED``
+        """A ``user.*`` attribute's value; ENODATA if it has none, ``xattrs.UNSUPPORTED``
         outside ``user.*`` (what ``foreign_xattr`` answers on the adapter's fast path)."""
-        bname = self._xattr_backing_name(name)
-        entry = self.names.entry(path)
-        sealed = entry.parent.getxattr(entry.name, bname)
-        try:
-            return self.keys.meta.open(sealed, bname.encode(), "xattr value")
-        except IntegrityError as exc:
-            raise IntegrityError(exc.what, backing_path=entry.display) from None
+        bname = xattrs.backing_name(self.keys, name)
+        return xattrs.get(self.keys, self.names.entry(path), bname)
 
-    @fuse_op
+    @fuse_write
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        self._check_writable()
         entry = self.names.entry(path)
-        bname = self._xattr_backing_name(name)
-        sealed = self.keys.meta.seal(value, bname.encode())
-        entry.parent.setxattr(entry.name, bname, sealed, options)
+        xattrs.set_(self.keys, entry, xattrs.backing_name(self.keys, name), value, options)
         return 0
 
     @fuse_op
     def listxattr(self, path: str) -> list[str]:
-        entry = self.names.entry(path)
-        result = []
-        for bname in entry.parent.listxattr(entry.name):
-            if not bname.startswith(fmt.XATTR_BACKING_PREFIX):
-                continue
-            try:
-                plain = self.keys.names.decrypt(
-                    bname[len(fmt.XATTR_BACKING_PREFIX) :], fmt.XATTR_NAME_AD
-                )
-            except IntegrityError:
-                log.error("xattr name authentication failed on %s; attribute hidden", entry.display)
-                continue
-            result.append(fmt.XATTR_PREFIX + os.fsdecode(plain))
-        return result
+        return xattrs.listed(self.keys, self.names.entry(path))
 
-    @fuse_op
+    @fuse_write
     def removexattr(self, path: str, name: str) -> int:
-        self._check_writable()
         entry = self.names.entry(path)
-        entry.parent.removexattr(entry.name, self._xattr_backing_name(name))
+        entry.parent.removexattr(entry.name, xattrs.backing_name(self.keys, name))
         return 0
-
-
-_DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
