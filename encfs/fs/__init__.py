@@ -1,5 +1,6 @@
-"""The FUSE filesystem of a mount: the operations (``ops``), what the kernel caches
-(``kcache``), the libfuse adapter (``binding``), and ``serve``, which mounts them.
+"""The FUSE filesystem of a mount: ``serve`` mounts the operations (``ops``, with their
+rooms ``handles``, ``tree``, ``attrs``, ``xattrs`` and ``kcache``) through the libfuse
+adapter (``binding``).
 
 Importing this package loads no FUSE library and changes no environment: mfusepy picks its
 libfuse when imported, so only ``serve`` imports the binding, after ``select_libfuse``.

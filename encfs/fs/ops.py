@@ -1,10 +1,14 @@
-"""The FUSE operations of an encfs mount; the one place exceptions become errno values.
+"""The FUSE operations of an encfs mount (``EncfsOperations``); the one place exceptions
+become errno values.
 
-Every operation is thin: resolve the plaintext path (``names``), take the file's lock and
-delegate (``cipherfile``), translate the result. ``@fuse_op`` maps every exception to an
+Every operation is thin: resolve the plaintext path (``names``), delegate (content to the
+file's ``CipherFile``, found in ``handles``; structure changes to ``tree``; attributes to
+``attrs``; extended attributes to ``xattrs``), translate the result. ``@fuse_op`` (and
+``@fuse_write`` for changes, refused on a read-only mount) maps every exception to an
 errno (tampering -> EIO with one log line naming file and block; a wiped key -> the
 suspended errno), so nothing falls through to the binding, which would answer EINVAL.
-Handles (``fh``) are the backing file descriptors (``fd``) of opened files.
+libfuse is seen only as a ``Session``. Handles (``fh``) are the backing file descriptors
+(``fd``) of opened files.
 """
 
 from __future__ import annotations
@@ -160,11 +164,8 @@ def _tree_change(
 class EncfsOperations:
     """FUSE operations over one unlocked volume. Thread-safe (libfuse's multi-threaded loop).
 
-    Every FUSE method is thin: it checks, resolves and delegates — content to the file's
-    ``CipherFile`` (found through ``files``, the open-file table), structure changes to
-    ``tree`` — and ``fuse_op`` turns what they raise into an errno. Locks: each
-    ``CipherFile`` has its own reader/writer lock for content; ``files`` and ``names``
-    guard their own tables.
+    Locks: each ``CipherFile`` has its own reader/writer lock for content; ``files`` (the
+    open-file table) and ``names`` guard their own tables.
     """
 
     use_ns = True
