@@ -15,11 +15,13 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Collection
 
 from encfs import backing, crypto
 from encfs import format as fmt
 from encfs.errors import IntegrityError
 from encfs.keys import VolumeKeys
+from encfs.undo import UndoFile, UndoLog
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +166,12 @@ class CipherFile:
         geometry: fmt.Geometry,
         backing_path: str,
         sealer: Sealer | None = None,
+        undo: UndoLog | None = None,
     ) -> None:
         self.keys = keys
+        self.undo = undo
+        self._undo_slot: tuple[bytes, UndoFile | None] | None = None
+        """(file id, its undo file or None if it has none) once a block was rewritten."""
         self.geo = geometry
         self.backing_path = backing_path
         self.sealer = sealer
@@ -244,8 +250,10 @@ class CipherFile:
         return raw
 
     def _rewrite_block(
-        self, fd: int, file_id: bytes, block_no: int, plain: bytes | bytearray
+        self, fd: int, file_id: bytes, block_no: int, plain: bytes | bytearray, old: bytes
     ) -> None:
+        """Replace block ``block_no``, whose content was ``old``, in place."""
+        self._save_undo(fd, file_id, [(block_no, old)])
         sealed = self.keys.file_cipher(file_id).seal(block_no, plain)
         _pwrite_all(fd, sealed, self.geo.block_cipher_off(block_no))
 
@@ -254,8 +262,67 @@ class CipherFile:
         geo = self.geo
         last = geo.block_no(plain_size)
         data = self._read_blocks(fd, file_id, last, last + 1, plain_size)
+        old = bytes(data)
         data.extend(bytes(to_len - len(data)))
-        self._rewrite_block(fd, file_id, last, data)
+        self._rewrite_block(fd, file_id, last, data, old)
+
+    def _save_undo(self, fd: int, file_id: bytes, old: list[tuple[int, bytes]]) -> None:
+        """Keep the old content of blocks about to be rewritten in place (``undo``), sealed
+        for their own positions. Caller holds the write lock. Raises ``OSError``."""
+        if self.undo is None:
+            return
+        slot = self._undo_slot
+        if slot is None or slot[0] != file_id:
+            if slot is not None and slot[1] is not None:
+                slot[1].close()  # the file was emptied: its old id is gone
+            undo_file = self.undo.open(
+                file_id,
+                lambda block_nos: self._blocks_intact(fd, file_id, block_nos),
+                self.geo.cipher_block_size,
+            )
+            slot = self._undo_slot = (file_id, undo_file)
+        undo_file = slot[1]
+        if undo_file is not None:
+            cipher = self.keys.file_cipher(file_id)
+            undo_file.save(
+                [(block_no, bytes(cipher.seal(block_no, data))) for block_no, data in old]
+            )
+
+    def _blocks_intact(self, fd: int, file_id: bytes, block_nos: Collection[int]) -> bool:
+        """Whether each of these blocks authenticates (or no longer exists)."""
+        plain_size = self.plain_size(fd)
+        for block_no in block_nos:
+            try:
+                self._read_blocks(fd, file_id, block_no, block_no + 1, plain_size)
+            except IntegrityError:
+                return False
+        return True
+
+    def sync(self, fd: int, datasync: bool) -> None:
+        """fsync(2)/fdatasync(2): deferred writes first (and their error), then the backing
+        file; then the undo record is dropped, its blocks being safe on the disk."""
+        self.drain()
+        self.raise_deferred()
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+        slot = self._undo_slot
+        if slot is not None and slot[1] is not None:
+            self.lock.acquire_write()
+            try:
+                slot[1].clear()
+            finally:
+                self.lock.release_write()
+
+    def close(self) -> None:
+        """At the last close of the inode (no write in flight): remove its undo file."""
+        slot, self._undo_slot = self._undo_slot, None
+        if slot is not None and slot[1] is not None:
+            try:
+                slot[1].close()
+            except OSError as exc:  # a leftover undo file costs nothing but fsck's time
+                log.warning("cannot remove the undo file of %s: %s", self.backing_path, exc)
 
     # --- deferred stream writes ------------------------------------------------------------
 
@@ -381,6 +448,7 @@ class CipherFile:
                 write_end = plain_off + length
                 range_end = min(geo.block_plain_off(end), max(write_end, plain_size))
                 head = plain_off - start
+                rewritten: list[tuple[int, bytes]] = []  # blocks whose old content stays
                 if head == 0 and range_end == write_end:
                     plain: bytes | bytearray | memoryview = data
                 else:
@@ -391,13 +459,17 @@ class CipherFile:
                         else:
                             old = self._read_blocks(fd, file_id, first, first + 1, plain_size)
                         buf[: len(old)] = old
+                        rewritten.append((first, bytes(old)))
                     last = end - 1
                     if range_end > write_end and (last != first or not head):
                         old = self._read_blocks(fd, file_id, last, last + 1, plain_size)
                         off = geo.block_plain_off(last) - start
                         buf[off : off + len(old)] = old
+                        rewritten.append((last, bytes(old)))
                     buf[head : head + length] = data
                     plain = buf
+                if rewritten:
+                    self._save_undo(fd, file_id, rewritten)
                 sealed = self.keys.file_cipher(file_id).seal(first, plain)
                 cipher_off = geo.block_cipher_off(first)
                 if header and cipher_off == len(header):
@@ -463,7 +535,11 @@ class CipherFile:
                     block_no = geo.block_no(new_size)
                     data = self._read_blocks(fd, file_id, block_no, block_no + 1, plain_size)
                     self._rewrite_block(
-                        fd, file_id, block_no, data[: new_size - geo.block_plain_off(block_no)]
+                        fd,
+                        file_id,
+                        block_no,
+                        data[: new_size - geo.block_plain_off(block_no)],
+                        bytes(data),
                     )
                 os.ftruncate(fd, geo.cipher_size(new_size))
                 return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import enum
 import errno
 import json
@@ -32,6 +33,10 @@ from encfs.vault import (
     pin_vault_url,
     redact_tokens,
 )
+from encfs.watcher import WatchSettings
+
+if typing.TYPE_CHECKING:
+    from encfs.bao.process import BaoExit
 
 log = logging.getLogger("encfs")
 
@@ -160,6 +165,15 @@ class _Parser(argparse.ArgumentParser):
         super().error(redact_tokens(message))
 
 
+def _default(settings: type[Any], name: str) -> Any:
+    """The default of field ``name`` of the settings dataclass ``settings``: defaults are
+    written once, there, and argparse applies and shows that one."""
+    for f in dataclasses.fields(settings):
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    raise LookupError(f"{settings.__name__}.{name} has no plain default")
+
+
 def _abs_path(text: str) -> Path:
     """A path option, made absolute when parsed: the daemon's working directory may change
     (and a background daemon re-reads its token file long after the shell is gone)."""
@@ -196,7 +210,7 @@ def _vault_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--vault-timeout",
         type=float,
-        default=10.0,
+        default=_default(VaultSettings, "timeout"),
         metavar="SECONDS",
         help="bound on each vault request, and on retrying a vault that is unreachable or "
         "sealed at mount (default: %(default)s)",
@@ -204,10 +218,11 @@ def _vault_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--key-release",
         choices=("unwrap", "export"),
-        default="unwrap",
-        help="unwrap: the vault unwraps the volume key and the KEK never leaves it "
-        "(default). export: fetch the KEK (transit key marked exportable; the host policy "
-        "needs read on MOUNT/export/encryption-key/KEY), unwrap here, wipe the KEK at once",
+        default=_default(VaultSettings, "key_release"),
+        help="unwrap: the vault unwraps the volume key and the KEK never leaves it. "
+        "export: fetch the KEK (transit key marked exportable; the host policy needs read "
+        "on MOUNT/export/encryption-key/KEY), unwrap here, wipe the KEK at once "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--audit-log",
@@ -338,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--check-interval",
         type=_positive_float,
-        default=5.0,
+        default=_default(WatchSettings, "check_interval"),
         metavar="SECONDS",
         help="how often the daemon asks the vault to unwrap the volume key; a refusal "
         "(revoked token, narrowed policy, deleted or retired key) suspends the volume: keys "
@@ -347,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--offline-grace",
         type=_non_negative_float,
-        default=300.0,
+        default=_default(WatchSettings, "offline_grace"),
         metavar="SECONDS",
         help="keep serving this long while the vault cannot be reached or is sealed, then "
         "suspend; 0 fails closed at once (default: %(default)s)",
@@ -355,14 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--on-revoke",
         choices=("suspend", "unmount"),
-        default="suspend",
+        default=_default(WatchSettings, "on_revoke"),
         help="suspend: keep the mount, refuse everything, resume by itself when access "
-        "comes back (default). unmount: unmount and exit with code 23 (revoked)",
+        "comes back. unmount: unmount and exit with code 23, revoked (default: %(default)s)",
     )
     g.add_argument(
         "--suspended-errno",
         type=_errno_name,
-        default=errno.EACCES,
         metavar="NAME",
         help="error returned while suspended (default: EACCES; e.g. EIO, EPERM)",
     )
@@ -832,6 +846,9 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
     if not args.foreground:
         return _spawn_background(argv, args)
     read_only = opts.get("ro", False) and not opts.get("rw", False)
+    fs = FsOptions(read_only=read_only, writeback_cache=opts.get("writeback_cache", False))
+    if args.suspended_errno is not None:  # else FsOptions' default
+        fs = dataclasses.replace(fs, suspended_errno=args.suspended_errno)
     config = MountConfig(
         cipher_dir=args.cipher_dir.resolve(),
         mountpoint=args.mountpoint.resolve(),
@@ -843,17 +860,15 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         allow_other=opts.get("allow_other", False),
         default_permissions=opts.get("default_permissions", False),
         read_only=read_only,
-        fs=FsOptions(
-            read_only=read_only,
-            writeback_cache=opts.get("writeback_cache", False),
-            suspended_errno=args.suspended_errno,
-        ),
+        fs=fs,
         debug=verbosity(args) >= 3,
         audit=_audit_settings(args),
         ephemeral=args.ephemeral,
-        check_interval=args.check_interval,
-        offline_grace=args.offline_grace,
-        on_revoke=args.on_revoke,
+        watch=WatchSettings(
+            check_interval=args.check_interval,
+            offline_grace=args.offline_grace,
+            on_revoke=args.on_revoke,
+        ),
     )
     ready_fd: int | None = args.ready_fd
 
@@ -929,7 +944,7 @@ def _spawn_background(argv: Sequence[str], args: argparse.Namespace) -> ExitCode
 
 
 def cmd_unmount(args: argparse.Namespace) -> ExitCode:
-    from encfs.daemon import fusermount, is_mountpoint, runtime_file
+    from encfs.mounts import fusermount, is_mountpoint, runtime_file
 
     mountpoint = args.mountpoint.resolve()
     if not is_mountpoint(mountpoint):
@@ -1057,6 +1072,7 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
             "xattrs": report.xattrs,
             "problems": len(report.problems),
             "repaired": repaired,
+            "undo_files": report.undo_files,
         }
         print(json.dumps(summary))
     else:
@@ -1065,6 +1081,11 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
             f"checked: {len(report.problems)} problem(s)"
             + (f", {repaired} repaired" if args.repair else "")
         )
+        if report.undo_files:
+            print(
+                f"{report.undo_files} undo file(s) left by a crash"
+                + (": used and removed" if args.repair else " (--repair uses and removes them)")
+            )
     return ExitCode.CORRUPT if left else ExitCode.OK
 
 
@@ -1180,7 +1201,7 @@ def cmd_rotate(args: argparse.Namespace) -> ExitCode:
 def cmd_status(args: argparse.Namespace) -> ExitCode:
     import socket
 
-    from encfs.daemon import RUN_DIR, status_socket
+    from encfs.mounts import RUN_DIR, status_socket
 
     if args.mountpoint is not None:
         sockets = [status_socket(args.mountpoint.resolve())]
@@ -1390,26 +1411,189 @@ def _as_exit_code(code: int) -> ExitCode:
 
 
 def cmd_vault(args: argparse.Namespace) -> ExitCode:
-    from encfs.vault import server
-
     if args.vault_command == "dev":
-        root_token: str | None = None
-        if args.root_token_file is not None:
-            root_token = _dev_root_token(args.root_token_file)
-        return _as_exit_code(server.main_dev(args.listen, root_token))
+        return _vault_dev(args)
     if args.vault_command == "serve":
-        return _as_exit_code(server.main_serve(args.data, args.listen, args.cluster_listen))
-    return _as_exit_code(
-        server.main_setup(
-            args.addr,
-            args.key,
-            args.host,
-            args.token_out,
-            args.admin_token_file,
-            args.ca_file,
-            args.mount,
-        )
+        return _vault_serve(args)
+    return _vault_setup(args)
+
+
+def _vault_dev(args: argparse.Namespace) -> ExitCode:
+    """``encfs vault dev``: an in-memory OpenBao in the foreground until SIGTERM/SIGINT;
+    prints its address and root token (dev mode only). 0 when stopped on request."""
+    from encfs.bao.dev import run_dev
+    from encfs.bao.process import SignalForwarder
+
+    root_token: str | None = None
+    if args.root_token_file is not None:
+        root_token = _dev_root_token(args.root_token_file)
+    with SignalForwarder() as fwd:
+        try:
+            server = run_dev(args.listen, root_token, log=sys.stderr, on_spawn=fwd.attach)
+        except errors.BaoServerError:
+            if fwd.stop_signal is not None:
+                return ExitCode.OK
+            raise
+        try:
+            _print_dev_info(server.addr, server.root_token, server.mount)
+            return _bao_exit_code(fwd.wait(server.proc))
+        finally:
+            server.stop()
+
+
+def _print_dev_info(addr: str, root_token: str, mount: str) -> None:
+    """The operator-facing lines of ``encfs vault dev``: address, admin (root) token, the
+    ``export`` line, and the warning that dev mode is in memory and insecure."""
+    lines = [
+        f"OpenBao dev server listening on {addr} (transit enabled at {mount}/)",
+        f"admin (root) token: {root_token}",
+        "",
+        f"  export VAULT_ADDR={addr} VAULT_TOKEN={root_token}",
+        "",
+        "Give a host a key and its own token:",
+        f"  encfs vault setup --addr {addr} --key KEY --host HOST --token-out FILE",
+        "",
+        "WARNING: dev mode keeps everything in memory and is insecure: plain HTTP, a root",
+        "token printed above, and every key is lost when it stops - so is every volume",
+        "created with it. Use it for demos and tests only; `encfs vault serve` keeps data.",
+        "Stop it with Ctrl-C (or SIGTERM).",
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+def _bao_exit_code(ended: BaoExit) -> ExitCode:
+    """A supervised OpenBao's end (``bao.process.BaoExit``) as our exit code: 0 if we
+    stopped it and it exited cleanly, else non-zero (saying so if it stopped by itself)."""
+    if ended.on_request:
+        return ExitCode.OK if ended.status == 0 else ExitCode.FAILURE
+    print(f"OpenBao stopped by itself (exit status {ended.status})", file=sys.stderr)
+    return _as_exit_code(ended.status if ended.status > 0 else 1)
+
+
+FIRST_START_TEXT = """\
+Initialised a new OpenBao vault in {data} (1 unseal key share, threshold 1).
+The unseal key and the initial root token are in {init} (mode 0600).
+
+Trade-off: the unseal key sits on the same disk as the vault's data, so this server unseals
+itself after every restart. That gives central revocation and an audit point, and keeps the
+volume keys from anyone who has a volume's files or another host; it does NOT protect against
+theft of this host's disk, which holds both the vault's data and the key that unseals it.
+
+Next:
+  1. give each host a key and its own token (with the root token from {init}):
+       encfs vault setup --addr {addr} --ca-file {ca} --admin-token-file {init} \\
+           --key KEY --host HOST --token-out FILE
+  2. then move the root token out of {init}: keep it offline, or revoke it
+     (bao token revoke -self) and make a new one when needed (bao operator generate-root).
+     Host tokens are orphans: revoking the root token does not revoke them.
+  3. in production prefer auto-unseal (cloud KMS, HSM, or transit on another vault), or
+     remove the unseal key from {init} and unseal by hand after each start
+     (bao operator unseal).
+"""
+
+
+def _vault_serve(args: argparse.Namespace) -> ExitCode:
+    """``encfs vault serve`` (and ``encfs-vault.service``): the persistent OpenBao of
+    ``bao.serve.start_serve`` in the foreground; prints (and tells systemd) when it is
+    ready, forwards SIGTERM/SIGINT (stop) and SIGHUP (reload) to it, and returns when it
+    has stopped: 0 if stopped on request, non-zero if OpenBao died. Its log goes to stderr."""
+    from encfs.bao.process import SignalForwarder
+    from encfs.bao.serve import notify_ready, notify_stopping, start_serve
+    from encfs.bao.setup import DEFAULT_MOUNT
+
+    with SignalForwarder() as fwd:
+        try:
+            server = start_serve(
+                args.data,
+                args.listen,
+                cluster_listen=args.cluster_listen,
+                log=sys.stderr,
+                on_spawn=fwd.attach,
+            )
+        except errors.BaoServerError:
+            if fwd.stop_signal is not None:
+                return ExitCode.OK
+            raise
+        try:
+            paths = server.paths
+            if server.initialized_now:
+                print(
+                    FIRST_START_TEXT.format(
+                        data=paths.data_dir,
+                        init=paths.init_file,
+                        addr=server.addr,
+                        ca=paths.ca_file,
+                    ),
+                    flush=True,
+                )
+            if server.unsealed:
+                print(
+                    f"encfs-vault: OpenBao ready at {server.addr} (CA: {paths.ca_file}; "
+                    f"transit at {DEFAULT_MOUNT}/)",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"encfs-vault: OpenBao at {server.addr} is SEALED: no unseal key in "
+                    f"{paths.init_file}; unseal it with:\n"
+                    f"  BAO_ADDR={server.addr} BAO_CACERT={paths.ca_file} bao operator unseal",
+                    flush=True,
+                )
+            notify_ready(server)
+            return _bao_exit_code(fwd.wait(server.proc))
+        finally:
+            notify_stopping()
+            server.stop()
+
+
+def _vault_setup(args: argparse.Namespace) -> ExitCode:
+    """``encfs vault setup``: ``bao.setup.setup`` with the admin token from
+    ``--admin-token-file`` or ``VAULT_TOKEN`` / ``BAO_TOKEN``, then print what was done and
+    how to use it (never the token)."""
+    from encfs.bao.setup import HOST_TOKEN_PERIOD, read_admin_token, setup
+
+    result = setup(
+        args.addr,
+        read_admin_token(args.admin_token_file),
+        args.key,
+        args.host,
+        args.token_out,
+        args.ca_file,
+        args.mount,
     )
+    if result.transit_enabled:
+        print(f"enabled transit at {args.mount.strip('/')}/")
+    kinfo = result.key_info
+    if result.key_created:
+        print(
+            f"created key {result.vault_url} ({kinfo.get('type')}, not exportable, "
+            "deletion not allowed)"
+        )
+    else:
+        print(
+            f"kept existing key {result.vault_url} (version {kinfo.get('latest_version')}, "
+            "deletion not allowed)"
+        )
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote policy {result.policy} and token role {result.role}")
+    print(
+        f"issued a new host token (periodic {HOST_TOKEN_PERIOD}, orphan; accessor "
+        f"{result.accessor}) into {result.token_file} (mode 0600)"
+    )
+    if result.previous_accessor:
+        print(
+            f"the previous token in {result.token_file} (accessor {result.previous_accessor}) "
+            "stays valid until it expires or you revoke it: "
+            f"bao token revoke -accessor {result.previous_accessor}"
+        )
+    ca = f" --ca-file {args.ca_file}" if args.ca_file is not None else ""
+    print("create a volume with it:")
+    print(
+        f"  encfs init CIPHER_DIR --vault {result.vault_url} --token-file {result.token_file}{ca}"
+    )
+    return ExitCode.OK
 
 
 # KEY=VALUE settings of one volume (/etc/encfs/NAME.conf) -> `encfs mount` arguments.

@@ -323,7 +323,7 @@ def sha256(data: bytes) -> bytes:
 
 # --- TLS material for the single-host vault ---
 #
-# ``encfs.vault.server`` serves OpenBao over TLS on loopback with a CA of its own. Generating
+# ``encfs.bao.serve`` serves OpenBao over TLS on loopback with a CA of its own. Generating
 # keys and signing certificates needs ``cryptography.hazmat``, so it lives here; reading
 # certificates (``cryptography.x509``) is fine anywhere.
 

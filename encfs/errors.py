@@ -201,6 +201,13 @@ class WrappedKeyRejected(VaultCiphertextRejected):
     )
 
 
+class BaoServerError(VaultError):
+    """The local OpenBao server (``encfs vault dev`` / ``serve``) could not be started,
+    initialised or unsealed."""
+
+    hint = "see the OpenBao log lines above; the data directory is left as it was"
+
+
 # --- daemon / mount ----------------------------------------------------------------------------
 
 

@@ -25,12 +25,17 @@ LOCK_NAME = "encfs.lock"
 """Lock file in the cipher dir root: a mounting daemon (or ``fsck --repair``) holds an
 exclusive ``flock`` on it for its whole life; its content names the holder (pid and
 mountpoint, nothing secret). Not part of the volume: it may be missing or stale."""
+UNDO_DIR_NAME = "encfs.undo"
+"""Directory in the cipher dir root holding the undo records of in-place block rewrites
+(§10b): one file per open file being rewritten, named by its file id. Not part of the
+volume: a clean unmount leaves it empty; ``fsck --repair`` uses and then removes leftovers."""
 ROOT_FILES = (
     VOLUME_HEADER_NAME,
     VOLUME_HEADER_TMP,
     VOLUME_HEADER_PREV,
     EPHEMERAL_MARKER_NAME,
     LOCK_NAME,
+    UNDO_DIR_NAME,
 )
 """Names in the cipher dir root that are not entries of the volume's root directory."""
 
@@ -312,6 +317,53 @@ def symlink_plain_size(target_len: int) -> int:
     """The plaintext length of a symlink whose backing target is ``target_len`` characters
     (unpadded base64url of the sealed target, §8); 0 for anything shorter than a seal."""
     return max(target_len * 3 // 4 - BLOCK_OVERHEAD, 0)
+
+
+UNDO_MAGIC = b"ENCFSUND"
+_UNDO_HEAD = struct.Struct(">8sHH")  # magic, version (1), record count
+_UNDO_RECORD = struct.Struct(">QI")  # block_no, sealed length
+UNDO_VERSION = 1
+
+
+def undo_file_name(file_id: bytes) -> str:
+    """The undo file of the file with ``file_id`` inside ``UNDO_DIR_NAME`` (§10b)."""
+    return file_id.hex()
+
+
+def pack_undo(records: list[tuple[int, bytes]]) -> bytes:
+    """An undo file's content: ``(block_no, sealed block)`` pairs, each block sealed for
+    its own position exactly as in the file (§5), so it authenticates only there."""
+    parts = [_UNDO_HEAD.pack(UNDO_MAGIC, UNDO_VERSION, len(records))]
+    for block_no, sealed in records:
+        parts.append(_UNDO_RECORD.pack(block_no, len(sealed)))
+        parts.append(sealed)
+    return b"".join(parts)
+
+
+UNDO_EMPTY = _UNDO_HEAD.pack(UNDO_MAGIC, UNDO_VERSION, 0)
+"""What an undo file holds when nothing is being rewritten (written over the records)."""
+
+
+def parse_undo(raw: bytes, max_sealed: int) -> dict[int, bytes]:
+    """The records of an undo file: block number -> sealed block. Untrusted input: whatever
+    does not parse is dropped (a record is only used after it authenticates, §10b)."""
+    out: dict[int, bytes] = {}
+    if len(raw) < _UNDO_HEAD.size:
+        return out
+    magic, version, count = _UNDO_HEAD.unpack_from(raw)
+    if magic != UNDO_MAGIC or version != UNDO_VERSION:
+        return out
+    pos = _UNDO_HEAD.size
+    for _ in range(count):
+        if pos + _UNDO_RECORD.size > len(raw):
+            break
+        block_no, length = _UNDO_RECORD.unpack_from(raw, pos)
+        pos += _UNDO_RECORD.size
+        if length > max_sealed or pos + length > len(raw):
+            break
+        out[block_no] = raw[pos : pos + length]
+        pos += length
+    return out
 
 
 def block_ad(file_id: bytes, block_no: int) -> bytes:

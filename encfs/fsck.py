@@ -67,6 +67,8 @@ class Report:
     blocks: int = 0
     symlinks: int = 0
     xattrs: int = 0
+    undo_files: int = 0
+    """Undo files a crash left (FORMAT §10b); ``--repair`` uses and removes them."""
 
     @property
     def unrepaired(self) -> list[Problem]:
@@ -93,6 +95,14 @@ class _Checker:
         self.names = names.Names(self.root, keys)
         self.report = Report()
         self.dir_ids: dict[bytes, str] = {}
+        self.undo_dir: backing.Dir | None = None
+        try:
+            self.undo_dir = self.root.opendir(fmt.UNDO_DIR_NAME)
+            self.report.undo_files = len(self.undo_dir.names())
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.problem("undo directory", self.root.path(fmt.UNDO_DIR_NAME), None, str(exc))
 
     def problem(
         self, kind: str, backing: str, plain: str | None, detail: str, block_no: int | None = None
@@ -101,7 +111,23 @@ class _Checker:
 
     def run(self) -> Report:
         self.check_dir(self.root, "/")
+        if self.repair and self.undo_dir is not None:
+            # Every torn block that had a record is restored by now; the rest are stale.
+            for name in self.undo_dir.names():
+                self.undo_dir.unlink(name)
+            self.undo_dir.fsync()
         return self.report
+
+    def undo_records(self, file_id: bytes) -> dict[int, bytes]:
+        """The undo records a crash left for the file ``file_id`` (unauthenticated)."""
+        if self.undo_dir is None:
+            return {}
+        limit = 64 + 4 * (self.geo.cipher_block_size + 16)
+        try:
+            raw = self.undo_dir.read_small(fmt.undo_file_name(file_id), limit)
+        except OSError:
+            return {}
+        return fmt.parse_undo(raw, self.geo.cipher_block_size)
 
     def check_dir(self, directory: backing.Dir, plain_dir: str) -> None:
         self.report.dirs += 1
@@ -227,45 +253,94 @@ class _Checker:
                 self.check_blocks(cipher, first, raw, where, plain)
                 if self.progress is not None:
                     self.progress(self.report)
-            if self.repair and len(self.report.problems) > first_problem:
-                self.repair_blocks(fd, cipher_size, first_problem)
+            if len(self.report.problems) > first_problem:
+                restored = self.restorable(cipher, file_id, first_problem, where)
+                if self.repair:
+                    self.repair_blocks(fd, cipher, cipher_size, first_problem, restored)
         finally:
             os.close(fd)
 
-    def repair_blocks(self, fd: int, cipher_size: int, first_problem: int) -> None:
-        """Make a file whose blocks failed readable again, losing only those blocks: a run
-        of bad blocks at the end (a torn write: a crash cut the file's last write short) is
-        cut off; a bad block before good ones is zeroed, so it reads as a hole (zeros). The
-        problems from ``first_problem`` on (this file's, all blocks) say which plaintext
-        ranges were lost. fsynced before returning."""
+    def restorable(
+        self, cipher: crypto.BlockCipher, file_id: bytes, first_problem: int, where: str
+    ) -> dict[int, bytes]:
+        """Plaintext of this file's bad blocks (problems from ``first_problem`` on) as the
+        undo records a crash left hold them: only records that authenticate for the block's
+        own position count. Notes each such problem as restorable."""
+        records = self.undo_records(file_id)
+        restored: dict[int, bytes] = {}
+        problems = self.report.problems
+        for index in range(first_problem, len(problems)):
+            block_no = problems[index].block_no
+            sealed = records.get(block_no) if block_no is not None else None
+            if block_no is None or sealed is None:
+                continue
+            try:
+                restored[block_no] = bytes(cipher.open(block_no, sealed, where))
+            except IntegrityError:
+                continue
+            detail = problems[index].detail + " (torn by a crash; --repair restores it)"
+            problems[index] = replace(problems[index], detail=detail)
+        return restored
+
+    def repair_blocks(
+        self,
+        fd: int,
+        cipher: crypto.BlockCipher,
+        cipher_size: int,
+        first_problem: int,
+        restored: dict[int, bytes],
+    ) -> None:
+        """Make a file whose blocks failed readable again. A block torn by a crash in the
+        middle of its rewrite gets back the content it had before that write, from its undo
+        record (``restored``). Of the other bad blocks, a run at the end (a torn append) is
+        cut off, and one before good ones is zeroed, so it reads as a hole (zeros). The
+        problems from ``first_problem`` on (this file's, all blocks) say what each repair
+        did and which plaintext range it gave up. fsynced before returning."""
         geo = self.geo
         bs = geo.block_size
         problems = self.report.problems
         bad = {p.block_no for p in problems[first_problem:] if p.block_no is not None}
+        lost_blocks = bad - restored.keys()
         total = geo.block_count(cipher_size)
         cut = total
-        while cut - 1 in bad:
+        while cut - 1 in lost_blocks:
             cut -= 1
         plain_size = geo.plain_size(cipher_size)
+        new_plain_size = plain_size if cut == total else geo.block_plain_off(cut)
+        for restore_no, data in sorted(restored.items()):
+            if restore_no == cut - 1:
+                new_plain_size = geo.block_plain_off(restore_no) + len(data)
+            elif len(data) < bs:
+                data += bytes(bs - len(data))  # it was the last block once; no longer
+            os.pwrite(fd, cipher.seal(restore_no, data), geo.block_cipher_off(restore_no))
         zero = bytes(geo.cipher_block_size)
-        for bad_no in sorted(b for b in bad if b < cut):
-            os.pwrite(fd, zero, geo.block_cipher_off(bad_no))
-        if cut < total:
-            os.ftruncate(fd, geo.block_cipher_off(cut))
+        for bad_no in sorted(lost_blocks):
+            if bad_no < cut:
+                os.pwrite(fd, zero, geo.block_cipher_off(bad_no))
+        if new_plain_size != plain_size or cut < total:
+            os.ftruncate(fd, geo.cipher_size(new_plain_size))
         os.fsync(fd)
         for index in range(first_problem, len(problems)):
             problem = problems[index]
             block_no = problem.block_no
             if block_no is None:
                 continue
-            start = block_no * bs
-            if block_no >= cut:
+            start = geo.block_plain_off(block_no)
+            lost: tuple[int, int] | None
+            if block_no in restored:
+                lost = None
+                done = (
+                    "restored from its undo record as it was before the write in progress "
+                    "at the crash (only that unsynced write is lost)"
+                )
+            elif block_no >= cut:
                 lost = (start, max(start, min(start + bs, plain_size)))
-                done = f"torn tail cut at plaintext offset {cut * bs}"
+                done = f"torn tail cut at plaintext offset {new_plain_size}"
             else:
                 lost = (start, start + bs)
                 done = "block zeroed (reads as zeros)"
-            done += f": plaintext bytes {lost[0]}-{lost[1]} lost"
+            if lost is not None:
+                done += f": plaintext bytes {lost[0]}-{lost[1]} lost"
             problems[index] = replace(problem, repaired=done, lost=lost)
 
     def check_blocks(

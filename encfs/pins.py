@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from encfs.errors import VolumeMismatch
+from encfs.hostfiles import write_file_atomic
 from encfs.keys import VolumeKeys
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,7 @@ def write_pin(
         doc["vault_url"] = vault_url
     if block_size:
         doc["block_size"] = str(block_size)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, (json.dumps(doc, indent=2) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_file_atomic(path, (json.dumps(doc, indent=2) + "\n").encode(), 0o600)
     return path
 
 

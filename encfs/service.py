@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encfs.errors import EncfsError
-from encfs.vault.server import write_file_atomic
+from encfs.hostfiles import write_file_atomic
 
 UNIT_SOURCE = Path(__file__).resolve().parent.parent / "systemd"
 UNITS = ("encfs@.service", "encfs-vault.service")

@@ -51,7 +51,7 @@ def mount_foreground(*args: str | Path, env: dict[str, str] | None = None) -> su
 
 def is_mounted(path: Path) -> bool:
     """From /proc/self/mountinfo (``os.path.ismount`` cannot stat a suspended mount)."""
-    from encfs.daemon import is_mountpoint
+    from encfs.mounts import is_mountpoint
 
     return is_mountpoint(path)
 
@@ -129,7 +129,7 @@ class Volume:
         """PID of the daemon serving this mount (from its runtime file)."""
         import json
 
-        from encfs.daemon import runtime_file
+        from encfs.mounts import runtime_file
 
         data = json.loads(runtime_file(self.mountpoint).read_text())
         return int(data["pid"])

@@ -918,3 +918,31 @@ def test_plaintext_paths_up_to_4095_bytes(vol: Volume) -> None:
     finally:
         os.chdir(home)
     assert os.listdir(vol.mountpoint) == []
+
+
+@pytest.mark.parametrize("kind", ["link-to-outside-dir", "fifo-undo-file"])
+def test_planted_undo_entries_are_not_followed(vol: Volume, tmp_path: Path, kind: str) -> None:
+    """Attack: ``encfs.undo`` (where the daemon keeps the old content of blocks it rewrites
+    in place) is planted as a link to a directory outside, or a file's undo file as a FIFO.
+    Users depend on the daemon writing nothing outside the cipher dir, never blocking, and
+    the partial-block writes still working (without records)."""
+    f = vol.mountpoint / "f"
+    f.write_bytes(b"x" * 3000)
+    backing = backing_of(vol, f)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    vol.unmount()
+    undo_dir = vol.cipher_dir / fmt.UNDO_DIR_NAME
+    if kind == "link-to-outside-dir":
+        os.symlink(outside, undo_dir)
+    else:
+        undo_dir.mkdir(mode=0o700)
+        file_id = fmt.parse_file_header(backing.read_bytes()[: fmt.FILE_HEADER_LEN])
+        mkfifo(undo_dir / fmt.undo_file_name(file_id))
+    vol.mount()
+    append = run(["sh", "-c", f"printf appended >> {f}"])
+    assert not append.hung, f"the append hung for {append.seconds:.1f} s"
+    assert append.returncode == 0, append.stderr
+    assert f.read_bytes() == b"x" * 3000 + b"appended"
+    assert list(outside.iterdir()) == []
+    _responsive(vol)

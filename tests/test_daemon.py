@@ -513,7 +513,7 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
     # Stop the daemon when it removes its runtime file — its last act after unmounting,
     # wiping the keys and closing the vault client, before the interpreter exits — and
     # scan it there. (A SIGSTOP injected at exit_group does not stop the exit.)
-    from encfs.daemon import runtime_file
+    from encfs.mounts import runtime_file
 
     tracer = subprocess.Popen(
         ["strace", "-qq", "-o", "/dev/null", "-p", str(pid), "-P", str(runtime_file(mp)),
@@ -811,16 +811,18 @@ def test_vault_stopped_serves_for_the_grace_then_suspends_and_resumes_when_back(
     """A real stop: the Raft-backed single-host OpenBao (`encfs vault serve`) goes away
     (connection refused), the mount serves through the grace, suspends, and resumes by
     itself once the vault is back (same data, unsealed from its own init.json)."""
-    from encfs.vault import server as vs
+    from encfs.bao import serve
+    from encfs.bao import setup as provision
     from tests.openbao import free_port
 
     data = tmp_path / "vault"
     listen, cluster = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    server = vs.start_serve(data, listen, cluster_listen=cluster)
+    server = serve.start_serve(data, listen, cluster_listen=cluster)
     try:
-        root = vs.read_admin_token(server.paths.init_file)
+        root = provision.read_admin_token(server.paths.init_file)
         token = tmp_path / "host.token"
-        result = vs.setup(server.addr, root, "k", "guest", token, ca_file=server.paths.ca_file)
+        ca = server.paths.ca_file
+        result = provision.setup(server.addr, root, "k", "guest", token, ca_file=ca)
         env = {"PATH": os.environ["PATH"], "ENCFS_AUDIT_LOG": "none"}
         vol = Volume(tmp_path / "c", tmp_path / "p", result.vault_url, env)
         vol.mountpoint.mkdir()
@@ -837,7 +839,7 @@ def test_vault_stopped_serves_for_the_grace_then_suspends_and_resumes_when_back(
             live.wait_state("suspended", bound=4 + BOUND + 3)
             with pytest.raises(PermissionError):
                 (vol.mountpoint / "f").read_bytes()
-            server = vs.start_serve(data, listen, cluster_listen=cluster)
+            server = serve.start_serve(data, listen, cluster_listen=cluster)
             t0 = time.monotonic()
             live.wait_state("active")
             assert time.monotonic() - t0 <= BOUND + 0.5

@@ -444,3 +444,19 @@ def test_symlink_plain_size() -> None:
     for n in (0, 1, 2, 3, 100, fmt.MAX_SYMLINK_TARGET):
         sealed = base64.urlsafe_b64encode(bytes(n + fmt.BLOCK_OVERHEAD)).rstrip(b"=")
         assert fmt.symlink_plain_size(len(sealed)) == n
+
+
+def test_undo_file_layout_and_untrusted_parse() -> None:
+    """FORMAT §10b: the undo file's bytes, and a parser that drops what does not parse
+    (the records are authenticated by their blocks' own seals, never by the framing)."""
+    raw = fmt.pack_undo([(2, b"\xaa" * 40), (1 << 40, b"\xbb" * 30)])
+    assert raw[:12] == b"ENCFSUND" + bytes([0, 1, 0, 2])
+    assert raw[12:24] == (2).to_bytes(8, "big") + (40).to_bytes(4, "big")
+    assert len(raw) == 12 + 2 * 12 + 70
+    assert fmt.parse_undo(raw, 4124) == {2: b"\xaa" * 40, 1 << 40: b"\xbb" * 30}
+    assert fmt.parse_undo(fmt.UNDO_EMPTY, 4124) == {}
+    assert fmt.parse_undo(raw[:-1], 4124) == {2: b"\xaa" * 40}  # cut short: last one dropped
+    assert fmt.parse_undo(raw, 39) == {}  # a length over the limit ends the parse
+    assert fmt.parse_undo(b"ENCFSUNX" + raw[8:], 4124) == {}
+    assert fmt.parse_undo(raw[:8] + b"\x00\x02" + raw[10:], 4124) == {}  # unknown version
+    assert fmt.undo_file_name(bytes(range(16))) == "000102030405060708090a0b0c0d0e0f"

@@ -913,7 +913,7 @@ def _everything_in(top: Path) -> tuple[list[tuple[str, bytes]], dict[str, int]]:
     """Every byte under ``top`` (itself included): entry names, regular files' contents,
     symlink targets, every xattr name and value; and a count of what was read."""
     seen: list[tuple[str, bytes]] = []
-    counts = {"dir": 0, "file": 0, "symlink": 0, "dirid link": 0, "other": 0}
+    counts = {"dir": 0, "undo dir": 0, "file": 0, "symlink": 0, "dirid link": 0, "other": 0}
     user_xattrs: set[tuple[int, str]] = set()  # (inode, name): hard links share them
 
     def visit(path: str) -> None:
@@ -925,8 +925,10 @@ def _everything_in(top: Path) -> tuple[list[tuple[str, bytes]], dict[str, int]]:
             with open(path, "rb") as f:
                 seen.append((path, f.read()))
             counts["file"] += 1
+        elif stat.S_ISDIR(st.st_mode):  # encfs.undo/: not a volume directory, no id
+            counts["undo dir" if path == os.path.join(top, fmt.UNDO_DIR_NAME) else "dir"] += 1
         else:
-            counts["dir" if stat.S_ISDIR(st.st_mode) else "other"] += 1
+            counts["other"] += 1
         for name in os.listxattr(path, follow_symlinks=False):
             seen.append((f"{path} xattr name", os.fsencode(name)))
             seen.append((f"{path} xattr {name}", os.getxattr(path, name, follow_symlinks=False)))

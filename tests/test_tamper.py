@@ -12,7 +12,7 @@ import pytest
 
 from encfs import format as fmt
 from encfs.cli import ExitCode
-from tests.harness import MakeVolume, Volume, encfs, is_mounted
+from tests.harness import MakeVolume, Volume, encfs, force_unmount, is_mounted, wait_until
 
 BS = 4096
 CBS = BS + fmt.BLOCK_OVERHEAD
@@ -380,3 +380,99 @@ def test_fsck_json_summary_and_a_mounted_volume(populated: Volume) -> None:
     proc = encfs("fsck", vol.cipher_dir, "--repair", env=vol.env)
     assert proc.returncode == ExitCode.VOLUME_IN_USE
     assert str(vol.mountpoint) in proc.stderr
+
+
+def _undo_files(vol: Volume) -> dict[str, bytes]:
+    undo_dir = vol.cipher_dir / fmt.UNDO_DIR_NAME
+    if not undo_dir.exists():
+        return {}
+    return {p.name: p.read_bytes() for p in undo_dir.iterdir()}
+
+
+def test_a_block_torn_mid_rewrite_is_restored_from_its_undo_record(
+    make_volume: MakeVolume,
+) -> None:
+    """A partial-block rewrite (an append into the last block, an overwrite of part of a
+    block) keeps the block's old content, sealed, in ``encfs.undo/`` while it is in
+    flight. After a crash that tore the block, ``fsck --repair`` puts back the fsynced
+    content (only the unsynced write is lost, no synced byte); after an fsync the record
+    is dropped, after the last close the undo file is gone, and a crash's leftover is kept
+    by the next mount until fsck has used it."""
+    vol = make_volume()
+    m = vol.mountpoint
+    geo = fmt.Geometry(BS)
+    log_data = os.urandom(3000)
+    mid_data = os.urandom(3 * BS)
+    (m / "log").write_bytes(log_data)
+    (m / "mid").write_bytes(mid_data)
+    (m / "other").write_bytes(b"o" * 100)
+    (m / "calm").write_bytes(b"c" * 100)
+    assert _undo_files(vol) == {}  # whole new files rewrite nothing in place
+    log_fd = os.open(m / "log", os.O_RDWR)
+    mid_fd = os.open(m / "mid", os.O_RDWR)
+    calm_fd = os.open(m / "calm", os.O_RDWR)
+    os.fsync(log_fd)
+    os.fsync(mid_fd)
+    os.pwrite(log_fd, b"appended, never synced", 3000)
+    os.pwrite(mid_fd, b"X" * 10, BS + 5)
+    os.pwrite(calm_fd, b"C", 50)  # in flight at the crash too, but not torn by it
+    held = _undo_files(vol)
+    assert len(held) == 3
+    assert all(len(fmt.parse_undo(raw, geo.cipher_block_size)) == 1 for raw in held.values())
+    with open(m / "other", "r+b") as f:  # synced: its record goes at once ...
+        f.seek(50)
+        f.write(b"z")
+        f.flush()
+        os.fsync(f.fileno())
+        assert len(_undo_files(vol)) == 4
+        assert [fmt.parse_undo(r, geo.cipher_block_size) for r in _undo_files(vol).values()].count(
+            {}
+        ) == 1
+    # ... and its file at the last close (FUSE's release comes just after close returns)
+    assert wait_until(lambda: len(_undo_files(vol)) == 3)
+
+    # The crash: the daemon dies in the middle of both rewrites, each block torn.
+    os.kill(vol.daemon_pid(), 9)
+    os.close(log_fd)
+    os.close(mid_fd)
+    os.close(calm_fd)
+    force_unmount(m)
+    log_backing = _backing_of(vol, 3000 + len(b"appended, never synced"))
+    mid_backing = _backing_of(vol, 3 * BS)
+    _flip(log_backing, geo.block_cipher_off(0) + 2000)
+    _flip(mid_backing, geo.block_cipher_off(1) + 3000)
+
+    vol.mount()  # a leftover undo file is the only good copy: the mount keeps it
+    with pytest.raises(OSError) as err:
+        (m / "log").read_bytes()
+    assert err.value.errno == errno.EIO
+    with open(m / "log", "r+b") as f, pytest.raises(OSError) as err:
+        f.truncate(4 * BS)  # a rewrite of the torn block fails ...
+    assert err.value.errno == errno.EIO
+    with open(m / "mid", "r+b") as f:  # ... one of a good block works, without a record
+        f.seek(10)
+        f.write(b"Y" * 5)
+    mid_data = mid_data[:10] + b"Y" * 5 + mid_data[15:]
+    with open(m / "calm", "r+b") as f:  # nothing of it torn: its leftover is taken over
+        f.seek(10)
+        f.write(b"D")
+    vol.unmount()
+    left = _undo_files(vol)
+    assert len(left) == 2 and left.items() <= held.items()  # the torn ones' records kept
+
+    code, out = _fsck(vol)
+    assert code == ExitCode.CORRUPT
+    assert out.count("torn by a crash; --repair restores it") == 2, out
+    assert "2 undo file(s) left by a crash" in out
+    proc = encfs("fsck", vol.cipher_dir, "--repair", "--json", env=vol.env)
+    assert proc.returncode == ExitCode.OK, proc.stdout + proc.stderr
+    items = [json.loads(line) for line in proc.stdout.splitlines()]
+    summary = items.pop()
+    assert summary["repaired"] == summary["problems"] == 2 and summary["undo_files"] == 2
+    assert all(item["lost"] is None and "undo record" in item["repaired"] for item in items)
+    assert _undo_files(vol) == {}
+    assert _fsck(vol)[0] == ExitCode.OK
+    vol.mount()
+    assert (m / "log").read_bytes() == log_data
+    assert (m / "mid").read_bytes() == mid_data
+    assert (m / "calm").read_bytes() == b"c" * 10 + b"D" + b"c" * 39 + b"C" + b"c" * 49

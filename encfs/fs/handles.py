@@ -2,8 +2,9 @@
 ``CipherFile``, the mount path it was opened under, and directory handles with their
 listings.
 
-Locks: ``_lock`` guards the tables; it is never held while a file drains its deferred
-writes or an fd is closed.
+Locks: ``_lock`` guards the tables; it is held while an inode's last handle closes its
+file (removing its undo file: a new open of the inode waits for that), never while a file
+drains its deferred writes or an fd is closed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from encfs import format as fmt
 from encfs.cipherfile import CipherFile, Sealer
 from encfs.fs.kcache import moved
 from encfs.keys import VolumeKeys
+from encfs.undo import UndoLog
 
 Listing = list[tuple[str, tuple[os.stat_result, int] | None, int]]
 """A directory listing: (name, (backing stat, plaintext size) or None, offset)."""
@@ -25,10 +27,11 @@ Listing = list[tuple[str, tuple[os.stat_result, int] | None, int]]
 class OpenFiles:
     """The handle tables of one mount (see the module docstring). Thread-safe."""
 
-    def __init__(self, keys: VolumeKeys, geo: fmt.Geometry, sealer: Sealer) -> None:
+    def __init__(self, keys: VolumeKeys, geo: fmt.Geometry, sealer: Sealer, undo: UndoLog) -> None:
         self._keys = keys
         self._geo = geo
         self._sealer = sealer
+        self._undo = undo
         self._lock = threading.Lock()
         self._inodes: dict[tuple[int, int], CipherFile] = {}
         self._handles: dict[int, CipherFile] = {}
@@ -47,7 +50,7 @@ class OpenFiles:
         with self._lock:
             cfile = self._inodes.get(key)
             if cfile is None:
-                cfile = CipherFile(self._keys, self._geo, display, self._sealer)
+                cfile = CipherFile(self._keys, self._geo, display, self._sealer, self._undo)
                 cfile.inode_key = key
                 self._inodes[key] = cfile
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
@@ -73,6 +76,7 @@ class OpenFiles:
                     cfile.refs -= 1
                     if cfile.refs <= 0 and cfile.inode_key is not None:
                         self._inodes.pop(cfile.inode_key, None)
+                        cfile.close()
             os.close(fd)
 
     def __getitem__(self, fh: int) -> CipherFile:

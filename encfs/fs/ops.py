@@ -32,6 +32,7 @@ from encfs.fs.handles import Listing, OpenFiles
 from encfs.fs.kcache import Aliases, Gate, SeenPaths
 from encfs.fs.tree import Tree
 from encfs.keys import VolumeKeys
+from encfs.undo import UndoLog
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,8 @@ class EncfsOperations:
         self.gate = Gate()
         self.seen = SeenPaths()
         self.sealer = Sealer()
-        self.files = OpenFiles(keys, self.geo, self.sealer)
+        self.undo = UndoLog(root)
+        self.files = OpenFiles(keys, self.geo, self.sealer, self.undo)
         self.tree = Tree(self.names, keys, self.files, self.aliases, self.seen, self._caller)
         self.attrs = Attributes(self.names, self.files, self.aliases)
 
@@ -536,13 +538,7 @@ class EncfsOperations:
 
     @fuse_op
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        cfile = self.files[fh]
-        cfile.drain()
-        cfile.raise_deferred()
-        if datasync:
-            os.fdatasync(fh)
-        else:
-            os.fsync(fh)
+        self.files[fh].sync(fh, bool(datasync))
         return 0
 
     # --- structure changes (``tree``) -----------------------------------------------------

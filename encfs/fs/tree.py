@@ -15,9 +15,11 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
-from encfs import backing, crypto, names
+from encfs import backing, crypto
 from encfs import format as fmt
+from encfs import names as nm
 from encfs.errors import FormatError, IntegrityError
 from encfs.fs.handles import OpenFiles
 from encfs.fs.kcache import Aliases, SeenPaths
@@ -29,37 +31,28 @@ _MKNOD_KINDS = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG, stat.S_IFCHR, stat.S_
 _DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
 
 
+@dataclass(eq=False, repr=False)  # no repr: it holds the keys
 class Tree:
     """The structure changes of one mount (see the module docstring). Thread-safe as far
-    as ``names`` and the backing filesystem are: no lock of its own.
+    as ``names`` and the backing filesystem are: no lock of its own."""
 
-    ``caller`` gives the (uid, gid) of the process a request comes from; new entries are
-    given to it when the daemon runs as root.
-    """
+    names: nm.Names
+    keys: VolumeKeys
+    files: OpenFiles
+    """Whose handles' mount paths follow renames."""
+    aliases: Aliases
+    seen: SeenPaths
+    caller: Callable[[], tuple[int, int]]
+    """The (uid, gid) of the process a request comes from; new entries are given to it
+    when the daemon runs as root."""
+    as_root: bool = field(default_factory=lambda: os.geteuid() == 0)
 
-    def __init__(
-        self,
-        names_: names.Names,
-        keys: VolumeKeys,
-        files: OpenFiles,
-        aliases: Aliases,
-        seen: SeenPaths,
-        caller: Callable[[], tuple[int, int]],
-    ) -> None:
-        self.names = names_
-        self._keys = keys
-        self._files = files
-        self._aliases = aliases
-        self._seen = seen
-        self._caller = caller
-        self._as_root = os.geteuid() == 0
-
-    def own(self, entry: names.Entry, fd: int | None = None) -> None:
+    def own(self, entry: nm.Entry, fd: int | None = None) -> None:
         """Give a new entry to the calling user, as a kernel filesystem would (root only).
         ``fd``: the entry's own open fd, if we have one."""
-        if not self._as_root:
+        if not self.as_root:
             return
-        uid, gid = self._caller()
+        uid, gid = self.caller()
         if uid == 0 and gid == 0:
             return
         if entry.parent.fstat().st_mode & stat.S_ISGID:
@@ -70,7 +63,7 @@ class Tree:
             entry.parent.chown(entry.name, uid, gid)
 
     @contextlib.contextmanager
-    def creating(self, entry: names.Entry) -> Iterator[None]:
+    def creating(self, entry: nm.Entry) -> Iterator[None]:
         """Create ``entry`` inside: its long-name companion first, removed again if the
         creation fails (unless the entry exists after all)."""
         self.names.add_companion(entry)
@@ -82,7 +75,7 @@ class Tree:
 
     # --- making entries --------------------------------------------------------------------
 
-    def create_file(self, entry: names.Entry, bflags: int, mode: int, exclusive: bool) -> int:
+    def create_file(self, entry: nm.Entry, bflags: int, mode: int, exclusive: bool) -> int:
         """Create the regular file ``entry`` (or, not ``exclusive``, open the one there)
         with backing flags ``bflags``; returns its fd, owned by the caller if new."""
         with self.creating(entry):
@@ -107,7 +100,7 @@ class Tree:
             entry.parent.mkdir(entry.name, mode)
             try:
                 child = entry.opendir()
-                dir_id = names.write_dirid(child, link=self.names.dirid_links)
+                dir_id = nm.write_dirid(child, link=self.names.dirid_links)
                 self.own(entry, child.fd)
             except BaseException:
                 _remove_new_dir(entry)
@@ -133,7 +126,7 @@ class Tree:
         if len(raw) > fmt.MAX_SYMLINK_TARGET:
             raise OSError(errno.ENAMETOOLONG, "symlink target too long for encfs")
         entry = self.names.entry(target)
-        sealed = crypto.b64encode(self._keys.meta.seal(raw, fmt.SYMLINK_AD))
+        sealed = crypto.b64encode(self.keys.meta.seal(raw, fmt.SYMLINK_AD))
         with self.creating(entry):
             entry.parent.symlink(sealed, entry.name)
             self.own(entry)
@@ -144,7 +137,7 @@ class Tree:
         entry = self.names.entry(path)
         sealed = crypto.b64decode(entry.parent.readlink(entry.name))
         try:
-            raw = self._keys.meta.open(sealed, fmt.SYMLINK_AD, "symlink target")
+            raw = self.keys.meta.open(sealed, fmt.SYMLINK_AD, "symlink target")
         except IntegrityError as exc:
             raise IntegrityError(exc.what, backing_path=entry.display) from None
         return os.fsdecode(raw)
@@ -158,9 +151,9 @@ class Tree:
         st = src.parent.lstat(src.name)
         if not stat.S_ISDIR(st.st_mode):
             key = (st.st_dev, st.st_ino)
-            self._aliases.note(key, source)
-            self._aliases.note(key, target)
-            self._aliases.changed(key, target)  # the others' link count
+            self.aliases.note(key, source)
+            self.aliases.note(key, target)
+            self.aliases.changed(key, target)  # the others' link count
 
     # --- removing and moving entries -------------------------------------------------------
 
@@ -168,15 +161,15 @@ class Tree:
         entry = self.names.entry(path)
         entry.parent.unlink(entry.name)
         self.names.remove_companion(entry)
-        if self._aliases:
-            self._aliases.changed(self._aliases.forget(path))  # the others' link count
+        if self.aliases:
+            self.aliases.changed(self.aliases.forget(path))  # the others' link count
 
     def rmdir(self, path: str) -> None:
         entry = self.names.entry(path)
         self._rmdir_backing(path, entry)
         self.names.remove_companion(entry)
 
-    def _rmdir_backing(self, path: str, entry: names.Entry) -> None:
+    def _rmdir_backing(self, path: str, entry: nm.Entry) -> None:
         """Remove the empty backing directory of ``path`` and its id (restored, in its
         form, if rmdir fails); what ``names`` caches under it is then resolved again."""
         if not stat.S_ISDIR(entry.parent.lstat(entry.name).st_mode):
@@ -186,7 +179,7 @@ class Tree:
             raise OSError(errno.ENOTEMPTY, "directory not empty")
         try:
             dir_id: bytes | None
-            dir_id, was_link = names.read_dirid_form(directory)
+            dir_id, was_link = nm.read_dirid_form(directory)
         except FormatError:
             dir_id = None
         if dir_id is not None:
@@ -195,7 +188,7 @@ class Tree:
             entry.parent.rmdir(entry.name)
         except OSError:
             if dir_id is not None:
-                names.write_dirid(directory, link=was_link, dir_id=dir_id)
+                nm.write_dirid(directory, link=was_link, dir_id=dir_id)
             raise
         cached = self.names.cached_directory(path)
         self.names.removed(path, directory if cached is None else cached)
@@ -211,7 +204,7 @@ class Tree:
         if flags & RENAME_EXCHANGE:
             backing.rename(src.parent, src.name, dst.parent, dst.name, RENAME_EXCHANGE)
             self._renamed_paths(old, new, exchange=True)
-            self._seen.renamed(old, new, exchange=True, is_dir=True)
+            self.seen.renamed(old, new, exchange=True, is_dir=True)
             if src.is_long or dst.is_long:
                 # Each companion holds the encoding of its own name; both names still exist.
                 self.names.add_companion(src)
@@ -233,11 +226,11 @@ class Tree:
             self._rmdir_backing(new, dst)
         with self.creating(dst):
             backing.rename(src.parent, src.name, dst.parent, dst.name, flags & RENAME_NOREPLACE)
-        if dst_st is not None and dst_st.st_nlink > 1 and self._aliases:
-            self._aliases.forget(new)
-            self._aliases.changed((dst_st.st_dev, dst_st.st_ino))  # the others' link count
+        if dst_st is not None and dst_st.st_nlink > 1 and self.aliases:
+            self.aliases.forget(new)
+            self.aliases.changed((dst_st.st_dev, dst_st.st_ino))  # the others' link count
         self._renamed_paths(old, new)
-        self._seen.renamed(old, new, exchange=False, is_dir=stat.S_ISDIR(src_st.st_mode))
+        self.seen.renamed(old, new, exchange=False, is_dir=stat.S_ISDIR(src_st.st_mode))
         if (src.parent.fd, src.name) != (dst.parent.fd, dst.name):
             self.names.remove_companion(src)
         if stat.S_ISDIR(src_st.st_mode):
@@ -245,11 +238,11 @@ class Tree:
 
     def _renamed_paths(self, old: str, new: str, exchange: bool = False) -> None:
         """Keep the mount paths we hold (open handles, aliases) in step with a rename."""
-        self._aliases.renamed(old, new, exchange)
-        self._files.renamed(old, new, exchange)
+        self.aliases.renamed(old, new, exchange)
+        self.files.renamed(old, new, exchange)
 
 
-def _remove_new_dir(entry: names.Entry) -> None:
+def _remove_new_dir(entry: nm.Entry) -> None:
     """Undo a mkdir that failed after the directory was made (best effort)."""
     with contextlib.suppress(OSError):
         entry.opendir().unlink(fmt.DIRID_NAME)

