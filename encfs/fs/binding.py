@@ -108,8 +108,8 @@ def negotiate(conn: Any, config: Any, options: FsOptions) -> bool:
             | FUSE_CAP_PARALLEL_DIROPS
             | FUSE_CAP_ASYNC_READ
             # The operations clear set-user/group-ID bits on chown (the backing filesystem
-            # does) and on truncate (``_truncated``); the kernel then skips a GETATTR before
-            # every chown and truncate.
+            # does) and on truncate (``EncfsOperations._truncated``); the kernel then skips
+            # a GETATTR before every chown and truncate.
             # (not with the writeback cache: its writes reach us as root, too late).
             | (0 if options.writeback_cache else FUSE_CAP_HANDLE_KILLPRIV)
             | (0 if options.writeback_cache else FUSE_CAP_HANDLE_KILLPRIV_V2)
