@@ -184,8 +184,8 @@ class CipherFile:
         self.setid = False  # mode may have set-user/group-ID bits that a write must clear
         self._file_id: bytes | None = None
         self._behind = 0  # cipher offset from which the disk write is not yet started
-        self._tail: tuple[int, int, bytes] | None = None
-        """(block_no, cipher size, plaintext) of the partial last block as the last
+        self._tail: tuple[int, int, bytes, bytes] | None = None
+        """(block_no, cipher size, plaintext, sealed) of the partial last block as the last
         ``write_now`` left it (guarded by the write lock): an append that continues that
         block takes it from here instead of reading and decrypting it back, as long as the
         backing file still has that size. Anything else that changes content drops it."""
@@ -234,6 +234,13 @@ class CipherFile:
         raw = self._pread_blocks(fd, first, end, plain_size)
         return self.keys.file_cipher(file_id).open(first, raw, self.backing_path)
 
+    def _read_block(
+        self, fd: int, file_id: bytes, block_no: int, plain_size: int
+    ) -> tuple[bytearray, bytes]:
+        """One block's plaintext and its sealed form as on disk (its undo record)."""
+        raw = self._pread_blocks(fd, block_no, block_no + 1, plain_size)
+        return self.keys.file_cipher(file_id).open(block_no, raw, self.backing_path), raw
+
     def _pread_blocks(self, fd: int, first: int, end: int, plain_size: int) -> bytes:
         """The ciphertext of blocks [first, end) as far as they exist below ``plain_size``.
         Raises ``IntegrityError`` if the backing file is shorter."""
@@ -252,7 +259,7 @@ class CipherFile:
     def _rewrite_block(
         self, fd: int, file_id: bytes, block_no: int, plain: bytes | bytearray, old: bytes
     ) -> None:
-        """Replace block ``block_no``, whose content was ``old``, in place."""
+        """Replace block ``block_no``, sealed ``old`` on disk until now, in place."""
         self._save_undo(fd, file_id, [(block_no, old)])
         sealed = self.keys.file_cipher(file_id).seal(block_no, plain)
         _pwrite_all(fd, sealed, self.geo.block_cipher_off(block_no))
@@ -261,14 +268,14 @@ class CipherFile:
         """Re-seal the partial last block zero-padded to ``to_len`` bytes (growing the file)."""
         geo = self.geo
         last = geo.block_no(plain_size)
-        data = self._read_blocks(fd, file_id, last, last + 1, plain_size)
-        old = bytes(data)
+        data, old = self._read_block(fd, file_id, last, plain_size)
         data.extend(bytes(to_len - len(data)))
         self._rewrite_block(fd, file_id, last, data, old)
 
     def _save_undo(self, fd: int, file_id: bytes, old: list[tuple[int, bytes]]) -> None:
-        """Keep the old content of blocks about to be rewritten in place (``undo``), sealed
-        for their own positions. Caller holds the write lock. Raises ``OSError``."""
+        """Keep the old content of blocks about to be rewritten in place (``undo``): each
+        block's number and its sealed form as on disk. Caller holds the write lock. Raises
+        ``OSError``."""
         if self.undo is None:
             return
         slot = self._undo_slot
@@ -283,10 +290,7 @@ class CipherFile:
             slot = self._undo_slot = (file_id, undo_file)
         undo_file = slot[1]
         if undo_file is not None:
-            cipher = self.keys.file_cipher(file_id)
-            undo_file.save(
-                [(block_no, bytes(cipher.seal(block_no, data))) for block_no, data in old]
-            )
+            undo_file.save(old)
 
     def _blocks_intact(self, fd: int, file_id: bytes, block_nos: Collection[int]) -> bool:
         """Whether each of these blocks authenticates (or no longer exists)."""
@@ -456,16 +460,17 @@ class CipherFile:
                     if head and start < plain_size:
                         if tail is not None and tail[:2] == (first, cipher_size_before):
                             old: bytes | bytearray = tail[2]
+                            old_sealed = tail[3]
                         else:
-                            old = self._read_blocks(fd, file_id, first, first + 1, plain_size)
+                            old, old_sealed = self._read_block(fd, file_id, first, plain_size)
                         buf[: len(old)] = old
-                        rewritten.append((first, bytes(old)))
+                        rewritten.append((first, old_sealed))
                     last = end - 1
                     if range_end > write_end and (last != first or not head):
-                        old = self._read_blocks(fd, file_id, last, last + 1, plain_size)
+                        old, old_sealed = self._read_block(fd, file_id, last, plain_size)
                         off = geo.block_plain_off(last) - start
                         buf[off : off + len(old)] = old
-                        rewritten.append((last, bytes(old)))
+                        rewritten.append((last, old_sealed))
                     buf[head : head + length] = data
                     plain = buf
                 if rewritten:
@@ -488,6 +493,7 @@ class CipherFile:
                         end - 1,
                         geo.cipher_size(new_size),
                         bytes(plain[last_start : new_size - start]),
+                        bytes(sealed[geo.block_cipher_off(end - 1) - cipher_off :]),
                     )
             except OSError:
                 # Never leave a half-written extension behind (e.g. ENOSPC mid-block).
@@ -533,14 +539,9 @@ class CipherFile:
             if new_size < plain_size:
                 if new_size % bs:
                     block_no = geo.block_no(new_size)
-                    data = self._read_blocks(fd, file_id, block_no, block_no + 1, plain_size)
-                    self._rewrite_block(
-                        fd,
-                        file_id,
-                        block_no,
-                        data[: new_size - geo.block_plain_off(block_no)],
-                        bytes(data),
-                    )
+                    data, old = self._read_block(fd, file_id, block_no, plain_size)
+                    keep = new_size - geo.block_plain_off(block_no)
+                    self._rewrite_block(fd, file_id, block_no, data[:keep], old)
                 os.ftruncate(fd, geo.cipher_size(new_size))
                 return
             if plain_size % bs:

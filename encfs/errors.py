@@ -1,7 +1,7 @@
 """Domain exceptions for encfs: every failure a caller must tell apart has its own type.
 
 Nothing here knows about FUSE, errno or exit codes: ``fs/ops.py`` maps these to errno
-values and ``cli.py`` maps them to exit codes. Messages must never contain key bytes,
+values and ``encfs.cli`` maps them to exit codes. Messages must never contain key bytes,
 tokens or plaintext; they name files, blocks, URLs and what the operator should do.
 """
 

@@ -135,6 +135,15 @@ def _counting_reads(cfile: CipherFile, monkeypatch: pytest.MonkeyPatch) -> list[
         return real(fd, file_id, first, end, plain_size)
 
     monkeypatch.setattr(cfile, "_read_blocks", counted)
+    real_one = cfile._read_block
+
+    def counted_one(
+        fd: int, file_id: bytes, block_no: int, plain_size: int
+    ) -> tuple[bytearray, bytes]:
+        reads.append(block_no)
+        return real_one(fd, file_id, block_no, plain_size)
+
+    monkeypatch.setattr(cfile, "_read_block", counted_one)
     return reads
 
 

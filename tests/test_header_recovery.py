@@ -293,7 +293,7 @@ def test_fsck_progress(make_volume: MakeVolume, capsys: pytest.CaptureFixture[st
     assert lines and lines[-1]["kind"] == "progress" and lines[-1]["files"] == 5
     quiet = encfs("fsck", vol.cipher_dir, env=vol.env)  # not a tty, not asked: none
     assert "progress" not in quiet.stderr
-    from encfs.cli import _FsckProgress
+    from encfs.cli.volume import _FsckProgress
     from encfs.fsck import Report
 
     shown = _FsckProgress(tty=True)
@@ -310,7 +310,7 @@ def test_readme_synopsis_lists_every_option() -> None:
     import argparse
     import re
 
-    from encfs.cli import _subparsers, build_parser
+    from encfs.cli.parser import _subparsers, build_parser
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = readme.split("## Command line", 1)[1].split("```", 2)[1]

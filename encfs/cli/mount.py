@@ -1,0 +1,268 @@
+"""The commands on a live mount: ``mount`` (the daemon in the foreground, or spawned in the
+background until it reports the mount live), ``unmount`` and ``status``, and what they print."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from encfs.cli.output import ExitCode, setup_logging
+from encfs.cli.parser import verbosity
+from encfs.cli.settings import audit_settings, vault_settings
+from encfs.vault import env_vault_addr
+from encfs.watcher import WatchSettings
+
+
+def _mount_options(raw: Sequence[str]) -> dict[str, bool]:
+    known = {"allow_other", "default_permissions", "nonempty", "ro", "rw", "writeback_cache"}
+    opts: dict[str, bool] = {}
+    for group in raw:
+        for opt in filter(None, group.split(",")):
+            if opt not in known:
+                raise argparse.ArgumentTypeError(
+                    f"unknown mount option {opt!r} (known: {', '.join(sorted(known))})"
+                )
+            opts[opt] = True
+    return opts
+
+
+def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
+    from encfs.daemon import Daemon, MountConfig
+    from encfs.fs import FsOptions
+
+    try:
+        opts = _mount_options(args.options)
+    except argparse.ArgumentTypeError as exc:
+        print(f"encfs: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    if not args.foreground:
+        return _spawn_background(argv, args)
+    read_only = opts.get("ro", False) and not opts.get("rw", False)
+    fs = FsOptions(read_only=read_only, writeback_cache=opts.get("writeback_cache", False))
+    if args.suspended_errno is not None:  # else FsOptions' default
+        fs = dataclasses.replace(fs, suspended_errno=args.suspended_errno)
+    config = MountConfig(
+        cipher_dir=args.cipher_dir.resolve(),
+        mountpoint=args.mountpoint.resolve(),
+        vault=vault_settings(args),
+        vault_url=args.vault_url,
+        vault_addr=env_vault_addr(),
+        repin=args.repin,
+        nonempty=opts.get("nonempty", False),
+        allow_other=opts.get("allow_other", False),
+        default_permissions=opts.get("default_permissions", False),
+        read_only=read_only,
+        fs=fs,
+        debug=verbosity(args) >= 3,
+        audit=audit_settings(args),
+        ephemeral=args.ephemeral,
+        watch=WatchSettings(
+            check_interval=args.check_interval,
+            offline_grace=args.offline_grace,
+            on_revoke=args.on_revoke,
+        ),
+    )
+    ready_fd: int | None = args.ready_fd
+
+    def on_ready() -> None:
+        if ready_fd is None:
+            return
+        # Background child: from now on log only to the log file / syslog, then tell the
+        # waiting parent that the mount is live (it exits, and our stderr pipe closes).
+        setup_logging(
+            verbosity(args), stream=False, log_file=args.log_file, syslog=args.log_file is None
+        )
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        os.write(ready_fd, b"READY\n")
+        os.close(ready_fd)
+
+    Daemon(config).run(on_ready=on_ready)
+    return ExitCode.OK
+
+
+def _spawn_background(argv: Sequence[str], args: argparse.Namespace) -> ExitCode:
+    """Run the daemon as a detached child; return once it reports the mount live or fails."""
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "encfs", *argv, "--foreground", "--ready-fd", str(write_end)]
+    child = subprocess.Popen(
+        cmd,
+        pass_fds=(write_end,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    os.close(write_end)
+    assert child.stderr is not None
+    stderr_fd = child.stderr.fileno()
+    deadline = time.monotonic() + max(60.0, 3 * args.vault_timeout)
+    ready = b""
+    err_text = b""
+    open_fds = {read_end, stderr_fd}
+    while open_fds and time.monotonic() < deadline:
+        readable, _, _ = select.select(list(open_fds), [], [], 0.5)
+        for fd in readable:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                open_fds.discard(fd)
+            elif fd == read_end:
+                ready += chunk
+            else:
+                err_text += chunk
+        if b"READY" in ready:
+            break
+    os.close(read_end)
+    child.stderr.close()
+    # libfuse 3.14 warns about its own unset thread limit on every start; not ours to report.
+    err_text = b"".join(
+        line for line in err_text.splitlines(keepends=True) if b"invalid max threads" not in line
+    )
+    if b"READY" in ready:
+        sys.stderr.write(err_text.decode(errors="replace"))
+        print(f"mounted {args.cipher_dir} on {args.mountpoint} (daemon pid {child.pid})")
+        return ExitCode.OK
+    try:
+        code = child.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        sys.stderr.write(err_text.decode(errors="replace"))
+        print("encfs: error: the mount did not come up in time; daemon killed", file=sys.stderr)
+        return ExitCode.MOUNT_FAILED
+    sys.stderr.write(err_text.decode(errors="replace"))
+    return ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.MOUNT_FAILED
+
+
+def cmd_unmount(args: argparse.Namespace) -> ExitCode:
+    from encfs.mounts import fusermount, is_mountpoint, runtime_file
+
+    mountpoint = args.mountpoint.resolve()
+    if not is_mountpoint(mountpoint):
+        print(f"encfs: error: {mountpoint} is not mounted", file=sys.stderr)
+        return ExitCode.NOT_MOUNTED
+    pid: int | None = None
+    try:
+        pid = int(json.loads(runtime_file(mountpoint).read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        pid = None
+    proc = fusermount("-u", *(["-z"] if args.lazy else []), str(mountpoint))
+    if proc.returncode != 0:
+        msg = proc.stderr.strip()
+        if "busy" in msg.lower():
+            print(
+                f"encfs: error: {mountpoint} is busy (files open or a process's cwd); "
+                "close them or use --lazy",
+                file=sys.stderr,
+            )
+            return ExitCode.BUSY
+        print(f"encfs: error: unmount failed: {msg}", file=sys.stderr)
+        return ExitCode.FAILURE
+    if pid is not None:
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            print(
+                f"encfs: warning: daemon {pid} still running after {args.timeout}s", file=sys.stderr
+            )
+            return ExitCode.FAILURE
+    print(f"unmounted {mountpoint}")
+    return ExitCode.OK
+
+
+def cmd_status(args: argparse.Namespace) -> ExitCode:
+    import socket
+
+    from encfs.mounts import RUN_DIR, status_socket
+
+    if args.mountpoint is not None:
+        sockets = [status_socket(args.mountpoint.resolve())]
+    else:
+        sockets = sorted(RUN_DIR.glob("*.sock")) if RUN_DIR.is_dir() else []
+    reports: list[dict[str, object]] = []
+    for path in sockets:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(str(path))
+                raw = b""
+                while chunk := sock.recv(65536):
+                    raw += chunk
+            reports.append(json.loads(raw))
+        except (OSError, ValueError) as exc:
+            if args.mountpoint is not None:
+                print(
+                    f"encfs: error: no encfs daemon answers for {args.mountpoint} ({exc})",
+                    file=sys.stderr,
+                )
+                return ExitCode.NOT_MOUNTED
+    if args.json:
+        print(json.dumps(reports[0] if args.mountpoint is not None else reports, indent=2))
+        return ExitCode.OK
+    if not reports:
+        print("no encfs volume is mounted")
+        return ExitCode.OK
+    for report in reports:
+        _print_status(report)
+    return ExitCode.OK
+
+
+def _print_status(r: dict[str, Any]) -> None:
+    state = str(r.get("state", "?"))
+    reason = f" — {r['reason']}" if r.get("reason") else ""
+    print(f"{r.get('mountpoint')}: {state} since {r.get('since')}{reason}")
+    print(f"  cipher dir   {r.get('cipher_dir')}  (volume {r.get('volume_id')})")
+    print(f"  vault key    {r.get('vault')}  (KEK version {r.get('kek_version')})")
+    reach = {True: "reachable", False: "unreachable", None: "not checked yet"}[
+        r.get("vault_reachable")
+    ]
+    print(
+        f"  vault        {reach}, last check {r.get('last_check') or '-'}"
+        f" (every {r.get('check_interval')} s, offline grace {r.get('offline_grace')} s)"
+    )
+    if r.get("last_error"):
+        print(f"  last error   {r['last_error']}")
+    token = r.get("token") or {}
+    if token:
+        ttl = token.get("ttl")
+        print(
+            f"  identity     {token.get('accessor') or token.get('client_cert_subject') or '-'}"
+            f", token TTL {'never expires' if ttl is None else f'{ttl} s'}"
+            f"{', renewable' if token.get('renewable') else ''}"
+        )
+    mem = r.get("memory") or {}
+    if mem:
+        locked = "locked" if mem.get("locked") else f"NOT locked ({mem.get('detail')})"
+        print(
+            f"  key memory   {locked}, {'excluded from' if mem.get('dontdump') else 'in'} "
+            "core dumps"
+        )
+    c = r.get("counters") or {}
+    if c:
+        print(
+            f"  counters     {c.get('reads')} reads ({c.get('bytes_read')} B), "
+            f"{c.get('writes')} writes ({c.get('bytes_written')} B), "
+            f"{c.get('integrity_errors')} integrity errors"
+        )
+    lf = r.get("libfuse") or {}
+    if lf:
+        print(
+            f"  libfuse      {lf.get('version')}"
+            f"{', HANDLE_KILLPRIV_V2' if lf.get('killpriv_v2') else ''}"
+        )
+    rss = r.get("rss")
+    print(f"  daemon       pid {r.get('pid')}, RSS {int(rss) // 1024 if rss else '?'} KiB")
