@@ -34,7 +34,7 @@ from encfs import backing, mounts, names, pins, sdnotify, volume
 from encfs import format as fmt
 from encfs.audit import AuditLog, AuditSettings
 from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
-from encfs.fs import EncfsFUSE, EncfsOperations, FsOptions
+from encfs.fs import EncfsOperations, FsOptions, select_libfuse, serve
 from encfs.keys import VolumeKeys
 from encfs.vault import KeyWrapper, VaultSettings, connect, pin_vault_url, retry_unavailable
 from encfs.watcher import HeldHeader, KeyWatcher, MountState, WatchSettings, note_identity
@@ -160,6 +160,7 @@ class Daemon:
         cfg = self.config
         harden_process()
         names.raise_fd_limit()  # before the operations size their directory cache by it
+        select_libfuse()  # before any thread: writes the environment mfusepy reads in serve
         mounts.check_mountpoint(cfg.mountpoint, nonempty=cfg.nonempty)
         lock = self._lock_cipher_dir()
         try:
@@ -355,7 +356,7 @@ class Daemon:
             # masked by the caller's umask), as on a kernel filesystem; the daemon's own
             # files all have explicit modes.
             os.umask(0)
-            EncfsFUSE(ops, str(cfg.mountpoint), **options)
+            serve(ops, str(cfg.mountpoint), **options)
         except RuntimeError as exc:
             # fuse_main answers 8 when its loop ended on SIGTERM/SIGINT/SIGHUP (libfuse's
             # own handlers unmount first): a requested stop, not a failure.

@@ -1,8 +1,8 @@
 """Domain exceptions for encfs: every failure a caller must tell apart has its own type.
 
-Nothing here knows about FUSE, errno or exit codes: ``fs.py`` maps these to errno values and
-``encfs.cli`` maps them to exit codes. Messages must never contain key bytes, tokens or
-plaintext; they name files, blocks, URLs and what the operator should do.
+Nothing here knows about FUSE, errno or exit codes: ``fs/ops.py`` maps these to errno
+values and ``encfs.cli`` maps them to exit codes. Messages must never contain key bytes,
+tokens or plaintext; they name files, blocks, URLs and what the operator should do.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ offsets/sizes in the plaintext the user sees, ``cipher_*`` in the backing file o
 
 from __future__ import annotations
 
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -391,6 +392,16 @@ class Geometry:
         body = cipher_size - FILE_HEADER_LEN
         full, rest = divmod(body, self.cipher_block_size)
         return full * self.block_size + max(rest - BLOCK_OVERHEAD, 0)
+
+    def entry_plain_size(self, mode: int, cipher_size: int) -> int:
+        """The size the mount shows for a backing entry of type ``mode`` (its ``st_mode``)
+        and ``cipher_size`` bytes: a regular file's plaintext size, a symbolic link's
+        plaintext target length (§8), any other entry's own size."""
+        if stat.S_ISREG(mode):
+            return self.plain_size(cipher_size)
+        if stat.S_ISLNK(mode):
+            return symlink_plain_size(cipher_size)
+        return cipher_size
 
     def cipher_size(self, plain_size: int) -> int:
         """Backing file size for ``plain_size`` plaintext bytes (0 stays 0: no header)."""

@@ -425,6 +425,18 @@ def test_block_count_and_fragment(block_size: int, plain: int, fragment: int) ->
         assert geo.block_count(cipher + fragment) == plain // block_size + 1
 
 
+def test_entry_plain_size_by_type() -> None:
+    """What the mount shows as st_size: plaintext for files and symlinks, else as is."""
+    import stat
+
+    geo = fmt.Geometry(4096)
+    cipher = geo.cipher_size(5000)
+    assert geo.entry_plain_size(stat.S_IFREG | 0o644, cipher) == 5000
+    assert geo.entry_plain_size(stat.S_IFLNK | 0o777, 60) == fmt.symlink_plain_size(60)
+    for kind in (stat.S_IFDIR, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+        assert geo.entry_plain_size(kind | 0o755, cipher) == cipher
+
+
 def test_symlink_plain_size() -> None:
     """§8: the backing target is b64url(nonce || target || tag), unpadded."""
     import base64

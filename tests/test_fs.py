@@ -466,12 +466,22 @@ def test_xattrs(vol: Volume) -> None:
         os.getxattr(f, "user.small")
     assert info.value.errno == errno.ENODATA
     with pytest.raises(OSError) as info:
-        os.setxattr(f, "trusted.x", b"1")
-    assert info.value.errno in (errno.EOPNOTSUPP, errno.EPERM)
-    for other in ("security.capability", "trusted.x", "system.posix_acl_access"):
-        with pytest.raises(OSError) as info:  # only user.* exists (answered on a fast path)
-            os.getxattr(f, other)
-        assert info.value.errno in (errno.EOPNOTSUPP, errno.ENODATA), other
+        os.removexattr(f, "user.small")
+    assert info.value.errno == errno.ENODATA
+    # Only user.* exists: other namespaces are unsupported, as on a Linux filesystem
+    # without them (getxattr answered on the adapter's fast path).
+    for other in ("security.capability", "security.x", "trusted.x"):
+        for call in (os.getxattr, os.removexattr):
+            with pytest.raises(OSError) as info:
+                call(f, other)
+            assert info.value.errno == errno.EOPNOTSUPP, (call, other)
+    with pytest.raises(OSError) as info:  # system.* too
+        os.getxattr(f, "system.posix_acl_access")
+    assert info.value.errno == errno.EOPNOTSUPP
+    for other in ("security.x", "trusted.x"):  # the kernel checks a capability's value first
+        with pytest.raises(OSError) as info:
+            os.setxattr(f, other, b"1")
+        assert info.value.errno == errno.EOPNOTSUPP, other
     with pytest.raises(FileNotFoundError):  # a negative lookup, also on a fast path
         os.stat(vol.mountpoint / "no-such-file")
     (vol.mountpoint / "d").mkdir()
@@ -1374,9 +1384,33 @@ def test_suspension_seals_queued_writes_before_the_keys_go(tmp_path: Path) -> No
     for i in range(1, 9):
         ops.write(None, data[(i - 1) * mib : i * mib], i * mib, fh)
     ops.suspend()
-    cfile = ops._handles[fh]
+    cfile = ops.files[fh]
     assert cfile.pending == 0 and cfile.deferred_error is None
     assert os.fstat(fh).st_size == ops.geo.cipher_size(9 * mib)
+
+
+def test_xattr_errors_agree_on_the_fast_path_and_in_the_operations(tmp_path: Path) -> None:
+    """A name outside user.* is an unsupported namespace (EOPNOTSUPP) for get, set and
+    remove, and the adapter's fast path for getxattr (``foreign_xattr``) answers the same;
+    a missing user.* attribute is ENODATA; while suspended, the suspended errno."""
+    ops, _fh, _ro = _ops(tmp_path)
+
+    def errno_of(call: Callable[..., object], *args: object) -> int | None:
+        with pytest.raises(OSError) as info:
+            call("/s", *args)
+        return info.value.errno
+
+    for name in ("security.capability", "trusted.x", "system.posix_acl_access", "bogus"):
+        assert errno_of(ops.getxattr, name) == errno.EOPNOTSUPP, name
+        assert errno_of(ops.setxattr, name, b"1", 0) == errno.EOPNOTSUPP, name
+        assert errno_of(ops.removexattr, name) == errno.EOPNOTSUPP, name
+    assert ops.foreign_xattr() == errno.EOPNOTSUPP
+    assert errno_of(ops.getxattr, "user.none") == errno.ENODATA
+    assert errno_of(ops.removexattr, "user.none") == errno.ENODATA
+    ops.suspend()
+    assert ops.foreign_xattr() == errno.EACCES
+    assert errno_of(ops.getxattr, "security.capability") == errno.EACCES
+    assert ops.counters.security_probes == 2
 
 
 def test_suspension_drops_the_blocks_kept_for_appends(tmp_path: Path) -> None:
@@ -1384,7 +1418,7 @@ def test_suspension_drops_the_blocks_kept_for_appends(tmp_path: Path) -> None:
     memory (``CipherFile._tail``) goes at suspension, with every open file's."""
     ops, fh, _ro = _ops(tmp_path)
     ops.write(None, b"x" * 5000, 2 << 20, fh)  # ends mid-block: the block is kept
-    cfile = ops._handles[fh]
+    cfile = ops.files[fh]
     assert cfile._tail is not None
     ops.suspend()
     assert cfile._tail is None
@@ -1398,9 +1432,9 @@ def test_session_end_seals_queued_writes(tmp_path: Path) -> None:
     data = os.urandom(8 * mib)  # made first: queuing outpaces sealing
     for i in range(1, 9):
         ops.write(None, data[(i - 1) * mib : i * mib], i * mib, fh)
-    assert ops._handles[fh].pending, "nothing was queued: the test exercises nothing"
+    assert ops.files[fh].pending, "nothing was queued: the test exercises nothing"
     ops.destroy(None)
-    assert ops._handles[fh].pending == 0
+    assert ops.files[fh].pending == 0
     assert os.fstat(fh).st_size == ops.geo.cipher_size(9 * mib)
 
 
@@ -1416,10 +1450,45 @@ def test_system_libfuse_still_works_without_killpriv_v2(make_volume: MakeVolume)
     status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)
     assert status["libfuse"]["killpriv_v2"] is False
     assert status["libfuse"]["version"] != "3.17"
+    assert status["libfuse"]["version"].startswith("3.")
     data = os.urandom(300_000)
     (vol.mountpoint / "f").write_bytes(data)
     vol.remount()
     assert (vol.mountpoint / "f").read_bytes() == data
+
+
+def test_importing_encfs_loads_no_fuse_library_and_writes_no_environment() -> None:
+    """mfusepy picks its libfuse when imported, from the environment: only ``fs.serve``
+    imports it, after ``select_libfuse``; importing the package, the daemon or the CLI
+    does neither."""
+    code = (
+        "import os, sys; before = dict(os.environ); "
+        "import encfs.cli, encfs.daemon, encfs.fs, encfs.fs.ops, encfs.fs.kcache; "
+        "assert 'mfusepy' not in sys.modules, 'mfusepy imported'; "
+        "assert dict(os.environ) == before, 'environment written'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_select_libfuse_prefers_the_set_path_then_the_build_then_libfuse3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from encfs.fs import select_libfuse
+
+    env = {"FUSE_LIBRARY_PATH": "/chosen/libfuse3.so"}
+    select_libfuse(env)
+    assert env == {"FUSE_LIBRARY_PATH": "/chosen/libfuse3.so", "FUSE_LIBRARY_NAME": "fuse3"}
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    env = {}
+    select_libfuse(env)
+    assert env == {"FUSE_LIBRARY_NAME": "fuse3"}  # mfusepy would find libfuse 2 first
+    built = tmp_path / "lib" / "encfs" / "libfuse3.so.4"
+    built.parent.mkdir(parents=True)
+    built.touch()
+    select_libfuse(env)
+    assert env == {"FUSE_LIBRARY_PATH": str(built), "FUSE_LIBRARY_NAME": "fuse3"}
+    select_libfuse(env)  # a second call changes nothing
+    assert env == {"FUSE_LIBRARY_PATH": str(built), "FUSE_LIBRARY_NAME": "fuse3"}
 
 
 def test_new_entries_get_the_callers_mode_not_the_daemons_umask(vol: Volume) -> None:
