@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from encfs import hostfiles
 from encfs.errors import MountError
 
 log = logging.getLogger(__name__)
@@ -149,19 +150,13 @@ def write_runtime_file(mountpoint: Path, cipher_dir: Path, started: float) -> No
     a failure is logged, not raised."""
     try:
         RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = runtime_file(mountpoint)
-        tmp = path.with_suffix(".tmp")
         record = {
             "pid": os.getpid(),
             "mountpoint": str(mountpoint.resolve()),
             "cipher_dir": str(cipher_dir.resolve()),
             "started": started,
         }
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:  # explicit mode: the daemon's umask is 0
-            f.write(json.dumps(record))
-        os.replace(tmp, path)
+        hostfiles.write_file_atomic(runtime_file(mountpoint), json.dumps(record).encode())
     except OSError as exc:
         log.warning("cannot write runtime file in %s: %s", RUN_DIR, exc)
 

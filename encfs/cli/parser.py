@@ -14,6 +14,7 @@ from encfs import __version__, pins
 from encfs import format as fmt
 from encfs.audit import DEFAULT_AUDIT_LOG
 from encfs.cli.output import ExitCode
+from encfs.fs import FsOptions
 from encfs.vault import VaultSettings, redact_tokens
 from encfs.watcher import WatchSettings
 
@@ -291,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--suspended-errno",
         type=_errno_name,
         metavar="NAME",
-        help="error returned while suspended (default: EACCES; e.g. EIO, EPERM)",
+        help="error returned while suspended (default: "
+        f"{errno.errorcode[_default(FsOptions, 'suspended_errno')]}; e.g. EIO, EPERM)",
     )
     _vault_args(p)
 
