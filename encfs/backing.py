@@ -328,6 +328,18 @@ def _check(res: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """``pwrite`` all of ``data`` at ``offset`` (a short write is continued; a write of
+    nothing is ``EIO``). Raises ``OSError``."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write to backing file")
+        view = view[written:]
+        offset += written
+
+
 def fallocate(fd: int, mode: int, cipher_off: int, cipher_len: int) -> None:
     """fallocate(2) on a backing file's fd. Raises ``OSError``."""
     _check(LIBC.fallocate(fd, mode, cipher_off, cipher_len))

@@ -213,7 +213,7 @@ class CipherFile:
         file_id = self._file_id_for(fd)
         if file_id is None:
             file_id = crypto.random_bytes(fmt.FILE_ID_LEN)
-            _pwrite_all(fd, fmt.pack_file_header(file_id), 0)
+            backing.pwrite_all(fd, fmt.pack_file_header(file_id), 0)
             self._file_id = file_id
         return file_id
 
@@ -262,7 +262,7 @@ class CipherFile:
         """Replace block ``block_no``, sealed ``old`` on disk until now, in place."""
         self._save_undo(fd, file_id, [(block_no, old)])
         sealed = self.keys.file_cipher(file_id).seal(block_no, plain)
-        _pwrite_all(fd, sealed, self.geo.block_cipher_off(block_no))
+        backing.pwrite_all(fd, sealed, self.geo.block_cipher_off(block_no))
 
     def _pad_last_block(self, fd: int, file_id: bytes, plain_size: int, to_len: int) -> None:
         """Re-seal the partial last block zero-padded to ``to_len`` bytes (growing the file)."""
@@ -445,7 +445,7 @@ class CipherFile:
                 if plain_off > plain_size and plain_size % bs and geo.block_no(plain_size) < first:
                     self._pad_last_block(fd, file_id, plain_size, bs)
                 if early is not None and file_id == early_id:
-                    _pwrite_all(fd, early, geo.block_cipher_off(first))
+                    backing.pwrite_all(fd, early, geo.block_cipher_off(first))
                     self._written(fd, geo.block_cipher_off(first), len(early))
                     return length
                 start = geo.block_plain_off(first)
@@ -481,8 +481,8 @@ class CipherFile:
                     _pwritev_all(fd, [header, sealed], 0)  # one syscall for a new file
                 else:
                     if header:
-                        _pwrite_all(fd, header, 0)
-                    _pwrite_all(fd, sealed, cipher_off)
+                        backing.pwrite_all(fd, header, 0)
+                    backing.pwrite_all(fd, sealed, cipher_off)
                 if header:
                     self._file_id = file_id
                 self._written(fd, cipher_off, len(sealed))
@@ -575,22 +575,12 @@ class CipherFile:
             backing.fallocate(fd, mode, cipher_off, cipher_len)
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, cipher_off: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, cipher_off)
-        if written <= 0:
-            raise OSError(errno.EIO, "short write to backing file")
-        view = view[written:]
-        cipher_off += written
-
-
 def _pwritev_all(fd: int, bufs: list[bytes | bytearray], cipher_off: int) -> None:
     written = os.pwritev(fd, bufs, cipher_off)
     for buf in bufs:  # rare: a short vectored write; finish buffer by buffer
         if written >= len(buf):
             written -= len(buf)
         else:
-            _pwrite_all(fd, memoryview(buf)[written:], cipher_off + written)
+            backing.pwrite_all(fd, memoryview(buf)[written:], cipher_off + written)
             written = 0
         cipher_off += len(buf)

@@ -340,6 +340,16 @@ def pack_undo(records: list[tuple[int, bytes]]) -> bytes:
     return b"".join(parts)
 
 
+UNDO_MAX_RECORDS = 2
+"""A write rewrites at most its first and its last block in place."""
+
+
+def undo_size_limit(cipher_block_size: int) -> int:
+    """The largest undo file a writer makes (``UNDO_MAX_RECORDS`` whole blocks): what a
+    reader reads of one."""
+    return _UNDO_HEAD.size + UNDO_MAX_RECORDS * (_UNDO_RECORD.size + cipher_block_size)
+
+
 UNDO_EMPTY = _UNDO_HEAD.pack(UNDO_MAGIC, UNDO_VERSION, 0)
 """What an undo file holds when nothing is being rewritten (written over the records)."""
 

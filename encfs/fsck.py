@@ -122,7 +122,7 @@ class _Checker:
         """The undo records a crash left for the file ``file_id`` (unauthenticated)."""
         if self.undo_dir is None:
             return {}
-        limit = 64 + 4 * (self.geo.cipher_block_size + 16)
+        limit = fmt.undo_size_limit(self.geo.cipher_block_size)
         try:
             raw = self.undo_dir.read_small(fmt.undo_file_name(file_id), limit)
         except OSError:

@@ -98,7 +98,7 @@ class UndoLog:
             fd = directory.create_file(name, os.O_RDWR, 0o600)
         except FileExistsError:
             try:
-                raw = directory.read_small(name, 8 * max_sealed)
+                raw = directory.read_small(name, fmt.undo_size_limit(max_sealed))
             except OSError as exc:  # not a regular file: not ours to replace
                 log.error("cannot read %s: %s", directory.path(name), exc)
                 self._refused.add(file_id)
@@ -131,14 +131,7 @@ class UndoFile:
         """Make ``records`` (block number, old block sealed for that position) the slot's
         content; call before rewriting those blocks. Raises ``OSError`` (then do not
         rewrite)."""
-        data = fmt.pack_undo(records)
-        view = memoryview(data)
-        off = 0
-        while off < len(data):
-            written = os.pwrite(self._fd, view[off:], off)
-            if written <= 0:
-                raise OSError("short write to undo file")
-            off += written
+        backing.pwrite_all(self._fd, fmt.pack_undo(records), 0)
         self._dirty = True
 
     def clear(self) -> None:

@@ -481,3 +481,35 @@ def test_a_block_torn_mid_rewrite_is_restored_from_its_undo_record(
     assert (m / "log").read_bytes() == log_data
     assert (m / "mid").read_bytes() == mid_data
     assert (m / "calm").read_bytes() == b"c" * 10 + b"D" + b"c" * 39 + b"C" + b"c" * 49
+
+
+def test_an_undo_record_is_used_only_where_it_authenticates(make_volume: MakeVolume) -> None:
+    """A record is genuine ciphertext of the file, but of another block: it must not be
+    written back there (SECURITY.md: a planted record can bring back only an earlier
+    version of its own block). The next mount says which undo files a crash left."""
+    vol = make_volume()
+    data = os.urandom(3 * BS)
+    (vol.mountpoint / "f").write_bytes(data)
+    vol.unmount()
+    geo = fmt.Geometry(BS)
+    backing = _backing_of(vol, 3 * BS)
+    raw = backing.read_bytes()
+    file_id = fmt.parse_file_header(raw[: fmt.FILE_HEADER_LEN])
+    block_1 = raw[geo.block_cipher_off(1) : geo.block_cipher_off(2)]
+    undo_dir = vol.cipher_dir / fmt.UNDO_DIR_NAME
+    undo_dir.mkdir(mode=0o700)
+    (undo_dir / fmt.undo_file_name(file_id)).write_bytes(fmt.pack_undo([(0, block_1)]))
+    _flip(backing, geo.block_cipher_off(0) + 100)
+
+    mounted = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, env=vol.env)
+    assert mounted.returncode == ExitCode.OK, mounted.stderr
+    assert "1 undo record(s) left by a crash" in mounted.stderr  # said at mount time
+    vol.unmount()
+    code, out = _fsck(vol)
+    assert code == ExitCode.CORRUPT and "--repair restores it" not in out, out
+    proc = encfs("fsck", vol.cipher_dir, "--repair", "--json", env=vol.env)
+    assert proc.returncode == ExitCode.OK, proc.stdout + proc.stderr
+    item = json.loads(proc.stdout.splitlines()[0])
+    assert item["lost"] == [0, BS] and "zeroed" in item["repaired"]
+    vol.mount()
+    assert (vol.mountpoint / "f").read_bytes() == bytes(BS) + data[BS:]
