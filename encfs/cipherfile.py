@@ -19,7 +19,8 @@ from collections.abc import Collection
 
 from encfs import backing, crypto
 from encfs import format as fmt
-from encfs.errors import IntegrityError
+from encfs.errors import IntegrityError, VolumeSuspended
+from encfs.fastpath import NativeFile, NativeReads
 from encfs.keys import VolumeKeys
 from encfs.undo import UndoFile, UndoLog
 
@@ -32,6 +33,9 @@ WRITE_BEHIND = 8 << 20
 """A stream's ciphertext is handed to the disk every this many bytes (see ``_written``)."""
 DEFER_HEADROOM = 256 << 20
 """Writes are deferred only while the backing filesystem has this much room besides."""
+MAX_RETIRED = 16
+"""Native entries a file may retire (one per truncation to 0) before it is read in Python
+only, until its last close."""
 
 
 class RWLock:
@@ -117,6 +121,7 @@ class Sealer:
             self._jobs.append((cfile, fd, plain_off, data))
             self._bytes += len(data)
             cfile.pending += 1
+            cfile.mirror_pending()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="encfs-sealer", daemon=True)
                 self._thread.start()
@@ -131,6 +136,11 @@ class Sealer:
     @property
     def busy(self) -> bool:
         return bool(self._jobs)
+
+    def mirror(self, cfile: CipherFile) -> None:
+        """``cfile.mirror_pending()`` under the lock that guards ``pending``."""
+        with self._cond:
+            cfile.mirror_pending()
 
     def _run(self) -> None:
         while True:
@@ -149,6 +159,7 @@ class Sealer:
                 self._jobs.popleft()
                 self._bytes -= len(data)
                 cfile.pending -= 1
+                cfile.mirror_pending()
                 self._cond.notify_all()
 
 
@@ -167,8 +178,16 @@ class CipherFile:
         backing_path: str,
         sealer: Sealer | None = None,
         undo: UndoLog | None = None,
+        native: NativeReads | None = None,
     ) -> None:
         self.keys = keys
+        self.native = native
+        self._nfile: NativeFile | None = None
+        """This inode's entry in the native read path, once a read was served here (it
+        then serves the next ones). Changed only under ``_native_lock`` and a read lock."""
+        self._native_lock = threading.Lock()
+        self._retired: list[NativeFile] = []
+        """Entries of file ids this file had before (truncated to 0): freed at close."""
         self.undo = undo
         self._undo_slot: tuple[bytes, UndoFile | None] | None = None
         """(file id, its undo file or None if it has none) once a block was rewritten."""
@@ -216,6 +235,75 @@ class CipherFile:
             backing.pwrite_all(fd, fmt.pack_file_header(file_id), 0)
             self._file_id = file_id
         return file_id
+
+    # --- the native read path (encfs.fastpath) ---------------------------------------------
+
+    def _lock_write(self) -> None:
+        """Take the write lock and tell native readers a change begins (the seqlock)."""
+        self.lock.acquire_write()
+        nfile = self._nfile
+        if nfile is not None:
+            nfile.changing()
+
+    def _unlock_write(self) -> None:
+        nfile = self._nfile
+        if nfile is not None:
+            nfile.changed()
+        self.lock.release_write()
+
+    def mirror_pending(self) -> None:
+        """Show the native entry how many deferred writes wait (caller holds the Sealer's
+        lock, which guards ``pending``): native readers serve nothing while any do."""
+        nfile = self._nfile
+        if nfile is not None:
+            nfile.set_queued(self.pending)
+
+    def _serve_natively(self, fd: int, file_id: bytes) -> None:
+        """Let the native path serve ``fd``'s next reads: make and key this inode's entry
+        as needed and map ``fd`` to it. Caller holds the read lock (no writer changes the
+        file) and has just read it. Best effort: a failure leaves reads to Python."""
+        native = self.native
+        assert native is not None
+        with self._native_lock:
+            nfile = self._nfile
+            if nfile is None:
+                if len(self._retired) >= MAX_RETIRED:
+                    return  # a file truncated to 0 again and again: not worth it
+                try:
+                    nfile = native.new_file(file_id)
+                except MemoryError:
+                    return
+                self._nfile = nfile
+                if self.sealer is not None:
+                    self.sealer.mirror(self)
+            if nfile.keyed != native.generation:
+                generation = native.generation
+                try:
+                    self.keys.lend_file_key(file_id, nfile.set_key)
+                except (VolumeSuspended, OSError):
+                    return
+                nfile.keyed = generation
+            if fd not in nfile.fds:
+                nfile.map(fd)
+
+    def _retire_native(self) -> None:
+        """The file id is gone (truncated to 0): stop serving natively under it. Caller
+        holds the write lock (``_lock_write``), so the entry's change count is odd, and
+        ``_unlock_write`` no longer finds the entry: readers still holding it see it odd
+        for good. It is freed at close."""
+        with self._native_lock:
+            nfile, self._nfile = self._nfile, None
+            if nfile is not None:
+                for fd in list(nfile.fds):
+                    nfile.unmap(fd)
+                self._retired.append(nfile)
+
+    def forget_fd(self, fd: int) -> None:
+        """Handle ``fd`` is being closed: the native path no longer serves it."""
+        nfile = self._nfile
+        if nfile is not None:
+            with self._native_lock:
+                nfile.unmap(fd)
 
     def forget_plaintext(self) -> None:
         """Drop the plaintext kept for appends (``_tail``): at suspension, nothing of the
@@ -313,14 +401,20 @@ class CipherFile:
             os.fsync(fd)
         slot = self._undo_slot
         if slot is not None and slot[1] is not None:
-            self.lock.acquire_write()
+            self._lock_write()
             try:
                 slot[1].clear()
             finally:
-                self.lock.release_write()
+                self._unlock_write()
 
     def close(self) -> None:
-        """At the last close of the inode (no write in flight): remove its undo file."""
+        """At the last close of the inode (no write or read in flight): free its native
+        entries, remove its undo file."""
+        with self._native_lock:
+            nfile, self._nfile = self._nfile, None
+            for entry in [*self._retired, *([nfile] if nfile is not None else [])]:
+                entry.free()
+            self._retired.clear()
         slot, self._undo_slot = self._undo_slot, None
         if slot is not None and slot[1] is not None:
             try:
@@ -398,6 +492,10 @@ class CipherFile:
                 return size
             raw = self._pread_blocks(fd, first, end, plain_size)
             self.keys.file_cipher(file_id).open_into(first, raw, out[:size], self.backing_path)
+            if self.native is not None:
+                nfile = self._nfile
+                if nfile is None or fd not in nfile.fds or nfile.keyed != self.native.generation:
+                    self._serve_natively(fd, file_id)
             return size
         finally:
             self.lock.release_read()
@@ -430,7 +528,7 @@ class CipherFile:
         early: bytearray | None = None
         if early_id is not None and not plain_off % bs and not length % bs:
             early = self.keys.file_cipher(early_id).seal(first, data)
-        self.lock.acquire_write()
+        self._lock_write()
         try:
             cipher_size_before = os.fstat(fd).st_size
             plain_size = geo.plain_size(cipher_size_before)
@@ -502,7 +600,7 @@ class CipherFile:
                 raise
             return length
         finally:
-            self.lock.release_write()
+            self._unlock_write()
 
     def _written(self, fd: int, cipher_off: int, cipher_len: int) -> None:
         """Write-behind for streams (caller holds the write lock): once a sequential writer
@@ -525,7 +623,7 @@ class CipherFile:
         self._stream_plain_end = -1
         geo = self.geo
         bs = geo.block_size
-        self.lock.acquire_write()
+        self._lock_write()
         try:
             self._tail = None
             plain_size = self.plain_size(fd)
@@ -534,6 +632,7 @@ class CipherFile:
             if new_size == 0:
                 os.ftruncate(fd, 0)
                 self._file_id = None
+                self._retire_native()
                 return
             file_id = self._ensure_header(fd)
             if new_size < plain_size:
@@ -555,7 +654,7 @@ class CipherFile:
             # The new tail stays a hole: all-zero cipher blocks read as zeros.
             os.ftruncate(fd, geo.cipher_size(new_size))
         finally:
-            self.lock.release_write()
+            self._unlock_write()
 
     def allocate(self, fd: int, mode: int, plain_off: int, length: int) -> None:
         """fallocate(2) modes 0 and FALLOC_FL_KEEP_SIZE; others raise EOPNOTSUPP."""
@@ -572,7 +671,11 @@ class CipherFile:
         if not mode & FALLOC_FL_KEEP_SIZE:
             cipher_len = min(cipher_len, max(os.fstat(fd).st_size - cipher_off, 0))
         if cipher_len > 0:
-            backing.fallocate(fd, mode, cipher_off, cipher_len)
+            self._lock_write()  # a change of the file, as far as native readers know
+            try:
+                backing.fallocate(fd, mode, cipher_off, cipher_len)
+            finally:
+                self._unlock_write()
 
 
 def _pwritev_all(fd: int, bufs: list[bytes | bytearray], cipher_off: int) -> None:

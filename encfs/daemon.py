@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from encfs import backing, mounts, names, pins, sdnotify, volume
+from encfs import backing, fastpath, mounts, names, pins, sdnotify, volume
 from encfs import format as fmt
 from encfs.audit import AuditLog, AuditSettings
 from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
@@ -312,6 +312,8 @@ class Daemon:
         cfg, state, keys, audit = self.config, self.state, unlocked.keys, unlocked.audit
         if not keys.memory_lock.mlocked:
             log.warning("key memory is not locked: %s", keys.memory_lock.detail)
+        native, read_path = fastpath.load(unlocked.block_size, unlocked.features)
+        log.info("aligned reads: %s", read_path if native is not None else f"Python ({read_path})")
         ops = EncfsOperations(
             str(cfg.cipher_dir),
             keys,
@@ -319,6 +321,8 @@ class Daemon:
             cfg.fs,
             on_init=lambda: self._announce_ready(on_ready),
             dirid_links=fmt.dirid_links(unlocked.features),
+            native=native,
+            read_path=read_path,
         )
         options = _fuse_options(cfg)
         log.info(
@@ -547,7 +551,8 @@ class LiveMount:
         out["on_revoke"] = cfg.watch.on_revoke
         lock = self._keys.memory_lock
         out["memory"] = {"locked": lock.mlocked, "dontdump": lock.dontdump, "detail": lock.detail}
-        out["counters"] = asdict(ops.counters)
+        out["counters"] = ops.counter_values()
+        out["read_path"] = ops.read_path
         out["libfuse"] = {"version": ops.libfuse_version, "killpriv_v2": ops.killpriv_v2}
         out["cached_paths"] = len(ops.seen)
         with contextlib.suppress(psutil.Error):

@@ -25,13 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import mmap
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from encfs import backing, crypto
 from encfs import format as fmt
 from encfs.errors import HeaderAuthError, VolumeSuspended
+
+log = logging.getLogger(__name__)
 
 _SLOTS = {
     "volume": (0, 32),
@@ -84,6 +89,8 @@ class LockedArena:
             detail.append(f"madvise(MADV_DONTDUMP) failed: {exc}")
         mlocked = False
         addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self.address = addr
+        """Where the arena starts, for handing a key to native code by pointer."""
         if backing.LIBC.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(size)) == 0:
             mlocked = True
         else:
@@ -98,6 +105,15 @@ class LockedArena:
         self.zero()
         self.view.release()
         self._map.close()
+
+
+class NativeKeyed(Protocol):
+    """Native code that holds cipher contexts made from keys lent by ``lend_file_key``
+    (``fastpath.NativeReads``): wiped with the keys."""
+
+    def wipe(self) -> bool:
+        """Free every context; False if native reads kept it from doing so in time."""
+        ...
 
 
 class VolumeKeys:
@@ -121,6 +137,7 @@ class VolumeKeys:
         self._file_ciphers: dict[bytes, crypto.BlockCipher] = {}
         self._names: crypto.NameCipher | None = None
         self._meta: crypto.MetaCipher | None = None
+        self._native: NativeKeyed | None = None
         self._wiped = True
         self.load(volume_key)
 
@@ -197,6 +214,26 @@ class VolumeKeys:
             self._file_ciphers[file_id] = cipher
             return cipher
 
+    def attach_native(self, native: NativeKeyed) -> None:
+        """Wipe ``native``'s contexts with the keys from now on."""
+        self._native = native
+
+    def lend_file_key(self, file_id: bytes, use: Callable[[int], None]) -> None:
+        """Derive ``file_id``'s key into the locked arena and call ``use`` with its address
+        (32 bytes, valid only during the call: native code makes its cipher context from
+        it and keeps no copy); then zero it. No Python object ever holds the key. Raises
+        ``VolumeSuspended`` when wiped."""
+        with self._lock:
+            self._check()
+            scratch = self._slot("scratch")
+            crypto.hkdf_into(
+                self._slot("content"), salt=None, info=b"encfs/v1/file" + file_id, out=scratch
+            )
+            try:
+                use(self._arena.address + _SLOTS["scratch"][0])
+            finally:
+                scratch[:] = bytes(len(scratch))
+
     def check_value(self) -> bytes:
         """The volume key's check value (module docstring); never the key."""
         with self._lock:
@@ -217,9 +254,12 @@ class VolumeKeys:
             )
 
     def wipe(self) -> None:
-        """Zero every key byte and drop every cipher object. Idempotent."""
+        """Zero every key byte and drop every cipher object, the native path's contexts
+        included (it waits for native reads in flight first). Idempotent."""
         with self._lock:
             self._wiped = True
+            if self._native is not None and not self._native.wipe():
+                log.error("native reads still in flight: their cipher contexts are kept")
             self._file_ciphers.clear()
             self._names = None
             self._meta = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import struct
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 import mfusepy
 
 from encfs import format as fmt
+from encfs.fastpath import NativeReads
 from encfs.fs.handles import Listing
 from encfs.fs.ops import FsOptions, Session
 
@@ -44,6 +46,11 @@ class Served(Protocol):
 
     @property
     def options(self) -> FsOptions: ...
+
+    @property
+    def native(self) -> NativeReads | None:
+        """The native read path to put in front of ``read``, if any."""
+        ...
 
     def started(self, session: Session) -> None: ...
 
@@ -162,7 +169,36 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
     def __init__(self, operations: Served, mountpoint: str, **kwargs: Any) -> None:
         self._thread_state_kept = threading.local()
         self.ops = operations
-        super().__init__(operations, mountpoint, **kwargs)
+        native = operations.native
+        if native is None:
+            super().__init__(operations, mountpoint, **kwargs)
+            return
+        # mfusepy builds libfuse's operations table and passes it to fuse_main_real in one
+        # go; the one way to put the native read in front of its callback is to see the
+        # table on its way there (for this call only).
+        real_main = mfusepy.fuse_main_real
+
+        def main_with_native_read(argc: int, argv: Any, ops_p: Any, size: int, ctx: Any) -> int:
+            self._plug_native_read(ops_p.contents, native)
+            result: int = real_main(argc, argv, ops_p, size, ctx)
+            return result
+
+        mfusepy.fuse_main_real = main_with_native_read
+        try:
+            super().__init__(operations, mountpoint, **kwargs)
+        finally:
+            mfusepy.fuse_main_real = real_main
+
+    def _plug_native_read(self, table: Any, native: NativeReads) -> None:
+        """Make ``native`` libfuse's read callback, handing what it does not serve to a
+        callback of our own into ``read`` (kept alive here: mfusepy's is dropped with the
+        table entry this replaces)."""
+        proto = dict((f[0], f[1]) for f in mfusepy.fuse_operations._fields_)["read"]
+        self._python_read = proto(functools.partial(self._wrapper, self.read))
+        fallback = ctypes.cast(self._python_read, ctypes.c_void_p).value
+        assert fallback is not None
+        native.plug(fallback, mfusepy.fuse_file_info.fh.offset)
+        table.read = proto(native.read_address)
 
     def init_fuse_3(self, conn: Any, config: Any) -> None:
         """libfuse's init (once, before any request): mfusepy's own (mount options libfuse

@@ -16,6 +16,7 @@ import threading
 
 from encfs import format as fmt
 from encfs.cipherfile import CipherFile, Sealer
+from encfs.fastpath import NativeReads
 from encfs.fs.kcache import moved
 from encfs.keys import VolumeKeys
 from encfs.undo import UndoLog
@@ -27,11 +28,19 @@ Listing = list[tuple[str, tuple[os.stat_result, int] | None, int]]
 class OpenFiles:
     """The handle tables of one mount (see the module docstring). Thread-safe."""
 
-    def __init__(self, keys: VolumeKeys, geo: fmt.Geometry, sealer: Sealer, undo: UndoLog) -> None:
+    def __init__(
+        self,
+        keys: VolumeKeys,
+        geo: fmt.Geometry,
+        sealer: Sealer,
+        undo: UndoLog,
+        native: NativeReads | None = None,
+    ) -> None:
         self._keys = keys
         self._geo = geo
         self._sealer = sealer
         self._undo = undo
+        self._native = native
         self._lock = threading.Lock()
         self._inodes: dict[tuple[int, int], CipherFile] = {}
         self._handles: dict[int, CipherFile] = {}
@@ -50,7 +59,9 @@ class OpenFiles:
         with self._lock:
             cfile = self._inodes.get(key)
             if cfile is None:
-                cfile = CipherFile(self._keys, self._geo, display, self._sealer, self._undo)
+                cfile = CipherFile(
+                    self._keys, self._geo, display, self._sealer, self._undo, self._native
+                )
                 cfile.inode_key = key
                 self._inodes[key] = cfile
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
@@ -63,7 +74,7 @@ class OpenFiles:
 
     def release(self, fd: int) -> None:
         """Let go of handle ``fd`` once its deferred writes are on the backing file, and
-        close it."""
+        close it (no read of it is in flight: the kernel releases a handle last)."""
         try:
             cfile = self._handles.get(fd)
             if cfile is not None:
@@ -73,6 +84,7 @@ class OpenFiles:
                 self._paths.pop(fd, None)
                 cfile = self._handles.pop(fd, None)
                 if cfile is not None:
+                    cfile.forget_fd(fd)
                     cfile.refs -= 1
                     if cfile.refs <= 0 and cfile.inode_key is not None:
                         self._inodes.pop(cfile.inode_key, None)

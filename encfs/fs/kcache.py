@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 Invalidate = Callable[[str], int]
 """Drop the kernel's attributes and pages of a mount path: 0, or -errno (-ENOENT when the
@@ -117,6 +118,14 @@ class Aliases:
             done.set()
 
 
+class NativeGate(Protocol):
+    """The gate of reads served outside Python (``fastpath.NativeReads``)."""
+
+    def gate_close(self, timeout: float) -> bool: ...
+
+    def gate_open(self) -> None: ...
+
+
 class Gate:
     """Admission of FUSE operations, closed while the volume is suspended.
 
@@ -129,10 +138,14 @@ class Gate:
     ``open``; ``close`` first clears ``open``, *then* waits for the register to empty. An
     operation therefore either sees the gate closed and withdraws, or is counted before
     ``close`` starts waiting.
+
+    Reads served natively (``native``) pass a gate of their own in the library: ``close``
+    shuts it first and waits for its reads too; ``reopen`` opens it last.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, native: NativeGate | None = None) -> None:
         self._inside: collections.deque[None] = collections.deque()
+        self._native = native
         self.open = True
 
     def enter(self) -> bool:
@@ -147,8 +160,11 @@ class Gate:
 
     def close(self, timeout: float) -> bool:
         """Shut; True once no operation is inside (False if some still are at ``timeout``)."""
-        self.open = False
         deadline = time.monotonic() + timeout
+        if self._native is not None and not self._native.gate_close(timeout):
+            self.open = False
+            return False
+        self.open = False
         while self._inside:
             if time.monotonic() >= deadline:
                 return False
@@ -157,6 +173,8 @@ class Gate:
 
     def reopen(self) -> None:
         self.open = True
+        if self._native is not None:
+            self._native.gate_open()
 
 
 class SeenPaths:

@@ -19,13 +19,14 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from encfs import backing, names
 from encfs import format as fmt
 from encfs.cipherfile import Sealer
 from encfs.errors import FormatError, IntegrityError, VolumeSuspended
+from encfs.fastpath import NativeReads
 from encfs.fs import xattrs
 from encfs.fs.attrs import Attributes
 from encfs.fs.handles import Listing, OpenFiles
@@ -181,9 +182,18 @@ class EncfsOperations:
         on_init: Callable[[], None] | None = None,
         *,
         dirid_links: bool = False,
+        native: NativeReads | None = None,
+        read_path: str = "Python",
     ) -> None:
         root = backing.open_root(cipher_dir)
         self.keys = keys
+        self.native = native
+        """The native read path (``encfs.fastpath``) the binding puts in front of
+        ``read_into``, or None: every read is served here."""
+        self.read_path = read_path if native is not None else f"Python ({read_path})"
+        """Which path serves aligned reads, and why (``encfs status``)."""
+        if native is not None:
+            keys.attach_native(native)
         self.geo = fmt.Geometry(block_size)
         self.options = options
         self.names = names.Names(root, keys, dirid_links=dirid_links)
@@ -191,11 +201,11 @@ class EncfsOperations:
         self._on_init = on_init
         self.session: Session | None = None
         self.aliases = Aliases()
-        self.gate = Gate()
+        self.gate = Gate(native)
         self.seen = SeenPaths()
         self.sealer = Sealer()
         self.undo = UndoLog(root)
-        self.files = OpenFiles(keys, self.geo, self.sealer, self.undo)
+        self.files = OpenFiles(keys, self.geo, self.sealer, self.undo, native)
         self.tree = Tree(self.names, keys, self.files, self.aliases, self.seen, self._caller)
         self.attrs = Attributes(self.names, self.files, self.aliases)
 
@@ -208,6 +218,18 @@ class EncfsOperations:
         self.aliases.start(session.invalidate)
         if self._on_init is not None:
             self._on_init()
+
+    def counter_values(self) -> dict[str, int]:
+        """``counters`` with the reads the native path served added in; also how many
+        reads it handed to Python (``native_fallbacks``), when it is in use."""
+        values = asdict(self.counters)
+        if self.native is not None:
+            reads, nbytes, fallbacks = self.native.counters()
+            values["reads"] += reads
+            values["bytes_read"] += nbytes
+            values["native_reads"] = reads
+            values["native_fallbacks"] = fallbacks
+        return values
 
     @property
     def libfuse_version(self) -> str | None:
