@@ -20,7 +20,7 @@ from collections.abc import Collection
 from encfs import backing, crypto
 from encfs import format as fmt
 from encfs.errors import IntegrityError, VolumeSuspended
-from encfs.fastpath import NativeFile, NativeReads
+from encfs.fastpath import NativeFile, NativeIO
 from encfs.keys import VolumeKeys
 from encfs.undo import UndoFile, UndoLog
 
@@ -33,9 +33,6 @@ WRITE_BEHIND = 8 << 20
 """A stream's ciphertext is handed to the disk every this many bytes (see ``_written``)."""
 DEFER_HEADROOM = 256 << 20
 """Writes are deferred only while the backing filesystem has this much room besides."""
-MAX_RETIRED = 16
-"""Native entries a file may retire (one per truncation to 0) before it is read in Python
-only, until its last close."""
 
 
 class RWLock:
@@ -152,7 +149,7 @@ class Sealer:
                 cfile.write_now(fd, plain_off, data)
             except BaseException as exc:  # kept for the file's next write or fsync
                 log.error("deferred write to %s failed: %s", cfile.backing_path, exc)
-                cfile.deferred_error = (
+                cfile.keep_deferred_error(
                     exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
                 )
             with self._cond:
@@ -178,16 +175,14 @@ class CipherFile:
         backing_path: str,
         sealer: Sealer | None = None,
         undo: UndoLog | None = None,
-        native: NativeReads | None = None,
+        native: NativeIO | None = None,
     ) -> None:
         self.keys = keys
         self.native = native
-        self._nfile: NativeFile | None = None
-        """This inode's entry in the native read path, once a read was served here (it
-        then serves the next ones). Changed only under ``_native_lock`` and a read lock."""
-        self._native_lock = threading.Lock()
-        self._retired: list[NativeFile] = []
-        """Entries of file ids this file had before (truncated to 0): freed at close."""
+        self._nfile: NativeFile | None = None if native is None else native.new_file()
+        """This inode's entry in the native path (``encfs.fastpath``), for the file's life.
+        Handles are mapped to it as they are attached; it serves them once it knows the
+        file id and has its key (``_native_ready``)."""
         self.undo = undo
         self._undo_slot: tuple[bytes, UndoFile | None] | None = None
         """(file id, its undo file or None if it has none) once a block was rewritten."""
@@ -195,12 +190,12 @@ class CipherFile:
         self.backing_path = backing_path
         self.sealer = sealer
         self.pending = 0  # deferred writes not yet written (guarded by the sealer's lock)
-        self.deferred_error: OSError | None = None
+        self.deferred_error: OSError | None = None  # set by keep_deferred_error
         self._stream_plain_end = -1  # where the last long aligned write ended (plain side)
         self.lock = RWLock()
         self.refs = 0
         self.inode_key: tuple[int, int] | None = None  # (st_dev, st_ino) of the backing file
-        self.setid = False  # mode may have set-user/group-ID bits that a write must clear
+        self._setid = False
         self._file_id: bytes | None = None
         self._behind = 0  # cipher offset from which the disk write is not yet started
         self._tail: tuple[int, int, bytes, bytes] | None = None
@@ -224,7 +219,7 @@ class CipherFile:
                 raise IntegrityError(
                     "file header damaged", backing_path=self.backing_path
                 ) from None
-            self._file_id = file_id
+            self._set_file_id(file_id)
         return file_id
 
     def _ensure_header(self, fd: int) -> bytes:
@@ -233,77 +228,95 @@ class CipherFile:
         if file_id is None:
             file_id = crypto.random_bytes(fmt.FILE_ID_LEN)
             backing.pwrite_all(fd, fmt.pack_file_header(file_id), 0)
-            self._file_id = file_id
+            self._set_file_id(file_id)
         return file_id
 
-    # --- the native read path (encfs.fastpath) ---------------------------------------------
+    # --- the native path (encfs.fastpath) ---------------------------------------------------
+    #
+    # Native requests never take ``lock``: native reads use the entry's change count (a
+    # seqlock: every change below runs between ``changing`` and ``changed``), native
+    # writes try the entry's C lock, which every locked section here holds too.
+
+    def _lock_read(self) -> None:
+        self.lock.acquire_read()
+        if self._nfile is not None:
+            self._nfile.lock()  # keeps native writes out, as the read lock keeps ours
+
+    def _unlock_read(self) -> None:
+        if self._nfile is not None:
+            self._nfile.unlock()
+        self.lock.release_read()
 
     def _lock_write(self) -> None:
-        """Take the write lock and tell native readers a change begins (the seqlock)."""
+        """The write lock, and native requests kept off the file until ``_unlock_write``."""
         self.lock.acquire_write()
         nfile = self._nfile
         if nfile is not None:
+            nfile.lock()
             nfile.changing()
 
     def _unlock_write(self) -> None:
         nfile = self._nfile
         if nfile is not None:
             nfile.changed()
+            nfile.unlock()
         self.lock.release_write()
+
+    def _set_file_id(self, file_id: bytes | None) -> None:
+        """Caller holds a lock (``_lock_read`` or ``_lock_write``)."""
+        self._file_id = file_id
+        if self._nfile is not None:
+            self._nfile.set_id(file_id)
+
+    @property
+    def setid(self) -> bool:
+        """The mode may have set-user/group-ID bits that a write must clear (writes then
+        go through Python, which clears them: ``EncfsOperations.write``)."""
+        return self._setid
+
+    @setid.setter
+    def setid(self, value: bool) -> None:
+        self._setid = value
+        if self._nfile is not None:
+            self._nfile.set_python_writes(setid=value)
+
+    def keep_deferred_error(self, err: OSError) -> None:
+        """A deferred write failed: the next write or fsync raises ``err``."""
+        self.deferred_error = err
+        if self._nfile is not None:
+            self._nfile.set_python_writes(error=True)
 
     def mirror_pending(self) -> None:
         """Show the native entry how many deferred writes wait (caller holds the Sealer's
-        lock, which guards ``pending``): native readers serve nothing while any do."""
-        nfile = self._nfile
-        if nfile is not None:
-            nfile.set_queued(self.pending)
+        lock, which guards ``pending``): the native path serves nothing while any do."""
+        if self._nfile is not None:
+            self._nfile.set_queued(self.pending)
 
-    def _serve_natively(self, fd: int, file_id: bytes) -> None:
-        """Let the native path serve ``fd``'s next reads: make and key this inode's entry
-        as needed and map ``fd`` to it. Caller holds the read lock (no writer changes the
-        file) and has just read it. Best effort: a failure leaves reads to Python."""
-        native = self.native
-        assert native is not None
-        with self._native_lock:
-            nfile = self._nfile
-            if nfile is None:
-                if len(self._retired) >= MAX_RETIRED:
-                    return  # a file truncated to 0 again and again: not worth it
-                try:
-                    nfile = native.new_file(file_id)
-                except MemoryError:
-                    return
-                self._nfile = nfile
-                if self.sealer is not None:
-                    self.sealer.mirror(self)
-            if nfile.keyed != native.generation:
-                generation = native.generation
-                try:
-                    self.keys.lend_file_key(file_id, nfile.set_key)
-                except (VolumeSuspended, OSError):
-                    return
-                nfile.keyed = generation
-            if fd not in nfile.fds:
-                nfile.map(fd)
-
-    def _retire_native(self) -> None:
-        """The file id is gone (truncated to 0): stop serving natively under it. Caller
-        holds the write lock (``_lock_write``), so the entry's change count is odd, and
-        ``_unlock_write`` no longer finds the entry: readers still holding it see it odd
-        for good. It is freed at close."""
-        with self._native_lock:
-            nfile, self._nfile = self._nfile, None
-            if nfile is not None:
-                for fd in list(nfile.fds):
-                    nfile.unmap(fd)
-                self._retired.append(nfile)
+    def attach_fd(self, fd: int) -> None:
+        """Handle ``fd`` of this inode is open: the native path may serve it."""
+        if self._nfile is not None:
+            self._nfile.map(fd)
 
     def forget_fd(self, fd: int) -> None:
-        """Handle ``fd`` is being closed: the native path no longer serves it."""
-        nfile = self._nfile
-        if nfile is not None:
-            with self._native_lock:
-                nfile.unmap(fd)
+        """Handle ``fd`` is being closed (no request of it in flight): no longer native."""
+        if self._nfile is not None:
+            self._nfile.unmap(fd)
+
+    def _native_ready(self, file_id: bytes) -> None:
+        """Give the entry ``file_id``'s key unless it has it (keys are wiped on suspension:
+        ``NativeIO.generation``). Caller holds a lock and just used the file. Best effort:
+        without a key, requests stay Python's."""
+        nfile, native = self._nfile, self.native
+        if nfile is None or native is None or nfile.keyed == native.generation:
+            return
+        generation = native.generation
+        try:
+            done = self.keys.lend_file_key(file_id, lambda key: nfile.set_key(file_id, key))
+        except (VolumeSuspended, OSError) as exc:
+            log.debug("native path not keyed for %s: %s", self.backing_path, exc)
+            return
+        if done:
+            nfile.keyed = generation
 
     def forget_plaintext(self) -> None:
         """Drop the plaintext kept for appends (``_tail``): at suspension, nothing of the
@@ -408,13 +421,11 @@ class CipherFile:
                 self._unlock_write()
 
     def close(self) -> None:
-        """At the last close of the inode (no write or read in flight): free its native
-        entries, remove its undo file."""
-        with self._native_lock:
-            nfile, self._nfile = self._nfile, None
-            for entry in [*self._retired, *([nfile] if nfile is not None else [])]:
-                entry.free()
-            self._retired.clear()
+        """At the last close of the inode (no request of it in flight): free its native
+        entry, remove its undo file."""
+        nfile, self._nfile = self._nfile, None
+        if nfile is not None:
+            nfile.free()
         slot, self._undo_slot = self._undo_slot, None
         if slot is not None and slot[1] is not None:
             try:
@@ -435,6 +446,8 @@ class CipherFile:
         err = self.deferred_error
         if err is not None:
             self.deferred_error = None
+            if self._nfile is not None:
+                self._nfile.set_python_writes(error=False)
             raise err
 
     def _may_defer(self, fd: int, plain_off: int, length: int) -> bool:
@@ -475,7 +488,7 @@ class CipherFile:
         geo = self.geo
         bs = geo.block_size
         self.drain()
-        self.lock.acquire_read()
+        self._lock_read()
         try:
             plain_size = self.plain_size(fd)
             size = min(len(out), plain_size - plain_off)
@@ -492,13 +505,11 @@ class CipherFile:
                 return size
             raw = self._pread_blocks(fd, first, end, plain_size)
             self.keys.file_cipher(file_id).open_into(first, raw, out[:size], self.backing_path)
-            if self.native is not None:
-                nfile = self._nfile
-                if nfile is None or fd not in nfile.fds or nfile.keyed != self.native.generation:
-                    self._serve_natively(fd, file_id)
+            if self._nfile is not None:
+                self._native_ready(file_id)
             return size
         finally:
-            self.lock.release_read()
+            self._unlock_read()
 
     def write(self, fd: int, plain_off: int, data: bytes | memoryview) -> int:
         """Write now, or hand a stream write to the sealer (``_may_defer``). Raises the
@@ -542,6 +553,8 @@ class CipherFile:
                 tail, self._tail = self._tail, None
                 if plain_off > plain_size and plain_size % bs and geo.block_no(plain_size) < first:
                     self._pad_last_block(fd, file_id, plain_size, bs)
+                if self._nfile is not None:
+                    self._native_ready(file_id)
                 if early is not None and file_id == early_id:
                     backing.pwrite_all(fd, early, geo.block_cipher_off(first))
                     self._written(fd, geo.block_cipher_off(first), len(early))
@@ -582,7 +595,7 @@ class CipherFile:
                         backing.pwrite_all(fd, header, 0)
                     backing.pwrite_all(fd, sealed, cipher_off)
                 if header:
-                    self._file_id = file_id
+                    self._set_file_id(file_id)
                 self._written(fd, cipher_off, len(sealed))
                 new_size = max(plain_size, write_end)
                 if new_size % bs and new_size <= geo.block_plain_off(end):  # ends in our block
@@ -631,8 +644,7 @@ class CipherFile:
                 return
             if new_size == 0:
                 os.ftruncate(fd, 0)
-                self._file_id = None
-                self._retire_native()
+                self._set_file_id(None)
                 return
             file_id = self._ensure_header(fd)
             if new_size < plain_size:

@@ -24,17 +24,17 @@ import resource
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from encfs import backing, fastpath, mounts, names, pins, sdnotify, volume
+from encfs import backing, mounts, names, pins, sdnotify, volume
 from encfs import format as fmt
 from encfs.audit import AuditLog, AuditSettings
 from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
-from encfs.fs import EncfsOperations, FsOptions, select_libfuse, serve
+from encfs.fs import EncfsOperations, FsOptions, load_native, select_libfuse, serve
 from encfs.keys import VolumeKeys
 from encfs.vault import KeyWrapper, VaultSettings, connect, pin_vault_url, retry_unavailable
 from encfs.watcher import HeldHeader, KeyWatcher, MountState, WatchSettings, note_identity
@@ -312,8 +312,8 @@ class Daemon:
         cfg, state, keys, audit = self.config, self.state, unlocked.keys, unlocked.audit
         if not keys.memory_lock.mlocked:
             log.warning("key memory is not locked: %s", keys.memory_lock.detail)
-        native, read_path = fastpath.load(unlocked.block_size, unlocked.features)
-        log.info("aligned reads: %s", read_path if native is not None else f"Python ({read_path})")
+        native, why = load_native(unlocked.block_size, unlocked.features, cfg.fs)
+        log.info("hot requests served by %s", why if native is not None else f"Python: {why}")
         ops = EncfsOperations(
             str(cfg.cipher_dir),
             keys,
@@ -322,7 +322,7 @@ class Daemon:
             on_init=lambda: self._announce_ready(on_ready),
             dirid_links=fmt.dirid_links(unlocked.features),
             native=native,
-            read_path=read_path,
+            native_reason=why,
         )
         options = _fuse_options(cfg)
         log.info(
@@ -552,7 +552,7 @@ class LiveMount:
         lock = self._keys.memory_lock
         out["memory"] = {"locked": lock.mlocked, "dontdump": lock.dontdump, "detail": lock.detail}
         out["counters"] = ops.counter_values()
-        out["read_path"] = ops.read_path
+        out["io_path"] = ops.io_path
         out["libfuse"] = {"version": ops.libfuse_version, "killpriv_v2": ops.killpriv_v2}
         out["cached_paths"] = len(ops.seen)
         with contextlib.suppress(psutil.Error):

@@ -1,18 +1,20 @@
-"""The door to the native read path (``encfs/native/fastpath.c``): loads the library and
-wraps its few calls; nothing else in encfs calls into it.
+"""The door to the native I/O path (``encfs/native/fastpath.c``): loads the library and
+wraps its calls; nothing else in encfs calls into it.
 
-The library serves block-aligned FUSE reads of open files in C, without Python (see the C
-file's header comment for the happy path and everything it hands back to Python). Three
-rooms use it, each through this module: ``fs.binding`` plugs ``NativeReads`` into libfuse,
-``cipherfile`` maps its open files (``NativeFile``) and makes every change of their content
-visible to native readers (the seqlock), ``keys`` keys each file and wipes every context.
+The library serves the hot requests of open files in C, without Python: block-aligned
+reads, whole-block overwrites, getattr by handle and the kernel's ``security.capability``
+probe (the C file's header comment lists the happy path and everything it hands back to
+Python). Three rooms use it, each through this module: ``fs.binding`` plugs ``NativeIO``
+into libfuse; ``cipherfile`` gives each open inode a ``NativeFile``, maps its handles and
+makes every change of its content visible to native readers (the seqlock) and orders its
+writers with them (the file lock); ``keys`` keys each file and wipes every context.
 
-``load`` returns None — and encfs serves every read in Python, exactly as without the
-library — when it is disabled (``ENCFS_NATIVE_READ=0``), missing, stale (built from
-another source than the one next to this module), not loadable, on a machine other than
-x86-64 Linux (the seqlock relies on its ordered stores), or for a volume with a feature
-the native path does not implement (``NATIVE_FEATURES``). The reason is returned for the
-log and ``encfs status``.
+``load`` returns None — and encfs serves every request in Python, exactly as without the
+library — when it is disabled (``ENCFS_NATIVE=0``), missing, stale (built from another
+source than the one next to this module), not loadable, on a machine other than x86-64
+Linux (the seqlock relies on its ordered stores), or for a volume with a feature the
+native path does not implement (``NATIVE_FEATURES``). The reason comes back with it, for
+the log and ``encfs status``.
 """
 
 from __future__ import annotations
@@ -29,18 +31,22 @@ from pathlib import Path
 from encfs import format as fmt
 
 LIBRARY_NAME = "libencfs_fastpath.so"
-ABI_VERSION = 1
+ABI_VERSION = 2
 """``fp_version()`` of a library this module can drive (``FP_VERSION`` in the C file)."""
 SOURCE = Path(__file__).with_name("native") / "fastpath.c"
 NATIVE_FEATURES = fmt.FEATURE_DIRID_LINKS
-"""Volume feature flags the native path serves. Any other flag (a new content layout, such
-as an outer cipher layer) makes ``load`` refuse: such volumes are served in Python."""
+"""Volume feature flags the native path serves (none of them changes a file's content
+layout). Any other flag — a new content layout such as an outer cipher layer — makes
+``load`` refuse: such volumes are served in Python."""
 MAX_FDS = 1 << 20
-GATE_TIMEOUT_MS = 5000
+WIPE_TIMEOUT_MS = 5000
+OPS = {"read": 0, "write": 1, "getattr": 2, "getxattr": 3}
+"""libfuse operations the library serves (``FP_OP_*``)."""
+_COUNTERS = ("reads", "bytes_read", "writes", "bytes_written", "security_probes", "fallbacks")
 
 
 def library_path(environ: Mapping[str, str] = os.environ) -> Path:
-    """Where scripts/install builds the library (``$ENCFS_FASTPATH_LIBRARY`` overrides)."""
+    """Where scripts/build-fastpath puts the library (``$ENCFS_FASTPATH_LIBRARY`` overrides)."""
     override = environ.get("ENCFS_FASTPATH_LIBRARY")
     if override:
         return Path(override)
@@ -48,63 +54,93 @@ def library_path(environ: Mapping[str, str] = os.environ) -> Path:
 
 
 def source_digest() -> str:
-    """SHA-256 of the C source, as scripts/install writes it next to the library it built."""
+    """SHA-256 of the C source, as scripts/build-fastpath stamps the library it built."""
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
 
 
 class NativeFile:
-    """The native entry of one open backing inode (a ``CipherFile``): its cipher context
-    and the seqlock words shared with native readers. Not thread-safe by itself: the
-    ``CipherFile`` calls it under its own lock (see each method)."""
+    """The native entry of one open backing inode (one per ``CipherFile``, for its life).
 
-    __slots__ = ("_lib", "_ptr", "_queued", "_seq", "file_id", "fds", "keyed")
+    Words shared with the library (``struct fp_file``): the change count ``seq`` (odd
+    while a writer changes the file), ``queued`` deferred writes, and two reasons for
+    Python to see every write (``py_setid``, ``py_error``). Not thread-safe by itself: the
+    ``CipherFile`` says under which of its locks it calls each method.
+    """
 
-    def __init__(self, lib: ctypes.CDLL, file_id: bytes) -> None:
-        ptr = lib.fp_file_new(file_id)
+    __slots__ = ("_lib", "_ptr", "_py_error", "_py_setid", "_queued", "_seq", "fds", "keyed")
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        ptr = lib.fp_file_new()
         if not ptr:
             raise MemoryError("fp_file_new failed")
         self._lib = lib
         self._ptr: int = ptr
         self._seq = ctypes.c_uint64.from_address(ptr)
         self._queued = ctypes.c_uint64.from_address(ptr + 8)
-        self.file_id = file_id
+        self._py_setid = ctypes.c_uint32.from_address(ptr + 16)
+        self._py_error = ctypes.c_uint32.from_address(ptr + 20)
         self.fds: set[int] = set()
         self.keyed = -1
-        """The ``NativeReads.generation`` it was keyed in (keys are wiped between)."""
+        """The ``NativeIO.generation`` its key was set in (keys are wiped in between)."""
+
+    def lock(self) -> None:
+        """Take the file's lock (the C mutex that native writes try): around every
+        locked section of the ``CipherFile``, after its own lock."""
+        self._lib.fp_file_lock(self._ptr)
+
+    def unlock(self) -> None:
+        self._lib.fp_file_unlock(self._ptr)
 
     def changing(self) -> None:
-        """A writer starts changing the file's content or size (under its write lock):
-        native readers stop serving it until ``changed``."""
+        """A change of the file's content or size starts (``lock`` held): native readers
+        stop serving it until ``changed``."""
         self._seq.value += 1
 
     def changed(self) -> None:
-        """The change is complete (still under the write lock)."""
         self._seq.value += 1
 
     def set_queued(self, count: int) -> None:
-        """How many deferred writes wait in the Sealer (under the Sealer's lock)."""
+        """How many deferred writes wait (under the Sealer's lock, which guards the count)."""
         self._queued.value = count
 
-    def set_key(self, key_address: int) -> None:
-        """Key the entry from 32 bytes at ``key_address`` (``VolumeKeys.lend_file_key``:
-        the locked arena); the library keeps only an OpenSSL context."""
-        if self._lib.fp_file_set_key(self._ptr, ctypes.c_void_p(key_address)) != 0:
-            raise OSError("the native read path could not set a key")
+    def set_python_writes(self, setid: bool | None = None, error: bool | None = None) -> None:
+        """Whether writes must go through Python: set-ID bits may need clearing
+        (``setid``), a deferred write's error waits to be reported (``error``)."""
+        if setid is not None:
+            self._py_setid.value = setid
+        if error is not None:
+            self._py_error.value = error
+
+    def set_id(self, file_id: bytes | None) -> None:
+        """The file's id as it changed (None: empty); drops the old id's contexts. With
+        the file's ``lock`` held (or before any fd is mapped)."""
+        self._lib.fp_file_set_id(self._ptr, file_id)
+        self.keyed = -1
+
+    def set_key(self, file_id: bytes, key_address: int) -> bool:
+        """Key the entry for ``file_id`` from 32 bytes at ``key_address`` (lent by
+        ``VolumeKeys.lend_file_key`` from its locked arena); the library keeps only an
+        OpenSSL context. False if the entry's id is another by now."""
+        rc = self._lib.fp_file_set_key(self._ptr, file_id, ctypes.c_void_p(key_address))
+        if rc == 0:
+            return True
+        if rc == -_ESTALE:
+            return False
+        raise OSError(-rc, "the native path could not set a key")
 
     def map(self, fd: int) -> None:
-        """Serve reads of handle ``fd`` (an open fd of this inode) natively."""
+        """Serve handle ``fd`` (an open fd of this inode) natively from now on."""
         if self._lib.fp_map_fd(fd, self._ptr) == 0:
             self.fds.add(fd)
 
     def unmap(self, fd: int) -> None:
-        """Stop serving ``fd`` natively (before it is closed)."""
+        """Stop serving ``fd`` natively (before it is closed; no request of it is in flight)."""
         if fd in self.fds:
             self._lib.fp_map_fd(fd, None)
             self.fds.discard(fd)
 
     def free(self) -> None:
-        """Unmap every fd and free the entry (its contexts are cleansed). Only once no
-        read of it can be in flight: at the inode's last close, or after ``retire``."""
+        """Unmap every fd and free the entry, its contexts cleansed (at the last close)."""
         for fd in list(self.fds):
             self.unmap(fd)
         if self._ptr:
@@ -112,110 +148,130 @@ class NativeFile:
             self._ptr = 0
 
 
-class NativeReads:
+_ESTALE = 116
+
+
+class NativeIO:
     """The loaded library and the state of the one mount it serves (see the C file).
 
     Thread-safe: the library synchronises itself; ``generation`` only grows.
     """
 
-    def __init__(self, lib: ctypes.CDLL, block_size: int) -> None:
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        path: Path,
+        block_size: int,
+        read_only: bool,
+        foreign_errno: int,
+        suspended_errno: int,
+    ) -> None:
         self._lib = lib
+        self.path = path
         self.generation = 0
         """Bumped by every ``wipe``: files keyed in an earlier one need their key again."""
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        nfds = MAX_FDS if nofile == resource.RLIM_INFINITY else min(nofile, MAX_FDS)
-        if lib.fp_setup(block_size, nfds) != 0:
-            raise OSError("fp_setup refused the volume's geometry")
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        nfds = MAX_FDS if hard == resource.RLIM_INFINITY else max(min(hard, MAX_FDS), 1024)
+        rc = lib.fp_setup(block_size, read_only, foreign_errno, suspended_errno, nfds)
+        if rc != 0:
+            raise OSError(-rc, "fp_setup refused the mount's settings")
 
-    @property
-    def read_address(self) -> int:
-        """The address of the C ``read`` callback, for libfuse's operations table."""
-        address = ctypes.cast(self._lib.fp_read, ctypes.c_void_p).value
-        assert address is not None
-        return address
+    def plug(self, op: str, fallback_address: int, fh_offset: int) -> int:
+        """The native callback for libfuse operation ``op`` (a key of ``OPS``), handing
+        what it does not serve to the callback at ``fallback_address``; ``fh_offset`` is
+        where ``struct fuse_file_info`` keeps fh."""
+        address = self._lib.fp_plug(OPS[op], ctypes.c_void_p(fallback_address), fh_offset)
+        if not address:
+            raise ValueError(f"the native path does not serve {op}")
+        result: int = address
+        return result
 
-    def plug(self, fallback_address: int, fh_offset: int) -> None:
-        """Hand every read the library does not serve to the callback at
-        ``fallback_address``; ``fh_offset`` is where ``struct fuse_file_info`` keeps fh."""
-        self._lib.fp_plug(ctypes.c_void_p(fallback_address), fh_offset)
-
-    def new_file(self, file_id: bytes) -> NativeFile:
-        return NativeFile(self._lib, file_id)
+    def new_file(self) -> NativeFile:
+        return NativeFile(self._lib)
 
     def gate_close(self, timeout: float) -> bool:
-        """Stop serving; True once no native read is in flight (False at ``timeout``)."""
+        """Stop serving; True once no native request is in flight (False at ``timeout``)."""
         return bool(self._lib.fp_gate_close(int(timeout * 1000)))
 
     def gate_open(self) -> None:
         self._lib.fp_gate_open()
 
+    def set_aliases(self, any_: bool) -> None:
+        """Whether some file has other names to invalidate after a write (writes to Python)."""
+        self._lib.fp_set_aliases(any_)
+
     def wipe(self) -> bool:
-        """Free (and cleanse) every cipher context once no native read is in flight; False
-        if reads were still in flight after ``GATE_TIMEOUT_MS`` (the contexts are then kept
+        """Free (and cleanse) every cipher context once no native request is in flight;
+        False if some still were after ``WIPE_TIMEOUT_MS`` (the contexts are then kept
         and the gate stays shut, so none is used again)."""
         self.generation += 1
-        return bool(self._lib.fp_wipe(GATE_TIMEOUT_MS))
+        return bool(self._lib.fp_wipe(WIPE_TIMEOUT_MS))
 
-    def counters(self) -> tuple[int, int, int]:
-        """(reads served, bytes served, reads handed to Python)."""
-        out = (ctypes.c_ulong * 3)()
+    def counters(self) -> dict[str, int]:
+        """What the library served (reads, writes, bytes, probes) and handed to Python."""
+        out = (ctypes.c_ulong * len(_COUNTERS))()
         self._lib.fp_counters(out)
-        return out[0], out[1], out[2]
+        return dict(zip(_COUNTERS, out, strict=True))
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    vp, sz, c_int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
-    lib.fp_version.restype = c_int
-    lib.fp_version.argtypes = ()
-    lib.fp_setup.restype = c_int
-    lib.fp_setup.argtypes = (ctypes.c_uint32, sz)
-    lib.fp_plug.restype = None
-    lib.fp_plug.argtypes = (vp, sz)
-    lib.fp_gate_open.restype = None
-    lib.fp_gate_open.argtypes = ()
-    lib.fp_gate_close.restype = c_int
-    lib.fp_gate_close.argtypes = (ctypes.c_long,)
-    lib.fp_wipe.restype = c_int
-    lib.fp_wipe.argtypes = (ctypes.c_long,)
-    lib.fp_counters.restype = None
-    lib.fp_counters.argtypes = (ctypes.POINTER(ctypes.c_ulong),)
-    lib.fp_file_new.restype = vp
-    lib.fp_file_new.argtypes = (ctypes.c_char_p,)
-    lib.fp_file_set_key.restype = c_int
-    lib.fp_file_set_key.argtypes = (vp, vp)
-    lib.fp_map_fd.restype = c_int
-    lib.fp_map_fd.argtypes = (c_int, vp)
-    lib.fp_file_free.restype = None
-    lib.fp_file_free.argtypes = (vp,)
+    vp, sz, c_int, u32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_uint32
+    for name, restype, argtypes in (
+        ("fp_version", c_int, ()),
+        ("fp_setup", c_int, (u32, c_int, c_int, c_int, sz)),
+        ("fp_plug", vp, (c_int, vp, sz)),
+        ("fp_gate_open", None, ()),
+        ("fp_gate_close", c_int, (ctypes.c_long,)),
+        ("fp_set_aliases", None, (c_int,)),
+        ("fp_wipe", c_int, (ctypes.c_long,)),
+        ("fp_counters", None, (ctypes.POINTER(ctypes.c_ulong),)),
+        ("fp_file_new", vp, ()),
+        ("fp_file_set_id", None, (vp, ctypes.c_char_p)),
+        ("fp_file_set_key", c_int, (vp, ctypes.c_char_p, vp)),
+        ("fp_file_lock", None, (vp,)),
+        ("fp_file_unlock", None, (vp,)),
+        ("fp_map_fd", c_int, (c_int, vp)),
+        ("fp_file_free", None, (vp,)),
+    ):
+        func = getattr(lib, name)
+        func.restype = restype
+        func.argtypes = argtypes
 
 
 def load(
-    block_size: int, features: int, environ: Mapping[str, str] = os.environ
-) -> tuple[NativeReads | None, str]:
-    """The native read path for a volume of ``block_size`` and ``features``, or None;
-    with the reason either way (for the log and ``encfs status``)."""
-    if environ.get("ENCFS_NATIVE_READ", "1") == "0":
-        return None, "disabled (ENCFS_NATIVE_READ=0)"
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+    block_size: int,
+    features: int,
+    *,
+    read_only: bool,
+    foreign_errno: int,
+    suspended_errno: int,
+    environ: Mapping[str, str] = os.environ,
+) -> tuple[NativeIO | None, str]:
+    """The native path for a mount of a volume with ``block_size`` and ``features``, or
+    None; with the reason either way (for the log and ``encfs status``)."""
+    if environ.get("ENCFS_NATIVE", "1") == "0":
+        return None, "disabled (ENCFS_NATIVE=0)"
+    if sys.platform != "linux" or platform.machine() != "x86_64":
         return None, f"not supported on {sys.platform}/{platform.machine()}"
     if features & ~NATIVE_FEATURES:
         return None, f"not for volumes with features {features & ~NATIVE_FEATURES:#x}"
     path = library_path(environ)
-    stamp = path.with_name(path.name + ".stamp")
     try:
-        built_from = stamp.read_text().strip()
+        built_from = path.with_name(path.name + ".stamp").read_text().strip()
     except OSError:
         return None, f"{path} not built (scripts/install builds it)"
     try:
         if built_from != source_digest():
-            return None, f"{path} is stale: built from another fastpath.c (run scripts/install)"
+            return None, f"{path} is stale, built from another fastpath.c (scripts/install)"
     except OSError as exc:
         return None, f"cannot read {SOURCE}: {exc.strerror}"
     try:
         lib = ctypes.CDLL(str(path))
         _declare(lib)
-        if lib.fp_version() != ABI_VERSION:
-            return None, f"{path} has ABI {lib.fp_version()}, not {ABI_VERSION}"
-        return NativeReads(lib, block_size), f"native ({path})"
+        version = lib.fp_version()
+        if version != ABI_VERSION:
+            return None, f"{path} has ABI {version}, not {ABI_VERSION}"
+        native = NativeIO(lib, path, block_size, read_only, foreign_errno, suspended_errno)
     except (OSError, AttributeError) as exc:
         return None, f"cannot load {path}: {exc}"
+    return native, f"native ({path})"

@@ -30,7 +30,7 @@ import mmap
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from encfs import backing, crypto
 from encfs import format as fmt
@@ -60,6 +60,7 @@ def key_check_value(volume_key: bytearray | memoryview, volume_id: bytes) -> byt
 
 
 _FILE_CIPHER_CACHE_MAX = 4096
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -218,11 +219,11 @@ class VolumeKeys:
         """Wipe ``native``'s contexts with the keys from now on."""
         self._native = native
 
-    def lend_file_key(self, file_id: bytes, use: Callable[[int], None]) -> None:
-        """Derive ``file_id``'s key into the locked arena and call ``use`` with its address
+    def lend_file_key(self, file_id: bytes, use: Callable[[int], T]) -> T:
+        """Derive ``file_id``'s key into the locked arena, call ``use`` with its address
         (32 bytes, valid only during the call: native code makes its cipher context from
-        it and keeps no copy); then zero it. No Python object ever holds the key. Raises
-        ``VolumeSuspended`` when wiped."""
+        it and keeps no copy), zero it, and return what ``use`` returned. No Python object
+        ever holds the key. Raises ``VolumeSuspended`` when wiped."""
         with self._lock:
             self._check()
             scratch = self._slot("scratch")
@@ -230,7 +231,7 @@ class VolumeKeys:
                 self._slot("content"), salt=None, info=b"encfs/v1/file" + file_id, out=scratch
             )
             try:
-                use(self._arena.address + _SLOTS["scratch"][0])
+                return use(self._arena.address + _SLOTS["scratch"][0])
             finally:
                 scratch[:] = bytes(len(scratch))
 

@@ -12,9 +12,9 @@ import os
 import sys
 from collections.abc import MutableMapping
 
-from encfs.fs.ops import EncfsOperations, FsOptions
+from encfs.fs.ops import EncfsOperations, FsOptions, load_native
 
-__all__ = ["EncfsOperations", "FsOptions", "select_libfuse", "serve"]
+__all__ = ["EncfsOperations", "FsOptions", "load_native", "select_libfuse", "serve"]
 
 
 def select_libfuse(environ: MutableMapping[str, str] = os.environ) -> None:

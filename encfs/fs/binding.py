@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 import mfusepy
 
+from encfs import fastpath
 from encfs import format as fmt
-from encfs.fastpath import NativeReads
+from encfs.fastpath import NativeIO
 from encfs.fs.handles import Listing
 from encfs.fs.ops import FsOptions, Session
 
@@ -48,8 +49,9 @@ class Served(Protocol):
     def options(self) -> FsOptions: ...
 
     @property
-    def native(self) -> NativeReads | None:
-        """The native read path to put in front of ``read``, if any."""
+    def native(self) -> NativeIO | None:
+        """The native path to put in front of ``read``, ``write``, ``getattr`` and
+        ``getxattr``, if any."""
         ...
 
     def started(self, session: Session) -> None: ...
@@ -174,31 +176,37 @@ class EncfsFUSE(mfusepy.FUSE):  # type: ignore[misc]
             super().__init__(operations, mountpoint, **kwargs)
             return
         # mfusepy builds libfuse's operations table and passes it to fuse_main_real in one
-        # go; the one way to put the native read in front of its callback is to see the
+        # go; the one way to put the native callbacks in front of its own is to see the
         # table on its way there (for this call only).
         real_main = mfusepy.fuse_main_real
 
-        def main_with_native_read(argc: int, argv: Any, ops_p: Any, size: int, ctx: Any) -> int:
-            self._plug_native_read(ops_p.contents, native)
+        def main_with_native(argc: int, argv: Any, ops_p: Any, size: int, ctx: Any) -> int:
+            self._plug_native(ops_p.contents, native)
             result: int = real_main(argc, argv, ops_p, size, ctx)
             return result
 
-        mfusepy.fuse_main_real = main_with_native_read
+        mfusepy.fuse_main_real = main_with_native
         try:
             super().__init__(operations, mountpoint, **kwargs)
         finally:
             mfusepy.fuse_main_real = real_main
 
-    def _plug_native_read(self, table: Any, native: NativeReads) -> None:
-        """Make ``native`` libfuse's read callback, handing what it does not serve to a
-        callback of our own into ``read`` (kept alive here: mfusepy's is dropped with the
-        table entry this replaces)."""
-        proto = dict((f[0], f[1]) for f in mfusepy.fuse_operations._fields_)["read"]
-        self._python_read = proto(functools.partial(self._wrapper, self.read))
-        fallback = ctypes.cast(self._python_read, ctypes.c_void_p).value
-        assert fallback is not None
-        native.plug(fallback, mfusepy.fuse_file_info.fh.offset)
-        table.read = proto(native.read_address)
+    def _plug_native(self, table: Any, native: NativeIO) -> None:
+        """Make ``native`` libfuse's callback for each operation it serves, handing what it
+        does not serve to a callback of our own into the same adapter method mfusepy would
+        call (kept alive here: mfusepy's are dropped with the table entries replaced)."""
+        protos = {f[0]: f[1] for f in mfusepy.fuse_operations._fields_}
+        fh_offset = mfusepy.fuse_file_info.fh.offset
+        self._python_callbacks = []
+        for op in fastpath.OPS:
+            if not getattr(table, op):
+                continue  # not registered: nothing to serve
+            method = getattr(self, op + "_fuse_3", None) or getattr(self, op)
+            python = protos[op](functools.partial(self._wrapper, method))
+            self._python_callbacks.append(python)
+            fallback = ctypes.cast(python, ctypes.c_void_p).value
+            assert fallback is not None
+            setattr(table, op, protos[op](native.plug(op, fallback, fh_offset)))
 
     def init_fuse_3(self, conn: Any, config: Any) -> None:
         """libfuse's init (once, before any request): mfusepy's own (mount options libfuse

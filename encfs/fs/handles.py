@@ -16,7 +16,7 @@ import threading
 
 from encfs import format as fmt
 from encfs.cipherfile import CipherFile, Sealer
-from encfs.fastpath import NativeReads
+from encfs.fastpath import NativeIO
 from encfs.fs.kcache import moved
 from encfs.keys import VolumeKeys
 from encfs.undo import UndoLog
@@ -34,7 +34,7 @@ class OpenFiles:
         geo: fmt.Geometry,
         sealer: Sealer,
         undo: UndoLog,
-        native: NativeReads | None = None,
+        native: NativeIO | None = None,
     ) -> None:
         self._keys = keys
         self._geo = geo
@@ -68,6 +68,7 @@ class OpenFiles:
                 cfile.setid = True
             cfile.refs += 1
             self._handles[fd] = cfile
+            cfile.attach_fd(fd)
             if path is not None:
                 self._paths[fd] = path
         return cfile

@@ -48,7 +48,10 @@ class Aliases:
     WAIT = 1.0
     MAX_INODES = 1 << 16
 
-    def __init__(self) -> None:
+    def __init__(self, on_any: Callable[[bool], None] | None = None) -> None:
+        """``on_any`` hears whether some name is tracked, whenever that changes (the
+        native path leaves writes to Python while one is: they must invalidate)."""
+        self._on_any = on_any
         self._lock = threading.Lock()
         self._paths: dict[tuple[int, int], set[str]] = {}
         self._work: queue.SimpleQueue[tuple[list[str], threading.Event] | None] = (
@@ -76,6 +79,8 @@ class Aliases:
             if paths is None:
                 if len(self._paths) >= self.MAX_INODES:
                     self._paths.clear()  # only costs invalidations of names seen before
+                elif not self._paths and self._on_any is not None:
+                    self._on_any(True)
                 paths = self._paths[key] = set()
             paths.add(path)
 
@@ -90,6 +95,8 @@ class Aliases:
                     paths.discard(path)
                     if not paths:
                         del self._paths[key]
+                        if not self._paths and self._on_any is not None:
+                            self._on_any(False)
                     return key
         return None
 

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
-from encfs import backing, names
+from encfs import backing, fastpath, names
 from encfs import format as fmt
 from encfs.cipherfile import Sealer
 from encfs.errors import FormatError, IntegrityError, VolumeSuspended
-from encfs.fastpath import NativeReads
+from encfs.fastpath import NativeIO
 from encfs.fs import xattrs
 from encfs.fs.attrs import Attributes
 from encfs.fs.handles import Listing, OpenFiles
@@ -94,6 +94,19 @@ class Counters:
 
 
 _UNGATED = frozenset({"release", "releasedir"})
+
+
+def load_native(block_size: int, features: int, options: FsOptions) -> tuple[NativeIO | None, str]:
+    """The native path (``fastpath.load``) for a mount of a volume with ``block_size``
+    and feature flags ``features``, answering as these operations do; or None. With the
+    reason either way, for the log and ``encfs status``."""
+    return fastpath.load(
+        block_size,
+        features,
+        read_only=options.read_only,
+        foreign_errno=xattrs.UNSUPPORTED,
+        suspended_errno=options.suspended_errno,
+    )
 
 
 def fuse_op(method: Callable[P, R]) -> Callable[P, R]:
@@ -182,16 +195,16 @@ class EncfsOperations:
         on_init: Callable[[], None] | None = None,
         *,
         dirid_links: bool = False,
-        native: NativeReads | None = None,
-        read_path: str = "Python",
+        native: NativeIO | None = None,
+        native_reason: str = "not asked for",
     ) -> None:
         root = backing.open_root(cipher_dir)
         self.keys = keys
         self.native = native
-        """The native read path (``encfs.fastpath``) the binding puts in front of
-        ``read_into``, or None: every read is served here."""
-        self.read_path = read_path if native is not None else f"Python ({read_path})"
-        """Which path serves aligned reads, and why (``encfs status``)."""
+        """The native path (``encfs.fastpath``) the binding puts in front of ``read``,
+        ``write``, ``getattr`` and ``getxattr``, or None: every request is served here."""
+        self.io_path = native_reason if native is not None else f"Python: {native_reason}"
+        """Which path serves the hot requests, and why (``encfs status``)."""
         if native is not None:
             keys.attach_native(native)
         self.geo = fmt.Geometry(block_size)
@@ -200,7 +213,7 @@ class EncfsOperations:
         self.counters = Counters()
         self._on_init = on_init
         self.session: Session | None = None
-        self.aliases = Aliases()
+        self.aliases = Aliases(None if native is None else native.set_aliases)
         self.gate = Gate(native)
         self.seen = SeenPaths()
         self.sealer = Sealer()
@@ -220,15 +233,17 @@ class EncfsOperations:
             self._on_init()
 
     def counter_values(self) -> dict[str, int]:
-        """``counters`` with the reads the native path served added in; also how many
-        reads it handed to Python (``native_fallbacks``), when it is in use."""
+        """``counters`` with what the native path served added in; with it, also how many
+        reads and writes it served (``native_reads``, ``native_writes``) and how many
+        requests it handed to Python (``native_fallbacks``)."""
         values = asdict(self.counters)
         if self.native is not None:
-            reads, nbytes, fallbacks = self.native.counters()
-            values["reads"] += reads
-            values["bytes_read"] += nbytes
-            values["native_reads"] = reads
-            values["native_fallbacks"] = fallbacks
+            native = self.native.counters()
+            for name in ("reads", "bytes_read", "writes", "bytes_written", "security_probes"):
+                values[name] += native[name]
+            values["native_reads"] = native["reads"]
+            values["native_writes"] = native["writes"]
+            values["native_fallbacks"] = native["fallbacks"]
         return values
 
     @property

@@ -1,35 +1,43 @@
 /*
- * fastpath.c - encfs's native read path: serve block-aligned FUSE READs of open regular
- * files in C, on libfuse's worker thread, without entering Python.
+ * fastpath.c - encfs's native I/O path: serve the hot FUSE requests of open regular files
+ * in C, on libfuse's worker thread, without entering Python.
  *
  * Why: a cold 4 KiB READ through Python costs ~27 us of user CPU (ctypes entry, the
  * operations, CipherFile) against gocryptfs's ~7 (docs/BENCHMARKS.md, issue 16). This file
- * replaces libfuse's `read` callback (fuse_operations.read, high-level API) by `fp_read`,
- * which serves the plain happy path itself and hands everything else to the callback it
- * replaced (mfusepy's ctypes thunk into encfs.fs.binding), so errors, logging, holes and
- * EIO keep their one home in Python.
+ * puts its own callbacks into libfuse's operations table (high-level API) in front of
+ * mfusepy's ctypes thunks into encfs.fs.binding: fp_read, fp_write, fp_getattr and
+ * fp_getxattr serve the plain happy path and hand everything else to the callback they
+ * replaced, with the same arguments, so errors, logging, holes and EIO keep their one home
+ * in Python.
  *
- * The happy path, all of which must hold (else: the Python callback, same arguments):
+ * The happy path, all of which must hold (else: the Python callback):
  *   - the native path is open (the suspension gate, fp_gate_close) and the handle `fh`
- *     (= the backing fd) is mapped to a file entry that has a cipher context (Python maps
- *     it after serving a read of it, keys.py keys it; fp_wipe removes every context);
- *   - the read starts and ends on block boundaries and is at most FP_MAX_READ bytes;
- *   - no writer is changing the file and none queued a deferred write (the entry's
- *     `seq` is even and `queued` is 0, before and after: a seqlock, see struct fp_file);
- *   - every block read is whole and authenticates (a hole, a short last block, a torn or
- *     tampered block, a read error: Python redoes the read and answers for it).
+ *     (= the backing fd) is mapped to an entry (Python maps each fd it opens) that knows
+ *     its file id and holds a cipher context (keys.py keys it; fp_wipe removes them all);
+ *   - no writer is changing the file (`seq` even) and none queued a deferred write
+ *     (`queued` 0), before and after (a seqlock, see struct fp_file);
+ *   - READ: it starts and ends on block boundaries, at most FP_MAX_IO bytes, and every
+ *     block read is whole and authenticates (a hole, a short last block, a torn or tampered
+ *     block, an I/O error: Python redoes the read and answers for it);
+ *   - WRITE: it covers whole blocks that already exist whole (no size change, no partial
+ *     block, no new file), less than FP_MAX_WRITE bytes (longer ones may be stream writes
+ *     for Python's Sealer), the file's lock is free, and nothing asks Python to see the
+ *     write (set-ID bits to clear, other names to invalidate, a deferred error to
+ *     report, a read-only mount);
+ *   - GETATTR: by handle (fstat of the backing fd, plaintext size); GETXATTR: a name
+ *     outside user.* (the kernel's security.capability probe) is answered here.
  *
  * Layout (docs/FORMAT.md section 5, as encfs/crypto.py BlockCipher): block n of B plaintext
  * bytes is at cipher offset 18 + n*(B+28): nonce(12) || AES-256-GCM(ct) || tag(16), with
- * associated data file_id(16) || u64be(n). OpenSSL's libcrypto does the AEAD: the same
- * algorithm, no cryptography of our own.
+ * associated data file_id(16) || u64be(n), a fresh random nonce per write. OpenSSL's
+ * libcrypto does the AEAD and the nonces: the same algorithm, no cryptography of our own.
  *
- * The cipher dir is hostile input: every length read from it is bounded here, and nothing
- * but a file already opened by encfs/backing.py (a regular file) is ever read.
+ * The cipher dir is hostile input: every length and offset is bounded here, and nothing
+ * but a file already opened by encfs/backing.py (a regular file) is ever read or written.
  *
- * Memory ordering: writers in Python store `seq` and `queued` with plain stores while
- * holding the file's write lock (or the Sealer's lock for `queued`); this relies on x86-64's
- * ordered stores (TSO). encfs/fastpath.py refuses to load this library on other machines.
+ * Memory ordering: Python stores `seq`, `queued`, `py_setid` and `py_error` with plain stores (under the
+ * file's locks); this relies on x86-64's ordered stores (TSO), and encfs/fastpath.py
+ * refuses to load this library on other machines.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,14 +46,18 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/rand.h>
 
-#define FP_VERSION 1             /* fastpath.py checks it: a stale build is not used */
+#define FP_API __attribute__((visibility("default"))) /* what fastpath.py calls */
+
+#define FP_VERSION 2             /* fastpath.py checks it: a stale build is not used */
 #define FP_HEADER_LEN 18         /* file header: version(2) || file_id(16) */
 #define FP_NONCE_LEN 12
 #define FP_TAG_LEN 16
@@ -53,52 +65,77 @@
 #define FP_FILE_ID_LEN 16
 #define FP_MIN_BLOCK 4096
 #define FP_MAX_BLOCK 65536
-#define FP_MAX_READ (1u << 20)   /* = libfuse's max_read/max_write as encfs negotiates them */
-#define FP_SLOTS 4               /* cipher contexts per file: concurrent readers of one file */
+#define FP_MAX_IO (1u << 20)     /* libfuse's max_read/max_write as encfs negotiates them */
+#define FP_MAX_WRITE (128u << 10) /* cipherfile.STREAM_MIN: longer writes are Python's */
+#define FP_SLOTS 4               /* cipher contexts per file: concurrent users of one file */
 
-#define FP_API __attribute__((visibility("default"))) /* the entry points fastpath.py calls */
+/* Operations fp_plug knows. */
+enum { FP_OP_READ, FP_OP_WRITE, FP_OP_GETATTR, FP_OP_GETXATTR, FP_NOPS };
 
-typedef int (*fp_read_fn)(const char *path, char *buf, size_t size, off_t off, void *fi);
+typedef int (*fp_read_fn)(const char *, char *, size_t, off_t, void *);
+typedef int (*fp_write_fn)(const char *, const char *, size_t, off_t, void *);
+typedef int (*fp_getattr_fn)(const char *, struct stat *, void *);
+typedef int (*fp_getxattr_fn)(const char *, const char *, char *, size_t);
 
 /*
- * One open backing inode (a CipherFile in Python; hard links share it). Made and freed by
- * Python (fp_file_new / fp_file_free, the latter only once no fd maps to it any more).
+ * One open backing inode (a CipherFile in Python; hard links share it), made and freed
+ * by Python (fp_file_new at the inode's first open, fp_file_free at its last close).
  *
- * `seq` and `queued` are the seqlock shared with Python (CipherFile): a writer makes `seq`
- * odd before it changes content or size and even again after; `queued` counts deferred
- * writes waiting in the Sealer. A reader samples both before and after its pread and
- * decryption, and serves only if `seq` was even and unchanged and `queued` was 0 both
- * times. A write that returned before the second sample changed `seq`, or is still queued.
+ * The seqlock: a writer (Python's or fp_write) makes `seq` odd before it changes the
+ * file's content or size and even again after; `queued` counts deferred writes waiting in
+ * Python's Sealer. A reader samples both before and after its pread and decryption and
+ * serves only if `seq` was even and unchanged and `queued` 0: a write that returned
+ * before the second sample changed `seq` or is still queued, so no block older than it
+ * is ever returned after it (nor a mix of blocks from both sides of it).
+ *
+ * `lock` orders the writers with each other and with Python's readers, which do not use
+ * the seqlock: Python takes it around every locked section of a CipherFile (fp_file_lock),
+ * fp_write only tries it and hands the write to Python if it is taken.
+ *
+ * Cipher contexts live in `slot`s, each used by one thread at a time (`busy`). Whoever
+ * drops them (fp_file_set_id, fp_wipe, fp_file_free) first claims every slot, so no
+ * context is freed under a user.
  */
 struct fp_file {
-	_Atomic uint64_t seq;      /* offset 0: Python addresses it (fastpath.py) */
+	_Atomic uint64_t seq;      /* offset 0: Python addresses these four (fastpath.py) */
 	_Atomic uint64_t queued;   /* offset 8 */
-	pthread_mutex_t mu;        /* guards `master`, slot contexts' creation and wipe */
-	EVP_CIPHER_CTX *master;    /* keyed template; never decrypts itself */
+	/* Python must see this file's writes: */
+	_Atomic uint32_t py_setid; /* offset 16: set-ID bits may need clearing after a write */
+	_Atomic uint32_t py_error; /* offset 20: a deferred write failed; the next reports it */
+	pthread_mutex_t lock;
+	pthread_mutex_t mu;        /* guards `master` and making slot contexts from it */
+	EVP_CIPHER_CTX *master;    /* keyed template; never used to encrypt or decrypt */
 	struct {
 		atomic_int busy;
 		EVP_CIPHER_CTX *ctx;
 	} slot[FP_SLOTS];
+	int has_id;                /* changed only while every slot is claimed */
 	unsigned char file_id[FP_FILE_ID_LEN];
-	struct fp_file *prev, *next; /* every live entry, for fp_wipe (guarded by fp.files_mu) */
+	struct fp_file *prev, *next; /* every live entry, for fp_wipe (fp.files_mu) */
 };
 
 /*
- * The one mount this process serves: libfuse's high-level read callback takes no user
+ * The one mount this process serves: libfuse's high-level callbacks take no user
  * argument, and an encfs daemon serves exactly one mount. fp_setup resets it.
  */
 static struct {
-	fp_read_fn fallback;       /* the Python callback (mfusepy's thunk) */
+	void *fallback[FP_NOPS];   /* the Python callbacks (mfusepy's thunks) */
 	size_t fh_offset;          /* offsetof(struct fuse_file_info, fh), from the binding */
 	uint32_t block_size;
+	int read_only;
+	int foreign_errno;         /* what a getxattr outside user.* answers */
+	int suspended_errno;       /* ... and while suspended */
 	_Atomic(struct fp_file *) *fds; /* fd -> entry; NULL: not served natively */
 	size_t nfds;
 	atomic_int open;           /* the suspension gate, as Python's fs.kcache.Gate */
-	atomic_long inflight;      /* native reads inside the gate */
-	atomic_ulong reads, bytes, fallbacks;
+	atomic_int aliases;        /* some file has other names to invalidate: writes to Python */
+	atomic_long inflight;      /* native requests inside the gate */
+	atomic_ulong counter[6];
 	pthread_mutex_t files_mu;
 	struct fp_file *files;
 } fp = {.files_mu = PTHREAD_MUTEX_INITIALIZER};
+
+enum { C_READS, C_READ_BYTES, C_WRITES, C_WRITE_BYTES, C_PROBES, C_FALLBACKS };
 
 static pthread_key_t buf_key;
 static pthread_once_t buf_once = PTHREAD_ONCE_INIT;
@@ -125,16 +162,22 @@ static unsigned char *thread_buffer(size_t len)
 	return b->data;
 }
 
+static void count(int which, unsigned long n) { atomic_fetch_add(&fp.counter[which], n); }
+
 /* ---- setup, gate, counters (called from encfs/fastpath.py) ---------------------------- */
 
 FP_API int fp_version(void) { return FP_VERSION; }
 
-/* Reset the mount state; `nfds` bounds the fds that can be served (RLIMIT_NOFILE). */
-FP_API int fp_setup(uint32_t block_size, size_t nfds)
+/*
+ * Reset the mount state: block size, read-only, the errnos of a foreign getxattr (active,
+ * suspended); `nfds` bounds the fds that can be served.
+ */
+FP_API int fp_setup(uint32_t block_size, int read_only, int foreign_errno,
+		    int suspended_errno, size_t nfds)
 {
 	if (block_size < FP_MIN_BLOCK || block_size > FP_MAX_BLOCK || block_size % FP_MIN_BLOCK)
 		return -EINVAL;
-	if (nfds == 0 || nfds > (1u << 24))
+	if (nfds == 0 || nfds > (1u << 24) || foreign_errno <= 0 || suspended_errno <= 0)
 		return -EINVAL;
 	free((void *)fp.fds);
 	fp.fds = calloc(nfds, sizeof(*fp.fds));
@@ -142,27 +185,46 @@ FP_API int fp_setup(uint32_t block_size, size_t nfds)
 		return -ENOMEM;
 	fp.nfds = nfds;
 	fp.block_size = block_size;
-	fp.fallback = NULL;
-	atomic_store(&fp.reads, 0);
-	atomic_store(&fp.bytes, 0);
-	atomic_store(&fp.fallbacks, 0);
+	fp.read_only = read_only;
+	fp.foreign_errno = foreign_errno;
+	fp.suspended_errno = suspended_errno;
+	memset(fp.fallback, 0, sizeof(fp.fallback));
+	for (int i = 0; i < 6; i++)
+		atomic_store(&fp.counter[i], 0);
+	atomic_store(&fp.aliases, 0);
 	atomic_store(&fp.open, 1);
 	return 0;
 }
 
+FP_API int fp_read(const char *, char *, size_t, off_t, void *);
+FP_API int fp_write(const char *, const char *, size_t, off_t, void *);
+FP_API int fp_getattr(const char *, struct stat *, void *);
+FP_API int fp_getxattr(const char *, const char *, char *, size_t);
+
 /*
- * Plug in (before libfuse starts serving): the callback every other read goes to, and
- * where libfuse's struct fuse_file_info keeps `fh` (the binding knows its layout).
+ * Put the native callback for operation `op` (FP_OP_*) in front of `fallback`, the
+ * callback it replaces; returns the native callback for libfuse's table (NULL: unknown op).
+ * `fh_offset`: where libfuse's struct fuse_file_info keeps fh (the binding knows).
+ * Called before libfuse starts serving.
  */
-FP_API void fp_plug(fp_read_fn fallback, size_t fh_offset)
+FP_API void *fp_plug(int op, void *fallback, size_t fh_offset)
 {
-	fp.fallback = fallback;
+	static void *const native[FP_NOPS] = {
+		[FP_OP_READ] = (void *)fp_read,
+		[FP_OP_WRITE] = (void *)fp_write,
+		[FP_OP_GETATTR] = (void *)fp_getattr,
+		[FP_OP_GETXATTR] = (void *)fp_getxattr,
+	};
+	if (op < 0 || op >= FP_NOPS || fallback == NULL)
+		return NULL;
+	fp.fallback[op] = fallback;
 	fp.fh_offset = fh_offset;
+	return native[op];
 }
 
 FP_API void fp_gate_open(void) { atomic_store(&fp.open, 1); }
 
-/* Shut the gate and wait until no native read is inside (1), or `timeout_ms` passed (0). */
+/* Shut the gate and wait until no native request is inside (1), or `timeout_ms` passed (0). */
 FP_API int fp_gate_close(long timeout_ms)
 {
 	struct timespec tick = {0, 200000};
@@ -177,25 +239,31 @@ FP_API int fp_gate_close(long timeout_ms)
 	return 1;
 }
 
-FP_API void fp_counters(unsigned long out[3])
+/* Some file has other names whose caches Python invalidates after a write (or none has). */
+FP_API void fp_set_aliases(int any) { atomic_store(&fp.aliases, any != 0); }
+
+FP_API void fp_counters(unsigned long out[6])
 {
-	out[0] = atomic_load(&fp.reads);
-	out[1] = atomic_load(&fp.bytes);
-	out[2] = atomic_load(&fp.fallbacks);
+	for (int i = 0; i < 6; i++)
+		out[i] = atomic_load(&fp.counter[i]);
 }
 
 /* ---- file entries ---------------------------------------------------------------------- */
 
-FP_API struct fp_file *fp_file_new(const unsigned char file_id[FP_FILE_ID_LEN])
+FP_API struct fp_file *fp_file_new(void)
 {
 	struct fp_file *f = calloc(1, sizeof(*f));
 	if (f == NULL)
 		return NULL;
-	if (pthread_mutex_init(&f->mu, NULL) != 0) {
+	if (pthread_mutex_init(&f->lock, NULL) != 0) {
 		free(f);
 		return NULL;
 	}
-	memcpy(f->file_id, file_id, FP_FILE_ID_LEN);
+	if (pthread_mutex_init(&f->mu, NULL) != 0) {
+		pthread_mutex_destroy(&f->lock);
+		free(f);
+		return NULL;
+	}
 	pthread_mutex_lock(&fp.files_mu);
 	f->next = fp.files;
 	if (fp.files)
@@ -205,12 +273,30 @@ FP_API struct fp_file *fp_file_new(const unsigned char file_id[FP_FILE_ID_LEN])
 	return f;
 }
 
-/* Caller (Python) holds the file's lock: nothing else uses these contexts now. */
+/* Claim every slot (waiting for its user), so that no context is in use. */
+static void claim_slots(struct fp_file *f)
+{
+	for (int i = 0; i < FP_SLOTS; i++) {
+		int expected = 0;
+		while (!atomic_compare_exchange_weak(&f->slot[i].busy, &expected, 1)) {
+			expected = 0;
+			sched_yield();
+		}
+	}
+}
+
+static void release_slots(struct fp_file *f)
+{
+	for (int i = 0; i < FP_SLOTS; i++)
+		atomic_store(&f->slot[i].busy, 0);
+}
+
+/* Free (and so cleanse: OpenSSL does) every context. Caller claimed every slot. */
 static void drop_contexts(struct fp_file *f)
 {
 	pthread_mutex_lock(&f->mu);
 	for (int i = 0; i < FP_SLOTS; i++) {
-		EVP_CIPHER_CTX_free(f->slot[i].ctx); /* cleanses the key schedule */
+		EVP_CIPHER_CTX_free(f->slot[i].ctx);
 		f->slot[i].ctx = NULL;
 	}
 	EVP_CIPHER_CTX_free(f->master);
@@ -219,27 +305,55 @@ static void drop_contexts(struct fp_file *f)
 }
 
 /*
- * Key the entry with the 32-byte per-file key at `key` (keys.py's locked arena; not kept:
- * only OpenSSL's context holds the schedule). Returns 0, or -errno. No-op if keyed.
+ * The file's id (NULL: it has none, an empty file): drops the contexts of the old one.
+ * Called by Python whenever the id it knows changes (first read of the header, a new
+ * header, truncation to 0), with the file's lock held or before any fd is mapped.
  */
-FP_API int fp_file_set_key(struct fp_file *f, const unsigned char *key)
+FP_API void fp_file_set_id(struct fp_file *f, const unsigned char *file_id)
+{
+	claim_slots(f);
+	drop_contexts(f);
+	f->has_id = file_id != NULL;
+	if (file_id != NULL)
+		memcpy(f->file_id, file_id, FP_FILE_ID_LEN);
+	release_slots(f);
+}
+
+/*
+ * Key the entry with the 32-byte key at `key` (keys.py's locked arena; not kept: only
+ * OpenSSL's context holds the schedule) for file id `file_id`. Returns 0, or -errno.
+ * No-op if keyed; -ESTALE if the entry's id is another (it changed meanwhile).
+ */
+FP_API int fp_file_set_key(struct fp_file *f, const unsigned char *file_id,
+			   const unsigned char *key)
 {
 	int rc = 0;
-	pthread_mutex_lock(&f->mu);
-	if (f->master == NULL) {
-		EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-		if (ctx == NULL || EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL) != 1) {
-			EVP_CIPHER_CTX_free(ctx);
-			rc = -EIO;
-		} else {
-			f->master = ctx;
+	claim_slots(f);
+	if (!f->has_id || memcmp(f->file_id, file_id, FP_FILE_ID_LEN) != 0) {
+		rc = -ESTALE;
+	} else {
+		pthread_mutex_lock(&f->mu);
+		if (f->master == NULL) {
+			EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+			if (ctx == NULL
+			    || EVP_CipherInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL, 0) != 1) {
+				EVP_CIPHER_CTX_free(ctx);
+				rc = -EIO;
+			} else {
+				f->master = ctx;
+			}
 		}
+		pthread_mutex_unlock(&f->mu);
 	}
-	pthread_mutex_unlock(&f->mu);
+	release_slots(f);
 	return rc;
 }
 
-/* Serve `fd`'s reads from `f` (NULL: stop). Python maps an fd only while it is open. */
+/* The file's lock (struct fp_file), for Python's readers and writers. */
+FP_API void fp_file_lock(struct fp_file *f) { pthread_mutex_lock(&f->lock); }
+FP_API void fp_file_unlock(struct fp_file *f) { pthread_mutex_unlock(&f->lock); }
+
+/* Serve `fd`'s requests from `f` (NULL: stop). Python maps an fd only while it is open. */
 FP_API int fp_map_fd(int fd, struct fp_file *f)
 {
 	if (fd < 0 || (size_t)fd >= fp.nfds)
@@ -248,7 +362,7 @@ FP_API int fp_map_fd(int fd, struct fp_file *f)
 	return 0;
 }
 
-/* Forget the entry (no fd maps to it any more; called at the inode's last close). */
+/* Forget the entry: no fd maps to it any more (the inode's last close). */
 FP_API void fp_file_free(struct fp_file *f)
 {
 	if (f == NULL)
@@ -261,17 +375,18 @@ FP_API void fp_file_free(struct fp_file *f)
 	if (f->next)
 		f->next->prev = f->prev;
 	pthread_mutex_unlock(&fp.files_mu);
+	claim_slots(f);
 	drop_contexts(f);
 	pthread_mutex_destroy(&f->mu);
+	pthread_mutex_destroy(&f->lock);
 	OPENSSL_cleanse(f, sizeof(*f));
 	free(f);
 }
 
 /*
- * Drop every cipher context (suspension, unmount): shut the gate, wait for native reads
- * in flight, free (and so cleanse) every context, then restore the gate as it was.
- * Returns 1, or 0 if reads were still inside after `timeout_ms` (contexts kept then:
- * freeing one under a reader would crash; the caller logs it and the gate stays shut).
+ * Drop every cipher context (suspension, unmount) once no native request is in flight;
+ * the gate is then as it was. Returns 1, or 0 if requests were still inside after
+ * `timeout_ms` (nothing dropped then, and the gate stays shut: the caller logs it).
  */
 FP_API int fp_wipe(long timeout_ms)
 {
@@ -279,38 +394,52 @@ FP_API int fp_wipe(long timeout_ms)
 	if (!fp_gate_close(timeout_ms))
 		return 0;
 	pthread_mutex_lock(&fp.files_mu);
-	for (struct fp_file *f = fp.files; f != NULL; f = f->next)
+	for (struct fp_file *f = fp.files; f != NULL; f = f->next) {
+		claim_slots(f);
 		drop_contexts(f);
+		release_slots(f);
+	}
 	pthread_mutex_unlock(&fp.files_mu);
 	atomic_store(&fp.open, was_open);
 	return 1;
 }
 
-/* ---- the read path --------------------------------------------------------------------- */
+/* ---- serving ----------------------------------------------------------------------------- */
 
+/* A slot with a context for `f` (claimed: release_slot after use), or -1. */
 static int grab_slot(struct fp_file *f)
 {
 	for (int i = 0; i < FP_SLOTS; i++) {
 		int expected = 0;
 		if (!atomic_compare_exchange_strong(&f->slot[i].busy, &expected, 1))
 			continue;
-		if (f->slot[i].ctx != NULL)
-			return i;
-		pthread_mutex_lock(&f->mu);
-		if (f->master != NULL) {
-			EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-			if (ctx != NULL && EVP_CIPHER_CTX_copy(ctx, f->master) == 1)
-				f->slot[i].ctx = ctx;
-			else
-				EVP_CIPHER_CTX_free(ctx);
+		if (f->slot[i].ctx == NULL && f->has_id) {
+			pthread_mutex_lock(&f->mu);
+			if (f->master != NULL) {
+				EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+				if (ctx != NULL && EVP_CIPHER_CTX_copy(ctx, f->master) == 1)
+					f->slot[i].ctx = ctx;
+				else
+					EVP_CIPHER_CTX_free(ctx);
+			}
+			pthread_mutex_unlock(&f->mu);
 		}
-		pthread_mutex_unlock(&f->mu);
-		if (f->slot[i].ctx != NULL)
+		if (f->slot[i].ctx != NULL && f->has_id)
 			return i;
 		atomic_store(&f->slot[i].busy, 0);
 		return -1;
 	}
 	return -1;
+}
+
+static void release_slot(struct fp_file *f, int i) { atomic_store(&f->slot[i].busy, 0); }
+
+static void block_ad(unsigned char ad[FP_FILE_ID_LEN + 8], const unsigned char *file_id,
+		     uint64_t block_no)
+{
+	memcpy(ad, file_id, FP_FILE_ID_LEN);
+	for (int i = 0; i < 8; i++)
+		ad[FP_FILE_ID_LEN + i] = (unsigned char)(block_no >> (56 - 8 * i));
 }
 
 /* Open one whole block: 1 if it authenticates (plaintext in `out`), else 0. */
@@ -320,16 +449,31 @@ static int open_block(EVP_CIPHER_CTX *ctx, const unsigned char *file_id, uint64_
 	unsigned char ad[FP_FILE_ID_LEN + 8];
 	unsigned char tag[FP_TAG_LEN];
 	int len;
-	memcpy(ad, file_id, FP_FILE_ID_LEN);
-	for (int i = 0; i < 8; i++)
-		ad[FP_FILE_ID_LEN + i] = (unsigned char)(block_no >> (56 - 8 * i));
+	block_ad(ad, file_id, block_no);
 	memcpy(tag, in + FP_NONCE_LEN + plain_len, FP_TAG_LEN);
-	return EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, in) == 1
-	       && EVP_DecryptUpdate(ctx, NULL, &len, ad, sizeof(ad)) == 1
-	       && EVP_DecryptUpdate(ctx, out, &len, in + FP_NONCE_LEN, plain_len) == 1
+	return EVP_CipherInit_ex(ctx, NULL, NULL, NULL, in, 0) == 1
+	       && EVP_CipherUpdate(ctx, NULL, &len, ad, sizeof(ad)) == 1
+	       && EVP_CipherUpdate(ctx, out, &len, in + FP_NONCE_LEN, plain_len) == 1
 	       && len == plain_len
 	       && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, FP_TAG_LEN, tag) == 1
-	       && EVP_DecryptFinal_ex(ctx, out + len, &len) == 1;
+	       && EVP_CipherFinal_ex(ctx, out + len, &len) == 1;
+}
+
+/* Seal one whole block into `out` (nonce || ciphertext || tag): 1, or 0 on failure. */
+static int seal_block(EVP_CIPHER_CTX *ctx, const unsigned char *file_id, uint64_t block_no,
+		      const unsigned char *in, unsigned char *out, int plain_len)
+{
+	unsigned char ad[FP_FILE_ID_LEN + 8];
+	int len;
+	block_ad(ad, file_id, block_no);
+	return RAND_bytes(out, FP_NONCE_LEN) == 1
+	       && EVP_CipherInit_ex(ctx, NULL, NULL, NULL, out, 1) == 1
+	       && EVP_CipherUpdate(ctx, NULL, &len, ad, sizeof(ad)) == 1
+	       && EVP_CipherUpdate(ctx, out + FP_NONCE_LEN, &len, in, plain_len) == 1
+	       && len == plain_len
+	       && EVP_CipherFinal_ex(ctx, out + FP_NONCE_LEN + len, &len) == 1
+	       && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, FP_TAG_LEN,
+				      out + FP_NONCE_LEN + plain_len) == 1;
 }
 
 /* pread until `len` bytes or the end of the file; -1 on an error. */
@@ -350,29 +494,68 @@ static ssize_t pread_full(int fd, unsigned char *buf, size_t len, off_t off)
 	return (ssize_t)got;
 }
 
+/* pwrite all `len` bytes: 0, or -1 on an error. */
+static int pwrite_full(int fd, const unsigned char *buf, size_t len, off_t off)
+{
+	size_t done = 0;
+	while (done < len) {
+		ssize_t n = pwrite(fd, buf + done, len - done, off + (off_t)done);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		if (n == 0)
+			return -1;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+/* Enter the gate and find fh's entry; NULL: not served here (leave() is still due). */
+static struct fp_file *enter(uint64_t fh)
+{
+	atomic_fetch_add(&fp.inflight, 1);
+	if (!atomic_load(&fp.open) || fh >= fp.nfds)
+		return NULL;
+	return atomic_load_explicit(&fp.fds[fh], memory_order_acquire);
+}
+
+static void leave(void) { atomic_fetch_sub(&fp.inflight, 1); }
+
+static uint64_t fh_of(const void *fi)
+{
+	uint64_t fh;
+	memcpy(&fh, (const char *)fi + fp.fh_offset, sizeof(fh));
+	return fh;
+}
+
+/* Whether [off, off+size) is whole blocks, and which; 0 if not (or out of range). */
+static int block_span(size_t size, off_t off, size_t max, uint64_t *first, size_t *nblocks)
+{
+	const size_t bs = fp.block_size, cbs = bs + FP_OVERHEAD;
+	if (off < 0 || size == 0 || size > max || (uint64_t)off % bs || size % bs)
+		return 0;
+	*first = (uint64_t)off / bs;
+	*nblocks = size / bs;
+	/* the cipher offset of the end must fit an off_t */
+	return *first <= ((uint64_t)INT64_MAX - FP_HEADER_LEN) / cbs - *nblocks;
+}
+
 /* The read, or -1: not the happy path (the caller hands it to Python). */
-static int serve(uint64_t fh, char *buf, size_t size, off_t off)
+static int serve_read(uint64_t fh, char *buf, size_t size, off_t off)
 {
 	const size_t bs = fp.block_size, cbs = bs + FP_OVERHEAD;
 	struct fp_file *f;
 	uint64_t seq, first;
-	size_t nblocks, whole, rem;
+	size_t nblocks;
 	ssize_t got;
 	unsigned char *cipher;
 	int slot, rc = -1;
 
-	if (fh >= fp.nfds || off < 0 || size == 0 || size > FP_MAX_READ
-	    || (uint64_t)off % bs || size % bs)
+	if (!block_span(size, off, FP_MAX_IO, &first, &nblocks))
 		return -1;
-	first = (uint64_t)off / bs;
-	nblocks = size / bs;
-	if (first > ((uint64_t)INT64_MAX - FP_HEADER_LEN) / cbs - nblocks)
-		return -1; /* the cipher offset would not fit an off_t */
-
-	atomic_fetch_add(&fp.inflight, 1);
-	if (!atomic_load(&fp.open))
-		goto out;
-	f = atomic_load_explicit(&fp.fds[fh], memory_order_acquire);
+	f = enter(fh);
 	if (f == NULL)
 		goto out;
 	seq = atomic_load_explicit(&f->seq, memory_order_acquire);
@@ -385,41 +568,138 @@ static int serve(uint64_t fh, char *buf, size_t size, off_t off)
 	if (slot < 0)
 		goto out;
 	got = pread_full((int)fh, cipher, nblocks * cbs, (off_t)(FP_HEADER_LEN + first * cbs));
-	if (got >= 0) {
-		whole = (size_t)got / cbs;
-		rem = (size_t)got % cbs;
-		/* A partial last block (rem > 28) goes to Python (short blocks need its stack
-		 * scrub); 1..28 trailing bytes hold no plaintext and are ignored, as plain_size. */
-		if (rem <= FP_OVERHEAD) {
-			rc = (int)(whole * bs);
-			for (size_t i = 0; i < whole && rc >= 0; i++)
-				if (!open_block(f->slot[slot].ctx, f->file_id, first + i,
-						cipher + i * cbs, (unsigned char *)buf + i * bs, (int)bs))
-					rc = -1;
-		}
+	/* A partial last block (more than 28 bytes after the whole ones) goes to Python
+	 * (short blocks need its stack scrub); 1..28 trailing bytes hold no plaintext and
+	 * are not read, as format.Geometry.plain_size says. */
+	if (got >= 0 && (size_t)got % cbs <= FP_OVERHEAD) {
+		size_t whole = (size_t)got / cbs;
+		rc = (int)(whole * bs);
+		for (size_t i = 0; i < whole && rc >= 0; i++)
+			if (!open_block(f->slot[slot].ctx, f->file_id, first + i, cipher + i * cbs,
+					(unsigned char *)buf + i * bs, (int)bs))
+				rc = -1;
 	}
-	atomic_store(&f->slot[slot].busy, 0);
+	release_slot(f, slot);
 	atomic_thread_fence(memory_order_acquire);
 	if (atomic_load_explicit(&f->queued, memory_order_acquire)
 	    || atomic_load_explicit(&f->seq, memory_order_acquire) != seq)
 		rc = -1;
 out:
-	atomic_fetch_sub(&fp.inflight, 1);
+	leave();
 	return rc;
 }
 
-/* libfuse's `read` (fuse_operations.read, libfuse 3); `fi` is a struct fuse_file_info *. */
+/* The write, or -1: not the happy path (nothing was written; Python does it). */
+static int serve_write(uint64_t fh, const char *buf, size_t size, off_t off)
+{
+	const size_t bs = fp.block_size, cbs = bs + FP_OVERHEAD;
+	struct fp_file *f;
+	struct stat st;
+	uint64_t first;
+	size_t nblocks;
+	unsigned char *cipher;
+	int slot, rc = -1;
+
+	if (fp.read_only || !block_span(size, off, FP_MAX_WRITE - 1, &first, &nblocks))
+		return -1;
+	f = enter(fh);
+	if (f == NULL || atomic_load(&fp.aliases) || atomic_load(&f->py_setid)
+	    || atomic_load(&f->py_error))
+		goto out;
+	if (pthread_mutex_trylock(&f->lock) != 0)
+		goto out;
+	if (atomic_load(&f->queued) || fstat((int)fh, &st) != 0 || st.st_size < FP_HEADER_LEN
+	    || first + nblocks > (uint64_t)(st.st_size - FP_HEADER_LEN) / cbs)
+		goto unlock; /* only blocks that exist whole: no size change */
+	cipher = thread_buffer(nblocks * cbs);
+	if (cipher == NULL)
+		goto unlock;
+	slot = grab_slot(f);
+	if (slot < 0)
+		goto unlock;
+	rc = (int)size;
+	for (size_t i = 0; i < nblocks && rc >= 0; i++)
+		if (!seal_block(f->slot[slot].ctx, f->file_id, first + i,
+				(const unsigned char *)buf + i * bs, cipher + i * cbs, (int)bs))
+			rc = -1;
+	release_slot(f, slot);
+	if (rc >= 0) {
+		atomic_fetch_add(&f->seq, 1); /* odd: readers keep off */
+		if (pwrite_full((int)fh, cipher, nblocks * cbs,
+				(off_t)(FP_HEADER_LEN + first * cbs)) != 0)
+			rc = -1; /* Python writes it again, whole, and reports the error */
+		atomic_fetch_add(&f->seq, 1);
+	}
+unlock:
+	pthread_mutex_unlock(&f->lock);
+out:
+	leave();
+	return rc;
+}
+
+/* getattr by handle, or -1. Python's EncfsOperations.stat(fh) and binding._fill_stat. */
+static int serve_getattr(uint64_t fh, struct stat *out)
+{
+	const uint64_t cbs = fp.block_size + FP_OVERHEAD;
+	struct fp_file *f = enter(fh);
+	int rc = -1;
+	if (f == NULL || atomic_load(&f->queued) || atomic_load(&f->seq) & 1)
+		goto out;
+	if (fstat((int)fh, out) != 0 || !S_ISREG(out->st_mode) || out->st_size < 0)
+		goto out;
+	if (out->st_size <= FP_HEADER_LEN) {
+		out->st_size = 0;
+	} else {
+		uint64_t body = (uint64_t)out->st_size - FP_HEADER_LEN;
+		uint64_t rest = body % cbs;
+		out->st_size = (off_t)(body / cbs * fp.block_size
+				       + (rest > FP_OVERHEAD ? rest - FP_OVERHEAD : 0));
+	}
+	out->st_dev = 0;
+	rc = 0;
+out:
+	leave();
+	return rc;
+}
+
+/* ---- libfuse's callbacks (libfuse 3 high-level signatures; fi: struct fuse_file_info *) -- */
+
 FP_API int fp_read(const char *path, char *buf, size_t size, off_t off, void *fi)
 {
-	uint64_t fh;
-	int rc;
-	memcpy(&fh, (const char *)fi + fp.fh_offset, sizeof(fh));
-	rc = serve(fh, buf, size, off);
+	int rc = serve_read(fh_of(fi), buf, size, off);
 	if (rc >= 0) {
-		atomic_fetch_add(&fp.reads, 1);
-		atomic_fetch_add(&fp.bytes, (unsigned long)rc);
+		count(C_READS, 1);
+		count(C_READ_BYTES, (unsigned long)rc);
 		return rc;
 	}
-	atomic_fetch_add(&fp.fallbacks, 1);
-	return fp.fallback(path, buf, size, off, fi);
+	count(C_FALLBACKS, 1);
+	return ((fp_read_fn)fp.fallback[FP_OP_READ])(path, buf, size, off, fi);
+}
+
+FP_API int fp_write(const char *path, const char *buf, size_t size, off_t off, void *fi)
+{
+	int rc = serve_write(fh_of(fi), buf, size, off);
+	if (rc >= 0) {
+		count(C_WRITES, 1);
+		count(C_WRITE_BYTES, (unsigned long)rc);
+		return rc;
+	}
+	count(C_FALLBACKS, 1);
+	return ((fp_write_fn)fp.fallback[FP_OP_WRITE])(path, buf, size, off, fi);
+}
+
+FP_API int fp_getattr(const char *path, struct stat *st, void *fi)
+{
+	if (fi != NULL && serve_getattr(fh_of(fi), st) == 0)
+		return 0;
+	return ((fp_getattr_fn)fp.fallback[FP_OP_GETATTR])(path, st, fi);
+}
+
+FP_API int fp_getxattr(const char *path, const char *name, char *value, size_t size)
+{
+	if (strncmp(name, "user.", 5) != 0) {
+		count(C_PROBES, 1);
+		return atomic_load(&fp.open) ? -fp.foreign_errno : -fp.suspended_errno;
+	}
+	return ((fp_getxattr_fn)fp.fallback[FP_OP_GETXATTR])(path, name, value, size);
 }
