@@ -33,6 +33,15 @@ WRITE_BEHIND = 8 << 20
 """A stream's ciphertext is handed to the disk every this many bytes (see ``_written``)."""
 DEFER_HEADROOM = 256 << 20
 """Writes are deferred only while the backing filesystem has this much room besides."""
+NATIVE_KEY_AFTER = 2
+"""The native path gets a file's key once Python served this many requests it could
+have served (``CipherFile._native_missed``)."""
+
+
+def write_end_ok(write_end: int, plain_size: int, block_size: int) -> bool:
+    """Whether a whole-block write ending at ``write_end`` stays within the whole blocks of
+    a file of ``plain_size`` (an overwrite in place: what the native path serves)."""
+    return write_end <= plain_size - plain_size % block_size
 
 
 class RWLock:
@@ -182,7 +191,8 @@ class CipherFile:
         self._nfile: NativeFile | None = None if native is None else native.new_file()
         """This inode's entry in the native path (``encfs.fastpath``), for the file's life.
         Handles are mapped to it as they are attached; it serves them once it knows the
-        file id and has its key (``_native_ready``)."""
+        file id and has its key (``_native_missed``)."""
+        self._native_misses = 0
         self.undo = undo
         self._undo_slot: tuple[bytes, UndoFile | None] | None = None
         """(file id, its undo file or None if it has none) once a block was rewritten."""
@@ -302,12 +312,17 @@ class CipherFile:
         if self._nfile is not None:
             self._nfile.unmap(fd)
 
-    def _native_ready(self, file_id: bytes) -> None:
-        """Give the entry ``file_id``'s key unless it has it (keys are wiped on suspension:
-        ``NativeIO.generation``). Caller holds a lock and just used the file. Best effort:
-        without a key, requests stay Python's."""
+    def _native_missed(self, file_id: bytes) -> None:
+        """Python served a request the native path serves once keyed (an aligned read, a
+        whole-block overwrite): from the second on, give the entry ``file_id``'s key unless
+        it has it (keys are wiped on suspension: ``NativeIO.generation``). Keying costs a
+        key derivation (~7 us), so a file read once (``cat`` of a small file) never pays
+        it. Caller holds a lock. Best effort: without a key, requests stay Python's."""
         nfile, native = self._nfile, self.native
         if nfile is None or native is None or nfile.keyed == native.generation:
+            return
+        self._native_misses += 1
+        if self._native_misses < NATIVE_KEY_AFTER:
             return
         generation = native.generation
         try:
@@ -506,7 +521,7 @@ class CipherFile:
             raw = self._pread_blocks(fd, first, end, plain_size)
             self.keys.file_cipher(file_id).open_into(first, raw, out[:size], self.backing_path)
             if self._nfile is not None:
-                self._native_ready(file_id)
+                self._native_missed(file_id)
             return size
         finally:
             self._unlock_read()
@@ -553,9 +568,9 @@ class CipherFile:
                 tail, self._tail = self._tail, None
                 if plain_off > plain_size and plain_size % bs and geo.block_no(plain_size) < first:
                     self._pad_last_block(fd, file_id, plain_size, bs)
-                if self._nfile is not None:
-                    self._native_ready(file_id)
                 if early is not None and file_id == early_id:
+                    if self._nfile is not None and write_end_ok(plain_off + length, plain_size, bs):
+                        self._native_missed(file_id)  # an overwrite it could have served
                     backing.pwrite_all(fd, early, geo.block_cipher_off(first))
                     self._written(fd, geo.block_cipher_off(first), len(early))
                     return length

@@ -207,6 +207,11 @@ class NativeIO:
         self.generation += 1
         return bool(self._lib.fp_wipe(WIPE_TIMEOUT_MS))
 
+    def test_between(self, address: int | None) -> None:
+        """Tests only: call the C function at ``address`` in every native read between its
+        decryption and its second look at the seqlock (None: nothing)."""
+        self._lib.fp_test_between(None if address is None else ctypes.c_void_p(address))
+
     def counters(self) -> dict[str, int]:
         """What the library served (reads, writes, bytes, probes) and handed to Python."""
         out = (ctypes.c_ulong * len(_COUNTERS))()
@@ -225,6 +230,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("fp_set_aliases", None, (c_int,)),
         ("fp_wipe", c_int, (ctypes.c_long,)),
         ("fp_counters", None, (ctypes.POINTER(ctypes.c_ulong),)),
+        ("fp_test_between", None, (vp,)),
         ("fp_file_new", vp, ()),
         ("fp_file_set_id", None, (vp, ctypes.c_char_p)),
         ("fp_file_set_key", c_int, (vp, ctypes.c_char_p, vp)),

@@ -131,6 +131,7 @@ static struct {
 	atomic_int aliases;        /* some file has other names to invalidate: writes to Python */
 	atomic_long inflight;      /* native requests inside the gate */
 	atomic_ulong counter[6];
+	void (*between)(void);     /* tests only: runs where a write can race a native read */
 	pthread_mutex_t files_mu;
 	struct fp_file *files;
 } fp = {.files_mu = PTHREAD_MUTEX_INITIALIZER};
@@ -189,6 +190,7 @@ FP_API int fp_setup(uint32_t block_size, int read_only, int foreign_errno,
 	fp.foreign_errno = foreign_errno;
 	fp.suspended_errno = suspended_errno;
 	memset(fp.fallback, 0, sizeof(fp.fallback));
+	fp.between = NULL;
 	for (int i = 0; i < 6; i++)
 		atomic_store(&fp.counter[i], 0);
 	atomic_store(&fp.aliases, 0);
@@ -241,6 +243,13 @@ FP_API int fp_gate_close(long timeout_ms)
 
 /* Some file has other names whose caches Python invalidates after a write (or none has). */
 FP_API void fp_set_aliases(int any) { atomic_store(&fp.aliases, any != 0); }
+
+/*
+ * Tests only (tests/test_fastpath.py): `between` runs in every native read after its
+ * blocks were read and decrypted and before it checks the seqlock again, so that a test
+ * can put a write exactly there. NULL (the default, and fp_setup's) runs nothing.
+ */
+FP_API void fp_test_between(void (*between)(void)) { fp.between = between; }
 
 FP_API void fp_counters(unsigned long out[6])
 {
@@ -580,6 +589,8 @@ static int serve_read(uint64_t fh, char *buf, size_t size, off_t off)
 				rc = -1;
 	}
 	release_slot(f, slot);
+	if (fp.between != NULL)
+		fp.between();
 	atomic_thread_fence(memory_order_acquire);
 	if (atomic_load_explicit(&f->queued, memory_order_acquire)
 	    || atomic_load_explicit(&f->seq, memory_order_acquire) != seq)
