@@ -112,7 +112,7 @@ class Lib:
         buf = (ctypes.c_char * max(size, 1))()
         fi = self.fi(fd)
         rc = self._read(None, ctypes.addressof(buf), size, off, ctypes.addressof(fi))
-        return rc if rc < 0 else bytes(buf[:rc])
+        return rc if rc < 0 else buf.raw[:rc]
 
     def write(self, fd: int, off: int, data: bytes) -> int:
         buf = ctypes.create_string_buffer(data, len(data))
@@ -122,7 +122,8 @@ class Lib:
     def getattr(self, fd: int | None) -> os.stat_result | int:
         out = (ctypes.c_char * 256)()
         fi = None if fd is None else self.fi(fd)
-        rc = self._getattr(b"/f", ctypes.addressof(out), None if fi is None else ctypes.addressof(fi))
+        fi_address = None if fi is None else ctypes.addressof(fi)
+        rc = self._getattr(b"/f", ctypes.addressof(out), fi_address)
         if rc:
             return int(rc)
         # struct stat on x86-64: dev, ino, nlink, mode, uid, gid, pad, rdev, size, ...
@@ -334,18 +335,23 @@ def test_every_other_write_goes_to_python(setup: Setup) -> None:
         assert s.lib.write(s.fd, off, os.urandom(size)) == FALLBACK, what
         assert s.lib.fallbacks == [("write", size, off)], what
     before = _content(s)
-    for what, (on, off) in {
+
+    def report_error() -> None:
+        with pytest.raises(OSError):
+            s.cfile.raise_deferred()
+
+    toggles: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
         "set-ID bits to clear": (lambda: setattr(s.cfile, "setid", True),
                                  lambda: setattr(s.cfile, "setid", False)),
         "a deferred error to report": (
-            lambda: s.cfile.keep_deferred_error(OSError(errno.EIO, "x")),
-            lambda: pytest.raises(OSError, s.cfile.raise_deferred)),
+            lambda: s.cfile.keep_deferred_error(OSError(errno.EIO, "x")), report_error),
         "other names to invalidate": (lambda: s.lib.native.set_aliases(True),
                                       lambda: s.lib.native.set_aliases(False)),
-    }.items():  # fmt: skip
-        on()
+    }  # fmt: skip
+    for what, (enable, disable) in toggles.items():
+        enable()
         assert s.lib.write(s.fd, 0, os.urandom(BS)) == FALLBACK, what
-        off()
+        disable()
         assert s.lib.write(s.fd, 0, before[:BS]) == BS, what
     assert _content(s) == before
 
@@ -426,7 +432,7 @@ def _uniform(data: bytes) -> bool:
 
 def _race(
     reader: Callable[[], bytes | int],
-    writer: Callable[[int], None],
+    writer: Callable[[int], object],
     seconds: float = 1.5,
     both: bool = True,
 ) -> tuple[int, int, int]:
@@ -482,7 +488,7 @@ def test_native_reads_never_return_a_mix_of_a_native_write(setup: Setup) -> None
     _key(s.cfile, s.fd)
     served, handed, mixed = _race(
         lambda: s.lib.read(s.fd, 0, 16 * BS),
-        lambda v: [s.lib.write(s.fd, 0, bytes([v]) * 16 * BS) for _ in range(3)] and None,
+        lambda v: [s.lib.write(s.fd, 0, bytes([v]) * 16 * BS) for _ in range(3)],
     )
     assert mixed == 0, f"{mixed} of {served} native reads mixed two writes"
     assert served and handed, (served, handed)
@@ -501,9 +507,7 @@ def test_python_reads_never_see_a_native_write_half_done(setup: Setup) -> None:
         done_natively += s.lib.write(s.fd, 0, bytes([v]) * 16 * BS) > 0
 
     s.lib.write_fallback = lambda fd, data, off: s.cfile.write(fd, off, data)
-    _served, _handed, mixed = _race(
-        lambda: s.cfile.read(s.fd, 3, 16 * BS - 6), write, both=False
-    )
+    _served, _handed, mixed = _race(lambda: s.cfile.read(s.fd, 3, 16 * BS - 6), write, both=False)
     assert mixed == 0
     assert done_natively > 0
 
@@ -583,6 +587,10 @@ def test_every_change_of_a_file_moves_its_change_count(setup: Setup) -> None:
     def count() -> int:
         return int(nfile._seq.value)
 
+    def rewrite_and_sync() -> None:
+        s.cfile.write(s.fd, 5, b"y")
+        s.cfile.sync(s.fd, True)
+
     changes: dict[str, Callable[[], object]] = {
         "aligned overwrite": lambda: s.cfile.write(s.fd, 0, bytes(BS)),
         "partial overwrite": lambda: s.cfile.write(s.fd, 10, b"x"),
@@ -592,7 +600,7 @@ def test_every_change_of_a_file_moves_its_change_count(setup: Setup) -> None:
         "fallocate": lambda: s.cfile.allocate(s.fd, 0, 0, 30 * BS),
         "truncate to 0": lambda: s.cfile.truncate(s.fd, 0),
         "first write of an empty file": lambda: s.cfile.write(s.fd, 0, os.urandom(3 * BS)),
-        "fsync after a rewrite": lambda: (s.cfile.write(s.fd, 5, b"y"), s.cfile.sync(s.fd, True)),
+        "fsync after a rewrite": rewrite_and_sync,
     }
     for what, change in changes.items():
         before = count()
