@@ -312,8 +312,8 @@ class Daemon:
         cfg, state, keys, audit = self.config, self.state, unlocked.keys, unlocked.audit
         if not keys.memory_lock.mlocked:
             log.warning("key memory is not locked: %s", keys.memory_lock.detail)
-        native, why = load_native(unlocked.block_size, unlocked.features, cfg.fs)
-        log.info("hot requests served by %s", why if native is not None else f"Python: {why}")
+        io = load_native(unlocked.block_size, unlocked.features, cfg.fs)
+        log.log(logging.WARNING if io.degraded else logging.INFO, "I/O path: %s", io.reason)
         ops = EncfsOperations(
             str(cfg.cipher_dir),
             keys,
@@ -321,8 +321,7 @@ class Daemon:
             cfg.fs,
             on_init=lambda: self._announce_ready(on_ready),
             dirid_links=fmt.dirid_links(unlocked.features),
-            native=native,
-            native_reason=why,
+            io=io,
         )
         options = _fuse_options(cfg)
         log.info(

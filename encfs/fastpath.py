@@ -26,6 +26,7 @@ import platform
 import resource
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from encfs import format as fmt
@@ -244,6 +245,18 @@ def _declare(lib: ctypes.CDLL) -> None:
         func.argtypes = argtypes
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What ``load`` found: the native path, or None and why not."""
+
+    native: NativeIO | None
+    reason: str
+    """For ``encfs status`` and the log: ``native (LIBRARY)``, or why Python serves all."""
+    degraded: bool = False
+    """The library should have been there and is not (missing, stale, broken): worth a
+    warning, where a choice (``ENCFS_NATIVE=0``, a volume feature) is not."""
+
+
 def load(
     block_size: int,
     features: int,
@@ -252,32 +265,36 @@ def load(
     foreign_errno: int,
     suspended_errno: int,
     environ: Mapping[str, str] = os.environ,
-) -> tuple[NativeIO | None, str]:
-    """The native path for a mount of a volume with ``block_size`` and ``features``, or
-    None; with the reason either way (for the log and ``encfs status``)."""
+) -> Choice:
+    """The native path for a mount of a volume with ``block_size`` and ``features``."""
     if environ.get("ENCFS_NATIVE", "1") == "0":
-        return None, "disabled (ENCFS_NATIVE=0)"
+        return Choice(None, "Python: disabled (ENCFS_NATIVE=0)")
     if sys.platform != "linux" or platform.machine() != "x86_64":
-        return None, f"not supported on {sys.platform}/{platform.machine()}"
+        return Choice(None, f"Python: no native path on {sys.platform}/{platform.machine()}")
     if features & ~NATIVE_FEATURES:
-        return None, f"not for volumes with features {features & ~NATIVE_FEATURES:#x}"
+        unknown = features & ~NATIVE_FEATURES
+        return Choice(None, f"Python: the native path does not serve volume features {unknown:#x}")
     path = library_path(environ)
     try:
         built_from = path.with_name(path.name + ".stamp").read_text().strip()
     except OSError:
-        return None, f"{path} not built (scripts/install builds it)"
+        return Choice(None, f"Python: {path} is not built (scripts/install builds it)", True)
     try:
         if built_from != source_digest():
-            return None, f"{path} is stale, built from another fastpath.c (scripts/install)"
+            return Choice(
+                None,
+                f"Python: {path} is stale, built from another fastpath.c (scripts/install)",
+                True,
+            )
     except OSError as exc:
-        return None, f"cannot read {SOURCE}: {exc.strerror}"
+        return Choice(None, f"Python: cannot read {SOURCE}: {exc.strerror}", True)
     try:
         lib = ctypes.CDLL(str(path))
         _declare(lib)
         version = lib.fp_version()
         if version != ABI_VERSION:
-            return None, f"{path} has ABI {version}, not {ABI_VERSION}"
+            return Choice(None, f"Python: {path} has ABI {version}, not {ABI_VERSION}", True)
         native = NativeIO(lib, path, block_size, read_only, foreign_errno, suspended_errno)
     except (OSError, AttributeError) as exc:
-        return None, f"cannot load {path}: {exc}"
-    return native, f"native ({path})"
+        return Choice(None, f"Python: cannot load {path}: {exc}", True)
+    return Choice(native, f"native ({path})")

@@ -101,7 +101,9 @@ class Volume:
             check=True,
         )
 
-    def mount(self, *extra: str) -> None:
+    def mount(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        """``encfs mount`` (what it printed is returned: its stderr has the daemon's
+        messages up to the moment the mount was live)."""
         args: list[str | Path] = [
             "mount",
             self.cipher_dir,
@@ -113,8 +115,9 @@ class Volume:
             args += ["-o", ",".join(self.options)]
         if self.log_file is not None:
             args += ["--log-file", self.log_file]
-        encfs(*args, *self.audit_args(), *extra, env=self.env, check=True)
+        proc = encfs(*args, *self.audit_args(), *extra, env=self.env, check=True)
         assert is_mounted(self.mountpoint)
+        return proc
 
     def unmount(self) -> None:
         proc = encfs("unmount", self.mountpoint, env=self.env)
@@ -124,6 +127,15 @@ class Volume:
     def remount(self) -> None:
         self.unmount()
         self.mount()
+
+    def status(self) -> dict[str, Any]:
+        """``encfs status --json`` of this mount."""
+        import json
+
+        proc = encfs("status", self.mountpoint, "--json", env=self.env)
+        assert proc.returncode == 0, proc.stderr
+        out: dict[str, Any] = json.loads(proc.stdout)
+        return out
 
     def daemon_pid(self) -> int:
         """PID of the daemon serving this mount (from its runtime file)."""
@@ -153,6 +165,37 @@ class Volume:
             except OSError:
                 pass
         return b"\0".join(chunks)
+
+
+class DirectFile:
+    """A file of a mount opened with O_DIRECT: every ``pread``/``pwrite`` is one FUSE
+    request, the page cache out of the way (buffers are page-aligned mmaps)."""
+
+    def __init__(self, path: Path, flags: int = os.O_RDWR) -> None:
+        self.fd = os.open(path, flags | os.O_DIRECT)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        import mmap
+
+        with mmap.mmap(-1, max(size, 1)) as buf:
+            n = os.preadv(self.fd, [memoryview(buf)[:size]], offset)
+            return buf[:n]
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        import mmap
+
+        with mmap.mmap(-1, max(len(data), 1)) as buf:
+            buf[: len(data)] = data
+            return os.pwritev(self.fd, [memoryview(buf)[: len(data)]], offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class MakeVolume(Protocol):

@@ -30,6 +30,7 @@ from encfs import format as fmt
 from encfs.cli import ExitCode
 from tests.conftest import TransitKey
 from tests.harness import (
+    DirectFile,
     MakeVolume,
     Volume,
     encfs,
@@ -239,6 +240,54 @@ def test_revocation_suspends_and_restoring_resumes(live: Live, kind: str) -> Non
         assert ("vault_error", "error") in events
     finally:
         witness.close()
+
+
+def _counters(live: Live) -> dict[str, int]:
+    counters = live.status()["counters"]
+    assert isinstance(counters, dict)
+    return counters
+
+
+def test_native_requests_stop_at_suspension_and_come_back_with_the_keys(live: Live) -> None:
+    """The suspension gate shuts the native path too: a handle opened before fails every
+    request while suspended (EACCES), none of them served natively; after the resume the
+    native path is keyed again and serves the same handle."""
+    path = live.vol.mountpoint / "data"
+    data = os.urandom(16 * 4096)
+    path.write_bytes(data)
+    with DirectFile(path) as f:
+        for _ in range(3):
+            assert f.pread(4096, 4096) == data[4096:8192]
+        counters = _counters(live)
+        if "native_reads" not in counters:
+            pytest.skip(f"no native path here: {live.status()['io_path']}")
+        assert counters["native_reads"] > 0
+        live.bao.soft_delete_key(live.key)
+        try:
+            live.wait_state("suspended")
+            suspended = _counters(live)
+            for request in (
+                lambda: f.pread(4096, 4096),
+                lambda: f.pwrite(bytes(4096), 0),
+                lambda: os.fstat(f.fd),
+                lambda: os.getxattr(path, "security.capability"),
+            ):
+                with pytest.raises(PermissionError):
+                    request()
+            after = _counters(live)
+            assert (after["native_reads"], after["native_writes"]) == (
+                suspended["native_reads"],
+                suspended["native_writes"],
+            )
+        finally:
+            live.bao.restore_key(live.key)
+        live.wait_state("active")
+        for _ in range(3):
+            assert f.pread(4096, 4096) == data[4096:8192]
+        assert f.pwrite(data[:4096], 0) == 4096
+    resumed = _counters(live)
+    assert resumed["native_reads"] > counters["native_reads"]
+    assert path.read_bytes() == data
 
 
 def test_unreachable_vault_gets_its_grace(make_volume: MakeVolume, tmp_path: Path) -> None:
@@ -451,6 +500,23 @@ def _key_material(live: Live, root_token: str) -> dict[str, bytes]:
     return out
 
 
+def _native_io(live: Live, path: Path) -> int | None:
+    """Aligned O_DIRECT reads and whole-block overwrites of ``path`` (at least 12 blocks)
+    until the native path served some of both; how many reads it served so far (None: no
+    native path in this build)."""
+    with DirectFile(path) as f:
+        for _ in range(4):  # keyed on the second request Python serves
+            assert len(f.pread(2 * 4096, 4096)) == 2 * 4096
+            assert f.pwrite(os.urandom(4096), 8 * 4096) == 4096
+    status = live.status()
+    if not str(status["io_path"]).startswith("native"):
+        return None
+    counters = status["counters"]
+    assert isinstance(counters, dict)
+    assert counters["native_reads"] > 0 and counters["native_writes"] > 0, counters
+    return int(counters["native_reads"])
+
+
 def _needles(keys: dict[str, bytes]) -> dict[str, bytes]:
     needles = {}
     for name, key in keys.items():
@@ -490,6 +556,7 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
         m[:10] = b"0123456789"
         m.flush()
         m.close()
+    native = _native_io(live, mp / "d" / "file2")  # cipher contexts in the native path too
     time.sleep(2 * INTERVAL + 0.5)  # a few watcher unwraps have passed through memory
     needles = _needles(_key_material(live, openbao.root_token))
     pid = live.vol.daemon_pid()
@@ -510,6 +577,9 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
     finally:
         openbao.restore_key(transit_key.name)
     live.wait_state("active")
+    if native is not None:  # resumed: the native path is keyed again, and serves again
+        again = _native_io(live, mp / "d" / "file3")
+        assert again is not None and again > native
     # Stop the daemon when it removes its runtime file — its last act after unmounting,
     # wiping the keys and closing the vault client, before the interpreter exits — and
     # scan it there. (A SIGSTOP injected at exit_group does not stop the exit.)

@@ -44,16 +44,16 @@ GETXATTR = ctypes.CFUNCTYPE(
 
 
 def _load(read_only: bool = False, features: int = 0) -> NativeIO:
-    native, why = fastpath.load(
+    choice = fastpath.load(
         BS,
         features,
         read_only=read_only,
         foreign_errno=errno.EOPNOTSUPP,
         suspended_errno=errno.EACCES,
     )
-    if native is None:
-        pytest.skip(f"the native path is not available here: {why}")
-    return native
+    if choice.native is None:
+        pytest.skip(f"the native path is not available here: {choice.reason}")
+    return choice.native
 
 
 @dataclass
@@ -182,36 +182,40 @@ def _content(s: Setup) -> bytes:
 
 
 def test_load_says_why_the_native_path_is_not_used(tmp_path: Path) -> None:
-    def why(environ: dict[str, str], features: int = 0) -> tuple[bool, str]:
-        native, reason = fastpath.load(
+    def why(environ: dict[str, str], features: int = 0) -> tuple[bool, str, bool]:
+        choice = fastpath.load(
             BS, features, read_only=False, foreign_errno=95, suspended_errno=13, environ=environ
         )
-        return native is not None, reason
+        return choice.native is not None, choice.reason, choice.degraded
 
     real = fastpath.library_path()
     if not real.exists():
         pytest.skip("the native path is not built here")
-    assert why({}) == (True, f"native ({real})")
-    assert why({"ENCFS_NATIVE": "0"}) == (False, "disabled (ENCFS_NATIVE=0)")
+    assert why({}) == (True, f"native ({real})", False)
+    assert why({"ENCFS_NATIVE": "0"}) == (False, "Python: disabled (ENCFS_NATIVE=0)", False)
     missing = tmp_path / "nowhere.so"
     assert why({"ENCFS_FASTPATH_LIBRARY": str(missing)}) == (
         False,
-        f"{missing} not built (scripts/install builds it)",
+        f"Python: {missing} is not built (scripts/install builds it)",
+        True,
     )
     stale = tmp_path / "stale.so"
     shutil.copy(real, stale)
     (tmp_path / "stale.so.stamp").write_text("0" * 64 + "\n")
-    ok, reason = why({"ENCFS_FASTPATH_LIBRARY": str(stale)})
-    assert not ok and "is stale" in reason
+    ok, reason, degraded = why({"ENCFS_FASTPATH_LIBRARY": str(stale)})
+    assert not ok and degraded and "is stale" in reason
     garbage = tmp_path / "garbage.so"
     garbage.write_bytes(b"not an ELF file")
     (tmp_path / "garbage.so.stamp").write_text(fastpath.source_digest())
-    ok, reason = why({"ENCFS_FASTPATH_LIBRARY": str(garbage)})
-    assert not ok and reason.startswith(f"cannot load {garbage}")
+    ok, reason, degraded = why({"ENCFS_FASTPATH_LIBRARY": str(garbage)})
+    assert not ok and degraded and reason.startswith(f"Python: cannot load {garbage}")
     # The seam for formats the native path does not implement (an outer cipher layer):
     # any feature flag but the ones it knows keeps the volume in Python.
-    ok, reason = why({}, features=fmt.FEATURE_DIRID_LINKS | 1 << 1)
-    assert not ok and reason == "not for volumes with features 0x2"
+    assert why({}, features=fmt.FEATURE_DIRID_LINKS | 1 << 1) == (
+        False,
+        "Python: the native path does not serve volume features 0x2",
+        False,
+    )
     assert why({}, features=fmt.FEATURE_DIRID_LINKS)[0]
 
 

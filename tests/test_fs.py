@@ -10,6 +10,7 @@ import json
 import mmap
 import multiprocessing
 import os
+import random
 import secrets
 import socket
 import stat
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 
 from encfs import format as fmt
-from tests.harness import MakeVolume, Volume, as_user, encfs, mount_foreground
+from tests.harness import DirectFile, MakeVolume, Volume, as_user, encfs, mount_foreground
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -1160,6 +1161,125 @@ def test_fio_mmap_writes_verify_and_survive_remount(
     vol.remount()
     (job,) = run_fio(vol, tmp_path, *MMAP_JOB, "--verify_only")
     assert job["read"]["io_bytes"] == 16 * MIB
+
+
+# --- the native path (encfs/fastpath.py): the same answers, counted ---------------------
+
+
+def _native_workload(vol: Volume, seed: int) -> tuple[int, int, int, int]:
+    """Random O_DIRECT I/O on one file against a model: aligned reads and whole-block
+    overwrites (what the native path serves), unaligned reads and partial writes (what it
+    hands to Python); every answer checked. Returns (reads, bytes read, writes, bytes
+    written) as the mount must count them: O_DIRECT makes each call one request."""
+    rnd = random.Random(seed)
+    path = vol.mountpoint / f"native-{seed}"
+    model = bytearray(rnd.randbytes(48 * 4096 + 1000))
+    path.write_bytes(model)
+    reads = read_bytes = writes = written = 0
+    with DirectFile(path) as f:
+        for _ in range(400):
+            block, n = rnd.randrange(50), rnd.choice([1, 1, 2, 8])
+            off, size = block * 4096, n * 4096
+            if rnd.random() < 0.2:
+                off, size = off + rnd.randrange(1, 4096), rnd.randrange(1, 9000)
+            if rnd.random() < 0.35 and off + size <= 48 * 4096:
+                data = rnd.randbytes(size)
+                assert f.pwrite(data, off) == size
+                model[off : off + size] = data
+                writes, written = writes + 1, written + size
+            else:
+                got = f.pread(size, off)
+                assert got == bytes(model[off : off + size]), (off, size)
+                if off < len(model):  # (at the end of the file the kernel asks nothing)
+                    reads, read_bytes = reads + 1, read_bytes + len(got)
+    assert path.read_bytes() == bytes(model)
+    return reads, read_bytes, writes, written
+
+
+def _counted(vol: Volume, seed: int) -> tuple[dict[str, int], tuple[int, int, int, int]]:
+    before = vol.status()["counters"]
+    done = _native_workload(vol, seed)
+    after = vol.status()["counters"]
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    reads, read_bytes, writes, written = done
+    # The final read_bytes() through the page cache adds reads; writes are exact.
+    assert (delta["writes"], delta["bytes_written"]) == (writes + 1, written + 48 * 4096 + 1000)
+    assert delta["reads"] >= reads and delta["bytes_read"] >= read_bytes
+    return delta, done
+
+
+def test_the_native_path_serves_aligned_io_and_counts_it(vol: Volume) -> None:
+    status = vol.status()
+    if not status["io_path"].startswith("native"):
+        pytest.skip(f"no native path here: {status['io_path']}")
+    delta, (reads, _rb, writes, _wb) = _counted(vol, 1)
+    assert delta["native_reads"] > reads // 2, delta  # most reads are aligned: native
+    assert delta["native_writes"] > writes // 3, delta
+    assert delta["native_fallbacks"] > 0, delta  # the unaligned ones went to Python
+    text = encfs("status", vol.mountpoint).stdout
+    assert "I/O path     native (" in text
+    vol.remount()  # what the native path wrote is the file
+    _counted(vol, 1)
+
+
+@pytest.mark.parametrize(
+    ("env", "io_path", "warned"),
+    [
+        ({"ENCFS_NATIVE": "0"}, "Python: disabled (ENCFS_NATIVE=0)", False),
+        (
+            {"ENCFS_FASTPATH_LIBRARY": "/nonexistent/libencfs_fastpath.so"},
+            "Python: /nonexistent/libencfs_fastpath.so is not built (scripts/install builds it)",
+            True,
+        ),
+    ],
+)
+def test_without_the_native_path_python_serves_everything(
+    make_volume: MakeVolume, env: dict[str, str], io_path: str, warned: bool
+) -> None:
+    """Disabled, or its library missing: every request is served in Python, as before;
+    ``encfs status`` says so, and the log warns when the library should have been there."""
+    vol: Volume = make_volume(mount=False)
+    vol.env.update(env)
+    mounted = vol.mount()
+    status = vol.status()
+    assert status["io_path"] == io_path
+    assert "native_reads" not in status["counters"]
+    _counted(vol, 2)
+    assert (f"encfs: WARNING: I/O path: {io_path}" in mounted.stderr) == warned, mounted.stderr
+    assert f"I/O path     {io_path}" in encfs("status", vol.mountpoint).stdout
+
+
+def test_direct_reads_racing_writes_see_one_write_or_the_other(vol: Volume) -> None:
+    """64 KiB rewritten whole (natively) and 256 KiB (in Python) again and again while
+    another thread reads 64 KiB of it: every read holds one version of it."""
+    path = vol.mountpoint / "raced"
+    path.write_bytes(bytes(64 * 4096))
+    stop = threading.Event()
+
+    def writer() -> None:
+        with DirectFile(path) as f:
+            version = 1
+            while not stop.is_set():
+                f.pwrite(bytes([version]) * 16 * 4096, 0)
+                if version % 5 == 0:
+                    f.pwrite(bytes([version]) * 64 * 4096, 0)
+                version = version % 250 + 1
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    mixed = seen = 0
+    try:
+        with DirectFile(path, os.O_RDONLY) as f:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                got = f.pread(16 * 4096, 0)
+                seen += 1
+                mixed += got != got[:1] * len(got)
+    finally:
+        stop.set()
+        t.join(10)
+    assert mixed == 0, f"{mixed} of {seen} reads held two writes"
+    assert seen > 100
 
 
 # --- caches: hard-link names, large listings, set-ID bits -------------------------------

@@ -258,6 +258,14 @@ def _print_status(r: dict[str, Any]) -> None:
             f"{c.get('writes')} writes ({c.get('bytes_written')} B), "
             f"{c.get('integrity_errors')} integrity errors"
         )
+    if r.get("io_path"):
+        served = ""
+        if "native_reads" in c:
+            served = (
+                f"; {c.get('native_reads')} reads and {c.get('native_writes')} writes of "
+                f"those served natively, {c.get('native_fallbacks')} handed to Python"
+            )
+        print(f"  I/O path     {r['io_path']}{served}")
     lf = r.get("libfuse") or {}
     if lf:
         print(

@@ -26,7 +26,6 @@ from encfs import backing, fastpath, names
 from encfs import format as fmt
 from encfs.cipherfile import Sealer
 from encfs.errors import FormatError, IntegrityError, VolumeSuspended
-from encfs.fastpath import NativeIO
 from encfs.fs import xattrs
 from encfs.fs.attrs import Attributes
 from encfs.fs.handles import Listing, OpenFiles
@@ -96,10 +95,9 @@ class Counters:
 _UNGATED = frozenset({"release", "releasedir"})
 
 
-def load_native(block_size: int, features: int, options: FsOptions) -> tuple[NativeIO | None, str]:
+def load_native(block_size: int, features: int, options: FsOptions) -> fastpath.Choice:
     """The native path (``fastpath.load``) for a mount of a volume with ``block_size``
-    and feature flags ``features``, answering as these operations do; or None. With the
-    reason either way, for the log and ``encfs status``."""
+    and feature flags ``features``, answering as these operations do, or why not."""
     return fastpath.load(
         block_size,
         features,
@@ -195,15 +193,14 @@ class EncfsOperations:
         on_init: Callable[[], None] | None = None,
         *,
         dirid_links: bool = False,
-        native: NativeIO | None = None,
-        native_reason: str = "not asked for",
+        io: fastpath.Choice | None = None,
     ) -> None:
         root = backing.open_root(cipher_dir)
         self.keys = keys
-        self.native = native
+        native = self.native = None if io is None else io.native
         """The native path (``encfs.fastpath``) the binding puts in front of ``read``,
         ``write``, ``getattr`` and ``getxattr``, or None: every request is served here."""
-        self.io_path = native_reason if native is not None else f"Python: {native_reason}"
+        self.io_path = "Python" if io is None else io.reason
         """Which path serves the hot requests, and why (``encfs status``)."""
         if native is not None:
             keys.attach_native(native)
