@@ -38,12 +38,6 @@ NATIVE_KEY_AFTER = 2
 have served (``CipherFile._native_missed``)."""
 
 
-def write_end_ok(write_end: int, plain_size: int, block_size: int) -> bool:
-    """Whether a whole-block write ending at ``write_end`` stays within the whole blocks of
-    a file of ``plain_size`` (an overwrite in place: what the native path serves)."""
-    return write_end <= plain_size - plain_size % block_size
-
-
 class RWLock:
     """Many readers or one writer. Not reentrant; writers may starve under endless reads.
 
@@ -569,7 +563,7 @@ class CipherFile:
                 if plain_off > plain_size and plain_size % bs and geo.block_no(plain_size) < first:
                     self._pad_last_block(fd, file_id, plain_size, bs)
                 if early is not None and file_id == early_id:
-                    if self._nfile is not None and write_end_ok(plain_off + length, plain_size, bs):
+                    if self._nfile is not None and plain_off + length <= geo.whole_end(plain_size):
                         self._native_missed(file_id)  # an overwrite it could have served
                     backing.pwrite_all(fd, early, geo.block_cipher_off(first))
                     self._written(fd, geo.block_cipher_off(first), len(early))

@@ -413,6 +413,10 @@ class Geometry:
             return symlink_plain_size(cipher_size)
         return cipher_size
 
+    def whole_end(self, plain_size: int) -> int:
+        """Where the whole blocks of a file of ``plain_size`` bytes end (plain side)."""
+        return plain_size - plain_size % self.block_size
+
     def cipher_size(self, plain_size: int) -> int:
         """Backing file size for ``plain_size`` plaintext bytes (0 stays 0: no header)."""
         if plain_size == 0:

@@ -500,14 +500,13 @@ def _key_material(live: Live, root_token: str) -> dict[str, bytes]:
     return out
 
 
-def _native_io(live: Live, path: Path) -> int | None:
-    """Aligned O_DIRECT reads and whole-block overwrites of ``path`` (at least 12 blocks)
-    until the native path served some of both; how many reads it served so far (None: no
-    native path in this build)."""
-    with DirectFile(path) as f:
-        for _ in range(4):  # keyed on the second request Python serves
-            assert len(f.pread(2 * 4096, 4096)) == 2 * 4096
-            assert f.pwrite(os.urandom(4096), 8 * 4096) == 4096
+def _native_io(live: Live, f: DirectFile) -> int | None:
+    """Aligned reads and whole-block overwrites through ``f`` (at least 12 blocks) until
+    the native path served some of both; how many reads it served so far (None: no native
+    path in this build)."""
+    for _ in range(4):  # keyed on the second request Python serves
+        assert len(f.pread(2 * 4096, 4096)) == 2 * 4096
+        assert f.pwrite(os.urandom(4096), 8 * 4096) == 4096
     status = live.status()
     if not str(status["io_path"]).startswith("native"):
         return None
@@ -556,7 +555,9 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
         m[:10] = b"0123456789"
         m.flush()
         m.close()
-    native = _native_io(live, mp / "d" / "file2")  # cipher contexts in the native path too
+    # Cipher contexts in the native path too, kept (the file stays open) until the wipe.
+    held_open = DirectFile(mp / "d" / "file2")
+    native = _native_io(live, held_open)
     time.sleep(2 * INTERVAL + 0.5)  # a few watcher unwraps have passed through memory
     needles = _needles(_key_material(live, openbao.root_token))
     pid = live.vol.daemon_pid()
@@ -578,8 +579,9 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
         openbao.restore_key(transit_key.name)
     live.wait_state("active")
     if native is not None:  # resumed: the native path is keyed again, and serves again
-        again = _native_io(live, mp / "d" / "file3")
+        again = _native_io(live, held_open)
         assert again is not None and again > native
+    held_open.close()  # (an open file would keep the mount busy)
     # Stop the daemon when it removes its runtime file — its last act after unmounting,
     # wiping the keys and closing the vault client, before the interpreter exits — and
     # scan it there. (A SIGSTOP injected at exit_group does not stop the exit.)
