@@ -182,11 +182,17 @@ class CipherFile:
     ) -> None:
         self.keys = keys
         self.native = native
-        self._nfile: NativeFile | None = None if native is None else native.new_file()
-        """This inode's entry in the native path (``encfs.fastpath``), for the file's life.
-        Handles are mapped to it as they are attached; it serves them once it knows the
-        file id and has its key (``_native_missed``)."""
+        self._nfile: NativeFile | None = None
+        """This inode's entry in the native path (``encfs.fastpath``), made once it pays
+        off (``_native_missed``) and kept until the last close. Made, and set to None at
+        the last close, only under the write lock: a locked section finds the same value
+        at its end as at its start."""
+        self._native_lock = threading.Lock()
+        """Guards ``_fds`` and the words mirrored into the entry (``setid``, the deferred
+        error) against the entry being made meanwhile."""
+        self._fds: set[int] = set()  # the handles open on this inode (for the entry)
         self._native_misses = 0
+        self._native_wanted = False
         self.undo = undo
         self._undo_slot: tuple[bytes, UndoFile | None] | None = None
         """(file id, its undo file or None if it has none) once a block was rewritten."""
@@ -237,9 +243,12 @@ class CipherFile:
 
     # --- the native path (encfs.fastpath) ---------------------------------------------------
     #
-    # Native requests never take ``lock``: native reads use the entry's change count (a
-    # seqlock: every change below runs between ``changing`` and ``changed``), native
-    # writes try the entry's C lock, which every locked section here holds too.
+    # A file gets its native entry once Python served it a second request the native path
+    # would have served (an aligned read, an overwrite of whole blocks): a file read once,
+    # like most of a source tree, never pays for one. From then on native requests never
+    # take ``lock``: native reads use the entry's change count (a seqlock: every change
+    # below runs between ``changing`` and ``changed``), native writes try the entry's C
+    # lock, which every locked section here holds too.
 
     def _lock_read(self) -> None:
         self.lock.acquire_read()
@@ -250,6 +259,8 @@ class CipherFile:
         if self._nfile is not None:
             self._nfile.unlock()
         self.lock.release_read()
+        if self._native_wanted:
+            self._go_native()
 
     def _lock_write(self) -> None:
         """The write lock, and native requests kept off the file until ``_unlock_write``."""
@@ -265,6 +276,8 @@ class CipherFile:
             nfile.changed()
             nfile.unlock()
         self.lock.release_write()
+        if self._native_wanted:
+            self._go_native()
 
     def _set_file_id(self, file_id: bytes | None) -> None:
         """Caller holds a lock (``_lock_read`` or ``_lock_write``)."""
@@ -280,15 +293,17 @@ class CipherFile:
 
     @setid.setter
     def setid(self, value: bool) -> None:
-        self._setid = value
-        if self._nfile is not None:
-            self._nfile.set_python_writes(setid=value)
+        with self._native_lock:
+            self._setid = value
+            if self._nfile is not None:
+                self._nfile.set_python_writes(setid=value)
 
     def keep_deferred_error(self, err: OSError) -> None:
         """A deferred write failed: the next write or fsync raises ``err``."""
-        self.deferred_error = err
-        if self._nfile is not None:
-            self._nfile.set_python_writes(error=True)
+        with self._native_lock:
+            self.deferred_error = err
+            if self._nfile is not None:
+                self._nfile.set_python_writes(error=True)
 
     def mirror_pending(self) -> None:
         """Show the native entry how many deferred writes wait (caller holds the Sealer's
@@ -298,27 +313,43 @@ class CipherFile:
 
     def attach_fd(self, fd: int) -> None:
         """Handle ``fd`` of this inode is open: the native path may serve it."""
-        if self._nfile is not None:
-            self._nfile.map(fd)
+        with self._native_lock:
+            self._fds.add(fd)
+            if self._nfile is not None:
+                self._nfile.map(fd)
 
     def forget_fd(self, fd: int) -> None:
         """Handle ``fd`` is being closed (no request of it in flight): no longer native."""
-        if self._nfile is not None:
-            self._nfile.unmap(fd)
+        with self._native_lock:
+            self._fds.discard(fd)
+            if self._nfile is not None:
+                self._nfile.unmap(fd)
 
     def _native_missed(self, file_id: bytes) -> None:
-        """Python served a request the native path serves once keyed (an aligned read, a
-        whole-block overwrite): from the second on, give the entry ``file_id``'s key unless
-        it has it (keys are wiped on suspension: ``NativeIO.generation``). Keying costs a
-        key derivation (~7 us), so a file read once (``cat`` of a small file) never pays
-        it. Caller holds a lock. Best effort: without a key, requests stay Python's."""
-        nfile, native = self._nfile, self.native
-        if nfile is None or native is None or nfile.keyed == native.generation:
+        """Python served a request the native path serves (an aligned read, a whole-block
+        overwrite): from the second on, get the native path ready for the next ones — an
+        entry (made by ``_go_native`` once the caller lets go of its lock) with
+        ``file_id``'s key (keys are wiped on suspension: ``NativeIO.generation``). Keying
+        costs a key derivation (~7 us). Caller holds a lock. Best effort: without an entry
+        and key, requests stay Python's."""
+        native = self.native
+        if native is None:
+            return
+        nfile = self._nfile
+        if nfile is not None and nfile.keyed == native.generation:
             return
         self._native_misses += 1
         if self._native_misses < NATIVE_KEY_AFTER:
             return
-        generation = native.generation
+        if nfile is None:
+            self._native_wanted = True  # needs the write lock: after this one is let go
+        else:
+            self._key_native(nfile, file_id)
+
+    def _key_native(self, nfile: NativeFile, file_id: bytes) -> None:
+        """Lend ``nfile`` the key of ``file_id`` (the id it has). Caller holds a lock."""
+        assert self.native is not None
+        generation = self.native.generation
         try:
             done = self.keys.lend_file_key(file_id, lambda key: nfile.set_key(file_id, key))
         except (VolumeSuspended, OSError) as exc:
@@ -326,6 +357,35 @@ class CipherFile:
             return
         if done:
             nfile.keyed = generation
+
+    def _go_native(self) -> None:
+        """Make the native entry (``_native_missed`` asked for it): under the write lock,
+        so that no Python reader or writer is inside without holding the entry's C lock;
+        the entry learns the file's id, key, queued writes and reasons to leave writes to
+        Python, and then its handles. Best effort."""
+        self._native_wanted = False
+        native = self.native
+        assert native is not None
+        self.lock.acquire_write()
+        try:
+            file_id = self._file_id
+            if self._nfile is not None or file_id is None:
+                return
+            try:
+                nfile = native.new_file()
+            except MemoryError:
+                return
+            nfile.set_id(file_id)
+            with self._native_lock:
+                nfile.set_python_writes(setid=self._setid, error=self.deferred_error is not None)
+                self._nfile = nfile
+                if self.sealer is not None:
+                    self.sealer.mirror(self)
+                self._key_native(nfile, file_id)
+                for fd in self._fds:
+                    nfile.map(fd)
+        finally:
+            self.lock.release_write()
 
     def forget_plaintext(self) -> None:
         """Drop the plaintext kept for appends (``_tail``): at suspension, nothing of the
@@ -514,7 +574,7 @@ class CipherFile:
                 return size
             raw = self._pread_blocks(fd, first, end, plain_size)
             self.keys.file_cipher(file_id).open_into(first, raw, out[:size], self.backing_path)
-            if self._nfile is not None:
+            if self.native is not None:
                 self._native_missed(file_id)
             return size
         finally:
@@ -563,7 +623,7 @@ class CipherFile:
                 if plain_off > plain_size and plain_size % bs and geo.block_no(plain_size) < first:
                     self._pad_last_block(fd, file_id, plain_size, bs)
                 if early is not None and file_id == early_id:
-                    if self._nfile is not None and plain_off + length <= geo.whole_end(plain_size):
+                    if self.native is not None and plain_off + length <= geo.whole_end(plain_size):
                         self._native_missed(file_id)  # an overwrite it could have served
                     backing.pwrite_all(fd, early, geo.block_cipher_off(first))
                     self._written(fd, geo.block_cipher_off(first), len(early))

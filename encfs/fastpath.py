@@ -32,7 +32,7 @@ from pathlib import Path
 from encfs import format as fmt
 
 LIBRARY_NAME = "libencfs_fastpath.so"
-ABI_VERSION = 2
+ABI_VERSION = 3
 """``fp_version()`` of a library this module can drive (``FP_VERSION`` in the C file)."""
 SOURCE = Path(__file__).with_name("native") / "fastpath.c"
 NATIVE_FEATURES = fmt.FEATURE_DIRID_LINKS
@@ -68,13 +68,24 @@ class NativeFile:
     ``CipherFile`` says under which of its locks it calls each method.
     """
 
-    __slots__ = ("_lib", "_ptr", "_py_error", "_py_setid", "_queued", "_seq", "fds", "keyed")
+    __slots__ = (
+        "_lib",
+        "_ptr",
+        "_py_error",
+        "_py_setid",
+        "_queued",
+        "_seq",
+        "_waits",
+        "fds",
+        "keyed",
+    )
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.PyDLL, waits: ctypes.CDLL) -> None:
         ptr = lib.fp_file_new()
         if not ptr:
             raise MemoryError("fp_file_new failed")
         self._lib = lib
+        self._waits = waits
         self._ptr: int = ptr
         self._seq = ctypes.c_uint64.from_address(ptr)
         self._queued = ctypes.c_uint64.from_address(ptr + 8)
@@ -86,8 +97,10 @@ class NativeFile:
 
     def lock(self) -> None:
         """Take the file's lock (the C mutex that native writes try): around every
-        locked section of the ``CipherFile``, after its own lock."""
-        self._lib.fp_file_lock(self._ptr)
+        locked section of the ``CipherFile``, after its own lock. Waits, if it must, with
+        the GIL released (a Python holder may need it to let go)."""
+        if self._lib.fp_file_trylock(self._ptr) != 0:
+            self._waits.fp_file_lock(self._ptr)
 
     def unlock(self) -> None:
         self._lib.fp_file_unlock(self._ptr)
@@ -113,9 +126,10 @@ class NativeFile:
             self._py_error.value = error
 
     def set_id(self, file_id: bytes | None) -> None:
-        """The file's id as it changed (None: empty); drops the old id's contexts. With
-        the file's ``lock`` held (or before any fd is mapped)."""
-        self._lib.fp_file_set_id(self._ptr, file_id)
+        """The file's id as it changed (None: empty); drops the old id's contexts (after
+        any native read of them, waited for with the GIL released). With ``lock`` held."""
+        if self._lib.fp_file_set_id(self._ptr, file_id, 0) == -_EBUSY:
+            self._waits.fp_file_set_id(self._ptr, file_id, 1)
         self.keyed = -1
 
     def set_key(self, file_id: bytes, key_address: int) -> bool:
@@ -150,17 +164,22 @@ class NativeFile:
 
 
 _ESTALE = 116
+_EBUSY = 16
 
 
 class NativeIO:
     """The loaded library and the state of the one mount it serves (see the C file).
 
-    Thread-safe: the library synchronises itself; ``generation`` only grows.
+    Thread-safe: the library synchronises itself; ``generation`` only grows. Calls that
+    never wait go through ``lib`` (a ``PyDLL``: the GIL stays held, no thread switch per
+    call, which the per-file calls of every open and close would otherwise cost); the
+    ones that may wait through ``waits`` (a ``CDLL`` of the same library: GIL released).
     """
 
     def __init__(
         self,
-        lib: ctypes.CDLL,
+        lib: ctypes.PyDLL,
+        waits: ctypes.CDLL,
         path: Path,
         block_size: int,
         read_only: bool,
@@ -168,6 +187,7 @@ class NativeIO:
         suspended_errno: int,
     ) -> None:
         self._lib = lib
+        self._waits = waits
         self.path = path
         self.generation = 0
         """Bumped by every ``wipe``: files keyed in an earlier one need their key again."""
@@ -188,11 +208,11 @@ class NativeIO:
         return result
 
     def new_file(self) -> NativeFile:
-        return NativeFile(self._lib)
+        return NativeFile(self._lib, self._waits)
 
     def gate_close(self, timeout: float) -> bool:
         """Stop serving; True once no native request is in flight (False at ``timeout``)."""
-        return bool(self._lib.fp_gate_close(int(timeout * 1000)))
+        return bool(self._waits.fp_gate_close(int(timeout * 1000)))
 
     def gate_open(self) -> None:
         self._lib.fp_gate_open()
@@ -206,7 +226,7 @@ class NativeIO:
         False if some still were after ``WIPE_TIMEOUT_MS`` (the contexts are then kept
         and the gate stays shut, so none is used again)."""
         self.generation += 1
-        return bool(self._lib.fp_wipe(WIPE_TIMEOUT_MS))
+        return bool(self._waits.fp_wipe(WIPE_TIMEOUT_MS))
 
     def test_between(self, address: int | None) -> None:
         """Tests only: call the C function at ``address`` in every native read between its
@@ -220,7 +240,7 @@ class NativeIO:
         return dict(zip(_COUNTERS, out, strict=True))
 
 
-def _declare(lib: ctypes.CDLL) -> None:
+def _declare(lib: ctypes.CDLL | ctypes.PyDLL) -> None:
     vp, sz, c_int, u32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_uint32
     for name, restype, argtypes in (
         ("fp_version", c_int, ()),
@@ -233,8 +253,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         ("fp_counters", None, (ctypes.POINTER(ctypes.c_ulong),)),
         ("fp_test_between", None, (vp,)),
         ("fp_file_new", vp, ()),
-        ("fp_file_set_id", None, (vp, ctypes.c_char_p)),
+        ("fp_file_set_id", c_int, (vp, ctypes.c_char_p, c_int)),
         ("fp_file_set_key", c_int, (vp, ctypes.c_char_p, vp)),
+        ("fp_file_trylock", c_int, (vp,)),
         ("fp_file_lock", None, (vp,)),
         ("fp_file_unlock", None, (vp,)),
         ("fp_map_fd", c_int, (c_int, vp)),
@@ -289,12 +310,13 @@ def load(
     except OSError as exc:
         return Choice(None, f"Python: cannot read {SOURCE}: {exc.strerror}", True)
     try:
-        lib = ctypes.CDLL(str(path))
+        lib, waits = ctypes.PyDLL(str(path)), ctypes.CDLL(str(path))
         _declare(lib)
+        _declare(waits)
         version = lib.fp_version()
         if version != ABI_VERSION:
             return Choice(None, f"Python: {path} has ABI {version}, not {ABI_VERSION}", True)
-        native = NativeIO(lib, path, block_size, read_only, foreign_errno, suspended_errno)
+        native = NativeIO(lib, waits, path, block_size, read_only, foreign_errno, suspended_errno)
     except (OSError, AttributeError) as exc:
         return Choice(None, f"Python: cannot load {path}: {exc}", True)
     return Choice(native, f"native ({path})")

@@ -360,6 +360,32 @@ def test_every_other_write_goes_to_python(setup: Setup) -> None:
     assert _content(s) == before
 
 
+@pytest.mark.parametrize("reason", ["set-ID bits", "a deferred error"])
+def test_what_python_must_see_is_known_to_an_entry_made_later(tmp_path: Path, reason: str) -> None:
+    """A file's entry is made when it pays off, maybe long after the file learnt that its
+    writes must go through Python: the entry starts out knowing it."""
+    native = _load()
+    lib = Lib(native)
+    keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=os.urandom(16), block_size=BS)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    cfile = CipherFile(keys, fmt.Geometry(BS), "f", Sealer(), native=native)
+    cfile.attach_fd(fd)
+    try:
+        cfile.write(fd, 0, os.urandom(4 * BS))
+        if reason == "set-ID bits":
+            cfile.setid = True  # as OpenFiles.attach does for a set-ID file
+        else:
+            cfile.keep_deferred_error(OSError(errno.ENOSPC, "no space"))
+        assert cfile._nfile is None
+        _key(cfile, fd)
+        assert cfile._nfile is not None and lib.read(fd, 0, BS) != FALLBACK  # made, keyed
+        assert lib.write(fd, 0, bytes(BS)) == FALLBACK
+    finally:
+        cfile.forget_fd(fd)
+        cfile.close()
+        os.close(fd)
+
+
 def test_a_held_file_lock_sends_writes_to_python(setup: Setup) -> None:
     s = setup
     nfile = s.cfile._nfile

@@ -57,7 +57,7 @@
 
 #define FP_API __attribute__((visibility("default"))) /* what fastpath.py calls */
 
-#define FP_VERSION 2             /* fastpath.py checks it: a stale build is not used */
+#define FP_VERSION 3             /* fastpath.py checks it: a stale build is not used */
 #define FP_HEADER_LEN 18         /* file header: version(2) || file_id(16) */
 #define FP_NONCE_LEN 12
 #define FP_TAG_LEN 16
@@ -282,22 +282,30 @@ FP_API struct fp_file *fp_file_new(void)
 	return f;
 }
 
-/* Claim every slot (waiting for its user), so that no context is in use. */
-static void claim_slots(struct fp_file *f)
+static void release_slots(struct fp_file *f, int n)
+{
+	for (int i = 0; i < n; i++)
+		atomic_store(&f->slot[i].busy, 0);
+}
+
+/*
+ * Claim every slot, so that no context is in use: 1. A slot in use (a native request in
+ * flight) is waited for if `wait`; else nothing stays claimed and 0 is returned.
+ */
+static int claim_slots(struct fp_file *f, int wait)
 {
 	for (int i = 0; i < FP_SLOTS; i++) {
 		int expected = 0;
 		while (!atomic_compare_exchange_weak(&f->slot[i].busy, &expected, 1)) {
+			if (!wait && expected != 0) {
+				release_slots(f, i);
+				return 0;
+			}
 			expected = 0;
 			sched_yield();
 		}
 	}
-}
-
-static void release_slots(struct fp_file *f)
-{
-	for (int i = 0; i < FP_SLOTS; i++)
-		atomic_store(&f->slot[i].busy, 0);
+	return 1;
 }
 
 /* Free (and so cleanse: OpenSSL does) every context. Caller claimed every slot. */
@@ -316,49 +324,52 @@ static void drop_contexts(struct fp_file *f)
 /*
  * The file's id (NULL: it has none, an empty file): drops the contexts of the old one.
  * Called by Python whenever the id it knows changes (first read of the header, a new
- * header, truncation to 0), with the file's lock held or before any fd is mapped.
+ * header, truncation to 0), with the file's lock held. With a native read of the file
+ * in flight: waits for it if `wait`, else changes nothing and returns -EBUSY (Python
+ * then calls again with `wait`, its GIL released). 0 when done.
  */
-FP_API void fp_file_set_id(struct fp_file *f, const unsigned char *file_id)
+FP_API int fp_file_set_id(struct fp_file *f, const unsigned char *file_id, int wait)
 {
-	claim_slots(f);
+	if (!claim_slots(f, wait))
+		return -EBUSY;
 	drop_contexts(f);
 	f->has_id = file_id != NULL;
 	if (file_id != NULL)
 		memcpy(f->file_id, file_id, FP_FILE_ID_LEN);
-	release_slots(f);
+	release_slots(f, FP_SLOTS);
+	return 0;
 }
 
 /*
  * Key the entry with the 32-byte key at `key` (keys.py's locked arena; not kept: only
  * OpenSSL's context holds the schedule) for file id `file_id`. Returns 0, or -errno.
- * No-op if keyed; -ESTALE if the entry's id is another (it changed meanwhile).
+ * No-op if keyed; -ESTALE if the entry's id is another (it changed meanwhile). Called
+ * with the file's lock held (as fp_file_set_id is: the id cannot change meanwhile).
  */
 FP_API int fp_file_set_key(struct fp_file *f, const unsigned char *file_id,
 			   const unsigned char *key)
 {
 	int rc = 0;
-	claim_slots(f);
-	if (!f->has_id || memcmp(f->file_id, file_id, FP_FILE_ID_LEN) != 0) {
-		rc = -ESTALE;
-	} else {
-		pthread_mutex_lock(&f->mu);
-		if (f->master == NULL) {
-			EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-			if (ctx == NULL
-			    || EVP_CipherInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL, 0) != 1) {
-				EVP_CIPHER_CTX_free(ctx);
-				rc = -EIO;
-			} else {
-				f->master = ctx;
-			}
+	if (!f->has_id || memcmp(f->file_id, file_id, FP_FILE_ID_LEN) != 0)
+		return -ESTALE;
+	pthread_mutex_lock(&f->mu);
+	if (f->master == NULL) {
+		EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+		if (ctx == NULL || EVP_CipherInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL, 0) != 1) {
+			EVP_CIPHER_CTX_free(ctx);
+			rc = -EIO;
+		} else {
+			f->master = ctx;
 		}
-		pthread_mutex_unlock(&f->mu);
 	}
-	release_slots(f);
+	pthread_mutex_unlock(&f->mu);
 	return rc;
 }
 
-/* The file's lock (struct fp_file), for Python's readers and writers. */
+/* The file's lock (struct fp_file), for Python's readers and writers: trylock first
+ * (0: taken) without giving up Python's GIL; lock when it is contended, with the GIL
+ * released (a Python holder may need the GIL to let go). */
+FP_API int fp_file_trylock(struct fp_file *f) { return pthread_mutex_trylock(&f->lock); }
 FP_API void fp_file_lock(struct fp_file *f) { pthread_mutex_lock(&f->lock); }
 FP_API void fp_file_unlock(struct fp_file *f) { pthread_mutex_unlock(&f->lock); }
 
@@ -384,7 +395,7 @@ FP_API void fp_file_free(struct fp_file *f)
 	if (f->next)
 		f->next->prev = f->prev;
 	pthread_mutex_unlock(&fp.files_mu);
-	claim_slots(f);
+	claim_slots(f, 1); /* nothing in flight: every fd of it is closed */
 	drop_contexts(f);
 	pthread_mutex_destroy(&f->mu);
 	pthread_mutex_destroy(&f->lock);
@@ -404,9 +415,9 @@ FP_API int fp_wipe(long timeout_ms)
 		return 0;
 	pthread_mutex_lock(&fp.files_mu);
 	for (struct fp_file *f = fp.files; f != NULL; f = f->next) {
-		claim_slots(f);
+		claim_slots(f, 1); /* nothing in flight: the gate is shut and drained */
 		drop_contexts(f);
-		release_slots(f);
+		release_slots(f, FP_SLOTS);
 	}
 	pthread_mutex_unlock(&fp.files_mu);
 	atomic_store(&fp.open, was_open);
