@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from encfs import backing, crypto
 from encfs import format as fmt
@@ -32,6 +32,8 @@ WRITE_BEHIND = 8 << 20
 """A stream's ciphertext is handed to the disk every this many bytes (see ``_written``)."""
 DEFER_HEADROOM = 256 << 20
 """Writes are deferred only while the backing filesystem has this much room besides."""
+REKEY_CHUNK = 256
+"""Blocks a rekey reads and re-seals per hold of a file's write lock (1 MiB at 4 KiB)."""
 
 
 class RWLock:
@@ -556,6 +558,52 @@ class CipherFile:
             os.ftruncate(fd, geo.cipher_size(new_size))
         finally:
             self.lock.release_write()
+
+    def rekey(self, fd: int, on_chunk: Callable[[int], None] | None = None) -> int:
+        """Re-seal under the new key every block that only the retiring key opens (``encfs
+        rekey``; the volume's keys must be re-keying: ``VolumeKeys.retire``); returns how
+        many blocks it re-sealed. Works ``REKEY_CHUNK`` blocks at a time under the write
+        lock, so readers and writers of the file wait at most one chunk; before a pair of
+        blocks is rewritten in place its old sealed form goes to the undo record (FORMAT.md
+        §10b), so a crash mid-rewrite loses nothing (``fsck --repair``). ``on_chunk(n)`` is
+        told the cipher bytes of each chunk done. Raises ``IntegrityError`` for a block
+        neither key opens (the blocks before it are done; the rest untouched), ``OSError``.
+        """
+        geo = self.geo
+        resealed = 0
+        block_no = 0
+        while True:
+            self.drain()
+            self.lock.acquire_write()
+            try:
+                plain_size = self.plain_size(fd)
+                file_id = self._file_id_for(fd)
+                end = min(block_no + REKEY_CHUNK, -(-plain_size // geo.block_size))
+                if file_id is None or block_no >= end:
+                    return resealed
+                cipher = self.keys.file_cipher(file_id)
+                if not isinstance(cipher, crypto.RekeyingBlockCipher):
+                    raise ValueError("the volume's keys are not being re-keyed")
+                old = self._pread_blocks(fd, block_no, end, plain_size)
+                raw = bytearray(old)
+                changed = cipher.reseal(block_no, raw, self.backing_path)
+                if changed:
+                    self._tail = None  # its sealed copy is the old one
+                cbs = geo.cipher_block_size
+                for i in range(0, len(changed), fmt.UNDO_MAX_RECORDS):
+                    pair = [
+                        (n, (n - block_no) * cbs) for n in changed[i : i + fmt.UNDO_MAX_RECORDS]
+                    ]
+                    self._save_undo(fd, file_id, [(n, old[at : at + cbs]) for n, at in pair])
+                    for n, at in pair:
+                        block = memoryview(raw)[at : at + cbs]
+                        backing.pwrite_all(fd, block, geo.block_cipher_off(n))
+                resealed += len(changed)
+            finally:
+                self.lock.release_write()
+            if on_chunk is not None:
+                on_chunk(len(old))
+            block_no = end
 
     def allocate(self, fd: int, mode: int, plain_off: int, length: int) -> None:
         """fallocate(2) modes 0 and FALLOC_FL_KEEP_SIZE; others raise EOPNOTSUPP."""

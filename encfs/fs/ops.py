@@ -225,7 +225,7 @@ class EncfsOperations:
 
     @property
     def suspended(self) -> bool:
-        return not self.gate.open
+        return self.gate.suspended
 
     def suspend(self, drain_timeout: float = 5.0) -> int:
         """Stop serving and forget every key and every plaintext the kernel caches.
@@ -563,19 +563,19 @@ class EncfsOperations:
         the adapter's fast path: what ``getxattr`` answers (``xattrs.UNSUPPORTED``; the
         suspended errno while suspended), without an exception or the gate. Counted."""
         self.counters.security_probes += 1
-        return xattrs.UNSUPPORTED if self.gate.open else self.options.suspended_errno
+        return self.options.suspended_errno if self.gate.suspended else xattrs.UNSUPPORTED
 
     @fuse_op
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         """A ``user.*`` attribute's value; ENODATA if it has none, ``xattrs.UNSUPPORTED``
         outside ``user.*`` (what ``foreign_xattr`` answers on the adapter's fast path)."""
-        bname = xattrs.backing_name(self.keys, name)
-        return xattrs.get(self.keys, self.names.entry(path), bname)
+        xattrs.plain_name(name)  # an unsupported name is refused before the path resolves
+        return xattrs.get(self.keys, self.names.entry(path), name)
 
     @fuse_write
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        entry = self.names.entry(path)
-        xattrs.set_(self.keys, entry, xattrs.backing_name(self.keys, name), value, options)
+        xattrs.plain_name(name)
+        xattrs.set_(self.keys, self.names.entry(path), name, value, options)
         return 0
 
     @fuse_op
@@ -584,6 +584,6 @@ class EncfsOperations:
 
     @fuse_write
     def removexattr(self, path: str, name: str) -> int:
-        entry = self.names.entry(path)
-        entry.parent.removexattr(entry.name, xattrs.backing_name(self.keys, name))
+        xattrs.plain_name(name)
+        xattrs.remove(self.keys, self.names.entry(path), name)
         return 0
