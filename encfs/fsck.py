@@ -156,8 +156,10 @@ class _Checker:
         for dent in entries:
             name = dent.name
             here = directory.path(name)
-            if name == fmt.DIRID_NAME or (directory is self.root and name in fmt.ROOT_FILES):
-                continue
+            if name in (fmt.DIRID_NAME, fmt.REKEY_TMP_NAME) or (
+                directory is self.root and name in fmt.ROOT_FILES
+            ):
+                continue  # (a rekey's symlink made aside: the next rekey removes it)
             if name.startswith(fmt.LONGNAME_PREFIX) and name.endswith(fmt.LONGNAME_SUFFIX):
                 if name[: -len(fmt.LONGNAME_SUFFIX)] not in present:
                     self.problem("orphan long-name companion", here, None, "no entry for it")

@@ -199,5 +199,5 @@ def check_pin(
             block_size=block_size or int(pin.block_size or 0),
         )
         if follows_rekey:
-            log.warning("the pin of %s follows its rekey to the new volume key", cipher_dir)
+            log.info("the pin of %s follows its rekey to the new volume key", cipher_dir)
     return "match"

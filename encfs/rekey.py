@@ -179,7 +179,7 @@ def begin(
         vault_url=hf.header.vault_url,
         block_size=hf.header.block_size,
     )
-    log.warning(
+    log.info(
         "rekey of %s begun: new volume key (KEK version %d); everything is sealed under "
         "it from now on",
         access.cipher_dir,
@@ -224,7 +224,7 @@ def finish(
     access.installed(final, access.keys.check_value())
     progress.state = "done"
     progress.ended = time.monotonic()
-    log.warning(
+    log.info(
         "rekey of %s done: %d names, %d blocks, %d symlinks and %d xattrs re-sealed in "
         "%.1f s; the old volume key is gone",
         access.cipher_dir,
