@@ -45,7 +45,7 @@ from typing import Any, Protocol
 from encfs import backing, crypto, names, pins, volume
 from encfs import format as fmt
 from encfs.cipherfile import CipherFile
-from encfs.errors import FormatError, IntegrityError, RekeyIncomplete
+from encfs.errors import FormatError, IntegrityError, RekeyIncomplete, VolumeSuspended
 from encfs.keys import VolumeKeys
 from encfs.undo import UndoLog
 from encfs.vault import KeyWrapper
@@ -68,7 +68,8 @@ class RekeyProgress:
     counts that may be a moment old."""
 
     state: str = "starting"
-    """starting, walking, finishing, done, failed, stopped."""
+    """starting, walking, finishing, done, failed, stopped, suspended (keys wiped: it goes
+    on when the volume resumes)."""
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
     passes: int = 0
@@ -94,6 +95,32 @@ class RekeyProgress:
     @property
     def elapsed(self) -> float:
         return (self.ended if self.ended is not None else time.monotonic()) - self.started
+
+    def summary(self) -> dict[str, Any]:
+        """The counts an audit event records."""
+        return {
+            "names_renamed": self.names,
+            "blocks_resealed": self.blocks,
+            "symlinks_resealed": self.symlinks,
+            "xattrs_resealed": self.xattrs,
+            "elapsed": round(self.elapsed, 3),
+        }
+
+    def load(self, doc: dict[str, Any]) -> None:
+        """Take over the counts of ``as_dict()`` (another process's rekey: the daemon's)."""
+        self.state = str(doc.get("state", self.state))
+        self.passes = int(doc.get("passes", 0))
+        self.dirs, self.dirs_total = int(doc.get("dirs", 0)), int(doc.get("dirs_total", 0))
+        self.files, self.files_total = int(doc.get("files", 0)), int(doc.get("files_total", 0))
+        self.bytes_done, self.bytes_total = int(doc.get("bytes", 0)), int(doc.get("bytes_total", 0))
+        self.names = int(doc.get("names_renamed", 0))
+        self.blocks = int(doc.get("blocks_resealed", 0))
+        self.symlinks = int(doc.get("symlinks_resealed", 0))
+        self.xattrs = int(doc.get("xattrs_resealed", 0))
+        self.problems = [str(p) for p in doc.get("problem_list", [])]
+        self.error = str(doc.get("error", ""))
+        self.started = time.monotonic() - float(doc.get("elapsed", 0.0))
+        self.ended = time.monotonic() if self.state in ("done", "failed", "stopped") else None
 
     def as_dict(self) -> dict[str, Any]:
         elapsed = self.elapsed
@@ -198,6 +225,7 @@ def walk(access: VolumeAccess, progress: RekeyProgress, stop: threading.Event) -
     while True:
         quiet_pass = progress.passes >= MAX_QUIET_PASSES
         progress.passes += 1
+        progress.dirs = 0
         before = access.tree_changes()
         walker = _Walker(access, progress, stop, done)
         if quiet_pass:
@@ -456,6 +484,8 @@ class _Walker:
 
     def _counted(self, cipher_bytes: int) -> None:
         self.progress.bytes_done += cipher_bytes
+        if self.stop.is_set():
+            raise RekeyStopped("rekey stopped")
 
 
 def run(
@@ -485,6 +515,9 @@ def run(
         return finish(access, hf, progress)
     except RekeyStopped:
         progress.state = "stopped"
+        raise
+    except VolumeSuspended:
+        progress.state = "suspended"  # the keys were wiped meanwhile: run again on resume
         raise
     except BaseException as exc:
         progress.state = "failed"

@@ -7,23 +7,28 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from encfs import backing, crypto, names
 from encfs import format as fmt
-from encfs.cli import ExitCode
 from encfs.errors import IntegrityError
 from encfs.keys import VolumeKeys
 from tests.conftest import TransitKey
-from tests.harness import MakeVolume, Volume, encfs
+from tests.harness import MakeVolume, Volume, encfs, force_unmount, wait_until
 from tests.make_frozen_volume import snapshot
 
 LONG = "L" * 200  # a long name: its encoding exceeds 255 bytes (FORMAT.md §7)
@@ -179,10 +184,119 @@ def test_offline_rekey_reseals_everything_and_the_old_key_opens_nothing(
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_rekey_refuses_a_mounted_volume_for_now(make_volume: MakeVolume) -> None:
+class Workload:
+    """What a volume in use sees during an online rekey: appends, block rewrites, renames
+    between directories and reads, each checked against what was written, on threads,
+    until stopped. Any failed operation is kept and fails the test."""
+
+    def __init__(self, mnt: Path) -> None:
+        self.mnt = mnt
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.ops = 0
+        self.log = b""
+        self.blocks = bytearray(os.urandom(64 * 4096))
+        (mnt / "work").mkdir()
+        (mnt / "work" / "a").mkdir()
+        (mnt / "work" / "b").mkdir()
+        (mnt / "work" / "blocks").write_bytes(self.blocks)
+        self.moving = {f"m{i}": os.urandom(5000 + i) for i in range(20)}
+        for name, data in self.moving.items():
+            (mnt / "work" / "a" / name).write_bytes(data)
+        self.threads = [
+            threading.Thread(target=self._guard, args=(fn,), daemon=True)
+            for fn in (self._append, self._rewrite, self._move)
+        ]
+
+    def __enter__(self) -> Workload:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def _guard(self, fn: Callable[[random.Random], None]) -> None:
+        rng = random.Random(fn.__name__)
+        while not self.stop.is_set():
+            try:
+                fn(rng)
+                self.ops += 1
+            except Exception as exc:
+                self.errors.append(f"{fn.__name__}: {exc!r}")
+                return
+
+    def _append(self, rng: random.Random) -> None:
+        chunk = os.urandom(rng.randrange(1, 3000))
+        with open(self.mnt / "work" / "log", "ab") as f:
+            f.write(chunk)
+        self.log += chunk
+        if (self.mnt / "work" / "log").read_bytes() != self.log:
+            raise AssertionError("the log reads back wrong")
+
+    def _rewrite(self, rng: random.Random) -> None:
+        at = rng.randrange(0, len(self.blocks) - 5000)
+        data = os.urandom(rng.randrange(1, 5000))
+        with open(self.mnt / "work" / "blocks", "r+b") as f:
+            f.seek(at)
+            f.write(data)
+            self.blocks[at : at + len(data)] = data
+            f.seek(0)
+            if f.read() != self.blocks:
+                raise AssertionError("the rewritten file reads back wrong")
+
+    def _move(self, rng: random.Random) -> None:
+        name = rng.choice(sorted(self.moving))
+        src, dst = ("a", "b") if (self.mnt / "work" / "a" / name).exists() else ("b", "a")
+        os.rename(self.mnt / "work" / src / name, self.mnt / "work" / dst / name)
+        if (self.mnt / "work" / dst / name).read_bytes() != self.moving[name]:
+            raise AssertionError("a moved file reads back wrong")
+        time.sleep(0.01)
+
+    def check(self) -> None:
+        assert not self.errors, self.errors
+        assert (self.mnt / "work" / "log").read_bytes() == self.log
+        assert (self.mnt / "work" / "blocks").read_bytes() == self.blocks
+        for name, data in self.moving.items():
+            where = [d for d in ("a", "b") if (self.mnt / "work" / d / name).exists()]
+            assert len(where) == 1 and (self.mnt / "work" / where[0] / name).read_bytes() == data
+
+
+def test_online_rekey_while_the_volume_is_in_use(
+    make_volume: MakeVolume, transit_key: TransitKey
+) -> None:
     vol = make_volume()
-    proc = rekey(vol)
-    assert proc.returncode == ExitCode.VOLUME_IN_USE, proc.stderr
+    populate(vol.mountpoint, big=16 << 20)
+    before = snapshot(vol.mountpoint)
+    h0 = header(vol)
+    with Workload(vol.mountpoint) as work:
+        time.sleep(0.5)
+        proc = rekey(vol, "--json")
+        assert proc.returncode == 0, proc.stderr
+        ops_during = work.ops
+        time.sleep(0.5)  # and after it: everything sealed under the new key alone
+    work.check()
+    assert ops_during > 20, "the workload did not run during the rekey"
+    result = json.loads(proc.stdout)
+    assert result["state"] == "done" and result["blocks_resealed"] > 4000
+    h1 = header(vol)
+    assert not h1.rekeying and h1.wrapped_key != h0.wrapped_key
+    status = json.loads(encfs("status", vol.mountpoint, "--json", env=vol.env).stdout)
+    assert status["rekey"]["state"] == "done" and status["state"] == "active"
+    assert status["kek_version"] == h1.kek_version
+    after = snapshot(vol.mountpoint)
+    assert {k: v for k, v in after.items() if not k.startswith("/work")} == before
+    vol.unmount()
+    old = VolumeKeys(old_key(transit_key, h0.wrapped_key), volume_id=h0.volume_id, block_size=4096)
+    try:
+        assert opens_under(old, vol.cipher_dir) == []
+    finally:
+        old.close()
+    vol.mount()
+    work.check()
+    assert [e["event"] for e in vol.audit_events()].count("rekey") == 1
 
 
 # Where a rekey is killed (strace injects SIGKILL as the Nth such call starts), in the
@@ -319,3 +433,66 @@ def _reads_eio(path: Path) -> bool:
     except OSError as exc:
         return exc.errno == errno.EIO
     return False
+
+
+def _status(vol: Volume) -> dict[str, Any]:
+    proc = encfs("status", vol.mountpoint, "--json", env=vol.env)
+    assert proc.returncode == 0, proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc
+
+
+def _start_rekey(vol: Volume) -> subprocess.Popen[str]:
+    """``encfs rekey`` in the background, returned once the daemon's rekey is walking."""
+    env = vol.env | {"ENCFS_AUDIT_LOG": "none", "ENCFS_PIN_DIR": os.environ["ENCFS_PIN_DIR"]}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "encfs", "rekey", str(vol.cipher_dir), "--vault", vol.vault_url],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert wait_until(
+        lambda: _status(vol).get("rekey", {}).get("bytes", 0) > 0, timeout=30, interval=0.02
+    ), _status(vol)
+    return proc
+
+
+def test_a_killed_rekey_command_leaves_the_daemon_rekeying(make_volume: MakeVolume) -> None:
+    vol = make_volume()
+    populate(vol.mountpoint, big=96 << 20)
+    before = snapshot(vol.mountpoint)
+    proc = _start_rekey(vol)
+    proc.kill()
+    proc.communicate()
+    assert wait_until(lambda: _status(vol)["rekey"]["state"] == "done", timeout=120)
+    assert not header(vol).rekeying
+    assert snapshot(vol.mountpoint) == before
+    again = rekey(vol)  # a new rekey, from the start: the last one is done
+    assert again.returncode == 0, again.stderr
+
+
+def test_rekey_goes_on_after_the_daemon_is_killed(
+    make_volume: MakeVolume, transit_key: TransitKey
+) -> None:
+    vol = make_volume()
+    populate(vol.mountpoint, big=96 << 20)
+    before = snapshot(vol.mountpoint)
+    h0 = header(vol)
+    proc = _start_rekey(vol)
+    os.kill(vol.daemon_pid(), signal.SIGKILL)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "went away" in err, err
+    force_unmount(vol.mountpoint)
+    assert header(vol).rekeying  # killed mid-walk: the header names both keys
+    vol.mount()
+    assert snapshot(vol.mountpoint) == before  # every entry reads, whichever key sealed it
+    assert _status(vol)["rekey"] == {"state": "interrupted"}
+    proc2 = rekey(vol)
+    assert proc2.returncode == 0, proc2.stderr
+    assert snapshot(vol.mountpoint) == before
+    vol.unmount()
+    old = VolumeKeys(old_key(transit_key, h0.wrapped_key), volume_id=h0.volume_id, block_size=4096)
+    try:
+        assert opens_under(old, vol.cipher_dir) == []
+    finally:
+        old.close()
+    check = encfs("fsck", vol.cipher_dir, "--vault", vol.vault_url, env=vol.env)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -185,9 +185,7 @@ def cmd_unmount(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:
-    import socket
-
-    from encfs.mounts import RUN_DIR, status_socket
+    from encfs.mounts import RUN_DIR, ask, status_socket
 
     if args.mountpoint is not None:
         sockets = [status_socket(args.mountpoint.resolve())]
@@ -196,13 +194,7 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
     reports: list[dict[str, object]] = []
     for path in sockets:
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(5)
-                sock.connect(str(path))
-                raw = b""
-                while chunk := sock.recv(65536):
-                    raw += chunk
-            reports.append(json.loads(raw))
+            reports.append(ask(path))
         except (OSError, ValueError) as exc:
             if args.mountpoint is not None:
                 print(

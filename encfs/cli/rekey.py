@@ -7,9 +7,11 @@ import argparse
 import json
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
-from encfs import backing, errors, rekey, volume
+from encfs import backing, errors, mounts, rekey, volume
 from encfs.audit import AuditLog
 from encfs.cli.output import ExitCode
 from encfs.cli.settings import audit_settings, pinned_url, vault_settings
@@ -21,11 +23,13 @@ def cmd_rekey(args: argparse.Namespace) -> ExitCode:
     volume.require_cipher_dir(cipher_dir)
     holder = backing.volume_holder(backing.open_root(str(cipher_dir)))
     if holder is not None:
-        raise errors.VolumeBusy(
-            f"{cipher_dir} is in use by {holder}; online rekey of a mounted volume is not "
-            "available in this build",
-            hint=f"unmount it and run `encfs rekey {cipher_dir}` again",
-        )
+        mountpoint = mounts.mountpoint_of(cipher_dir)
+        if mountpoint is None:
+            raise errors.VolumeBusy(
+                f"{cipher_dir} is in use by {holder}, which answers no rekey request",
+                hint="wait until it is done, or unmount it and run `encfs rekey` again",
+            )
+        return rekey_mounted(args, mountpoint)
     hf = volume.read_checked_header(cipher_dir)
     url = pinned_url(args, hf)
     audit = AuditLog(
@@ -50,6 +54,54 @@ def cmd_rekey(args: argparse.Namespace) -> ExitCode:
             view.stop()
     audit.event("rekey", kek_version=final.header.kek_version, **summary_fields(progress))
     report(args, progress, final.header.kek_version)
+    return ExitCode.OK
+
+
+def rekey_mounted(args: argparse.Namespace, mountpoint: Path) -> ExitCode:
+    """Ask the daemon serving ``mountpoint`` to rekey (or to report the rekey it runs) and
+    follow its progress until it ends; the daemon goes on if this command is killed."""
+    sock = mounts.status_socket(mountpoint)
+    try:
+        answer = mounts.ask(sock, "rekey")
+    except (OSError, ValueError) as exc:
+        raise errors.MountError(
+            f"the encfs daemon of {mountpoint} does not answer: {exc}"
+        ) from None
+    if "error" in answer:
+        raise errors.VolumeBusy(f"the daemon of {mountpoint} refuses to rekey: {answer['error']}")
+    progress = rekey.RekeyProgress()
+    view = ProgressView.choose(args.progress, progress)
+    print(
+        f"encfs: rekey of {args.cipher_dir} {'started' if answer.get('started') else 'running'} "
+        f"in the daemon of {mountpoint}; it goes on if this command stops",
+        file=sys.stderr,
+    )
+    try:
+        while True:
+            try:
+                doc = mounts.ask(sock).get("rekey") or {}
+            except (OSError, ValueError):
+                raise errors.MountError(
+                    f"the daemon of {mountpoint} went away during the rekey; after the next "
+                    f"mount, `encfs rekey {args.cipher_dir}` finishes it"
+                ) from None
+            progress.load(doc)
+            if progress.state in ("done", "failed", "stopped"):
+                break
+            time.sleep(0.2)
+    finally:
+        if view is not None:
+            view.stop()
+    if progress.state != "done":
+        why = progress.error or progress.state
+        if progress.problems or "open under neither" in why:
+            raise errors.RekeyIncomplete(
+                f"the rekey of {args.cipher_dir} did not finish: {why}",
+                hint=f"see `encfs fsck {args.cipher_dir}`; fix what it names, then run rekey again",
+            )
+        raise errors.EncfsError(f"the rekey of {args.cipher_dir} did not finish: {why}")
+    hf = volume.read_header(args.cipher_dir)
+    report(args, progress, hf.header.kek_version)
     return ExitCode.OK
 
 

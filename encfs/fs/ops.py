@@ -13,12 +13,13 @@ libfuse is seen only as a ``Session``. Handles (``fh``) are the backing file des
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -247,17 +248,42 @@ class EncfsOperations:
         self.files.forget_plaintext()
         return self.seen.invalidate_all(None if self.session is None else self.session.invalidate)
 
-    def resume(self, volume_key: bytearray, header_body: bytes, header_tag: bytes) -> None:
-        """Serve again with the volume key (copied; the caller wipes its own). The header
-        tag must verify under it (``HeaderAuthError`` otherwise, and the keys stay wiped).
-        Handles opened before the suspension work again."""
+    def resume(
+        self,
+        volume_key: bytearray,
+        header_body: bytes,
+        header_tag: bytes,
+        retiring: Sequence[bytearray] = (),
+    ) -> None:
+        """Serve again with the volume key (copied; the caller wipes its own) and, for a
+        volume whose rekey is under way, the retiring key. The header tag(s) must verify
+        under them (``HeaderAuthError`` otherwise, and the keys stay wiped). Handles opened
+        before the suspension work again."""
         self.keys.load(volume_key)
         try:
+            for old_key in retiring:
+                self.keys.load_retiring(old_key)
             self.keys.verify_header(header_body, header_tag)
         except BaseException:
             self.keys.wipe()
             raise
         self.gate.reopen()
+
+    @contextlib.contextmanager
+    def quiet(self, timeout: float = 60.0) -> Iterator[None]:
+        """While held, no FUSE operation runs: new ones wait (``Gate.pause``), those that
+        were inside have left, and deferred writes are on the backing file (``encfs
+        rekey`` changes a directory's names or the keys in use meanwhile). Raises
+        ``TimeoutError`` when operations still run after ``timeout`` (nothing held then).
+        Never call from a FUSE request thread."""
+        drained = self.gate.pause(timeout)
+        try:
+            if not drained:
+                raise TimeoutError(f"FUSE operations still running after {timeout:.0f} s")
+            self.sealer.drain()
+            yield
+        finally:
+            self.gate.unpause()
 
     # --- helpers ---------------------------------------------------------------------------
 
