@@ -26,6 +26,8 @@ import pytest
 from encfs import backing, crypto, names
 from encfs import format as fmt
 from encfs.errors import IntegrityError
+from encfs.fs import xattrs
+from encfs.fs.kcache import Gate
 from encfs.keys import VolumeKeys
 from tests.conftest import TransitKey
 from tests.harness import MakeVolume, Volume, encfs, force_unmount, wait_until
@@ -393,14 +395,14 @@ def test_a_block_torn_mid_reseal_reads_as_eio_and_repair_restores_it(
     records = fmt.parse_undo(raw_undo, geo.cipher_block_size)
     assert records, (len(raw_undo), raw_undo[:16])
     file_id = bytes.fromhex(undo_name)
-    (torn_file,) = [
+    torn_file = next(  # (the first of its names, if it has hard links)
         path
         for top, _dirs, files in os.walk(vol.cipher_dir)
         for path in (Path(top) / name for name in files)
         if stat.S_ISREG(path.lstat().st_mode)
         and path.lstat().st_size > fmt.FILE_HEADER_LEN
         and path.read_bytes()[2 : fmt.FILE_HEADER_LEN] == file_id
-    ]
+    )
     # The tear: the block rewritten half way (new bytes over the old in its second half).
     block_no = min(records)
     with open(torn_file, "r+b") as f:
@@ -496,3 +498,68 @@ def test_rekey_goes_on_after_the_daemon_is_killed(
         old.close()
     check = encfs("fsck", vol.cipher_dir, "--vault", vol.vault_url, env=vol.env)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+# --- the pieces a rekey relies on, without a mount ----------------------------------------
+
+
+def test_names_and_xattrs_see_both_keys_while_a_rekey_runs(tmp_path: Path) -> None:
+    root = backing.open_root(str(tmp_path))
+    dir_id = names.write_dirid(root, link=True)
+    keys = VolumeKeys(bytearray(32), volume_id=bytes(16), block_size=4096)
+    try:
+        tree = names.Names(root, keys, dirid_links=True)
+        old = tree.child(root, dir_id, "f")
+        os.close(root.create_file(old.name, os.O_RDWR, 0o600))
+        xattrs.set_(keys, old, "user.a", b"1", 0)
+        keys.retire(VolumeKeys(bytearray(range(32)), volume_id=bytes(16), block_size=4096))
+        found = tree.child(root, dir_id, "f")
+        assert found.name == old.name  # not renamed yet: found under its old name
+        fresh = tree.child(root, dir_id, "g")  # nothing there: the new key's name
+        assert fresh.encoded == keys.names_own().encrypt(b"g", dir_id)
+        assert keys.retiring is not None
+        assert fresh.encoded != keys.retiring.names_own().encrypt(b"g", dir_id)
+        assert xattrs.get(keys, found, "user.a") == b"1"
+        with pytest.raises(FileExistsError):
+            xattrs.set_(keys, found, "user.a", b"x", os.XATTR_CREATE)
+        xattrs.set_(keys, found, "user.a", b"2", os.XATTR_REPLACE)
+        assert xattrs.listed(keys, found) == ["user.a"]
+        assert len([a for a in root.listxattr(found.name) if a.startswith("user.encfs.")]) == 1
+        assert xattrs.get(keys, found, "user.a") == b"2"
+        xattrs.remove(keys, found, "user.a")
+        with pytest.raises(OSError) as err:
+            xattrs.get(keys, found, "user.a")
+        assert err.value.errno == errno.ENODATA
+    finally:
+        keys.close()
+
+
+def test_a_paused_gate_holds_operations_back_and_a_suspension_fails_them() -> None:
+    gate = Gate()
+    assert gate.enter()
+    done: list[bool] = []
+    waiter = threading.Thread(target=lambda: done.append(gate.enter()))
+    pauser = threading.Thread(target=lambda: done.append(gate.pause(5)))
+    pauser.start()
+    time.sleep(0.2)
+    assert pauser.is_alive()  # waits for the operation inside
+    gate.leave()
+    pauser.join(5)
+    assert done == [True]
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive() and not gate.suspended  # held back, not refused
+    gate.unpause()
+    waiter.join(5)
+    assert done == [True, True]
+    gate.leave()
+    assert gate.pause(1)
+    refused = threading.Thread(target=lambda: done.append(gate.enter()))
+    refused.start()
+    assert gate.close(1)  # a suspension while paused: those waiting are refused
+    refused.join(5)
+    assert done[-1] is False
+    gate.unpause()
+    assert not gate.open  # still suspended
+    gate.reopen()
+    assert gate.open and gate.enter()

@@ -250,6 +250,17 @@ def _print_status(r: dict[str, Any]) -> None:
             f"{c.get('writes')} writes ({c.get('bytes_written')} B), "
             f"{c.get('integrity_errors')} integrity errors"
         )
+    rk = r.get("rekey") or {}
+    if rk:
+        if rk.get("state") == "interrupted":
+            line = "interrupted: `encfs rekey` finishes it"
+        else:
+            line = (
+                f"{rk.get('state')}, {rk.get('files')}/{rk.get('files_total')} files, "
+                f"{int(rk.get('bytes') or 0) >> 20}/{int(rk.get('bytes_total') or 0) >> 20} MiB"
+                f", {rk.get('problems')} problem(s)"
+            )
+        print(f"  rekey        {line}")
     lf = r.get("libfuse") or {}
     if lf:
         print(
