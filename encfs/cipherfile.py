@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 
 from encfs import backing, crypto
 from encfs import format as fmt
@@ -563,8 +563,8 @@ class CipherFile:
         """Re-seal under the new key every block that only the retiring key opens (``encfs
         rekey``; the volume's keys must be re-keying: ``VolumeKeys.retire``); returns how
         many blocks it re-sealed. Works ``REKEY_CHUNK`` blocks at a time under the write
-        lock, so readers and writers of the file wait at most one chunk; before a pair of
-        blocks is rewritten in place its old sealed form goes to the undo record (FORMAT.md
+        lock, so readers and writers of the file wait at most one chunk; before a run of
+        blocks is rewritten in place their old sealed forms go to the undo record (FORMAT.md
         §10b), so a crash mid-rewrite loses nothing (``fsck --repair``). ``on_chunk(n)`` is
         told the cipher bytes of each chunk done. Raises ``IntegrityError`` for a block
         neither key opens (the blocks before it are done; the rest untouched), ``OSError``.
@@ -590,14 +590,13 @@ class CipherFile:
                 if changed:
                     self._tail = None  # its sealed copy is the old one
                 cbs = geo.cipher_block_size
-                for i in range(0, len(changed), fmt.UNDO_MAX_RECORDS):
-                    pair = [
-                        (n, (n - block_no) * cbs) for n in changed[i : i + fmt.UNDO_MAX_RECORDS]
+                for run in _runs(changed, fmt.UNDO_REKEY_RECORDS):
+                    at, end_at = (run[0] - block_no) * cbs, (run[-1] - block_no + 1) * cbs
+                    records = [
+                        (n, old[(n - block_no) * cbs : (n - block_no + 1) * cbs]) for n in run
                     ]
-                    self._save_undo(fd, file_id, [(n, old[at : at + cbs]) for n, at in pair])
-                    for n, at in pair:
-                        block = memoryview(raw)[at : at + cbs]
-                        backing.pwrite_all(fd, block, geo.block_cipher_off(n))
+                    self._save_undo(fd, file_id, records)
+                    backing.pwrite_all(fd, memoryview(raw)[at:end_at], geo.block_cipher_off(run[0]))
                 resealed += len(changed)
             finally:
                 self.lock.release_write()
@@ -621,6 +620,18 @@ class CipherFile:
             cipher_len = min(cipher_len, max(os.fstat(fd).st_size - cipher_off, 0))
         if cipher_len > 0:
             backing.fallocate(fd, mode, cipher_off, cipher_len)
+
+
+def _runs(block_nos: list[int], most: int) -> Iterator[list[int]]:
+    """``block_nos`` (ascending) cut into runs of consecutive numbers, ``most`` at most."""
+    run: list[int] = []
+    for n in block_nos:
+        if run and (n != run[-1] + 1 or len(run) == most):
+            yield run
+            run = []
+        run.append(n)
+    if run:
+        yield run
 
 
 def _pwritev_all(fd: int, bufs: list[bytes | bytearray], cipher_off: int) -> None:

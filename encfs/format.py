@@ -400,12 +400,14 @@ def pack_undo(records: list[tuple[int, bytes]]) -> bytes:
 
 UNDO_MAX_RECORDS = 2
 """A write rewrites at most its first and its last block in place."""
+UNDO_REKEY_RECORDS = 64
+"""A rekey re-seals up to this many consecutive blocks per undo record (§2.5, §10b)."""
 
 
 def undo_size_limit(cipher_block_size: int) -> int:
-    """The largest undo file a writer makes (``UNDO_MAX_RECORDS`` whole blocks): what a
-    reader reads of one."""
-    return _UNDO_HEAD.size + UNDO_MAX_RECORDS * (_UNDO_RECORD.size + cipher_block_size)
+    """The largest undo file a writer makes (``UNDO_REKEY_RECORDS`` whole blocks, from a
+    rekey): what a reader reads of one."""
+    return _UNDO_HEAD.size + UNDO_REKEY_RECORDS * (_UNDO_RECORD.size + cipher_block_size)
 
 
 UNDO_EMPTY = _UNDO_HEAD.pack(UNDO_MAGIC, UNDO_VERSION, 0)
