@@ -6,6 +6,7 @@ volume that mounts and reads whole, which the next ``encfs rekey`` finishes."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import json
 import os
@@ -25,6 +26,7 @@ import pytest
 
 from encfs import backing, crypto, names
 from encfs import format as fmt
+from encfs.cli import ExitCode
 from encfs.errors import IntegrityError
 from encfs.fs import xattrs
 from encfs.fs.kcache import Gate
@@ -43,7 +45,9 @@ def populate(mnt: Path, *, big: int = 1 << 20) -> None:
     (mnt / "one").write_bytes(b"x")
     (mnt / "block").write_bytes(rng.randbytes(4096))
     (mnt / "five").write_bytes(rng.randbytes(5000))
-    (mnt / "big").write_bytes(rng.randbytes(big))
+    with open(mnt / "big", "wb") as f:
+        for _ in range(0, big, 1 << 20):
+            f.write(rng.randbytes(min(1 << 20, big)))
     with open(mnt / "sparse", "wb") as f:
         f.seek(3 << 20)
         f.write(b"tail")
@@ -446,9 +450,14 @@ def _status(vol: Volume) -> dict[str, Any]:
 
 def _start_rekey(vol: Volume) -> subprocess.Popen[str]:
     """``encfs rekey`` in the background, returned once the daemon's rekey is walking."""
+    return _start_rekey_with(vol)
+
+
+def _start_rekey_with(vol: Volume, *extra: str) -> subprocess.Popen[str]:
     env = vol.env | {"ENCFS_AUDIT_LOG": "none", "ENCFS_PIN_DIR": os.environ["ENCFS_PIN_DIR"]}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "encfs", "rekey", str(vol.cipher_dir), "--vault", vol.vault_url],
+        [sys.executable, "-m", "encfs", "rekey", str(vol.cipher_dir), "--vault", vol.vault_url,
+         *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert wait_until(
@@ -563,3 +572,108 @@ def test_a_paused_gate_holds_operations_back_and_a_suspension_fails_them() -> No
     assert not gate.open  # still suspended
     gate.reopen()
     assert gate.open and gate.enter()
+
+
+def test_a_suspension_pauses_the_rekey_and_resuming_finishes_it(
+    make_volume: MakeVolume, transit_key: TransitKey
+) -> None:
+    """Revoked mid-rekey: the volume suspends (both keys wiped), the rekey waits; a new
+    token resumes the volume — the watcher unwraps both keys of the header — and the
+    rekey goes on to the end."""
+    bao = transit_key.bao
+    vol = make_volume(mount=False)
+    policy = bao.write_host_policy(transit_key.name)
+    token_file = vol.cipher_dir.parent / "host.token"
+
+    def new_token() -> str:
+        token = bao.make_token([policy])
+        tmp = token_file.with_suffix(".new")
+        tmp.write_text(token + "\n")
+        tmp.chmod(0o600)
+        os.replace(tmp, token_file)
+        return token
+
+    token = new_token()
+    env = {k: v for k, v in vol.env.items() if k != "VAULT_TOKEN"}
+    vol.env = env
+    vol.mount("--token-file", str(token_file), "--check-interval", "1")
+    populate(vol.mountpoint, big=400 << 20)  # seconds of work: the revocation lands in it
+    before = snapshot(vol.mountpoint)
+    h0 = header(vol)
+    proc = _start_rekey_with(vol, "--token-file", str(token_file))
+    bao.revoke_token(token)
+    assert wait_until(lambda: _status(vol)["state"] == "suspended", timeout=15), _status(vol)
+    assert wait_until(lambda: _status(vol)["rekey"]["state"] == "suspended", timeout=15), _status(
+        vol
+    )["rekey"]
+    assert header(vol).rekeying
+    new_token()
+    assert wait_until(lambda: _status(vol)["state"] == "active", timeout=15), _status(vol)
+    _out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert not header(vol).rekeying
+    assert snapshot(vol.mountpoint) == before
+    vol.unmount()
+    old = VolumeKeys(old_key(transit_key, h0.wrapped_key), volume_id=h0.volume_id, block_size=4096)
+    try:
+        assert opens_under(old, vol.cipher_dir) == []
+    finally:
+        old.close()
+
+
+def test_progress_is_json_lines_off_a_terminal(make_volume: MakeVolume) -> None:
+    vol = make_volume(mount=False)
+    proc = rekey(vol)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert lines and lines[-1]["kind"] == "progress" and lines[-1]["state"] == "done"
+    assert lines[-1]["files"] == lines[-1]["files_total"]
+    assert "rekeyed" in proc.stdout and "MB/s" in proc.stdout
+    quiet = rekey(vol, "--no-progress")
+    assert quiet.returncode == 0 and not quiet.stderr.strip(), quiet.stderr
+
+
+def test_a_substituted_rekeying_header_is_refused(
+    make_volume: MakeVolume, transit_key: TransitKey
+) -> None:
+    """Someone who may ask the KEK for data keys builds a 'rekey under way' header around a
+    key of their own, copying the real wrapped key as the retiring one: the second tag,
+    which only the real key can make, fails; nothing is mounted and the pin stays."""
+    vol = make_volume()
+    (vol.mountpoint / "f").write_bytes(b"the owner's data")
+    vol.unmount()
+    path = vol.cipher_dir / fmt.VOLUME_HEADER_NAME
+    real = fmt.parse_volume_header(path.read_bytes())[0]
+    answer = transit_key.bao.admin.secrets.transit.generate_data_key(
+        name=transit_key.name, key_type="plaintext", mount_point=transit_key.bao.mount
+    )["data"]
+    forged_key = bytearray(base64.b64decode(answer["plaintext"]))
+    forged = dataclasses.replace(
+        real,
+        feature_flags=real.feature_flags | fmt.FEATURE_REKEYING,
+        wrapped_key=answer["ciphertext"],
+        kek_version=int(answer["ciphertext"].split(":")[1][1:]),
+        retiring=(real.slot,),
+    )
+    mine = VolumeKeys(forged_key, volume_id=real.volume_id, block_size=real.block_size)
+    try:
+        body = forged.body()
+        path.write_bytes(body + mine.header_tag(body) + bytes(32))
+    finally:
+        mine.close()
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, env=vol.env)
+    assert proc.returncode == ExitCode.HEADER_AUTH, proc.stderr
+    assert not os.path.ismount(vol.mountpoint)
+    assert rekey(vol).returncode == ExitCode.HEADER_AUTH
+
+
+def test_rekey_refuses_an_ephemeral_volume(tmp_path: Path, transit_key: TransitKey) -> None:
+    cipher, mnt = tmp_path / "eph", tmp_path / "mnt"
+    mnt.mkdir()
+    proc = encfs("mount", "--ephemeral", cipher, mnt, env=transit_key.env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        out = encfs("rekey", cipher, env=transit_key.env)
+        assert out.returncode == ExitCode.VOLUME_IN_USE and "ephemeral" in out.stderr, out.stderr
+    finally:
+        force_unmount(mnt)

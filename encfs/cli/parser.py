@@ -401,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="progress on stderr: a bar updated in place when stderr is a terminal (the "
-        'default there), else one JSON object per second ({"kind": "progress", ...}; only '
-        "when asked). --no-progress: none",
+        help="progress on stderr (the default): a bar updated in place when stderr is a "
+        'terminal, else one JSON object per second ({"kind": "progress", ...}) and one at '
+        "the end. --no-progress: none",
     )
     _vault_override_arg(p)
     _vault_args(p)

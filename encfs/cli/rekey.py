@@ -133,8 +133,8 @@ def report(args: argparse.Namespace, progress: rekey.RekeyProgress, kek_version:
 
 class ProgressView:
     """Shows a running rekey's progress on stderr from a thread of its own: a bar rewritten
-    in place on a terminal (5 per second), JSON lines otherwise (1 per second, only when
-    asked: ``--progress``), and one last line when stopped."""
+    in place on a terminal (5 per second), JSON lines otherwise (1 per second), and one
+    last line when stopped."""
 
     def __init__(self, progress: rekey.RekeyProgress, tty: bool) -> None:
         self.progress = progress
@@ -146,10 +146,10 @@ class ProgressView:
 
     @classmethod
     def choose(cls, asked: bool | None, progress: rekey.RekeyProgress) -> ProgressView | None:
-        tty = sys.stderr.isatty()
-        if asked is False or (asked is None and not tty):
+        """A bar on a terminal, JSON lines elsewhere; none with ``--no-progress``."""
+        if asked is False:
             return None
-        return cls(progress, tty)
+        return cls(progress, sys.stderr.isatty())
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
