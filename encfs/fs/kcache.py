@@ -11,11 +11,12 @@ one name of a file must invalidate what the kernel caches under its other names
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 Invalidate = Callable[[str], int]
 """Drop the kernel's attributes and pages of a mount path: 0, or -errno (-ENOENT when the
@@ -184,6 +185,18 @@ class Gate:
             self._paused -= 1
             self.open = not self._paused and not self.suspended
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def paused(self, timeout: float) -> Iterator[None]:
+        """``pause`` for the ``with`` block, ``unpause`` after it. Raises ``TimeoutError``
+        (nothing held then) if operations still run after ``timeout``."""
+        drained = self.pause(timeout)
+        try:
+            if not drained:
+                raise TimeoutError(f"FUSE operations still running after {timeout:.0f} s")
+            yield
+        finally:
+            self.unpause()
 
     def _drained(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -271,19 +271,12 @@ class EncfsOperations:
 
     @contextlib.contextmanager
     def quiet(self, timeout: float = 60.0) -> Iterator[None]:
-        """While held, no FUSE operation runs: new ones wait (``Gate.pause``), those that
-        were inside have left, and deferred writes are on the backing file (``encfs
-        rekey`` changes a directory's names or the keys in use meanwhile). Raises
-        ``TimeoutError`` when operations still run after ``timeout`` (nothing held then).
-        Never call from a FUSE request thread."""
-        drained = self.gate.pause(timeout)
-        try:
-            if not drained:
-                raise TimeoutError(f"FUSE operations still running after {timeout:.0f} s")
+        """While held, no FUSE operation runs (``Gate.paused``: new ones wait) and deferred
+        writes are on the backing file: ``encfs rekey`` changes a directory's names or the
+        keys in use meanwhile. Raises ``TimeoutError``. Never call from a FUSE thread."""
+        with self.gate.paused(timeout):
             self.sealer.drain()
             yield
-        finally:
-            self.gate.unpause()
 
     # --- helpers ---------------------------------------------------------------------------
 
