@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,10 +67,13 @@ class MountControl(Protocol):
         suspended already."""
         ...
 
-    def resume(self, volume_key: bytearray, hf: volume.HeaderFile) -> None:
+    def resume(
+        self, volume_key: bytearray, hf: volume.HeaderFile, retiring: Sequence[bytearray] = ()
+    ) -> None:
         """Serve again with ``volume_key`` (freshly unwrapped from ``hf``; the caller wipes
-        its copy) and enter ``active``. Raises ``EncfsError`` if ``hf``'s tag does not
-        verify under it (the mount stays suspended)."""
+        its copy) and, while a rekey is under way, the retiring key(s) of ``hf``; enter
+        ``active``. Raises ``EncfsError`` if ``hf``'s tag does not verify under them (the
+        mount stays suspended)."""
         ...
 
     def verify_header(self, hf: volume.HeaderFile) -> None:
@@ -80,14 +84,35 @@ class MountControl(Protocol):
 class HeldHeader:
     """The wrapped key a mount checks: the header as last checked (read at mount, replaced
     by the watcher when a rotation is seen; it unwraps this one when the file on disk is
-    gone or unreadable) and the check value of the volume key in use. Only the watcher
-    replaces ``header``; others may read it at any time."""
+    gone or unreadable) and the check value of the volume key in use. The watcher
+    replaces ``header`` when it sees a rotation; a rekey (``encfs rekey``) announces the
+    new key's check value in ``coming`` before its header names that key, then installs
+    both (``rekeyed``)."""
 
     def __init__(self, cipher_dir: Path, header: volume.HeaderFile, check_value: bytes) -> None:
         self.cipher_dir = cipher_dir
         self.header = header
         self.check_value = check_value
         """``keys.key_check_value`` of the volume key in use."""
+        self.coming: bytes | None = None
+        """The check value of the key a rekey is about to make current, until it does."""
+
+    def ours(self, check_value: bytes) -> bool:
+        """Whether ``check_value`` is the volume key's (in use, or coming from a rekey)."""
+        return hmac.compare_digest(check_value, self.check_value) or (
+            self.coming is not None and hmac.compare_digest(check_value, self.coming)
+        )
+
+    def announce(self, check_value: bytes) -> None:
+        """A rekey is about to write a header naming the key of ``check_value``."""
+        self.coming = check_value
+
+    def rekeyed(self, header: volume.HeaderFile, check_value: bytes) -> None:
+        """A rekey made ``header`` the one in place, and the key of ``check_value`` the one
+        in use."""
+        self.header = header
+        self.check_value = check_value
+        self.coming = None
 
 
 class MountState:
@@ -272,8 +297,8 @@ class KeyWatcher:
             self._failed(exc, "unwrap")
             return
         try:
-            ours = hf.header.volume_id == current.header.volume_id and hmac.compare_digest(
-                key_check_value(volume_key, current.header.volume_id), held.check_value
+            ours = hf.header.volume_id == current.header.volume_id and held.ours(
+                key_check_value(volume_key, current.header.volume_id)
             )
             if not ours:
                 # The header names a key the host may unwrap, but not the volume's: a
@@ -287,7 +312,10 @@ class KeyWatcher:
                 return
             if control.suspended:
                 try:
-                    control.resume(volume_key, hf)
+                    self._resume(volume_key, hf)
+                except VaultError as exc:
+                    self._failed(exc, "unwrap")
+                    return
                 except EncfsError as exc:
                     log.error("cannot resume: %s", exc)
                     return
@@ -304,6 +332,18 @@ class KeyWatcher:
         finally:
             volume_key[:] = bytes(len(volume_key))
         self._succeeded()
+
+    def _resume(self, volume_key: bytearray, hf: volume.HeaderFile) -> None:
+        """Resume with ``volume_key`` and, while a rekey is under way, the retiring key(s)
+        of ``hf`` (unwrapped here, wiped after). Raises ``EncfsError``."""
+        retiring: list[bytearray] = []
+        try:
+            for slot in hf.header.retiring:
+                retiring.append(self._vault.unwrap(slot.wrapped_key))
+            self._control.resume(volume_key, hf, retiring)
+        finally:
+            for old_key in retiring:
+                old_key[:] = bytes(len(old_key))
 
     def _header_to_check(self, held: HeldHeader) -> volume.HeaderFile:
         """The header whose wrapped key this check unwraps: the one on disk when it differs

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +53,13 @@ class KeysOnly:
         self._state.set("suspended", reason)
         self.calls.append(("suspend", reason, revoked, unmount))
 
-    def resume(self, volume_key: bytearray, hf: volume.HeaderFile) -> None:
+    def resume(
+        self, volume_key: bytearray, hf: volume.HeaderFile, retiring: Sequence[bytearray] = ()
+    ) -> None:
         self.keys.load(volume_key)
         try:
+            for old_key in retiring:
+                self.keys.load_retiring(old_key)
             self.keys.verify_header(hf.body, hf.tag)
         except BaseException:
             self.keys.wipe()

@@ -185,9 +185,7 @@ def cmd_unmount(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:
-    import socket
-
-    from encfs.mounts import RUN_DIR, status_socket
+    from encfs.mounts import RUN_DIR, ask, status_socket
 
     if args.mountpoint is not None:
         sockets = [status_socket(args.mountpoint.resolve())]
@@ -196,13 +194,7 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
     reports: list[dict[str, object]] = []
     for path in sockets:
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(5)
-                sock.connect(str(path))
-                raw = b""
-                while chunk := sock.recv(65536):
-                    raw += chunk
-            reports.append(json.loads(raw))
+            reports.append(ask(path))
         except (OSError, ValueError) as exc:
             if args.mountpoint is not None:
                 print(
@@ -258,6 +250,17 @@ def _print_status(r: dict[str, Any]) -> None:
             f"{c.get('writes')} writes ({c.get('bytes_written')} B), "
             f"{c.get('integrity_errors')} integrity errors"
         )
+    rk = r.get("rekey") or {}
+    if rk:
+        if rk.get("state") == "interrupted":
+            line = "interrupted: `encfs rekey` finishes it"
+        else:
+            line = (
+                f"{rk.get('state')}, {rk.get('files')}/{rk.get('files_total')} files, "
+                f"{int(rk.get('bytes') or 0) >> 20}/{int(rk.get('bytes_total') or 0) >> 20} MiB"
+                f", {rk.get('problems')} problem(s)"
+            )
+        print(f"  rekey        {line}")
     lf = r.get("libfuse") or {}
     if lf:
         print(

@@ -380,6 +380,35 @@ def build_parser() -> argparse.ArgumentParser:
     _vault_args(p)
 
     p = sub.add_parser(
+        "rekey",
+        help="re-encrypt everything under a new volume key (online, crash-safe)",
+        description="For a volume key that may have been exposed: ask the vault for a new "
+        "volume key and re-seal every name, block, symlink target and xattr under it, like "
+        "cryptsetup reencrypt. Works while the volume is mounted and in use (the daemon "
+        "does the work; this command starts it and shows its progress) or on a volume that "
+        "is not mounted (this command does it, holding the volume's lock). Crash-safe and "
+        "resumable: after a crash or kill at any point the volume mounts and reads as "
+        "before, and running rekey again finishes the job. When it is done, the old wrapped "
+        "key is gone from the header and from encfs.volume.prev, and the old key decrypts "
+        "nothing in the volume; header backups made before still unwrap the old key, which "
+        "opens nothing any more. Entries that open under neither key (see encfs fsck) "
+        "keep it from finishing: exit 30. The host token needs update on "
+        "MOUNT/datakey/plaintext/KEY and MOUNT/decrypt/KEY (what init and mount use).",
+    )
+    p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress on stderr (the default): a bar updated in place when stderr is a "
+        'terminal, else one JSON object per second ({"kind": "progress", ...}) and one at '
+        "the end. --no-progress: none",
+    )
+    _vault_override_arg(p)
+    _vault_args(p)
+
+    p = sub.add_parser(
         "status",
         help="state of mounted volumes (active, offline-grace, suspended and why)",
         description="Ask the daemon serving MOUNTPOINT (or every encfs daemon on this host) "
