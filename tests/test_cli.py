@@ -67,8 +67,12 @@ def test_init_rejects_bad_block_size(tmp_path: Path, transit_key: TransitKey) ->
     assert "multiple of 4096" in proc.stderr
 
 
-def _mount_fails(vol: Volume, env: dict[str, str], *extra: str) -> tuple[int, str]:
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *extra, env=env)
+def _mount_fails(
+    vol: Volume, env: dict[str, str], *extra: str, vault: str | None = None
+) -> tuple[int, str]:
+    """Mount with ``--vault vault`` (default: the volume's) and ``extra``, which fails."""
+    url = vault or vol.vault_url
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", url, *extra, env=env)
     assert not is_mounted(vol.mountpoint), "nothing may be mounted when the vault refuses"
     return proc.returncode, proc.stderr
 
@@ -89,7 +93,7 @@ def test_mount_key_missing(
     make_volume: MakeVolume, transit_key: TransitKey, openbao: OpenBao
 ) -> None:
     vol: Volume = make_volume(mount=False)
-    code, err = _mount_fails(vol, transit_key.env, "--vault", openbao.url_for("no-such-key"))
+    code, err = _mount_fails(vol, transit_key.env, vault=openbao.url_for("no-such-key"))
     assert code == ExitCode.VAULT_KEY_NOT_FOUND
     assert "encryption key not found" in err
 
@@ -101,10 +105,9 @@ def test_mount_vault_unreachable(make_volume: MakeVolume, transit_key: TransitKe
     code, err = _mount_fails(
         vol,
         transit_key.env,
-        "--vault",
-        f"transit+http://127.0.0.1:{free_port()}/transit/x",
         "--vault-timeout",
         "2",
+        vault=f"transit+http://127.0.0.1:{free_port()}/transit/x",
     )
     assert code == ExitCode.VAULT_UNREACHABLE
     assert "cannot reach vault" in err

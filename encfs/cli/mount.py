@@ -16,7 +16,7 @@ from typing import Any
 
 from encfs.cli.output import ExitCode, setup_logging
 from encfs.cli.parser import verbosity
-from encfs.cli.settings import audit_settings, vault_settings
+from encfs.cli.settings import audit_settings, vault_setting, vault_settings
 from encfs.vault import env_vault_addr
 from encfs.watcher import WatchSettings
 
@@ -53,7 +53,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         cipher_dir=args.cipher_dir.resolve(),
         mountpoint=args.mountpoint.resolve(),
         vault=vault_settings(args),
-        vault_url=args.vault_url,
+        vault_url=vault_setting(args.vault_url),
         vault_addr=env_vault_addr(),
         repin=args.repin,
         nonempty=opts.get("nonempty", False),

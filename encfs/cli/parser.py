@@ -35,8 +35,9 @@ vault token (the host's identity), first found wins:
   LoadCredential=), $VAULT_TOKEN, $BAO_TOKEN. Never on the command line.
 
 vault address (where the token may go), first found wins:
-  --vault URL|https://HOST:PORT (or VAULT= in the config file), $VAULT_ADDR, $BAO_ADDR
-  (CA: --ca-file, $VAULT_CACERT, $BAO_CACERT). Never the URL in the volume header alone.
+  --vault URL|https://HOST:PORT, repeated for the nodes of a cluster (or VAULT= in the
+  config file, space-separated), $VAULT_ADDR, $BAO_ADDR (one address; CA: --ca-file,
+  $VAULT_CACERT, $BAO_CACERT). Never the URL in the volume header alone.
 
 volume pins: init and the first mount remember each cipher dir's volume (id and a key
   check value) in /var/lib/encfs/pins ($ENCFS_PIN_DIR); another volume there is refused
@@ -152,12 +153,15 @@ def _vault_override_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vault",
         dest="vault_url",
+        action="append",
         metavar="URL",
         help="the vault to use: a full vault URL (it wins over the one in the volume "
-        "header) or an address https://HOST:PORT (the header's mount and key on it). "
-        "Default: $VAULT_ADDR / $BAO_ADDR. The header's URL alone is never used: it is not "
-        "authenticated before the key is unwrapped, so the host's token would go wherever "
-        "an edited header points (exit 9, vault-not-pinned)",
+        "header) or an address https://HOST:PORT (the header's mount and key on it). Give "
+        "it once per node of a vault cluster (or several separated by spaces): they are "
+        "tried in order, failing over when a node cannot serve (never when it refuses). "
+        "Default: $VAULT_ADDR / $BAO_ADDR (one address). The header's URL alone is never "
+        "used: it is not authenticated before the key is unwrapped, so the host's token "
+        "would go wherever an edited header points (exit 9, vault-not-pinned)",
     )
 
 
@@ -465,10 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mountpoint", type=_abs_path, required=True, metavar="DIR")
     p.add_argument(
         "--vault",
+        action="append",
         metavar="URL",
         help="the vault the service may send the host's token to (VAULT= in the config; "
         "required unless --ephemeral): a full vault URL, or https://HOST:PORT with the "
-        "volume header's mount and key",
+        "volume header's mount and key; repeated for each node of a vault cluster",
     )
     p.add_argument(
         "--token-file",
