@@ -527,17 +527,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = vsub.add_parser(
         "serve",
-        help="persistent single-host OpenBao (Raft storage, TLS, auto-unseal from DATA)",
+        help="persistent OpenBao (Raft storage, TLS, auto-unseal from DATA); one node or a "
+        "node of a cluster",
         description="Run a persistent OpenBao with Raft storage in DATA (mode 0700), TLS "
         "on the listen address with a CA of its own (DATA/tls/ca.pem). The first start "
         "initialises it with one unseal key kept in DATA/init.json (0600) and prints the "
         "trade-off: the unseal key sits on the same disk as the data, so this protects "
         "volume keys from other hosts and from a stolen volume, not from theft of this "
-        "host's disk. Every start unseals it. Runs in the foreground.",
+        "host's disk. Every start unseals it. Runs in the foreground. A cluster: start "
+        "the first node with --node-id, copy its init.json, tls/ca.pem and tls/ca-key.pem "
+        "into each other node's DATA, and start those with their own --node-id and --join "
+        "https://FIRST:PORT (see README, 'A vault cluster').",
     )
     p.add_argument("--data", type=_abs_path, required=True, metavar="DIR")
     p.add_argument("--listen", default="127.0.0.1:8200", metavar="HOST:PORT")
-    p.add_argument("--cluster-listen", default=None, metavar="HOST:PORT")
+    p.add_argument(
+        "--cluster-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="Raft's port, where the nodes of a cluster talk to each other "
+        "(default: the port after --listen's)",
+    )
+    p.add_argument(
+        "--node-id",
+        default=None,
+        metavar="ID",
+        help="this node's name in the cluster, unique among its nodes (default: encfs-vault)",
+    )
+    p.add_argument(
+        "--join",
+        default=None,
+        metavar="https://HOST:PORT",
+        help="on the first start, join the cluster of the node at this address instead of "
+        "initialising a new vault (DATA must hold init.json, tls/ca.pem and tls/ca-key.pem "
+        "copied from a node); ignored once the node is a member",
+    )
     p = vsub.add_parser(
         "setup",
         help="create the transit key, the host's policy and its token (idempotent)",
