@@ -30,11 +30,12 @@ from typing import Any
 
 import psutil
 
-from encfs import backing, mounts, names, pins, sdnotify, volume
+from encfs import backing, metrics, mounts, names, pins, sdnotify, volume
 from encfs import format as fmt
 from encfs.audit import AuditLog, AuditSettings
 from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
 from encfs.fs import EncfsOperations, FsOptions, select_libfuse, serve
+from encfs.hostfiles import write_file_atomic
 from encfs.keys import VolumeKeys
 from encfs.vault import KeyWrapper, VaultSettings, connect, pin_vault_url, retry_unavailable
 from encfs.watcher import HeldHeader, KeyWatcher, MountState, WatchSettings, note_identity
@@ -71,6 +72,9 @@ class MountConfig:
     ephemeral: bool = False
     """A crypto-erased scratch volume: a fresh random key, never stored (``vault_url``, if
     given, is only watched: revocation of the host's access erases the volume)."""
+    metrics_file: Path | None = None
+    """Where to keep the mount's Prometheus metrics (``encfs.metrics``) for a textfile
+    collector: rewritten atomically after every check interval, removed at unmount."""
 
 
 def _reusable_for_ephemeral(cipher_dir: Path) -> bool:
@@ -346,12 +350,17 @@ class Daemon:
             )
         status = mounts.StatusServer(mounts.status_socket(cfg.mountpoint), mount.status)
         health = threading.Thread(target=self._feed_watchdog, name="encfs-watchdog", daemon=True)
+        exporter = threading.Thread(
+            target=self._write_metrics, args=(mount,), name="encfs-metrics", daemon=True
+        )
         try:
             if watcher is not None:
                 watcher.start()
             status.start()
             if sdnotify.watchdog_interval() is not None:
                 health.start()
+            if cfg.metrics_file is not None:
+                exporter.start()
             # Entries made for a caller get exactly the mode the kernel passes (already
             # masked by the caller's umask), as on a kernel filesystem; the daemon's own
             # files all have explicit modes.
@@ -371,6 +380,8 @@ class Daemon:
             if watcher is not None:
                 watcher.stop()
             status.stop()
+            if exporter.is_alive():
+                exporter.join(timeout=10)
             ops.aliases.stop()
             mount.close()
             if watcher is not None:
@@ -402,6 +413,28 @@ class Daemon:
                 on_ready()
 
         threading.Thread(target=wait_and_report, name="encfs-ready", daemon=True).start()
+
+    def _write_metrics(self, mount: LiveMount) -> None:
+        """Keep ``--metrics-file`` current (``encfs.metrics``, written atomically, mode
+        0644: it holds no secret) every check interval until the mount stops; then remove
+        it, so that a textfile collector stops reporting a mount that is gone."""
+        path = self.config.metrics_file
+        assert path is not None
+        every = max(1.0, self.config.watch.check_interval)
+        failing = False
+        while True:
+            try:
+                text = metrics.render([mount.status()])
+                write_file_atomic(path, text.encode(), 0o644, sync=False)
+                failing = False
+            except OSError as exc:
+                if not failing:
+                    log.warning("cannot write the metrics file %s: %s", path, exc.strerror)
+                failing = True
+            if self._stopping.wait(every):
+                break
+        with contextlib.suppress(OSError):
+            path.unlink()
 
     def _feed_watchdog(self) -> None:
         """Tell systemd we are healthy every half ``WatchdogSec=``: only while the mount
@@ -528,6 +561,7 @@ class LiveMount:
             "cipher_dir": str(cfg.cipher_dir),
             "pid": os.getpid(),
             "started": mounts.iso_utc(self._started),
+            "started_time": self._started,
         }
         out.update(self._state.snapshot())
         if unlocked.held is not None:
@@ -538,6 +572,8 @@ class LiveMount:
             out["vault"] = unlocked.url
             out["key_name"] = unlocked.url.rstrip("/").rsplit("/", 1)[-1]
             out["kek_version"] = hf.header.kek_version
+        if unlocked.vault is not None:
+            out["vault_addresses"] = list(unlocked.vault.url.origins)
         out["ephemeral"] = cfg.ephemeral
         if cfg.ephemeral:
             out["volume_id"] = unlocked.volume_id

@@ -266,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="where the background daemon logs (default: syslog if available)",
     )
+    p.add_argument(
+        "--metrics-file",
+        type=_abs_path,
+        metavar="FILE",
+        help="keep the mount's Prometheus metrics (those of `encfs status --prometheus`) in "
+        "FILE for node_exporter's textfile collector: rewritten atomically every check "
+        "interval, removed at unmount",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("key lifecycle while mounted")
     g.add_argument(
@@ -392,7 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
         "locking, PID and RSS. Answered over a root-only unix socket in /run/encfs.",
     )
     p.add_argument("mountpoint", type=_abs_path, nargs="?", metavar="MOUNTPOINT")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt_group = p.add_mutually_exclusive_group()
+    fmt_group.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt_group.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="Prometheus metrics (text exposition format): state, last check, check "
+        "duration, vault reachability, operation counters, labelled by mountpoint and "
+        "volume_id",
+    )
 
     hp = sub.add_parser(
         "header",

@@ -31,6 +31,7 @@ CONFIG_KEYS: dict[str, str] = {
     "SUSPENDED_ERRNO": "--suspended-errno",
     "AUDIT_LOG": "--audit-log",
     "LOG_FILE": "--log-file",
+    "METRICS_FILE": "--metrics-file",
     "EPHEMERAL": "--ephemeral",
 }
 

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 
 import pytest
 
@@ -228,12 +229,12 @@ def test_a_sealed_node_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("VAULT_TOKEN", a.root_token)
         a.seal()
         urls = f"transit+http://127.0.0.1:{a.port}/transit/k transit+http://127.0.0.1:{b.port}/transit/k"
-        with connect(urls, VaultSettings(timeout=5)) as vault:
+        with closing(connect(urls, VaultSettings(timeout=5))) as vault:
             assert vault.key_status()["latest_version"] == 1
             assert vault.serving == b.addr
         b.seal()
         with (
-            connect(urls, VaultSettings(timeout=5)) as vault,
+            closing(connect(urls, VaultSettings(timeout=5))) as vault,
             pytest.raises(errors.VaultSealed, match="2 tried"),
         ):
             vault.key_status()  # every node sealed: sealed, not merely unreachable
