@@ -54,7 +54,8 @@ class MountConfig:
     vault: VaultSettings = field(default_factory=VaultSettings)
     vault_url: str | None = None
     """The vault the operator pinned (``--vault`` / ``VAULT=``): a full URL, or an address
-    that takes the header's mount and key (``vault.pin_vault_url``)."""
+    that takes the header's mount and key, or a space-separated list of either, the nodes
+    of a cluster (``vault.pin_vault_url``)."""
     vault_addr: str | None = None
     """``VAULT_ADDR`` / ``BAO_ADDR`` of the host, used when ``vault_url`` is not given."""
     repin: bool = False
@@ -111,7 +112,8 @@ class Unlocked:
     vault: KeyWrapper | None
     """The vault to watch; None only for an ephemeral volume mounted without one."""
     url: str
-    """The vault this mount talks to (pinned; never the header's URL alone); "" if none."""
+    """The vault this mount talks to (pinned; never the header's URL alone): the URL of
+    each of its addresses, space-separated (``str(VaultURL)``); "" if none."""
     audit: AuditLog
     renew_in: float | None
     """Seconds until the host's credential needs renewing; None if it does not expire."""
