@@ -301,3 +301,27 @@ def test_keepalive_tries_the_first_addresses_again_after_a_while() -> None:
         link.close()
         first.close()
         second.close()
+
+
+def test_keepalive_never_fails_over_an_error_that_means_revocation() -> None:
+    """Defence in depth: whatever a client maps to a revocation, even from a transport
+    step, is raised from the address that gave it; the next one is never connected."""
+    first, first_port = _echo_server()
+    endpoints = [Endpoint("127.0.0.1", first_port), Endpoint("127.0.0.1", free_port())]
+    link: KeepAlive[socket.socket] = KeepAlive(endpoints, ())
+    connected: list[int] = []
+
+    def connect_to(endpoint: Endpoint) -> socket.socket:
+        connected.append(endpoint.port)
+        return socket.create_connection((endpoint.host, endpoint.port), timeout=2)
+
+    def step(sock: socket.socket) -> tuple[bytes, bool]:
+        raise errors.VaultKeyDisabled("the key is disabled")
+
+    try:
+        with pytest.raises(errors.VaultKeyDisabled):
+            link.run(connect_to, step, lambda exc, endpoint: None)
+        assert connected == [first_port]
+    finally:
+        link.close()
+        first.close()
