@@ -509,41 +509,32 @@ def sha256(data: bytes) -> bytes:
 # certificates (``cryptography.x509``) is fine anywhere.
 
 
-def make_tls_material(
-    *, dns_names: list[str], ip_addresses: list[str], days: int, common_name: str
-) -> tuple[bytes, bytes, bytes]:
-    """A fresh CA and a server certificate it signs; returns ``(ca_pem, cert_pem, key_pem)``.
+def make_tls_ca(*, days: int, common_name: str) -> tuple[bytes, bytes]:
+    """A fresh CA for a vault's own TLS; returns ``(ca_pem, ca_key_pem)``.
 
-    Both keys are ECDSA P-256. The server certificate carries ``dns_names`` and
-    ``ip_addresses`` as subject alternative names, ``serverAuth`` only, and is valid for
-    ``days``. The CA certificate may sign nothing but end-entity certificates (path length
-    0), and the CA's private key is never returned: it is dropped here, so nothing else can
-    ever be signed by this CA. ``key_pem`` is the server's unencrypted PKCS#8 private key;
-    the caller writes it with mode 0600.
+    ECDSA P-256, valid for ``days``, named ``COMMON_NAME CA``; it may sign nothing but
+    end-entity certificates (path length 0). ``ca_key_pem`` is the CA's unencrypted PKCS#8
+    private key: whoever holds it can make certificates every client of this CA trusts, so
+    the caller keeps it like the vault's unseal key (mode 0600, beside it) or drops it.
     """
     import datetime
-    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
     now = datetime.datetime.now(datetime.UTC)
-    not_before = now - datetime.timedelta(minutes=5)  # tolerate small clock steps
-    not_after = now + datetime.timedelta(days=days)
-
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerate small clock steps
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -559,20 +550,64 @@ def make_tls_material(
             ),
             critical=True,
         )
-        .add_extension(ca_ski, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
+    return (
+        ca_cert.public_bytes(serialization.Encoding.PEM),
+        ca_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
 
+
+def issue_tls_cert(
+    ca_pem: bytes,
+    ca_key_pem: bytes,
+    *,
+    dns_names: list[str],
+    ip_addresses: list[str],
+    days: int,
+    common_name: str,
+) -> tuple[bytes, bytes]:
+    """A server certificate signed by the CA ``ca_pem`` / ``ca_key_pem``
+    (``make_tls_ca``); returns ``(cert_pem, key_pem)``.
+
+    ECDSA P-256, ``serverAuth`` only, ``dns_names`` and ``ip_addresses`` as subject
+    alternative names, valid for ``days`` but never past the CA. ``key_pem`` is the
+    server's unencrypted PKCS#8 private key; the caller writes it with mode 0600. Raises
+    ``ValueError`` if the CA files do not parse or do not belong together.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or (
+        ca_key.public_key().public_bytes(*spki) != ca_cert.public_key().public_bytes(*spki)
+    ):
+        raise ValueError("the CA key does not belong to the CA certificate")
+    now = datetime.datetime.now(datetime.UTC)
+    not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_name)
+        .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -597,9 +632,7 @@ def make_tls_material(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    del ca_key
     return (
-        ca_cert.public_bytes(serialization.Encoding.PEM),
         cert.public_bytes(serialization.Encoding.PEM),
         key.private_bytes(
             serialization.Encoding.PEM,

@@ -30,12 +30,13 @@ from typing import Any
 
 import psutil
 
-from encfs import backing, mounts, names, pins, rekey, sdnotify, volume
+from encfs import backing, metrics, mounts, names, pins, rekey, sdnotify, volume
 from encfs import format as fmt
 from encfs.audit import AuditLog, AuditSettings
 from encfs.cipherfile import CipherFile
 from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked, VolumeSuspended
 from encfs.fs import EncfsOperations, FsOptions, select_libfuse, serve
+from encfs.hostfiles import write_file_atomic
 from encfs.keys import VolumeKeys
 from encfs.vault import KeyWrapper, VaultSettings, connect, pin_vault_url, retry_unavailable
 from encfs.watcher import HeldHeader, KeyWatcher, MountState, WatchSettings, note_identity
@@ -54,7 +55,8 @@ class MountConfig:
     vault: VaultSettings = field(default_factory=VaultSettings)
     vault_url: str | None = None
     """The vault the operator pinned (``--vault`` / ``VAULT=``): a full URL, or an address
-    that takes the header's mount and key (``vault.pin_vault_url``)."""
+    that takes the header's mount and key, or a space-separated list of either, the nodes
+    of a cluster (``vault.pin_vault_url``)."""
     vault_addr: str | None = None
     """``VAULT_ADDR`` / ``BAO_ADDR`` of the host, used when ``vault_url`` is not given."""
     repin: bool = False
@@ -72,6 +74,9 @@ class MountConfig:
     ephemeral: bool = False
     """A crypto-erased scratch volume: a fresh random key, never stored (``vault_url``, if
     given, is only watched: revocation of the host's access erases the volume)."""
+    metrics_file: Path | None = None
+    """Where to keep the mount's Prometheus metrics (``encfs.metrics``) for a textfile
+    collector: rewritten atomically after every check interval, removed at unmount."""
 
 
 def _reusable_for_ephemeral(cipher_dir: Path) -> bool:
@@ -108,7 +113,8 @@ class Unlocked:
     vault: KeyWrapper | None
     """The vault to watch; None only for an ephemeral volume mounted without one."""
     url: str
-    """The vault this mount talks to (pinned; never the header's URL alone); "" if none."""
+    """The vault this mount talks to (pinned; never the header's URL alone): the URL of
+    each of its addresses, space-separated (``str(VaultURL)``); "" if none."""
     audit: AuditLog
     renew_in: float | None
     """Seconds until the host's credential needs renewing; None if it does not expire."""
@@ -349,12 +355,17 @@ class Daemon:
             mounts.status_socket(cfg.mountpoint), mount.status, {"rekey": mount.start_rekey}
         )
         health = threading.Thread(target=self._feed_watchdog, name="encfs-watchdog", daemon=True)
+        exporter = threading.Thread(
+            target=self._write_metrics, args=(mount,), name="encfs-metrics", daemon=True
+        )
         try:
             if watcher is not None:
                 watcher.start()
             status.start()
             if sdnotify.watchdog_interval() is not None:
                 health.start()
+            if cfg.metrics_file is not None:
+                exporter.start()
             # Entries made for a caller get exactly the mode the kernel passes (already
             # masked by the caller's umask), as on a kernel filesystem; the daemon's own
             # files all have explicit modes.
@@ -374,6 +385,8 @@ class Daemon:
             if watcher is not None:
                 watcher.stop()
             status.stop()
+            if exporter.is_alive():
+                exporter.join(timeout=10)
             ops.aliases.stop()
             mount.close()
             if watcher is not None:
@@ -405,6 +418,28 @@ class Daemon:
                 on_ready()
 
         threading.Thread(target=wait_and_report, name="encfs-ready", daemon=True).start()
+
+    def _write_metrics(self, mount: LiveMount) -> None:
+        """Keep ``--metrics-file`` current (``encfs.metrics``, written atomically, mode
+        0644: it holds no secret) every check interval until the mount stops; then remove
+        it, so that a textfile collector stops reporting a mount that is gone."""
+        path = self.config.metrics_file
+        assert path is not None
+        every = max(1.0, self.config.watch.check_interval)
+        failing = False
+        while True:
+            try:
+                text = metrics.render([mount.status()])
+                write_file_atomic(path, text.encode(), 0o644, sync=False)
+                failing = False
+            except OSError as exc:
+                if not failing:
+                    log.warning("cannot write the metrics file %s: %s", path, exc.strerror)
+                failing = True
+            if self._stopping.wait(every):
+                break
+        with contextlib.suppress(OSError):
+            path.unlink()
 
     def _feed_watchdog(self) -> None:
         """Tell systemd we are healthy every half ``WatchdogSec=``: only while the mount
@@ -641,6 +676,7 @@ class LiveMount:
             "cipher_dir": str(cfg.cipher_dir),
             "pid": os.getpid(),
             "started": mounts.iso_utc(self._started),
+            "started_time": self._started,
         }
         out.update(self._state.snapshot())
         if unlocked.held is not None:
@@ -651,6 +687,8 @@ class LiveMount:
             out["vault"] = unlocked.url
             out["key_name"] = unlocked.url.rstrip("/").rsplit("/", 1)[-1]
             out["kek_version"] = hf.header.kek_version
+        if unlocked.vault is not None:
+            out["vault_addresses"] = list(unlocked.vault.url.origins)
         out["ephemeral"] = cfg.ephemeral
         if cfg.ephemeral:
             out["volume_id"] = unlocked.volume_id

@@ -423,7 +423,7 @@ def create(
             cipher=fmt.CIPHER_AES256_GCM,
             block_size=block_size,
             volume_id=crypto.random_bytes(fmt.VOLUME_ID_LEN),
-            vault_url=str(vault.url),
+            vault_url=str(vault.url.primary),  # one URL: the header names one address
             kek_version=wrapped_kek_version(wrapped_key),
             wrapped_key=wrapped_key,
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -43,7 +44,12 @@ class WatchSettings:
     """The key lifecycle while mounted; declared once (the CLI's defaults come from here)."""
 
     check_interval: float = 5.0
-    """Seconds between the watcher's unwraps."""
+    """Seconds between the watcher's unwraps, at most (see ``jitter``)."""
+    jitter: float = 0.2
+    """Each wait is shortened by a random part of the interval up to this fraction, and
+    the first one is random in (0, interval]: the checks of a fleet of hosts do not fall in
+    step on the vault, and a check never comes later than ``check_interval`` after the
+    one before (the revocation bound stays the interval + the check)."""
     offline_grace: float = 300.0
     """Seconds to keep serving while the vault cannot be reached (0: suspend at once)."""
     on_revoke: str = "suspend"
@@ -129,6 +135,11 @@ class MountState:
         self.last_check: float | None = None
         self.last_error = ""
         self.vault_reachable: bool | None = None
+        self.vault_node = ""
+        """The vault address that answered the last successful check."""
+        self.last_check_duration: float | None = None
+        self.checks = 0
+        self.check_failures = 0
         self.token: dict[str, Any] = {}
         self.token_expires: float | None = None
 
@@ -144,11 +155,23 @@ class MountState:
         sdnotify.notify(status=f"{name}{suffix}"[:400])
         return True
 
-    def checked(self, *, reachable: bool, error: str = "") -> None:
+    def checked(self, *, reachable: bool, error: str = "", node: str = "") -> None:
+        """Record what the vault last said (a check, or a failed token renewal); ``node``
+        is the address that answered a check that succeeded."""
         with self._lock:
             self.last_check = time.time()
             self.vault_reachable = reachable
             self.last_error = error
+            if node:
+                self.vault_node = node
+
+    def check_done(self, duration: float, *, ok: bool) -> None:
+        """Count one check of the watcher and how long it took (``ok``: the vault said
+        the host may read the volume)."""
+        with self._lock:
+            self.checks += 1
+            self.check_failures += not ok
+            self.last_check_duration = duration
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -158,9 +181,15 @@ class MountState:
             return {
                 "state": self.name,
                 "since": iso_utc(self.since),
+                "since_time": self.since,
                 "reason": self.reason,
                 "vault_reachable": self.vault_reachable,
+                "vault_node": self.vault_node,
                 "last_check": iso_utc(self.last_check),
+                "last_check_time": self.last_check,
+                "last_check_duration": self.last_check_duration,
+                "checks": self.checks,
+                "check_failures": self.check_failures,
                 "last_error": self.last_error,
                 "token": {**self.token, "ttl": ttl},
             }
@@ -226,6 +255,7 @@ class KeyWatcher:
         self._audit = audit
         self._held = held
         self._stop = threading.Event()
+        self._rng = random.Random()
         self._thread = threading.Thread(target=self._run, name="encfs-watcher", daemon=True)
         now = time.monotonic()
         self._next_renew = now + renew_in if renew_in is not None else math.inf
@@ -246,9 +276,16 @@ class KeyWatcher:
         """Close the vault client (the one reconnected to last)."""
         self._vault.close()
 
+    def _wait(self, *, first: bool = False) -> float:
+        """Seconds until the next check: the interval shortened by up to ``jitter`` of it
+        at random; the first one anywhere in (0, interval] (``WatchSettings.jitter``)."""
+        interval, jitter = self._settings.check_interval, self._settings.jitter
+        if first and jitter > 0:
+            return interval * (1.0 - self._rng.random())
+        return interval * (1.0 - jitter * self._rng.random())
+
     def _run(self) -> None:
-        interval = self._settings.check_interval
-        next_check = time.monotonic() + interval
+        next_check = time.monotonic() + self._wait(first=True)
         while True:
             wait = min(next_check, self._next_renew) - time.monotonic()
             if self._stop.wait(max(wait, 0.0)):
@@ -258,11 +295,13 @@ class KeyWatcher:
                 if now >= self._next_renew:
                     self._renew()
                 if now >= next_check:
-                    self._check()
-                    next_check = time.monotonic() + interval
+                    started = time.monotonic()
+                    ok = self._check()
+                    self._state.check_done(time.monotonic() - started, ok=ok)
+                    next_check = time.monotonic() + self._wait()
             except Exception:  # never let the watcher die silently
                 log.exception("key watcher step failed")
-                next_check = time.monotonic() + interval
+                next_check = time.monotonic() + self._wait()
 
     def _renew(self) -> None:
         try:
@@ -276,16 +315,18 @@ class KeyWatcher:
         if delay is not None:
             self._state.token_expires = time.time() + 2 * delay
 
-    def _check(self) -> None:
+    def _check(self) -> bool:
+        """One check; True when the vault said the host may read the volume (and it is
+        the volume in use)."""
         held = self._held
         if held is None:  # ephemeral, no wrapped key: may the host still use the KEK?
             try:
                 self._vault.key_status()
             except VaultError as exc:
                 self._failed(exc, "key_status")
-                return
+                return False
             self._succeeded()
-            return
+            return True
         control = self._control
         if control.suspended:
             self._reconnect()  # a replaced token file or fixed policy counts from now
@@ -295,7 +336,7 @@ class KeyWatcher:
             volume_key = self._vault.unwrap(hf.header.wrapped_key)
         except VaultError as exc:
             self._failed(exc, "unwrap")
-            return
+            return False
         try:
             ours = hf.header.volume_id == current.header.volume_id and held.ours(
                 key_check_value(volume_key, current.header.volume_id)
@@ -309,16 +350,16 @@ class KeyWatcher:
                     "in use (substituted header?)",
                     revoked=False,
                 )
-                return
+                return False
             if control.suspended:
                 try:
                     self._resume(volume_key, hf)
                 except VaultError as exc:
                     self._failed(exc, "unwrap")
-                    return
+                    return False
                 except EncfsError as exc:
                     log.error("cannot resume: %s", exc)
-                    return
+                    return False
                 held.header = hf
                 self._next_renew = time.monotonic()  # learn the (maybe new) token's TTL
                 self._note_identity()
@@ -332,6 +373,7 @@ class KeyWatcher:
         finally:
             volume_key[:] = bytes(len(volume_key))
         self._succeeded()
+        return True
 
     def _resume(self, volume_key: bytearray, hf: volume.HeaderFile) -> None:
         """Resume with ``volume_key`` and, while a rekey is under way, the retiring key(s)
@@ -383,7 +425,7 @@ class KeyWatcher:
 
     def _succeeded(self) -> None:
         state = self._state
-        state.checked(reachable=True)
+        state.checked(reachable=True, node=self._vault.serving)
         if self._unreachable_since is not None:
             log.warning("vault reachable again")
         self._unreachable_since = None

@@ -16,7 +16,7 @@ from typing import Any
 
 from encfs.cli.output import ExitCode, setup_logging
 from encfs.cli.parser import verbosity
-from encfs.cli.settings import audit_settings, vault_settings
+from encfs.cli.settings import audit_settings, vault_setting, vault_settings
 from encfs.vault import env_vault_addr
 from encfs.watcher import WatchSettings
 
@@ -53,7 +53,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         cipher_dir=args.cipher_dir.resolve(),
         mountpoint=args.mountpoint.resolve(),
         vault=vault_settings(args),
-        vault_url=args.vault_url,
+        vault_url=vault_setting(args.vault_url),
         vault_addr=env_vault_addr(),
         repin=args.repin,
         nonempty=opts.get("nonempty", False),
@@ -64,6 +64,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         debug=verbosity(args) >= 3,
         audit=audit_settings(args),
         ephemeral=args.ephemeral,
+        metrics_file=args.metrics_file,
         watch=WatchSettings(
             check_interval=args.check_interval,
             offline_grace=args.offline_grace,
@@ -205,6 +206,11 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
     if args.json:
         print(json.dumps(reports[0] if args.mountpoint is not None else reports, indent=2))
         return ExitCode.OK
+    if args.prometheus:
+        from encfs import metrics
+
+        sys.stdout.write(metrics.render(reports))
+        return ExitCode.OK
     if not reports:
         print("no encfs volume is mounted")
         return ExitCode.OK
@@ -226,6 +232,10 @@ def _print_status(r: dict[str, Any]) -> None:
         f"  vault        {reach}, last check {r.get('last_check') or '-'}"
         f" (every {r.get('check_interval')} s, offline grace {r.get('offline_grace')} s)"
     )
+    addresses = r.get("vault_addresses") or []
+    if len(addresses) > 1 or r.get("vault_node"):
+        node = r.get("vault_node") or "-"
+        print(f"  vault nodes  {', '.join(addresses)}; last answer from {node}")
     if r.get("last_error"):
         print(f"  last error   {r['last_error']}")
     token = r.get("token") or {}

@@ -35,7 +35,7 @@ def cmd_rekey(args: argparse.Namespace) -> ExitCode:
     audit = AuditLog(
         audit_settings(args),
         cipher_dir=str(cipher_dir),
-        vault=url,
+        vault=str(url),
         volume_id=hf.header.volume_id.hex(),
     )
     progress = rekey.RekeyProgress()

@@ -243,7 +243,7 @@ def cmd_rotate(args: argparse.Namespace) -> ExitCode:
     audit = AuditLog(
         audit_settings(args),
         cipher_dir=str(args.cipher_dir),
-        vault=url,
+        vault=str(url),
         volume_id=hf.header.volume_id.hex(),
     )
     vault = connect(url, vault_settings(args))
