@@ -32,7 +32,7 @@ from pathlib import Path
 from encfs import format as fmt
 
 LIBRARY_NAME = "libencfs_fastpath.so"
-ABI_VERSION = 3
+ABI_VERSION = 4
 """``fp_version()`` of a library this module can drive (``FP_VERSION`` in the C file)."""
 SOURCE = Path(__file__).with_name("native") / "fastpath.c"
 NATIVE_FEATURES = fmt.FEATURE_DIRID_LINKS
@@ -184,7 +184,6 @@ class NativeIO:
         block_size: int,
         read_only: bool,
         foreign_errno: int,
-        suspended_errno: int,
     ) -> None:
         self._lib = lib
         self._waits = waits
@@ -193,7 +192,7 @@ class NativeIO:
         """Bumped by every ``wipe``: files keyed in an earlier one need their key again."""
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         nfds = MAX_FDS if hard == resource.RLIM_INFINITY else max(min(hard, MAX_FDS), 1024)
-        rc = lib.fp_setup(block_size, read_only, foreign_errno, suspended_errno, nfds)
+        rc = lib.fp_setup(block_size, read_only, foreign_errno, nfds)
         if rc != 0:
             raise OSError(-rc, "fp_setup refused the mount's settings")
 
@@ -244,7 +243,7 @@ def _declare(lib: ctypes.CDLL | ctypes.PyDLL) -> None:
     vp, sz, c_int, u32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_uint32
     for name, restype, argtypes in (
         ("fp_version", c_int, ()),
-        ("fp_setup", c_int, (u32, c_int, c_int, c_int, sz)),
+        ("fp_setup", c_int, (u32, c_int, c_int, sz)),
         ("fp_plug", vp, (c_int, vp, sz)),
         ("fp_gate_open", None, ()),
         ("fp_gate_close", c_int, (ctypes.c_long,)),
@@ -284,7 +283,6 @@ def load(
     *,
     read_only: bool,
     foreign_errno: int,
-    suspended_errno: int,
     environ: Mapping[str, str] = os.environ,
 ) -> Choice:
     """The native path for a mount of a volume with ``block_size`` and ``features``."""
@@ -316,7 +314,7 @@ def load(
         version = lib.fp_version()
         if version != ABI_VERSION:
             return Choice(None, f"Python: {path} has ABI {version}, not {ABI_VERSION}", True)
-        native = NativeIO(lib, waits, path, block_size, read_only, foreign_errno, suspended_errno)
+        native = NativeIO(lib, waits, path, block_size, read_only, foreign_errno)
     except (OSError, AttributeError) as exc:
         return Choice(None, f"Python: cannot load {path}: {exc}", True)
     return Choice(native, f"native ({path})")

@@ -29,6 +29,9 @@ UNDO_DIR_NAME = "encfs.undo"
 """Directory in the cipher dir root holding the undo records of in-place block rewrites
 (§10b): one file per open file being rewritten, named by its file id. Not part of the
 volume: a clean unmount leaves it empty; ``fsck --repair`` uses and then removes leftovers."""
+REKEY_TMP_NAME = "encfs.rekey.tmp"
+"""A symlink ``encfs rekey`` makes aside, in the directory of the one it re-seals, before
+renaming it over that one (§2.5); a crash may leave it, and the next rekey removes it."""
 ROOT_FILES = (
     VOLUME_HEADER_NAME,
     VOLUME_HEADER_TMP,
@@ -50,13 +53,16 @@ CIPHER_NAMES = {CIPHER_AES256_GCM: "AES-256-GCM"}
 
 FEATURE_DIRID_LINKS = 1 << 0
 """Directory ids are symbolic links whose target is the id in base64url (§6.1), not files."""
-KNOWN_FEATURE_FLAGS = FEATURE_DIRID_LINKS
+FEATURE_REKEYING = 1 << 2
+"""A rekey (``encfs rekey``) is under way (§2.5): the header also holds the retiring volume
+key's slot and a second tag made with it; entries are sealed under either key."""
+KNOWN_FEATURE_FLAGS = FEATURE_DIRID_LINKS | FEATURE_REKEYING
 """Feature flags this build understands; any other set bit is refused at mount."""
 NEW_VOLUME_FEATURES = FEATURE_DIRID_LINKS
 """Feature flags ``encfs init`` sets on a new volume."""
 EPHEMERAL_FEATURES = NEW_VOLUME_FEATURES
 """Features of an ephemeral volume (it has no header; nothing older ever reads one)."""
-FEATURE_NAMES = {FEATURE_DIRID_LINKS: "dirid-links"}
+FEATURE_NAMES = {FEATURE_DIRID_LINKS: "dirid-links", FEATURE_REKEYING: "rekeying"}
 
 DEFAULT_BLOCK_SIZE = 4096
 MIN_BLOCK_SIZE = 4096
@@ -176,8 +182,33 @@ def is_valid_plain_name(raw: bytes) -> bool:
 
 
 @dataclass(frozen=True)
+class KeySlot:
+    """One wrapped volume key and the vault KEK that wrapped it (§2.1). Safe to show."""
+
+    vault_url: str
+    kek_version: int
+    wrapped_key: str
+
+    def pack(self) -> bytes:
+        url = self.vault_url.encode("utf-8")
+        wrapped = self.wrapped_key.encode("ascii")
+        return b"".join(
+            (
+                _U16.pack(len(url)),
+                url,
+                _U32.pack(self.kek_version),
+                _U16.pack(len(wrapped)),
+                wrapped,
+            )
+        )
+
+
+@dataclass(frozen=True)
 class VolumeHeader:
-    """The volume header's fields (docs/FORMAT.md §2). ``wrapped_key`` is safe to show."""
+    """The volume header's fields (docs/FORMAT.md §2). ``wrapped_key`` is safe to show.
+
+    ``retiring`` holds the slot of the volume key a rekey is replacing (``FEATURE_REKEYING``,
+    §2.5): present exactly when the flag is set."""
 
     format_version: int
     feature_flags: int
@@ -187,11 +218,26 @@ class VolumeHeader:
     vault_url: str
     kek_version: int
     wrapped_key: str
+    retiring: tuple[KeySlot, ...] = ()
+
+    @property
+    def slot(self) -> KeySlot:
+        """The current volume key's slot."""
+        return KeySlot(self.vault_url, self.kek_version, self.wrapped_key)
+
+    @property
+    def rekeying(self) -> bool:
+        return bool(self.feature_flags & FEATURE_REKEYING)
+
+    @property
+    def tag_len(self) -> int:
+        """How many tag bytes follow the body: one HMAC, two while rekeying (§2.5)."""
+        return HEADER_TAG_LEN * (2 if self.rekeying else 1)
 
     def body(self) -> bytes:
-        """The authenticated bytes: everything but the trailing tag."""
-        url = self.vault_url.encode("utf-8")
-        wrapped = self.wrapped_key.encode("ascii")
+        """The authenticated bytes: everything but the trailing tag(s)."""
+        if bool(self.retiring) != self.rekeying:
+            raise ValueError("a header holds retiring slots exactly when it is rekeying")
         return b"".join(
             (
                 _FIXED.pack(
@@ -203,11 +249,8 @@ class VolumeHeader:
                     self.block_size,
                     self.volume_id,
                 ),
-                _U16.pack(len(url)),
-                url,
-                _U32.pack(self.kek_version),
-                _U16.pack(len(wrapped)),
-                wrapped,
+                self.slot.pack(),
+                *(slot.pack() for slot in self.retiring),
             )
         )
 
@@ -256,42 +299,57 @@ def parse_volume_header(raw: bytes) -> tuple[VolumeHeader, bytes, bytes]:
         raise FormatError(f"volume header: {exc}") from None
     pos = _FIXED.size
     try:
-        (url_len,) = _U16.unpack_from(raw, pos)
-        pos += 2
-        url = raw[pos : pos + url_len]
-        if len(url) != url_len:
-            raise FormatError("volume header truncated in vault URL")
-        pos += url_len
-        (kek_version,) = _U32.unpack_from(raw, pos)
-        pos += 4
-        (wrapped_len,) = _U16.unpack_from(raw, pos)
-        pos += 2
-        wrapped = raw[pos : pos + wrapped_len]
-        if len(wrapped) != wrapped_len:
-            raise FormatError("volume header truncated in wrapped key")
-        pos += wrapped_len
+        slot, pos = _parse_slot(raw, pos)
+        retiring: tuple[KeySlot, ...] = ()
+        if flags & FEATURE_REKEYING:
+            old, pos = _parse_slot(raw, pos)
+            retiring = (old,)
     except struct.error:
         raise FormatError("volume header truncated") from None
     tag = raw[pos:]
-    if len(tag) != HEADER_TAG_LEN:
+    tag_len = HEADER_TAG_LEN * (2 if flags & FEATURE_REKEYING else 1)
+    if len(tag) != tag_len:
         raise FormatError(
-            f"volume header has {len(tag)} tag bytes, expected {HEADER_TAG_LEN} "
+            f"volume header has {len(tag)} tag bytes, expected {tag_len} "
             "(truncated or trailing garbage)"
         )
+    header = VolumeHeader(
+        format_version=version,
+        feature_flags=flags,
+        cipher=cipher,
+        block_size=block_size,
+        volume_id=volume_id,
+        vault_url=slot.vault_url,
+        kek_version=slot.kek_version,
+        wrapped_key=slot.wrapped_key,
+        retiring=retiring,
+    )
+    return header, raw[:pos], tag
+
+
+def _parse_slot(raw: bytes, pos: int) -> tuple[KeySlot, int]:
+    """The key slot at ``pos`` and where it ends. Raises ``FormatError`` (cut short, not
+    text) or ``struct.error`` (cut inside a length field)."""
+    from encfs.errors import FormatError
+
+    (url_len,) = _U16.unpack_from(raw, pos)
+    pos += 2
+    url = raw[pos : pos + url_len]
+    if len(url) != url_len:
+        raise FormatError("volume header truncated in vault URL")
+    pos += url_len
+    (kek_version,) = _U32.unpack_from(raw, pos)
+    pos += 4
+    (wrapped_len,) = _U16.unpack_from(raw, pos)
+    pos += 2
+    wrapped = raw[pos : pos + wrapped_len]
+    if len(wrapped) != wrapped_len:
+        raise FormatError("volume header truncated in wrapped key")
+    pos += wrapped_len
     try:
-        header = VolumeHeader(
-            format_version=version,
-            feature_flags=flags,
-            cipher=cipher,
-            block_size=block_size,
-            volume_id=volume_id,
-            vault_url=url.decode("utf-8"),
-            kek_version=kek_version,
-            wrapped_key=wrapped.decode("ascii"),
-        )
+        return KeySlot(url.decode("utf-8"), kek_version, wrapped.decode("ascii")), pos
     except UnicodeDecodeError:
         raise FormatError("volume header has a non-text vault URL or wrapped key") from None
-    return header, raw[:pos], tag
 
 
 # --- file header and blocks ----------------------------------------------------------------------
@@ -342,12 +400,14 @@ def pack_undo(records: list[tuple[int, bytes]]) -> bytes:
 
 UNDO_MAX_RECORDS = 2
 """A write rewrites at most its first and its last block in place."""
+UNDO_REKEY_RECORDS = 64
+"""A rekey re-seals up to this many consecutive blocks per undo record (§2.5, §10b)."""
 
 
 def undo_size_limit(cipher_block_size: int) -> int:
-    """The largest undo file a writer makes (``UNDO_MAX_RECORDS`` whole blocks): what a
-    reader reads of one."""
-    return _UNDO_HEAD.size + UNDO_MAX_RECORDS * (_UNDO_RECORD.size + cipher_block_size)
+    """The largest undo file a writer makes (``UNDO_REKEY_RECORDS`` whole blocks, from a
+    rekey): what a reader reads of one."""
+    return _UNDO_HEAD.size + UNDO_REKEY_RECORDS * (_UNDO_RECORD.size + cipher_block_size)
 
 
 UNDO_EMPTY = _UNDO_HEAD.pack(UNDO_MAGIC, UNDO_VERSION, 0)

@@ -150,7 +150,9 @@ def check_pin(
 
     Returns ``"match"``, ``"pinned"`` (no pin yet and ``create``: written now; also after
     ``repin``) or ``"unpinned"`` (no pin, ``create`` false). Raises ``VolumeMismatch``
-    naming what differs and how to re-pin deliberately.
+    naming what differs and how to re-pin deliberately. While a rekey is under way
+    (``keys.retiring``; the caller verified both header tags) a pin of the retiring key
+    matches and is moved to the new key.
     """
     pin = None if repin else read_pin(cipher_dir)
     if pin is None:
@@ -170,8 +172,14 @@ def check_pin(
     differs = []
     if pin.volume_id != volume_id.hex():
         differs.append(f"volume id {volume_id.hex()} (pinned: {pin.volume_id})")
+    follows_rekey = False
     if pin.key_check != keys.check_value().hex():
-        differs.append("volume key (its check value differs from the pinned one)")
+        retiring = keys.retiring
+        # A rekey under way: the header's second tag, made with the retiring key, vouches
+        # for the new one (verified before this is called), so the pin follows it.
+        follows_rekey = retiring is not None and pin.key_check == retiring.check_value().hex()
+        if not follows_rekey:
+            differs.append("volume key (its check value differs from the pinned one)")
     if differs:
         raise VolumeMismatch(
             f"{cipher_dir} holds another volume than the one this host pinned on "
@@ -180,8 +188,16 @@ def check_pin(
             hint=f"if this is deliberate (a restored or re-created volume), re-pin it: "
             f"`encfs mount --repin ...` or `encfs pin reset {cipher_dir}`",
         )
-    if create and vault_url and not pin.vault_url:  # a pin from before these were recorded
+    if follows_rekey or (create and vault_url and not pin.vault_url):
+        # a rekey's new key, or a pin from before the URL and block size were recorded
         write_pin(
-            cipher_dir, volume_id, keys, by=pin.by, vault_url=vault_url, block_size=block_size
+            cipher_dir,
+            volume_id,
+            keys,
+            by=pin.by,
+            vault_url=vault_url or pin.vault_url,
+            block_size=block_size or int(pin.block_size or 0),
         )
+        if follows_rekey:
+            log.info("the pin of %s follows its rekey to the new volume key", cipher_dir)
     return "match"

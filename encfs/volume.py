@@ -25,6 +25,7 @@ from encfs.errors import (
     HeaderAuthError,
     HeaderDamaged,
     HeaderMissing,
+    RekeyUnderWay,
     UnsafeCipherDir,
     UnsupportedFormat,
     VaultCiphertextRejected,
@@ -191,20 +192,26 @@ def header_findings(hf: HeaderFile, pin: pins.Pin | None) -> list[str]:
         kmip = parse_vault_url(h.vault_url).is_kmip
     except VaultConfigError as exc:
         found.append(f"its vault URL {h.vault_url!r} is not a vault URL ({exc})")
-    if kmip is not True and _TRANSIT_WRAPPED.fullmatch(h.wrapped_key):
-        if wrapped_kek_version(h.wrapped_key) != h.kek_version:
+    for slot, its in ((h.slot, "its"), *((old, "its retiring") for old in h.retiring)):
+        if kmip is not True and _TRANSIT_WRAPPED.fullmatch(slot.wrapped_key):
+            if wrapped_kek_version(slot.wrapped_key) != slot.kek_version:
+                found.append(
+                    f"{its} KEK version field says {slot.kek_version} but {its} wrapped key "
+                    f"names v{wrapped_kek_version(slot.wrapped_key)}"
+                )
+        elif kmip is not False and _KMIP_WRAPPED.fullmatch(slot.wrapped_key):
+            if slot.kek_version != 0:
+                found.append(
+                    f"{its} KEK version field says {slot.kek_version}; a kmip key has none (0)"
+                )
+        else:
             found.append(
-                f"its KEK version field says {h.kek_version} but its wrapped key names "
-                f"v{wrapped_kek_version(h.wrapped_key)}"
+                f"{its} wrapped key {slot.wrapped_key[:24]!r}... is not a "
+                f"{'KMIP' if kmip else 'transit'} ciphertext"
             )
-    elif kmip is not False and _KMIP_WRAPPED.fullmatch(h.wrapped_key):
-        if h.kek_version != 0:
-            found.append(f"its KEK version field says {h.kek_version}; a kmip key has none (0)")
-    else:
-        found.append(
-            f"its wrapped key {h.wrapped_key[:24]!r}... is not a "
-            f"{'KMIP' if kmip else 'transit'} ciphertext"
-        )
+    for old in h.retiring:
+        if old.vault_url != h.vault_url:
+            found.append(f"its retiring key names another vault ({old.vault_url!r})")
     if pin is not None and pin.volume_id == h.volume_id.hex():
         if pin.vault_url and pin.vault_url != h.vault_url:
             found.append(
@@ -349,8 +356,12 @@ def fsync_dir(path: Path) -> None:
 
 
 def build_header_bytes(header: fmt.VolumeHeader, keys: VolumeKeys) -> bytes:
+    """The header file's bytes: the body and its tag(s) under ``keys`` (a rekeying header
+    needs keys with the retiring set attached)."""
+    if header.rekeying != (keys.retiring is not None):
+        raise ValueError("a rekeying header is tagged by both keys, any other by one")
     body = header.body()
-    return body + keys.header_tag(body)
+    return body + keys.header_tags(body)
 
 
 def prepare_cipher_dir(cipher_dir: Path) -> str:
@@ -412,7 +423,7 @@ def create(
             cipher=fmt.CIPHER_AES256_GCM,
             block_size=block_size,
             volume_id=crypto.random_bytes(fmt.VOLUME_ID_LEN),
-            vault_url=str(vault.url),
+            vault_url=str(vault.url.primary),  # one URL: the header names one address
             kek_version=wrapped_kek_version(wrapped_key),
             wrapped_key=wrapped_key,
         )
@@ -464,6 +475,12 @@ def _unlock_once(hf: HeaderFile, vault: KeyWrapper) -> VolumeKeys:
     finally:
         volume_key[:] = bytes(len(volume_key))
     try:
+        for slot in hf.header.retiring:  # a rekey under way: the old key opens the rest
+            old_key = vault.unwrap(slot.wrapped_key)
+            try:
+                keys.load_retiring(old_key)
+            finally:
+                old_key[:] = bytes(len(old_key))
         keys.verify_header(hf.body, hf.tag)
     except BaseException:
         keys.close()
@@ -513,6 +530,11 @@ def rotate(cipher_dir: Path, vault: KeyWrapper) -> Rotation:
     """
     hf = read_header(cipher_dir)
     old = hf.header
+    if old.rekeying:
+        raise RekeyUnderWay(
+            f"a rekey of {cipher_dir} is under way; rotate the KEK once it is done",
+            hint=f"finish it first: `encfs rekey {cipher_dir}`",
+        )
     new_wrapped = vault.rewrap(old.wrapped_key)
     new_version = wrapped_kek_version(new_wrapped)
     if new_wrapped == old.wrapped_key or (new_version and new_version == old.kek_version):
@@ -529,6 +551,59 @@ def rotate(cipher_dir: Path, vault: KeyWrapper) -> Rotation:
     finally:
         keys.close()
     return Rotation(old.kek_version, new_version, changed=True, header=new)
+
+
+def new_rekey_keys(hf: HeaderFile, vault: KeyWrapper) -> tuple[VolumeKeys, str]:
+    """A fresh volume key from the vault for a rekey of the volume of ``hf`` (first step of
+    ``encfs rekey``, FORMAT.md §2.5): keys the caller owns, and the key's wrapped form.
+    Raises ``VaultError``, ``RekeyUnderWay``."""
+    old = hf.header
+    if old.rekeying:
+        raise RekeyUnderWay(f"a rekey of {hf.path.parent} is already under way")
+    new_key, wrapped = vault.new_volume_key()
+    try:
+        new_keys = VolumeKeys(new_key, volume_id=old.volume_id, block_size=old.block_size)
+    finally:
+        new_key[:] = bytes(len(new_key))
+    return new_keys, wrapped
+
+
+def write_rekey_header(
+    cipher_dir: Path, hf: HeaderFile, keys: VolumeKeys, new_keys: VolumeKeys, wrapped: str
+) -> HeaderFile:
+    """Write, crash-safely, the header of a rekey under way: ``new_keys`` (from
+    ``new_rekey_keys``, with its ``wrapped`` form) current, the key in use (``keys``, which
+    unlocked ``hf``) retiring, tagged by both (the old key vouches for the new one). The
+    caller then installs the new keys (``keys.retire(new_keys)``); until it does, nothing
+    is sealed under them, so a crash at any point leaves a volume that mounts. Returns the
+    header now in place. Raises ``OSError``."""
+    old = hf.header
+    new = replace(
+        old,
+        feature_flags=old.feature_flags | fmt.FEATURE_REKEYING,
+        kek_version=wrapped_kek_version(wrapped),
+        wrapped_key=wrapped,
+        retiring=(old.slot,),
+    )
+    body = new.body()
+    raw = body + new_keys.header_tag(body) + keys.header_tag(body)
+    write_header_atomic(cipher_dir, raw)
+    return parse_header_file(raw, header_path(cipher_dir))
+
+
+def finish_rekey(cipher_dir: Path, hf: HeaderFile, keys: VolumeKeys) -> HeaderFile:
+    """Last step of ``encfs rekey``, once every entry is sealed under the new key: a header
+    without the retiring slot, tagged by the new key alone, written crash-safely twice, so
+    that ``encfs.volume.prev`` no longer holds the old wrapped key either. The caller
+    then drops the retiring keys (``keys.end_rekey``). Raises ``OSError``."""
+    new = replace(
+        hf.header, feature_flags=hf.header.feature_flags & ~fmt.FEATURE_REKEYING, retiring=()
+    )
+    body = new.body()
+    raw = body + keys.header_tag(body)
+    write_header_atomic(cipher_dir, raw)
+    write_header_atomic(cipher_dir, raw)  # .prev: the same header, the old key gone
+    return parse_header_file(raw, header_path(cipher_dir))
 
 
 EPHEMERAL_MARKER_TEXT = (

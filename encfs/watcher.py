@@ -19,8 +19,10 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import random
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +44,12 @@ class WatchSettings:
     """The key lifecycle while mounted; declared once (the CLI's defaults come from here)."""
 
     check_interval: float = 5.0
-    """Seconds between the watcher's unwraps."""
+    """Seconds between the watcher's unwraps, at most (see ``jitter``)."""
+    jitter: float = 0.2
+    """Each wait is shortened by a random part of the interval up to this fraction, and
+    the first one is random in (0, interval]: the checks of a fleet of hosts do not fall in
+    step on the vault, and a check never comes later than ``check_interval`` after the
+    one before (the revocation bound stays the interval + the check)."""
     offline_grace: float = 300.0
     """Seconds to keep serving while the vault cannot be reached (0: suspend at once)."""
     on_revoke: str = "suspend"
@@ -66,10 +73,13 @@ class MountControl(Protocol):
         suspended already."""
         ...
 
-    def resume(self, volume_key: bytearray, hf: volume.HeaderFile) -> None:
+    def resume(
+        self, volume_key: bytearray, hf: volume.HeaderFile, retiring: Sequence[bytearray] = ()
+    ) -> None:
         """Serve again with ``volume_key`` (freshly unwrapped from ``hf``; the caller wipes
-        its copy) and enter ``active``. Raises ``EncfsError`` if ``hf``'s tag does not
-        verify under it (the mount stays suspended)."""
+        its copy) and, while a rekey is under way, the retiring key(s) of ``hf``; enter
+        ``active``. Raises ``EncfsError`` if ``hf``'s tag does not verify under them (the
+        mount stays suspended)."""
         ...
 
     def verify_header(self, hf: volume.HeaderFile) -> None:
@@ -80,14 +90,35 @@ class MountControl(Protocol):
 class HeldHeader:
     """The wrapped key a mount checks: the header as last checked (read at mount, replaced
     by the watcher when a rotation is seen; it unwraps this one when the file on disk is
-    gone or unreadable) and the check value of the volume key in use. Only the watcher
-    replaces ``header``; others may read it at any time."""
+    gone or unreadable) and the check value of the volume key in use. The watcher
+    replaces ``header`` when it sees a rotation; a rekey (``encfs rekey``) announces the
+    new key's check value in ``coming`` before its header names that key, then installs
+    both (``rekeyed``)."""
 
     def __init__(self, cipher_dir: Path, header: volume.HeaderFile, check_value: bytes) -> None:
         self.cipher_dir = cipher_dir
         self.header = header
         self.check_value = check_value
         """``keys.key_check_value`` of the volume key in use."""
+        self.coming: bytes | None = None
+        """The check value of the key a rekey is about to make current, until it does."""
+
+    def ours(self, check_value: bytes) -> bool:
+        """Whether ``check_value`` is the volume key's (in use, or coming from a rekey)."""
+        return hmac.compare_digest(check_value, self.check_value) or (
+            self.coming is not None and hmac.compare_digest(check_value, self.coming)
+        )
+
+    def announce(self, check_value: bytes) -> None:
+        """A rekey is about to write a header naming the key of ``check_value``."""
+        self.coming = check_value
+
+    def rekeyed(self, header: volume.HeaderFile, check_value: bytes) -> None:
+        """A rekey made ``header`` the one in place, and the key of ``check_value`` the one
+        in use."""
+        self.header = header
+        self.check_value = check_value
+        self.coming = None
 
 
 class MountState:
@@ -104,6 +135,11 @@ class MountState:
         self.last_check: float | None = None
         self.last_error = ""
         self.vault_reachable: bool | None = None
+        self.vault_node = ""
+        """The vault address that answered the last successful check."""
+        self.last_check_duration: float | None = None
+        self.checks = 0
+        self.check_failures = 0
         self.token: dict[str, Any] = {}
         self.token_expires: float | None = None
 
@@ -119,11 +155,23 @@ class MountState:
         sdnotify.notify(status=f"{name}{suffix}"[:400])
         return True
 
-    def checked(self, *, reachable: bool, error: str = "") -> None:
+    def checked(self, *, reachable: bool, error: str = "", node: str = "") -> None:
+        """Record what the vault last said (a check, or a failed token renewal); ``node``
+        is the address that answered a check that succeeded."""
         with self._lock:
             self.last_check = time.time()
             self.vault_reachable = reachable
             self.last_error = error
+            if node:
+                self.vault_node = node
+
+    def check_done(self, duration: float, *, ok: bool) -> None:
+        """Count one check of the watcher and how long it took (``ok``: the vault said
+        the host may read the volume)."""
+        with self._lock:
+            self.checks += 1
+            self.check_failures += not ok
+            self.last_check_duration = duration
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -133,9 +181,15 @@ class MountState:
             return {
                 "state": self.name,
                 "since": iso_utc(self.since),
+                "since_time": self.since,
                 "reason": self.reason,
                 "vault_reachable": self.vault_reachable,
+                "vault_node": self.vault_node,
                 "last_check": iso_utc(self.last_check),
+                "last_check_time": self.last_check,
+                "last_check_duration": self.last_check_duration,
+                "checks": self.checks,
+                "check_failures": self.check_failures,
                 "last_error": self.last_error,
                 "token": {**self.token, "ttl": ttl},
             }
@@ -201,6 +255,7 @@ class KeyWatcher:
         self._audit = audit
         self._held = held
         self._stop = threading.Event()
+        self._rng = random.Random()
         self._thread = threading.Thread(target=self._run, name="encfs-watcher", daemon=True)
         now = time.monotonic()
         self._next_renew = now + renew_in if renew_in is not None else math.inf
@@ -221,9 +276,16 @@ class KeyWatcher:
         """Close the vault client (the one reconnected to last)."""
         self._vault.close()
 
+    def _wait(self, *, first: bool = False) -> float:
+        """Seconds until the next check: the interval shortened by up to ``jitter`` of it
+        at random; the first one anywhere in (0, interval] (``WatchSettings.jitter``)."""
+        interval, jitter = self._settings.check_interval, self._settings.jitter
+        if first and jitter > 0:
+            return interval * (1.0 - self._rng.random())
+        return interval * (1.0 - jitter * self._rng.random())
+
     def _run(self) -> None:
-        interval = self._settings.check_interval
-        next_check = time.monotonic() + interval
+        next_check = time.monotonic() + self._wait(first=True)
         while True:
             wait = min(next_check, self._next_renew) - time.monotonic()
             if self._stop.wait(max(wait, 0.0)):
@@ -233,11 +295,13 @@ class KeyWatcher:
                 if now >= self._next_renew:
                     self._renew()
                 if now >= next_check:
-                    self._check()
-                    next_check = time.monotonic() + interval
+                    started = time.monotonic()
+                    ok = self._check()
+                    self._state.check_done(time.monotonic() - started, ok=ok)
+                    next_check = time.monotonic() + self._wait()
             except Exception:  # never let the watcher die silently
                 log.exception("key watcher step failed")
-                next_check = time.monotonic() + interval
+                next_check = time.monotonic() + self._wait()
 
     def _renew(self) -> None:
         try:
@@ -251,16 +315,18 @@ class KeyWatcher:
         if delay is not None:
             self._state.token_expires = time.time() + 2 * delay
 
-    def _check(self) -> None:
+    def _check(self) -> bool:
+        """One check; True when the vault said the host may read the volume (and it is
+        the volume in use)."""
         held = self._held
         if held is None:  # ephemeral, no wrapped key: may the host still use the KEK?
             try:
                 self._vault.key_status()
             except VaultError as exc:
                 self._failed(exc, "key_status")
-                return
+                return False
             self._succeeded()
-            return
+            return True
         control = self._control
         if control.suspended:
             self._reconnect()  # a replaced token file or fixed policy counts from now
@@ -270,10 +336,10 @@ class KeyWatcher:
             volume_key = self._vault.unwrap(hf.header.wrapped_key)
         except VaultError as exc:
             self._failed(exc, "unwrap")
-            return
+            return False
         try:
-            ours = hf.header.volume_id == current.header.volume_id and hmac.compare_digest(
-                key_check_value(volume_key, current.header.volume_id), held.check_value
+            ours = hf.header.volume_id == current.header.volume_id and held.ours(
+                key_check_value(volume_key, current.header.volume_id)
             )
             if not ours:
                 # The header names a key the host may unwrap, but not the volume's: a
@@ -284,13 +350,16 @@ class KeyWatcher:
                     "in use (substituted header?)",
                     revoked=False,
                 )
-                return
+                return False
             if control.suspended:
                 try:
-                    control.resume(volume_key, hf)
+                    self._resume(volume_key, hf)
+                except VaultError as exc:
+                    self._failed(exc, "unwrap")
+                    return False
                 except EncfsError as exc:
                     log.error("cannot resume: %s", exc)
-                    return
+                    return False
                 held.header = hf
                 self._next_renew = time.monotonic()  # learn the (maybe new) token's TTL
                 self._note_identity()
@@ -304,6 +373,19 @@ class KeyWatcher:
         finally:
             volume_key[:] = bytes(len(volume_key))
         self._succeeded()
+        return True
+
+    def _resume(self, volume_key: bytearray, hf: volume.HeaderFile) -> None:
+        """Resume with ``volume_key`` and, while a rekey is under way, the retiring key(s)
+        of ``hf`` (unwrapped here, wiped after). Raises ``EncfsError``."""
+        retiring: list[bytearray] = []
+        try:
+            for slot in hf.header.retiring:
+                retiring.append(self._vault.unwrap(slot.wrapped_key))
+            self._control.resume(volume_key, hf, retiring)
+        finally:
+            for old_key in retiring:
+                old_key[:] = bytes(len(old_key))
 
     def _header_to_check(self, held: HeldHeader) -> volume.HeaderFile:
         """The header whose wrapped key this check unwraps: the one on disk when it differs
@@ -343,7 +425,7 @@ class KeyWatcher:
 
     def _succeeded(self) -> None:
         state = self._state
-        state.checked(reachable=True)
+        state.checked(reachable=True, node=self._vault.serving)
         if self._unreachable_since is not None:
             log.warning("vault reachable again")
         self._unreachable_since = None

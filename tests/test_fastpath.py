@@ -49,7 +49,6 @@ def _load(read_only: bool = False, features: int = 0) -> NativeIO:
         features,
         read_only=read_only,
         foreign_errno=errno.EOPNOTSUPP,
-        suspended_errno=errno.EACCES,
     )
     if choice.native is None:
         pytest.skip(f"the native path is not available here: {choice.reason}")
@@ -183,9 +182,7 @@ def _content(s: Setup) -> bytes:
 
 def test_load_says_why_the_native_path_is_not_used(tmp_path: Path) -> None:
     def why(environ: dict[str, str], features: int = 0) -> tuple[bool, str, bool]:
-        choice = fastpath.load(
-            BS, features, read_only=False, foreign_errno=95, suspended_errno=13, environ=environ
-        )
+        choice = fastpath.load(BS, features, read_only=False, foreign_errno=95, environ=environ)
         return choice.native is not None, choice.reason, choice.degraded
 
     real = fastpath.library_path()
@@ -449,7 +446,7 @@ def test_getxattr_answers_the_capability_probe_and_nothing_else(setup: Setup) ->
     assert s.lib.getxattr(b"user.note") == FALLBACK
     assert s.lib.native.counters()["security_probes"] == 2
     assert s.lib.native.gate_close(1.0)
-    assert s.lib.getxattr(b"security.capability") == -errno.EACCES  # suspended
+    assert s.lib.getxattr(b"security.capability") == FALLBACK  # shut: Python answers
     s.lib.native.gate_open()
 
 
@@ -670,6 +667,31 @@ def test_wipe_drops_every_context_and_keying_again_brings_them_back(setup: Setup
     s.keys.load(bytearray(s.volume_key))  # resume: the next Python read keys it again
     s.cfile.read_into(s.fd, 0, memoryview(bytearray(BS)))
     assert s.lib.read(s.fd, 0, BS) == content[:BS]
+
+
+def test_a_rekey_never_lets_the_native_path_seal_under_the_retiring_key(setup: Setup) -> None:
+    """``encfs rekey`` replaces the keys (``VolumeKeys.retire``): contexts made from the
+    retiring set are dropped at once, so no block is sealed under it again; the next
+    contexts come from the new set, and what they seal opens once the old set is gone."""
+    s = setup
+    content = bytearray(_content(s))
+    assert s.lib.write(s.fd, 0, bytes(content[:BS])) == BS  # keyed: native
+    new_keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=s.keys._volume_id, block_size=BS)
+    s.keys.retire(new_keys)
+    data = os.urandom(BS)
+    s.lib.write_fallback = lambda fd, buf, off: s.cfile.write(fd, off, buf)
+    assert s.lib.write(s.fd, BS, data) == BS  # by Python: the native contexts are gone
+    assert s.lib.fallbacks[-1] == ("write", BS, BS)
+    content[BS : 2 * BS] = data
+    _key(s.cfile, s.fd)  # keyed again, from the new set
+    data = os.urandom(BS)
+    fallbacks = len(s.lib.fallbacks)
+    assert s.lib.write(s.fd, 2 * BS, data) == BS
+    assert len(s.lib.fallbacks) == fallbacks  # natively
+    content[2 * BS : 3 * BS] = data
+    s.cfile.rekey(s.fd)
+    s.keys.end_rekey()  # the retiring key is gone: everything must open under the new one
+    assert _content(s) == bytes(content)
 
 
 def test_the_gate_shuts_native_requests_out(setup: Setup) -> None:

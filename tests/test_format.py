@@ -53,8 +53,10 @@ def test_format_constants() -> None:
     assert fmt.VOLUME_MAGIC == b"ENCFSVOL"
     assert fmt.FORMAT_VERSION == 1
     assert fmt.FEATURE_DIRID_LINKS == 1
-    assert fmt.KNOWN_FEATURE_FLAGS == fmt.NEW_VOLUME_FEATURES == fmt.FEATURE_DIRID_LINKS
-    assert fmt.feature_names(0xFFFFFFFF) == ["dirid-links"]
+    assert fmt.NEW_VOLUME_FEATURES == fmt.FEATURE_DIRID_LINKS
+    assert fmt.FEATURE_REKEYING == 4
+    assert fmt.KNOWN_FEATURE_FLAGS == fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_REKEYING
+    assert fmt.feature_names(0xFFFFFFFF) == ["dirid-links", "rekeying"]
     assert fmt.feature_names(0) == []
     assert fmt.CIPHER_AES256_GCM == 1
     assert fmt.VOLUME_HEADER_NAME == "encfs.volume"
@@ -318,7 +320,7 @@ def test_header_wrong_version(version: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flags", "unknown"), [(2, 2), (0x80000000, 0x80000000), (0xFFFFFFFF, 0xFFFFFFFE)]
+    ("flags", "unknown"), [(2, 2), (0x80000000, 0x80000000), (0xFFFFFFFB, 0xFFFFFFFA)]
 )
 def test_header_unknown_feature_flag(flags: int, unknown: int) -> None:
     raw = header_file(sample_header(feature_flags=flags))
@@ -460,3 +462,49 @@ def test_undo_file_layout_and_untrusted_parse() -> None:
     assert fmt.parse_undo(b"ENCFSUNX" + raw[8:], 4124) == {}
     assert fmt.parse_undo(raw[:8] + b"\x00\x02" + raw[10:], 4124) == {}  # unknown version
     assert fmt.undo_file_name(bytes(range(16))) == "000102030405060708090a0b0c0d0e0f"
+
+
+# --- a rekey under way (§2.5) ---------------------------------------------------------------
+
+
+def test_rekeying_header_vector_exact_bytes() -> None:
+    vec = vector("rekeying.json")
+    f = vec["fields"]
+    header = fmt.VolumeHeader(
+        format_version=1,
+        feature_flags=f["feature_flags"],
+        cipher=1,
+        block_size=f["block_size"],
+        volume_id=bytes.fromhex(f["volume_id"]),
+        vault_url=f["vault_url"],
+        kek_version=f["kek_version"],
+        wrapped_key=f["wrapped_key"],
+        retiring=tuple(fmt.KeySlot(**slot) for slot in f["retiring"]),
+    )
+    assert header.rekeying and header.tag_len == 64
+    assert header.body().hex() == vec["body"]
+    parsed, body, tag = fmt.parse_volume_header(bytes.fromhex(vec["file"]))
+    assert parsed == header
+    assert body.hex() == vec["body"]
+    assert tag.hex() == vec["tag"] + vec["retiring_tag"]
+
+
+def test_rekeying_header_refuses_a_cut_retiring_slot_or_a_missing_tag() -> None:
+    raw = bytes.fromhex(vector("rekeying.json")["file"])
+    for cut in (10, 40, 64 + 1, 64 + 20):
+        with pytest.raises(FormatError):
+            fmt.parse_volume_header(raw[:-cut])
+    with pytest.raises(FormatError):
+        fmt.parse_volume_header(raw + b"\0")
+    # Without the flag, the retiring slot is trailing garbage.
+    flags = struct.unpack_from(">I", raw, 10)[0]
+    plain = raw[:10] + struct.pack(">I", flags & ~fmt.FEATURE_REKEYING) + raw[14:]
+    with pytest.raises(FormatError):
+        fmt.parse_volume_header(plain)
+
+
+def test_a_header_has_retiring_slots_exactly_when_rekeying() -> None:
+    h = sample_header(feature_flags=fmt.FEATURE_REKEYING)
+    with pytest.raises(ValueError):
+        h.body()
+    assert fmt.feature_names(fmt.FEATURE_REKEYING) == ["rekeying"]

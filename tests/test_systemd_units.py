@@ -173,3 +173,17 @@ def test_install_refuses_bad_input(args: list[str], complaint: str) -> None:
     proc = encfs("systemd", "install", *args, "--vault", "transit+https://v:8200/t/k", "--dry-run")
     assert proc.returncode != 0
     assert complaint in proc.stderr
+
+
+def test_install_pins_every_node_of_a_vault_cluster(tmp_path: Path) -> None:
+    nodes = ["https://vault-1.internal:8200", "https://vault-2.internal:8200"]
+    proc = encfs("systemd", "install", "data", "--cipher-dir", "/srv/cipher", "--mountpoint",
+                 "/srv/data", "--vault", nodes[0], "--vault", nodes[1], "--dry-run",
+                 "--etc-dir", tmp_path / "etc", "--unit-dir", tmp_path / "units")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f'VAULT="{nodes[0]} {nodes[1]}"' in proc.stdout
+    proc = encfs("systemd", "install", "data", "--cipher-dir", "/srv/cipher", "--mountpoint",
+                 "/srv/data", "--vault", nodes[0], "--vault", nodes[0], "--dry-run",
+                 "--etc-dir", tmp_path / "etc", "--unit-dir", tmp_path / "units")  # fmt: skip
+    assert proc.returncode == ExitCode.VAULT_CONFIG
+    assert "twice" in proc.stderr

@@ -16,7 +16,7 @@ from typing import Any
 
 from encfs.cli.output import ExitCode, setup_logging
 from encfs.cli.parser import verbosity
-from encfs.cli.settings import audit_settings, vault_settings
+from encfs.cli.settings import audit_settings, vault_setting, vault_settings
 from encfs.vault import env_vault_addr
 from encfs.watcher import WatchSettings
 
@@ -53,7 +53,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         cipher_dir=args.cipher_dir.resolve(),
         mountpoint=args.mountpoint.resolve(),
         vault=vault_settings(args),
-        vault_url=args.vault_url,
+        vault_url=vault_setting(args.vault_url),
         vault_addr=env_vault_addr(),
         repin=args.repin,
         nonempty=opts.get("nonempty", False),
@@ -64,6 +64,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         debug=verbosity(args) >= 3,
         audit=audit_settings(args),
         ephemeral=args.ephemeral,
+        metrics_file=args.metrics_file,
         watch=WatchSettings(
             check_interval=args.check_interval,
             offline_grace=args.offline_grace,
@@ -185,9 +186,7 @@ def cmd_unmount(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:
-    import socket
-
-    from encfs.mounts import RUN_DIR, status_socket
+    from encfs.mounts import RUN_DIR, ask, status_socket
 
     if args.mountpoint is not None:
         sockets = [status_socket(args.mountpoint.resolve())]
@@ -196,13 +195,7 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
     reports: list[dict[str, object]] = []
     for path in sockets:
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(5)
-                sock.connect(str(path))
-                raw = b""
-                while chunk := sock.recv(65536):
-                    raw += chunk
-            reports.append(json.loads(raw))
+            reports.append(ask(path))
         except (OSError, ValueError) as exc:
             if args.mountpoint is not None:
                 print(
@@ -212,6 +205,11 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
                 return ExitCode.NOT_MOUNTED
     if args.json:
         print(json.dumps(reports[0] if args.mountpoint is not None else reports, indent=2))
+        return ExitCode.OK
+    if args.prometheus:
+        from encfs import metrics
+
+        sys.stdout.write(metrics.render(reports))
         return ExitCode.OK
     if not reports:
         print("no encfs volume is mounted")
@@ -234,6 +232,10 @@ def _print_status(r: dict[str, Any]) -> None:
         f"  vault        {reach}, last check {r.get('last_check') or '-'}"
         f" (every {r.get('check_interval')} s, offline grace {r.get('offline_grace')} s)"
     )
+    addresses = r.get("vault_addresses") or []
+    if len(addresses) > 1 or r.get("vault_node"):
+        node = r.get("vault_node") or "-"
+        print(f"  vault nodes  {', '.join(addresses)}; last answer from {node}")
     if r.get("last_error"):
         print(f"  last error   {r['last_error']}")
     token = r.get("token") or {}
@@ -266,6 +268,17 @@ def _print_status(r: dict[str, Any]) -> None:
                 f"those served natively, {c.get('native_fallbacks')} handed to Python"
             )
         print(f"  I/O path     {r['io_path']}{served}")
+    rk = r.get("rekey") or {}
+    if rk:
+        if rk.get("state") == "interrupted":
+            line = "interrupted: `encfs rekey` finishes it"
+        else:
+            line = (
+                f"{rk.get('state')}, {rk.get('files')}/{rk.get('files_total')} files, "
+                f"{int(rk.get('bytes') or 0) >> 20}/{int(rk.get('bytes_total') or 0) >> 20} MiB"
+                f", {rk.get('problems')} problem(s)"
+            )
+        print(f"  rekey        {line}")
     lf = r.get("libfuse") or {}
     if lf:
         print(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from encfs import errors, volume
 from encfs.cli.output import ExitCode
-from encfs.vault import parse_vault_url
+from encfs.vault import check_vault_setting
 
 # KEY=VALUE settings of one volume (/etc/encfs/NAME.conf) -> `encfs mount` arguments.
 CONFIG_KEYS: dict[str, str] = {
@@ -31,6 +31,7 @@ CONFIG_KEYS: dict[str, str] = {
     "SUSPENDED_ERRNO": "--suspended-errno",
     "AUDIT_LOG": "--audit-log",
     "LOG_FILE": "--log-file",
+    "METRICS_FILE": "--metrics-file",
     "EPHEMERAL": "--ephemeral",
 }
 
@@ -94,7 +95,12 @@ def expand_config(argv: list[str]) -> list[str]:
         raise ConfigError("--config needs a file")
     m = argv.index("mount")
     rest = argv[:i] + argv[i + 2 :]
-    return rest[: m + 1] + read_config(Path(argv[i + 1])) + rest[m + 1 :]
+    settings = read_config(Path(argv[i + 1]))
+    if "--vault" in settings and any(a == "--vault" or a.startswith("--vault=") for a in rest):
+        # --vault adds a node to the list; on the command line it replaces VAULT= instead.
+        i = settings.index("--vault")
+        settings = settings[:i] + settings[i + 2 :]
+    return rest[: m + 1] + settings + rest[m + 1 :]
 
 
 def cmd_systemd(args: argparse.Namespace) -> ExitCode:
@@ -105,7 +111,7 @@ def cmd_systemd(args: argparse.Namespace) -> ExitCode:
         "MOUNTPOINT": str(args.mountpoint.absolute()),
     }
     if args.vault:
-        settings["VAULT"] = args.vault
+        settings["VAULT"] = " ".join(args.vault)
     if args.ephemeral:
         settings["EPHEMERAL"] = "yes"
     for item in args.settings:
@@ -131,11 +137,7 @@ def cmd_systemd(args: argparse.Namespace) -> ExitCode:
         )
         return ExitCode.VAULT_NOT_PINNED
     if settings.get("VAULT"):
-        try:
-            parse_vault_url(settings["VAULT"])
-        except errors.VaultConfigError:
-            if not settings["VAULT"].startswith(("http://", "https://")):
-                raise
+        check_vault_setting(settings["VAULT"])
     plan = service.ServicePlan(
         name=args.name,
         settings=settings,

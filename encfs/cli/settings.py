@@ -10,7 +10,7 @@ from pathlib import Path
 
 from encfs import volume
 from encfs.audit import DEFAULT_AUDIT_LOG, AuditSettings, under_systemd
-from encfs.vault import VaultSettings, env_ca_file, env_vault_addr, pin_vault_url
+from encfs.vault import VaultSettings, VaultURL, env_ca_file, env_vault_addr, pin_vault_url
 
 log = logging.getLogger("encfs")
 
@@ -26,12 +26,20 @@ def vault_settings(args: argparse.Namespace) -> VaultSettings:
     )
 
 
-def pinned_url(args: argparse.Namespace, hf: volume.HeaderFile) -> str:
+def vault_setting(values: list[str] | None) -> str | None:
+    """The host's vault setting from ``--vault`` given any number of times: one
+    space-separated list (the syntax of ``VAULT=`` in a config file), None if not given."""
+    return " ".join(values) if values else None
+
+
+def pinned_url(args: argparse.Namespace, hf: volume.HeaderFile) -> VaultURL:
     """Where this command may send the host's credential (``vault.pin_vault_url``)."""
-    pinned = pin_vault_url(hf.header.vault_url, configured=args.vault_url, addr=env_vault_addr())
+    pinned = pin_vault_url(
+        hf.header.vault_url, configured=vault_setting(args.vault_url), addr=env_vault_addr()
+    )
     if pinned.note:
         log.warning("%s", pinned.note)
-    return str(pinned.url)
+    return pinned.url
 
 
 def audit_settings(args: argparse.Namespace) -> AuditSettings:

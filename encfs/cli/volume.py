@@ -93,6 +93,9 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
         "wrapped_key": h.wrapped_key,
         "header_file": str(hf.path),
     }
+    for old in h.retiring:  # a rekey under way: `encfs rekey` finishes it
+        info["retiring_kek_version"] = old.kek_version
+        info["retiring_wrapped_key"] = old.wrapped_key
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -240,7 +243,7 @@ def cmd_rotate(args: argparse.Namespace) -> ExitCode:
     audit = AuditLog(
         audit_settings(args),
         cipher_dir=str(args.cipher_dir),
-        vault=url,
+        vault=str(url),
         volume_id=hf.header.volume_id.hex(),
     )
     vault = connect(url, vault_settings(args))

@@ -13,12 +13,13 @@ libfuse is seen only as a ``Session``. Handles (``fh``) are the backing file des
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -103,7 +104,6 @@ def load_native(block_size: int, features: int, options: FsOptions) -> fastpath.
         features,
         read_only=options.read_only,
         foreign_errno=xattrs.UNSUPPORTED,
-        suspended_errno=options.suspended_errno,
     )
 
 
@@ -259,7 +259,7 @@ class EncfsOperations:
 
     @property
     def suspended(self) -> bool:
-        return not self.gate.open
+        return self.gate.suspended
 
     def suspend(self, drain_timeout: float = 5.0) -> int:
         """Stop serving and forget every key and every plaintext the kernel caches.
@@ -281,17 +281,35 @@ class EncfsOperations:
         self.files.forget_plaintext()
         return self.seen.invalidate_all(None if self.session is None else self.session.invalidate)
 
-    def resume(self, volume_key: bytearray, header_body: bytes, header_tag: bytes) -> None:
-        """Serve again with the volume key (copied; the caller wipes its own). The header
-        tag must verify under it (``HeaderAuthError`` otherwise, and the keys stay wiped).
-        Handles opened before the suspension work again."""
+    def resume(
+        self,
+        volume_key: bytearray,
+        header_body: bytes,
+        header_tag: bytes,
+        retiring: Sequence[bytearray] = (),
+    ) -> None:
+        """Serve again with the volume key (copied; the caller wipes its own) and, for a
+        volume whose rekey is under way, the retiring key. The header tag(s) must verify
+        under them (``HeaderAuthError`` otherwise, and the keys stay wiped). Handles opened
+        before the suspension work again."""
         self.keys.load(volume_key)
         try:
+            for old_key in retiring:
+                self.keys.load_retiring(old_key)
             self.keys.verify_header(header_body, header_tag)
         except BaseException:
             self.keys.wipe()
             raise
         self.gate.reopen()
+
+    @contextlib.contextmanager
+    def quiet(self, timeout: float = 60.0) -> Iterator[None]:
+        """While held, no FUSE operation runs (``Gate.paused``: new ones wait) and deferred
+        writes are on the backing file: ``encfs rekey`` changes a directory's names or the
+        keys in use meanwhile. Raises ``TimeoutError``. Never call from a FUSE thread."""
+        with self.gate.paused(timeout):
+            self.sealer.drain()
+            yield
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -597,19 +615,19 @@ class EncfsOperations:
         the adapter's fast path: what ``getxattr`` answers (``xattrs.UNSUPPORTED``; the
         suspended errno while suspended), without an exception or the gate. Counted."""
         self.counters.security_probes += 1
-        return xattrs.UNSUPPORTED if self.gate.open else self.options.suspended_errno
+        return self.options.suspended_errno if self.gate.suspended else xattrs.UNSUPPORTED
 
     @fuse_op
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         """A ``user.*`` attribute's value; ENODATA if it has none, ``xattrs.UNSUPPORTED``
         outside ``user.*`` (what ``foreign_xattr`` answers on the adapter's fast path)."""
-        bname = xattrs.backing_name(self.keys, name)
-        return xattrs.get(self.keys, self.names.entry(path), bname)
+        xattrs.plain_name(name)  # an unsupported name is refused before the path resolves
+        return xattrs.get(self.keys, self.names.entry(path), name)
 
     @fuse_write
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        entry = self.names.entry(path)
-        xattrs.set_(self.keys, entry, xattrs.backing_name(self.keys, name), value, options)
+        xattrs.plain_name(name)
+        xattrs.set_(self.keys, self.names.entry(path), name, value, options)
         return 0
 
     @fuse_op
@@ -618,6 +636,6 @@ class EncfsOperations:
 
     @fuse_write
     def removexattr(self, path: str, name: str) -> int:
-        entry = self.names.entry(path)
-        entry.parent.removexattr(entry.name, xattrs.backing_name(self.keys, name))
+        xattrs.plain_name(name)
+        xattrs.remove(self.keys, self.names.entry(path), name)
         return 0

@@ -57,7 +57,7 @@
 
 #define FP_API __attribute__((visibility("default"))) /* what fastpath.py calls */
 
-#define FP_VERSION 3             /* fastpath.py checks it: a stale build is not used */
+#define FP_VERSION 4             /* fastpath.py checks it: a stale build is not used */
 #define FP_HEADER_LEN 18         /* file header: version(2) || file_id(16) */
 #define FP_NONCE_LEN 12
 #define FP_TAG_LEN 16
@@ -124,7 +124,6 @@ static struct {
 	uint32_t block_size;
 	int read_only;
 	int foreign_errno;         /* what a getxattr outside user.* answers */
-	int suspended_errno;       /* ... and while suspended */
 	_Atomic(struct fp_file *) *fds; /* fd -> entry; NULL: not served natively */
 	size_t nfds;
 	atomic_int open;           /* the suspension gate, as Python's fs.kcache.Gate */
@@ -170,15 +169,14 @@ static void count(int which, unsigned long n) { atomic_fetch_add(&fp.counter[whi
 FP_API int fp_version(void) { return FP_VERSION; }
 
 /*
- * Reset the mount state: block size, read-only, the errnos of a foreign getxattr (active,
- * suspended); `nfds` bounds the fds that can be served.
+ * Reset the mount state (once per process, before libfuse serves): block size, read-only,
+ * the errno of a getxattr outside user.*; `nfds` bounds the fds that can be served.
  */
-FP_API int fp_setup(uint32_t block_size, int read_only, int foreign_errno,
-		    int suspended_errno, size_t nfds)
+FP_API int fp_setup(uint32_t block_size, int read_only, int foreign_errno, size_t nfds)
 {
 	if (block_size < FP_MIN_BLOCK || block_size > FP_MAX_BLOCK || block_size % FP_MIN_BLOCK)
 		return -EINVAL;
-	if (nfds == 0 || nfds > (1u << 24) || foreign_errno <= 0 || suspended_errno <= 0)
+	if (nfds == 0 || nfds > (1u << 24) || foreign_errno <= 0)
 		return -EINVAL;
 	free((void *)fp.fds);
 	fp.fds = calloc(nfds, sizeof(*fp.fds));
@@ -188,7 +186,6 @@ FP_API int fp_setup(uint32_t block_size, int read_only, int foreign_errno,
 	fp.block_size = block_size;
 	fp.read_only = read_only;
 	fp.foreign_errno = foreign_errno;
-	fp.suspended_errno = suspended_errno;
 	memset(fp.fallback, 0, sizeof(fp.fallback));
 	fp.between = NULL;
 	for (int i = 0; i < 6; i++)
@@ -719,9 +716,10 @@ FP_API int fp_getattr(const char *path, struct stat *st, void *fi)
 
 FP_API int fp_getxattr(const char *path, const char *name, char *value, size_t size)
 {
-	if (strncmp(name, "user.", 5) != 0) {
+	/* Shut (suspended, or paused for a rekey): Python answers, or waits, as it must. */
+	if (strncmp(name, "user.", 5) != 0 && atomic_load(&fp.open)) {
 		count(C_PROBES, 1);
-		return atomic_load(&fp.open) ? -fp.foreign_errno : -fp.suspended_errno;
+		return -fp.foreign_errno;
 	}
 	return ((fp_getxattr_fn)fp.fallback[FP_OP_GETXATTR])(path, name, value, size);
 }
