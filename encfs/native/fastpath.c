@@ -11,9 +11,10 @@
  * in Python.
  *
  * The happy path, all of which must hold (else: the Python callback):
- *   - the native path is open (the suspension gate, fp_gate_close) and the handle `fh`
- *     (= the backing fd) is mapped to an entry (Python maps each fd it opens) that knows
- *     its file id and holds a cipher context (keys.py keys it; fp_wipe removes them all);
+ *   - the native path is open (the gate, shut while the volume is suspended or a rekey
+ *     pauses it: fp_gate_close) and the handle `fh` (= the backing fd) is mapped to an
+ *     entry that knows its file id and holds a cipher context (Python makes a file's entry
+ *     once it pays off and maps its fds; keys.py keys it; fp_wipe removes every context);
  *   - no writer is changing the file (`seq` even) and none queued a deferred write
  *     (`queued` 0), before and after (a seqlock, see struct fp_file);
  *   - READ: it starts and ends on block boundaries, at most FP_MAX_IO bytes, and every
@@ -35,9 +36,9 @@
  * The cipher dir is hostile input: every length and offset is bounded here, and nothing
  * but a file already opened by encfs/backing.py (a regular file) is ever read or written.
  *
- * Memory ordering: Python stores `seq`, `queued`, `py_setid` and `py_error` with plain stores (under the
- * file's locks); this relies on x86-64's ordered stores (TSO), and encfs/fastpath.py
- * refuses to load this library on other machines.
+ * Memory ordering: Python stores `seq`, `queued`, `py_setid` and `py_error` with plain
+ * stores (under the file's locks); this relies on x86-64's ordered stores (TSO), and
+ * encfs/fastpath.py refuses to load this library on other machines.
  */
 #define _GNU_SOURCE
 #include <errno.h>
