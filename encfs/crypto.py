@@ -1,7 +1,8 @@
 """Every cryptographic primitive encfs uses; the only importer of ``cryptography.hazmat``.
 
 Primitives (docs/FORMAT.md): AES-256-GCM for content blocks, symlink targets and xattr
-values; AES-SIV (AES-256, 64-byte key) for names; HKDF-SHA256 for key derivation;
+values; ChaCha20-Poly1305 for the outer layer of content blocks of a double-encrypted
+volume; AES-SIV (AES-256, 64-byte key) for names; HKDF-SHA256 for key derivation;
 HMAC-SHA256 for the volume header tag. Objects here hold key schedules inside OpenSSL; the
 key owner (``keys.py``) creates them from its locked buffers and drops them on wipe.
 """
@@ -18,7 +19,7 @@ from typing import TypeAlias
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as hazmat_hmac
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from encfs import format as fmt
@@ -109,12 +110,15 @@ def scrub_stack() -> None:
 
 
 class BlockCipher:
-    """Seals and opens the content blocks of one file under its per-file key.
+    """Seals and opens the content blocks of one file under its per-file key(s).
 
     Block ``n`` on disk is ``nonce(12) || AES-256-GCM(key, nonce, plain, ad) || tag(16)`` with
-    ``ad = file_id || u64be(n)``. A block that is entirely zero bytes on disk is a hole and
-    reads as zeros (sparse files); any other block that fails authentication raises
-    ``IntegrityError`` naming the block. Thread-safe: AESGCM objects are stateless.
+    ``ad = file_id || u64be(n)`` (FORMAT §5). With an ``outer_key`` (a double-encrypted
+    volume, §5.2) that inner block is sealed once more: ``nonce2(12) ||
+    ChaCha20-Poly1305(outer_key, nonce2, inner block, ad) || tag2(16)``, the same ``ad``.
+    A block that is entirely zero bytes on disk is a hole and reads as zeros (sparse
+    files); any other block that fails authentication, in either layer, raises
+    ``IntegrityError`` naming the block. Thread-safe: the AEAD objects are stateless.
 
     Batches of ``GATE_MIN_BLOCKS`` or more run under ``gate``, a lock shared by the whole
     volume: pyca releases the GIL around every block, and several threads doing that at
@@ -124,12 +128,20 @@ class BlockCipher:
 
     GATE_MIN_BLOCKS = 8
 
-    __slots__ = ("_aead", "_block_size", "_file_id", "_gate")
+    __slots__ = ("_aead", "_block_size", "_file_id", "_gate", "_outer", "overhead")
 
     def __init__(
-        self, key: Buffer, file_id: bytes, block_size: int, gate: threading.Lock | None = None
+        self,
+        key: Buffer,
+        file_id: bytes,
+        block_size: int,
+        gate: threading.Lock | None = None,
+        outer_key: Buffer | None = None,
     ) -> None:
         self._aead = AESGCM(key)
+        self._outer = None if outer_key is None else ChaCha20Poly1305(outer_key)
+        self.overhead = fmt.BLOCK_OVERHEAD if outer_key is None else fmt.DOUBLE_BLOCK_OVERHEAD
+        """Bytes each sealed block adds to its plaintext."""
         self._file_id = file_id
         self._block_size = block_size
         self._gate = gate or threading.Lock()
@@ -139,10 +151,11 @@ class BlockCipher:
 
         Every block but the last must be full; returns the cipher bytes for them all.
         """
+        seal = self._seal if self._outer is None else self._seal_double
         if len(plain) >= self.GATE_MIN_BLOCKS * self._block_size:
             with self._gate:
-                return self._seal(first_block_no, plain)
-        out = self._seal(first_block_no, plain)
+                return seal(first_block_no, plain)
+        out = seal(first_block_no, plain)
         if len(plain) % self._block_size:  # a short last block: see scrub_stack
             scrub_stack()
         return out
@@ -173,6 +186,42 @@ class BlockCipher:
             cipher_off = end
         return out
 
+    def _seal_double(self, first_block_no: int, plain: Buffer) -> bytearray:
+        """``_seal`` with the outer layer: per block, the inner block is sealed into one
+        scratch buffer (pyca refuses overlapping input and output) and the outer layer
+        from there straight into place; both layers share the block's associated data."""
+        outer = self._outer
+        assert outer is not None
+        src = memoryview(plain)
+        bs = self._block_size
+        nonce_len = fmt.NONCE_LEN
+        nblocks = -(-len(src) // bs)
+        out = bytearray(len(src) + nblocks * fmt.DOUBLE_BLOCK_OVERHEAD)
+        dst = memoryview(out)
+        scratch = bytearray(bs + fmt.BLOCK_OVERHEAD)
+        inner = memoryview(scratch)
+        nonces = os.urandom(2 * nonce_len * nblocks)
+        aead = self._aead
+        file_id = self._file_id
+        plain_off = 0
+        cipher_off = 0
+        for i in range(nblocks):
+            chunk = src[plain_off : plain_off + bs]
+            n = len(chunk)
+            nonce = nonces[2 * i * nonce_len : (2 * i + 1) * nonce_len]
+            nonce2 = nonces[(2 * i + 1) * nonce_len : (2 * i + 2) * nonce_len]
+            ad = fmt.block_ad(file_id, first_block_no + i)
+            inner[:nonce_len] = nonce
+            aead.encrypt_into(nonce, chunk, ad, inner[nonce_len : nonce_len + n + fmt.TAG_LEN])
+            dst[cipher_off : cipher_off + nonce_len] = nonce2
+            end = cipher_off + n + fmt.DOUBLE_BLOCK_OVERHEAD
+            outer.encrypt_into(
+                nonce2, inner[: n + fmt.BLOCK_OVERHEAD], ad, dst[cipher_off + nonce_len : end]
+            )
+            plain_off += bs
+            cipher_off = end
+        return out
+
     def open(self, first_block_no: int, cipher: Buffer, backing_path: str = "") -> bytearray:
         """Decrypt contiguous cipher blocks starting at block ``first_block_no``.
 
@@ -186,13 +235,14 @@ class BlockCipher:
     def plain_len(self, cipher_len: int, first_block_no: int = 0, backing_path: str = "") -> int:
         """Plaintext length of ``cipher_len`` bytes of contiguous blocks. Raises
         ``IntegrityError`` if the last block is too short to be one."""
-        cbs = self._block_size + fmt.BLOCK_OVERHEAD
+        overhead = self.overhead
+        cbs = self._block_size + overhead
         nblocks = -(-cipher_len // cbs)
-        if 0 < cipher_len % cbs <= fmt.BLOCK_OVERHEAD:
+        if 0 < cipher_len % cbs <= overhead:
             raise IntegrityError(
                 "truncated block", backing_path=backing_path, block_no=first_block_no + nblocks - 1
             )
-        return cipher_len - nblocks * fmt.BLOCK_OVERHEAD
+        return cipher_len - nblocks * overhead
 
     def open_into(
         self, first_block_no: int, cipher: Buffer, out: Buffer, backing_path: str = ""
@@ -204,11 +254,12 @@ class BlockCipher:
         dst = memoryview(out)
         if len(dst) != self.plain_len(len(src), first_block_no, backing_path):
             raise ValueError("output buffer does not fit the blocks")
+        open_ = self._open if self._outer is None else self._open_double
         if len(src) >= self.GATE_MIN_BLOCKS * self._block_size:
             with self._gate:
-                self._open(first_block_no, src, dst, backing_path)
+                open_(first_block_no, src, dst, backing_path)
             return
-        self._open(first_block_no, src, dst, backing_path)
+        open_(first_block_no, src, dst, backing_path)
         if len(dst) % self._block_size:  # a short last block: see scrub_stack
             scrub_stack()
 
@@ -229,6 +280,45 @@ class BlockCipher:
                     chunk[: fmt.NONCE_LEN],
                     chunk[fmt.NONCE_LEN :],
                     fmt.block_ad(file_id, block_no),
+                    dst[plain_off : plain_off + plain_len],
+                )
+            except InvalidTag:
+                if chunk.tobytes().count(0) == len(chunk):  # all-zero on disk: a hole
+                    dst[plain_off : plain_off + plain_len] = bytes(plain_len)
+                else:
+                    raise IntegrityError(
+                        "block authentication failed", backing_path=backing_path, block_no=block_no
+                    ) from None
+            cipher_off += cbs
+            plain_off += plain_len
+
+    def _open_double(
+        self, first_block_no: int, src: memoryview, dst: memoryview, backing_path: str
+    ) -> None:
+        """``_open`` through both layers: the outer opens into a scratch buffer (the inner
+        block), the inner from there into ``dst``. An all-zero outer block is a hole."""
+        outer = self._outer
+        assert outer is not None
+        nonce_len = fmt.NONCE_LEN
+        cbs = self._block_size + fmt.DOUBLE_BLOCK_OVERHEAD
+        scratch = bytearray(self._block_size + fmt.BLOCK_OVERHEAD)
+        inner = memoryview(scratch)
+        aead = self._aead
+        file_id = self._file_id
+        cipher_off = 0
+        plain_off = 0
+        for i in range(-(-len(src) // cbs)):
+            chunk = src[cipher_off : cipher_off + cbs]
+            block_no = first_block_no + i
+            plain_len = len(chunk) - fmt.DOUBLE_BLOCK_OVERHEAD
+            ad = fmt.block_ad(file_id, block_no)
+            inner_len = plain_len + fmt.BLOCK_OVERHEAD
+            try:
+                outer.decrypt_into(chunk[:nonce_len], chunk[nonce_len:], ad, inner[:inner_len])
+                aead.decrypt_into(
+                    inner[:nonce_len],
+                    inner[nonce_len:inner_len],
+                    ad,
                     dst[plain_off : plain_off + plain_len],
                 )
             except InvalidTag:

@@ -38,7 +38,10 @@ def sample_header(**changes: Any) -> fmt.VolumeHeader:
         "wrapped_key": "vault:v7:AAAA",
     }
     fields.update(changes)
-    return fmt.VolumeHeader(**fields)
+    slot = fmt.KeySlot(
+        fields.pop("vault_url"), fields.pop("kek_version"), fields.pop("wrapped_key")
+    )
+    return fmt.VolumeHeader(**fields, slots=(slot,))
 
 
 def header_file(header: fmt.VolumeHeader, tag: bytes = b"\x5a" * fmt.HEADER_TAG_LEN) -> bytes:
@@ -53,10 +56,14 @@ def test_format_constants() -> None:
     assert fmt.VOLUME_MAGIC == b"ENCFSVOL"
     assert fmt.FORMAT_VERSION == 1
     assert fmt.FEATURE_DIRID_LINKS == 1
-    assert fmt.KNOWN_FEATURE_FLAGS == fmt.NEW_VOLUME_FEATURES == fmt.FEATURE_DIRID_LINKS
-    assert fmt.feature_names(0xFFFFFFFF) == ["dirid-links"]
+    assert fmt.FEATURE_DOUBLE == 2
+    assert fmt.NEW_VOLUME_FEATURES == fmt.FEATURE_DIRID_LINKS
+    assert fmt.KNOWN_FEATURE_FLAGS == fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE
+    assert fmt.feature_names(0xFFFFFFFF) == ["dirid-links", "double"]
     assert fmt.feature_names(0) == []
     assert fmt.CIPHER_AES256_GCM == 1
+    assert fmt.OUTER_CIPHER_CHACHA20_POLY1305 == 2
+    assert fmt.DOUBLE_BLOCK_OVERHEAD == 56
     assert fmt.VOLUME_HEADER_NAME == "encfs.volume"
     assert fmt.VOLUME_HEADER_TMP == "encfs.volume.tmp"
     assert fmt.VOLUME_HEADER_PREV == "encfs.volume.prev"
@@ -222,9 +229,7 @@ def test_header_vector_exact_bytes() -> None:
         cipher=f["cipher"],
         block_size=f["block_size"],
         volume_id=bytes.fromhex(f["volume_id"]),
-        vault_url=f["vault_url"],
-        kek_version=f["kek_version"],
-        wrapped_key=f["wrapped_key"],
+        slots=(fmt.KeySlot(f["vault_url"], f["kek_version"], f["wrapped_key"]),),
     )
     assert header.body().hex() == vec["body"]
     parsed, body, tag = fmt.parse_volume_header(bytes.fromhex(vec["file"]))
@@ -318,7 +323,7 @@ def test_header_wrong_version(version: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flags", "unknown"), [(2, 2), (0x80000000, 0x80000000), (0xFFFFFFFF, 0xFFFFFFFE)]
+    ("flags", "unknown"), [(4, 4), (0x80000000, 0x80000000), (0xFFFFFFFD, 0xFFFFFFFC)]
 )
 def test_header_unknown_feature_flag(flags: int, unknown: int) -> None:
     raw = header_file(sample_header(feature_flags=flags))

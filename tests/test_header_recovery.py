@@ -224,9 +224,7 @@ def test_header_findings_need_no_vault(tmp_path: Path) -> None:
         cipher=1,
         block_size=4096,
         volume_id=bytes(range(16)),
-        vault_url="transit+http://127.0.0.1:8200/transit/k",
-        kek_version=2,
-        wrapped_key="vault:v2:" + "A" * 80,
+        slots=(fmt.KeySlot("transit+http://127.0.0.1:8200/transit/k", 2, "vault:v2:" + "A" * 80),),
     )
     hf = volume.HeaderFile(header, header.body(), bytes(32), tmp_path / "encfs.volume")
     assert volume.header_findings(hf, None) == []
@@ -241,13 +239,11 @@ def test_header_findings_need_no_vault(tmp_path: Path) -> None:
     )
     found = volume.header_findings(hf, pin)
     assert len(found) == 2 and "pinned" in found[0] and "block size 4096" in found[1]
-    from dataclasses import replace
-
-    bad = replace(header, kek_version=3, vault_url="transit+http://127.0.0.1:8200")
+    bad = header.with_slot(0, kek_version=3, vault_url="transit+http://127.0.0.1:8200")
     found = volume.header_findings(volume.HeaderFile(bad, bad.body(), bytes(32), hf.path), None)
     assert any("not a vault URL" in f for f in found)
     assert any("KEK version field says 3" in f for f in found)
-    bad = replace(header, wrapped_key="vault:v2:!!!")
+    bad = header.with_slot(0, wrapped_key="vault:v2:!!!")
     found = volume.header_findings(volume.HeaderFile(bad, bad.body(), bytes(32), hf.path), None)
     assert found and "not a transit ciphertext" in found[0]
 
@@ -306,7 +302,8 @@ def test_fsck_progress(make_volume: MakeVolume, capsys: pytest.CaptureFixture[st
 
 def test_readme_synopsis_lists_every_option() -> None:
     """Every option of every command (but -h and -v) appears in README's synopsis, in the
-    entry of its command (or in the "vault access" block the entry refers to)."""
+    entry of its command (or in the "vault access" / "second vault" block the entry refers
+    to)."""
     import argparse
     import re
 
@@ -323,8 +320,8 @@ def test_readme_synopsis_lists_every_option() -> None:
             entries[current] = entries.get(current, "") + line + "\n"
         elif line.startswith(" ") and current:
             entries[current] += line + "\n"
-        elif line.startswith("vault access:"):
-            current = "vault access"
+        elif line.startswith(("vault access:", "second vault:")):
+            current = line.split(":", 1)[0]
             entries[current] = line + "\n"
     top = build_parser()
     for action in top._actions:
@@ -337,6 +334,8 @@ def test_readme_synopsis_lists_every_option() -> None:
             text = entries[name]
             if "[vault access]" in text:
                 text += entries["vault access"]
+            if "[second vault]" in text:
+                text += entries["second vault"]
             for sub in [parser, *_subparsers(parser)]:
                 for opt in sub._actions:
                     if not opt.option_strings or opt.help == argparse.SUPPRESS:

@@ -99,7 +99,10 @@ def _rewrite_header(cipher_dir: Path, **changes: object) -> None:
     may write the cipher dir, but has no key, can do."""
     path = cipher_dir / fmt.VOLUME_HEADER_NAME
     header, _body, tag = fmt.parse_volume_header(path.read_bytes())
-    new = dataclasses.replace(header, **changes)  # type: ignore[arg-type]
+    slot_fields = {
+        k: changes.pop(k) for k in ("vault_url", "kek_version", "wrapped_key") if k in changes
+    }
+    new = dataclasses.replace(header, **changes).with_slot(0, **slot_fields)  # type: ignore[arg-type]
     path.write_bytes(new.body() + tag)
 
 
@@ -120,7 +123,7 @@ def _substitute_header(bao: OpenBao, key: str, cipher_dir: Path) -> None:
         name=key, key_type="plaintext", mount_point=bao.mount
     )
     real = volume.read_header(cipher_dir).header
-    forged = dataclasses.replace(real, wrapped_key=answer["data"]["ciphertext"])
+    forged = real.with_slot(0, wrapped_key=answer["data"]["ciphertext"])
     new_key = bytearray(base64.b64decode(answer["data"]["plaintext"]))
     keys = VolumeKeys(new_key, volume_id=forged.volume_id, block_size=forged.block_size)
     try:

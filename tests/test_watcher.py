@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +53,8 @@ class KeysOnly:
         self._state.set("suspended", reason)
         self.calls.append(("suspend", reason, revoked, unmount))
 
-    def resume(self, volume_key: bytearray, hf: volume.HeaderFile) -> None:
-        self.keys.load(volume_key)
+    def resume(self, volume_keys: Sequence[bytearray], hf: volume.HeaderFile) -> None:
+        self.keys.load(volume_keys[0], volume_keys[1] if len(volume_keys) > 1 else None)
         try:
             self.keys.verify_header(hf.body, hf.tag)
         except BaseException:
@@ -133,7 +133,7 @@ def watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WatchFact
             volume.create(cipher_dir, vault)
             hf = volume.read_header(cipher_dir)
             keys = volume.unlock(hf, vault)
-            held = HeldHeader(cipher_dir, hf, keys.check_value())
+            held = HeldHeader(cipher_dir, hf, keys.check_values())
         state = MountState(tmp_path / "mnt")
         state.set("active")
         control = KeysOnly(keys, state)

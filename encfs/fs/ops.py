@@ -18,7 +18,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -182,9 +182,11 @@ class EncfsOperations:
         *,
         dirid_links: bool = False,
     ) -> None:
+        if block_size != keys.geometry.block_size:
+            raise ValueError("block size differs from the keys' block size")
         root = backing.open_root(cipher_dir)
         self.keys = keys
-        self.geo = fmt.Geometry(block_size)
+        self.geo = keys.geometry
         self.options = options
         self.names = names.Names(root, keys, dirid_links=dirid_links)
         self.counters = Counters()
@@ -247,11 +249,13 @@ class EncfsOperations:
         self.files.forget_plaintext()
         return self.seen.invalidate_all(None if self.session is None else self.session.invalidate)
 
-    def resume(self, volume_key: bytearray, header_body: bytes, header_tag: bytes) -> None:
-        """Serve again with the volume key (copied; the caller wipes its own). The header
-        tag must verify under it (``HeaderAuthError`` otherwise, and the keys stay wiped).
-        Handles opened before the suspension work again."""
-        self.keys.load(volume_key)
+    def resume(
+        self, volume_keys: Sequence[bytearray], header_body: bytes, header_tag: bytes
+    ) -> None:
+        """Serve again with the volume key(s) (key slot order; copied, the caller wipes its
+        own). The header tag must verify under them (``HeaderAuthError`` otherwise, and the
+        keys stay wiped). Handles opened before the suspension work again."""
+        self.keys.load(volume_keys[0], volume_keys[1] if len(volume_keys) > 1 else None)
         try:
             self.keys.verify_header(header_body, header_tag)
         except BaseException:
