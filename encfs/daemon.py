@@ -396,9 +396,9 @@ class Daemon:
         )
         mount = LiveMount(cfg, unlocked, ops, state, started=self.started)
         if unlocked.vault is not None:
-            state.add_kek(unlocked.url, unlocked.kek_version)
+            state.add_kek(1, unlocked.url, unlocked.kek_version)
         if unlocked.second is not None and unlocked.held is not None:
-            state.add_kek(unlocked.second.url, unlocked.held.header.header.slots[1].kek_version)
+            state.add_kek(2, unlocked.second.url, unlocked.held.header.header.slots[1].kek_version)
         state.set("active")
         watcher: KeyWatcher | None = None
         if unlocked.vault is not None:  # an ephemeral volume without a vault watches nothing

@@ -123,11 +123,11 @@ class MountState:
         self.token: dict[str, Any] = {}
         self.token_expires: float | None = None
 
-    def add_kek(self, vault: str, kek_version: int) -> None:
-        """Declare the next KEK the mount depends on (at start, in key slot order)."""
+    def add_kek(self, kek: int, vault: str, kek_version: int) -> None:
+        """Declare KEK ``kek`` (1, or 2 for a double volume) the mount depends on: its
+        vault and the KEK version that wraps its volume key."""
         with self._lock:
-            entry = self._entry(len(self.keks) + 1)
-            entry.update(vault=vault, kek_version=kek_version)
+            self._entry(kek).update(vault=vault, kek_version=kek_version)
 
     def _entry(self, kek: int) -> dict[str, Any]:
         """Caller holds ``_lock``: KEK ``kek``'s entry, made (undeclared) if missing."""
