@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 # --- volume ----------------------------------------------------------------------------------
@@ -481,9 +482,10 @@ def parse_undo(raw: bytes, max_sealed: int) -> dict[int, bytes]:
     return out
 
 
-def block_ad(file_id: bytes, block_no: int) -> bytes:
-    """Associated data binding a block to its file and position: file_id || u64 BE block_no."""
-    return _BLOCK_AD.pack(file_id, block_no)
+block_ad: Callable[[bytes, int], bytes] = _BLOCK_AD.pack
+"""``block_ad(file_id, block_no)``: the associated data binding a block to its file and
+position, file_id || u64 BE block_no (the struct's own ``pack``: one call per block, on the
+hot path of every seal and open)."""
 
 
 @dataclass(frozen=True)
