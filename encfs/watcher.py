@@ -425,6 +425,8 @@ class KeyWatcher:
             if failures:
                 self._failed(failures, "unwrap")
                 return
+            for kek in self._keks:  # every KEK answered: shown before any transition
+                self._state.checked(reachable=True, kek=kek.number)
             ours = (
                 hf.header.volume_id == current.header.volume_id
                 and len(volume_keys) == len(held.check_values)

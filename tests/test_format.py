@@ -576,7 +576,7 @@ def test_double_without_slot_1_is_truncated() -> None:
     forged = bytearray(header_file(single))
     forged[10:14] = struct.pack(">I", fmt.FEATURE_DOUBLE)
     forged[15] = fmt.OUTER_CIPHER_CHACHA20_POLY1305
-    with pytest.raises(FormatError, match="truncated|tag bytes"):
+    with pytest.raises(FormatError, match=r"truncated|tag bytes"):
         fmt.parse_volume_header(bytes(forged))
 
 
