@@ -286,6 +286,17 @@ class VaultLink:
     renew_in: float | None
 
 
+def _detached(exc: VaultError) -> VaultError:
+    """``exc`` without its traceback and chained exceptions: kept past its ``except``
+    block, they would hold the frames of the call — and the vault client in them, with
+    its host token in a locked page — alive in a reference cycle until the garbage
+    collector ran, where a replaced client must be freed (and its page unmapped) at once."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc
+
+
 class _Kek:
     """The watcher's view of one KEK: its vault client (replaced on reconnect), when its
     credential is renewed next, the last error kind audited. Watcher thread only."""
@@ -383,7 +394,7 @@ class KeyWatcher:
             delay = kek.vault.renew_identity()
         except VaultError as exc:
             kek.next_renew = time.monotonic() + 10.0
-            self._failed({kek.number: self._marked(exc, kek)}, "token_renew")
+            self._failed({kek.number: self._marked(_detached(exc), kek)}, "token_renew")
             return
         self._audit.event("token_renew", next_in=delay, **self._kek_fields(kek))
         kek.next_renew = time.monotonic() + delay if delay is not None else math.inf
@@ -401,7 +412,7 @@ class KeyWatcher:
             try:
                 kek.vault.key_status()
             except VaultError as exc:
-                self._failed({1: exc}, "key_status")
+                self._failed({1: _detached(exc)}, "key_status")
                 return
             self._succeeded()
             return
@@ -421,7 +432,7 @@ class KeyWatcher:
                 try:
                     volume_keys[kek.number] = kek.vault.unwrap(slots[kek.number - 1].wrapped_key)
                 except VaultError as exc:
-                    failures[kek.number] = self._marked(exc, kek)
+                    failures[kek.number] = self._marked(_detached(exc), kek)
             if failures:
                 self._failed(failures, "unwrap")
                 return

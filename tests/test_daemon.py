@@ -79,8 +79,10 @@ class Live:
         os.replace(tmp, self.token_file)
 
 
-def _mount_live(make_volume: Callable[..., Volume], bao: OpenBao, key: str, *extra: str) -> Live:
-    vol = make_volume(mount=False)
+def _mount_live(
+    make_volume: Callable[..., Volume], bao: OpenBao, key: str, *extra: str, double: bool = False
+) -> Live:
+    vol = make_volume(mount=False, double=double)
     policy = bao.write_host_policy(key)
     token_file = vol.cipher_dir.parent / f"{vol.mountpoint.name}.token"
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -431,10 +433,24 @@ def _key_material(live: Live, root_token: str) -> dict[str, bytes]:
     volume_key = base64.b64decode(answer["data"]["plaintext"])
     volume_id = bytes.fromhex(header["volume_id"])
     out = {"volume": volume_key}
-    for purpose, length in (("content", 32), ("names", 64), ("meta", 32), ("header", 32)):
+
+    def derive(ikm: bytes, salt: bytes | None, info: bytes, length: int = 32) -> bytes:
         buf = bytearray(length)
-        crypto.hkdf_into(volume_key, salt=volume_id, info=b"encfs/v1/" + purpose.encode(), out=buf)
-        out[purpose] = bytes(buf)
+        crypto.hkdf_into(ikm, salt=salt, info=info, out=buf)
+        return bytes(buf)
+
+    out["content"] = derive(volume_key, volume_id, b"encfs/v1/content")
+    ikm, prefix = volume_key, b"encfs/v1/"
+    if "wrapped_key2" in header:  # a double volume: its outer key, and subkeys of both
+        answer = live.bao.admin.secrets.transit.decrypt_data(
+            name=header["key_name2"], ciphertext=header["wrapped_key2"]
+        )
+        outer_key = base64.b64decode(answer["data"]["plaintext"])
+        out["outer"] = outer_key
+        out["outer content"] = derive(outer_key, volume_id, b"encfs/v1/outer-content")
+        ikm, prefix = volume_key + outer_key, b"encfs/v1/double/"
+    for purpose, length in (("names", 64), ("meta", 32), ("header", 32)):
+        out[purpose] = derive(ikm, volume_id, prefix + purpose.encode(), length)
     contents = [
         p
         for p in live.vol.cipher_dir.rglob("*")
@@ -445,9 +461,11 @@ def _key_material(live: Live, root_token: str) -> dict[str, bytes]:
     assert contents
     for i, backing in enumerate(contents):  # every file's own key
         file_id = fmt.parse_file_header(backing.read_bytes()[: fmt.FILE_HEADER_LEN])
-        buf = bytearray(32)
-        crypto.hkdf_into(out["content"], salt=None, info=b"encfs/v1/file" + file_id, out=buf)
-        out[f"file{i}"] = bytes(buf)
+        out[f"file{i}"] = derive(out["content"], None, b"encfs/v1/file" + file_id)
+        if "outer content" in out:
+            out[f"outer file{i}"] = derive(
+                out["outer content"], None, b"encfs/v1/outer-file" + file_id
+            )
     return out
 
 
@@ -469,12 +487,17 @@ own frame still refers to it); a replaced client's page is unmapped when it is f
 Before the token lived in locked memory, five copies and more were found here."""
 
 
+@pytest.mark.parametrize("double", [False, True], ids=["single", "double"])
 def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
     make_volume: MakeVolume,
     openbao: OpenBao,
     transit_key: TransitKey,
+    request: pytest.FixtureRequest,
+    double: bool,
 ) -> None:
-    live = _mount_live(make_volume, openbao, transit_key.name)
+    """For a double volume, KEK 2 is the one revoked: both volume keys, every subkey of
+    either and every per-file key of both layers must be gone."""
+    live = _mount_live(make_volume, openbao, transit_key.name, double=double)
     mp = live.vol.mountpoint
     (mp / "d").mkdir()
     for i in range(20):
@@ -493,10 +516,12 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
     time.sleep(2 * INTERVAL + 0.5)  # a few watcher unwraps have passed through memory
     needles = _needles(_key_material(live, openbao.root_token))
     pid = live.vol.daemon_pid()
-    assert "volume raw" in scan_memory(pid, {"volume raw": needles["volume raw"]}), (
-        "the scan must see the key while the volume is active (else it proves nothing)"
-    )
-    openbao.soft_delete_key(transit_key.name)
+    for name in ("volume raw", "outer raw") if double else ("volume raw",):
+        assert name in scan_memory(pid, {name: needles[name]}), (
+            "the scan must see the key while the volume is active (else it proves nothing)"
+        )
+    revoked = request.getfixturevalue("second_key").name if double else transit_key.name
+    openbao.soft_delete_key(revoked)
     try:
         live.wait_state("suspended")
         assert scan_memory(pid, needles) == {}, "key material left in memory after suspension"
@@ -504,11 +529,16 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
         # the token must stay in the key owner's locked memory (one copy per live client),
         # not pile up in str/bytes copies request after request.
         time.sleep(3 * INTERVAL + 0.5)
-        token = live.token_file.read_text().strip().encode()
-        copies = scan_memory(pid, {"token": token}).get("token", 0)
-        assert 1 <= copies <= TOKEN_COPIES_MAX, f"{copies} copies of the host token in memory"
+        token_files = [live.token_file]
+        if double:
+            assert live.vol.vault2_token_file is not None
+            token_files.append(live.vol.vault2_token_file)
+        for token_file in token_files:
+            token = token_file.read_text().strip().encode()
+            copies = scan_memory(pid, {"token": token}).get("token", 0)
+            assert 1 <= copies <= TOKEN_COPIES_MAX, f"{copies} copies of a host token in memory"
     finally:
-        openbao.restore_key(transit_key.name)
+        openbao.restore_key(revoked)
     live.wait_state("active")
     # Stop the daemon when it removes its runtime file — its last act after unmounting,
     # wiping the keys and closing the vault client, before the interpreter exits — and
