@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import pytest
 from encfs import crypto
 from encfs import format as fmt
 from encfs.cli import ExitCode
-from tests.conftest import TransitKey
+from tests.conftest import SecondKey, TransitKey
 from tests.harness import (
     MakeVolume,
     Volume,
@@ -631,6 +632,123 @@ def test_kmip_volume_end_to_end_and_revocation(tmp_path: Path) -> None:
             "mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *creds, env=env
         )
         assert proc.returncode == ExitCode.VAULT_KEY_DISABLED, proc.stderr
+
+
+def test_double_volume_with_kek_2_in_kmip_suspends_when_either_is_revoked(
+    make_volume: MakeVolume, openbao: OpenBao, transit_key: TransitKey, tmp_path: Path
+) -> None:
+    """Two different vaults: KEK 1 a transit key of OpenBao, KEK 2 a KMIP key of PyKMIP,
+    each reached with its own credential (token file; client certificate). Revoking the
+    KMIP key suspends the mount (status names KEK 2), a KMIP key cannot come back, and a
+    new mount is refused with its code, naming the KEK."""
+    from tests.kmip import PyKMIPServer
+
+    with PyKMIPServer() as kmip:
+        uid = kmip.create_key()
+        creds2 = [
+            "--vault2-ca-file", str(kmip.ca_file),
+            "--vault2-client-cert", str(kmip.client_cert),
+            "--vault2-client-key", str(kmip.client_key),
+        ]  # fmt: skip
+        vol: Volume = make_volume(mount=False)
+        shutil.rmtree(vol.cipher_dir, ignore_errors=True)
+        second = ["--vault2", kmip.url_for(uid), *creds2]
+        encfs(
+            "init", vol.cipher_dir, "--double", "--vault", vol.vault_url, *second,
+            env=vol.env, check=True,
+        )  # fmt: skip
+        info = json.loads(encfs("info", vol.cipher_dir, "--json", check=True).stdout)
+        assert info["wrapped_key"].startswith("vault:v1:")
+        assert info["wrapped_key2"].startswith("kmip:v1:") and info["kek_version2"] == 0
+        vol.mount(*second, "--check-interval", str(INTERVAL))
+        live = Live(vol, openbao, transit_key.name, tmp_path / "unused", "")
+        try:
+            witness = Witness(vol.mountpoint / "f")
+            try:
+                assert wait_until(
+                    lambda: [k["state"] for k in live.status()["keks"]] == ["ok", "ok"],  # type: ignore[attr-defined]
+                    timeout=BOUND + 2,
+                ), live.status()
+                keks = live.status()["keks"]
+                assert keks[1]["token"]["client_cert_subject"]  # type: ignore[index]
+                assert keks[0]["token"]["accessor"]  # type: ignore[index]
+                text = encfs("status", vol.mountpoint, check=True).stdout
+                assert "KEK 2" in text and kmip.url_for(uid) in text and "double" in text
+                t0 = time.monotonic()
+                kmip.revoke(uid)
+                live.wait_state("suspended")
+                assert time.monotonic() - t0 <= BOUND + 0.5
+                status = live.status()
+                assert "KEK 2" in str(status["reason"])
+                assert [k["state"] for k in status["keks"]] == ["ok", "revoked"]  # type: ignore[attr-defined]
+                witness.assert_unreadable()
+            finally:
+                witness.close()
+        finally:
+            pid = vol.daemon_pid()
+            force_unmount(vol.mountpoint)
+            assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+        proc = encfs(
+            "mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *second,
+            env=vol.env,
+        )  # fmt: skip
+        assert proc.returncode == ExitCode.VAULT_KEY_DISABLED, proc.stderr
+        assert "KEK 2" in proc.stderr
+
+
+@pytest.mark.systemd
+def test_sd_notify_status_of_a_double_volume_names_both_keks(
+    make_volume: MakeVolume, openbao: OpenBao, second_key: SecondKey, tmp_path: Path
+) -> None:
+    """STATUS= shows each KEK's version and state: what `systemctl status` prints."""
+    import socket
+
+    vol: Volume = make_volume(mount=False, double=True)
+    addr = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(addr)
+    receiver.settimeout(0.2)
+    statuses: list[str] = []
+    stop = threading.Event()
+
+    def receive() -> None:
+        while not stop.is_set():
+            try:
+                data = receiver.recv(4096).decode()
+            except TimeoutError:
+                continue
+            statuses.extend(line[7:] for line in data.splitlines() if line.startswith("STATUS="))
+
+    listener = threading.Thread(target=receive)
+    listener.start()
+    env = {**vol.env, "NOTIFY_SOCKET": addr, "ENCFS_AUDIT_LOG": "none"}
+    proc = mount_foreground(
+        vol.cipher_dir, vol.mountpoint, *map(str, vol.vault2_args()), "--check-interval",
+        str(INTERVAL), env=env,
+    )  # fmt: skip
+    try:
+        ok = "[KEK 1 v1 ok, KEK 2 v1 ok] active"
+        assert wait_until(lambda: ok in statuses, timeout=20), statuses
+        openbao.soft_delete_key(second_key.name)
+        assert wait_until(
+            lambda: any(
+                s.startswith("[KEK 1 v1 ok, KEK 2 v1 revoked] suspended") for s in statuses
+            ),
+            timeout=BOUND + 2,
+        ), statuses
+        openbao.restore_key(second_key.name)
+        assert wait_until(lambda: statuses[-1] == ok, timeout=BOUND + 2), statuses
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(Exception):
+            openbao.restore_key(second_key.name)
+        stop.set()
+        listener.join()
+        receiver.close()
 
 
 @pytest.mark.systemd
