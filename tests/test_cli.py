@@ -423,6 +423,38 @@ OPTIONS=default_permissions
         vol.unmount()
 
 
+def test_mount_a_double_volume_from_a_config_file(
+    make_volume: MakeVolume, tmp_path: Path, second_key: SecondKey
+) -> None:
+    """VAULT2 and TOKEN_FILE2 (README's config keys): the service's second vault and its
+    own credential; the first vault comes from VAULT (no VAULT_ADDR in the env)."""
+    vol: Volume = make_volume(mount=False, double=True)
+    token1 = tmp_path / "token1"
+    token1.write_text(vol.env["VAULT_TOKEN"] + "\n")
+    token1.chmod(0o600)
+    conf = tmp_path / "double.conf"
+    conf.write_text(f"""CIPHER_DIR={vol.cipher_dir}
+MOUNTPOINT={vol.mountpoint}
+VAULT={vol.vault_url}
+TOKEN_FILE={token1}
+VAULT2={second_key.url}
+TOKEN_FILE2={second_key.token_file}
+""")
+    env = {k: v for k, v in vol.env.items() if not k.startswith(("VAULT_", "BAO_"))}
+    proc = encfs("mount", "--config", conf, env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)
+        assert [k["vault"] for k in status["keks"]] == [vol.vault_url, second_key.url]
+        assert status["keks"][1]["token"]["policies"] == [second_key.policy]
+    finally:
+        vol.unmount()
+    conf.write_text(conf.read_text().replace(f"TOKEN_FILE2={second_key.token_file}\n", ""))
+    proc = encfs("mount", "--config", conf, env=env)  # no credential of its own: refused
+    assert proc.returncode == ExitCode.VAULT_CREDENTIALS, proc.stderr
+    assert not is_mounted(vol.mountpoint)
+
+
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
