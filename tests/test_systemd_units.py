@@ -207,9 +207,11 @@ def test_install_of_a_double_volume_needs_vault2(
     make_volume: MakeVolume, second_key: SecondKey, tmp_path: Path
 ) -> None:
     vol: Volume = make_volume(double=True, mount=False)
-    common: list[str | Path] = ["--cipher-dir", vol.cipher_dir, "--mountpoint", vol.mountpoint, "--vault",
-              vol.vault_url, "--dry-run", "--etc-dir", tmp_path / "etc", "--unit-dir",
-              tmp_path / "units"]  # fmt: skip
+    common: list[str | Path] = [
+        "--cipher-dir", vol.cipher_dir, "--mountpoint", vol.mountpoint, "--vault",
+        vol.vault_url, "--dry-run", "--etc-dir", tmp_path / "etc", "--unit-dir",
+        tmp_path / "units",
+    ]  # fmt: skip
     proc = encfs("systemd", "install", "data", *common)
     assert proc.returncode == ExitCode.VAULT_NOT_PINNED, proc.stderr
     assert "--vault2" in proc.stderr and second_key.url in proc.stderr
