@@ -4,6 +4,7 @@ or URL problem), a missing header is not mistaken for an empty directory, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -346,3 +347,45 @@ def test_readme_synopsis_lists_every_option() -> None:
                     assert re.search(re.escape(longest) + r"(?![\w-])", text), (
                         f"README synopsis of `encfs {name}` lacks {longest}"
                     )
+
+
+def test_header_findings_of_a_double_volume(tmp_path: Path) -> None:
+    """Each key slot is checked on its own; against the pin, slot 1's URL and the volume's
+    kind (single-layer or double) never change after init."""
+    from encfs import pins, volume
+
+    url2 = "kmip://127.0.0.1:5696/outer"
+    header = fmt.VolumeHeader(
+        format_version=1,
+        feature_flags=fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE,
+        cipher=1,
+        block_size=4096,
+        volume_id=bytes(range(16)),
+        slots=(
+            fmt.KeySlot("transit+http://127.0.0.1:8200/transit/k", 2, "vault:v2:" + "A" * 80),
+            fmt.KeySlot(url2, 0, "kmip:v1:" + "B" * 80),
+        ),
+        outer_cipher=fmt.OUTER_CIPHER_CHACHA20_POLY1305,
+    )
+
+    def findings(h: fmt.VolumeHeader, pin: pins.Pin | None) -> list[str]:
+        return volume.header_findings(volume.HeaderFile(h, h.body(), bytes(32), tmp_path), pin)
+
+    def pin(**fields: str) -> pins.Pin:
+        return pins.Pin(str(tmp_path), bytes(range(16)).hex(), "00", "t", "init", **fields)
+
+    assert findings(header, None) == []
+    assert findings(header, pin(vault_url2=url2, key_check2="11")) == []
+    bad = header.with_slot(1, kek_version=3)
+    assert findings(bad, None) == ["its KEK version field (KEK 2) says 3; a kmip key has none (0)"]
+    bad = header.with_slot(1, wrapped_key="vault:v1:" + "C" * 80)
+    assert "wrapped key (KEK 2)" in findings(bad, None)[0]
+    moved = header.with_slot(1, vault_url="kmip://127.0.0.1:5696/other")
+    assert "vault URL (KEK 2)" in findings(moved, pin(vault_url2=url2, key_check2="11"))[0]
+    [only] = findings(header, pin())  # the pin of a single-layer volume
+    assert "double-encrypted, but this host pinned" in only
+    single = dataclasses.replace(
+        header, feature_flags=fmt.FEATURE_DIRID_LINKS, slots=header.slots[:1], outer_cipher=0
+    )
+    [only] = findings(single, pin(vault_url2=url2, key_check2="11"))
+    assert "single-layer, but this host pinned" in only
