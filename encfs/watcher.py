@@ -157,13 +157,15 @@ class MountState:
         return True
 
     def _announce(self) -> None:
+        """The process title (``encfs MOUNTPOINT [state: reason]``) and systemd's
+        ``STATUS=`` line, which for a double volume starts with each KEK's version and
+        state (``[KEK 1 v3 ok, KEK 2 v1 revoked] suspended: ...``)."""
         with self._lock:
             suffix = f": {self.reason}" if self.reason else ""
             line = f"{self.name}{suffix}"
-            if len(self.keks) > 1:
-                line = f"[{self._kek_summary()}] {line}"
-        setproctitle.setproctitle(f"encfs {self._mountpoint} {line}")
-        sdnotify.notify(status=line[:400])
+            status = f"[{self._kek_summary()}] {line}" if len(self.keks) > 1 else line
+        setproctitle.setproctitle(f"encfs {self._mountpoint} [{line}]")
+        sdnotify.notify(status=status[:400])
 
     def _kek_summary(self) -> str:
         """Caller holds ``_lock``: e.g. ``KEK 1 v3 ok, KEK 2 v1 revoked``."""
@@ -189,7 +191,11 @@ class MountState:
     def kek_version(self, kek: int, version: int) -> None:
         """KEK ``kek`` now wraps the volume key at ``version`` (a rotation was adopted)."""
         with self._lock:
-            self._entry(kek)["kek_version"] = version
+            entry = self._entry(kek)
+            changed = entry["kek_version"] != version
+            entry["kek_version"] = version
+        if changed and len(self.keks) > 1:
+            self._announce()
 
     def kek_token(self, kek: int, token: dict[str, Any], expires: float | None) -> None:
         """What the vault of KEK ``kek`` says about the host's identity (``note_identity``)."""

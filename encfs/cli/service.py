@@ -145,15 +145,15 @@ def cmd_systemd(args: argparse.Namespace) -> ExitCode:
         )
         return ExitCode.USAGE
     if not settings.get("VAULT2") and not args.ephemeral:
-        double = None
+        header = None
         with contextlib.suppress(errors.EncfsError, OSError):
-            double = volume.read_header(args.cipher_dir).header
-        if double is not None and double.double:
+            header = volume.read_header(args.cipher_dir).header
+        if header is not None and header.double:
             print(
                 "encfs: error: the volume in "
                 f"{args.cipher_dir} is double-encrypted: encfs systemd install needs "
                 "--vault2 URL for its second vault (VAULT2=; key slot 1 names "
-                f"{double.slots[1].vault_url}; check that it is yours) and its credential "
+                f"{header.slots[1].vault_url}; check that it is yours) and its credential "
                 "(--vault2-token-file, or --set CLIENT_CERT2=...)",
                 file=sys.stderr,
             )

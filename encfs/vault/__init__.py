@@ -238,18 +238,19 @@ def pin_vault_url(
 def _at_address(addr: str, header_url: str, source: str) -> VaultURL:
     """``http(s)://HOST:PORT`` plus the transit mount and key of ``header_url``."""
     parts = urlsplit(addr)
+    opt = "--vault2" if source == "--vault2" else "--vault"
     if parts.scheme not in ("http", "https") or parts.path.strip("/"):
         raise VaultConfigError(
             f"{source} {addr!r} is not a vault address (https://HOST:PORT); give a full "
-            "vault URL with --vault instead"
+            f"vault URL with {opt} instead"
         )
     header = parse_vault_url(header_url)  # an invalid one: VaultConfigError says why
     if header.is_kmip:
         raise VaultNotPinned(
             f"{source} {addr!r} gives only a transit address, but the volume header names "
             f"{header_url!r}",
-            hint=f"pin the full vault URL with {source} URL (or {source.strip('-').upper()}=URL "
-            "in the config file)",
+            hint=f"pin the full vault URL with {opt} URL (or {opt[2:].upper()}=URL in the "
+            "config file)",
         )
     return parse_vault_url(
         f"transit+{parts.scheme}://{parts.netloc}/{header.mount}/{header.key_name}"
