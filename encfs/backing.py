@@ -351,13 +351,6 @@ def start_writeback(fd: int, cipher_off: int, cipher_len: int) -> None:
     LIBC.sync_file_range(fd, cipher_off, cipher_len, _SYNC_FILE_RANGE_WRITE)
 
 
-def prefetch(fd: int, cipher_off: int, cipher_len: int) -> None:
-    """Ask the kernel to start reading a range of an open backing file into the page cache
-    (``posix_fadvise(WILLNEED)``: it does not wait). Best effort: errors are ignored."""
-    with contextlib.suppress(OSError):
-        os.posix_fadvise(fd, cipher_off, cipher_len, os.POSIX_FADV_WILLNEED)
-
-
 def syncfs(fd: int) -> None:
     """syncfs(2) of the filesystem holding ``fd``. Raises ``OSError``."""
     _check(LIBC.syncfs(fd))

@@ -32,8 +32,6 @@ WRITE_BEHIND = 8 << 20
 """A stream's ciphertext is handed to the disk every this many bytes (see ``_written``)."""
 DEFER_HEADROOM = 256 << 20
 """Writes are deferred only while the backing filesystem has this much room besides."""
-READ_AHEAD = int(os.environ.get("ENCFS_READ_AHEAD", "2"))  # EXPERIMENT
-"""A sequential reader's next this-many requests' worth of ciphertext is prefetched."""
 
 
 class RWLock:
@@ -216,7 +214,6 @@ class CipherFile:
         self.pending = 0  # deferred writes not yet written (guarded by the sealer's lock)
         self.deferred_error: OSError | None = None
         self._stream_plain_end = -1  # where the last long aligned write ended (plain side)
-        self._read_plain_end = -1  # where the last long aligned read ended (plain side)
         self.lock = RWLock()
         self.refs = 0
         self.inode_key: tuple[int, int] | None = None  # (st_dev, st_ino) of the backing file
@@ -436,26 +433,10 @@ class CipherFile:
                 out[:size] = memoryview(plain)[skip : skip + size]
                 return size
             raw = self._pread_blocks(fd, first, end, plain_size)
-            if size >= STREAM_MIN:
-                self._read_ahead(fd, plain_off, size, plain_size)
             self.keys.file_cipher(file_id).open_into(first, raw, out[:size], self.backing_path)
             return size
         finally:
             self.lock.release_read()
-
-    def _read_ahead(self, fd: int, plain_off: int, size: int, plain_size: int) -> None:
-        """For a long read that continues the previous one: have the backing file's next
-        ``READ_AHEAD`` requests' worth read from the disk now (``backing.prefetch``), so
-        that the disk works while this request is decrypted instead of after it (the
-        backing filesystem's own readahead is a fraction of a 1 MiB request)."""
-        end = plain_off + size
-        continues = plain_off == self._read_plain_end
-        self._read_plain_end = end
-        if continues and end < plain_size:
-            geo = self.geo
-            cipher_off = geo.block_cipher_off(geo.block_no(end))
-            ahead = min(plain_size, end + READ_AHEAD * size)
-            backing.prefetch(fd, cipher_off, geo.cipher_size(ahead) - cipher_off)
 
     def write(self, fd: int, plain_off: int, data: bytes | memoryview) -> int:
         """Write now, or hand a stream write to the sealer (``_may_defer``). Raises the
