@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 
 from encfs import backing, crypto
 from encfs import format as fmt
@@ -32,6 +32,8 @@ WRITE_BEHIND = 8 << 20
 """A stream's ciphertext is handed to the disk every this many bytes (see ``_written``)."""
 DEFER_HEADROOM = 256 << 20
 """Writes are deferred only while the backing filesystem has this much room besides."""
+REKEY_CHUNK = 256
+"""Blocks a rekey reads and re-seals per hold of a file's write lock (1 MiB at 4 KiB)."""
 
 
 class RWLock:
@@ -612,6 +614,51 @@ class CipherFile:
         finally:
             self.lock.release_write()
 
+    def rekey(self, fd: int, on_chunk: Callable[[int], None] | None = None) -> int:
+        """Re-seal under the new key every block that only the retiring key opens (``encfs
+        rekey``; the volume's keys must be re-keying: ``VolumeKeys.retire``); returns how
+        many blocks it re-sealed. Works ``REKEY_CHUNK`` blocks at a time under the write
+        lock, so readers and writers of the file wait at most one chunk; before a run of
+        blocks is rewritten in place their old sealed forms go to the undo record (FORMAT.md
+        §10b), so a crash mid-rewrite loses nothing (``fsck --repair``). ``on_chunk(n)`` is
+        told the cipher bytes of each chunk done. Raises ``IntegrityError`` for a block
+        neither key opens (the blocks before it are done; the rest untouched), ``OSError``.
+        """
+        geo = self.geo
+        resealed = 0
+        block_no = 0
+        while True:
+            self.drain()
+            self.lock.acquire_write()
+            try:
+                plain_size = self.plain_size(fd)
+                file_id = self._file_id_for(fd)
+                end = min(block_no + REKEY_CHUNK, -(-plain_size // geo.block_size))
+                if file_id is None or block_no >= end:
+                    return resealed
+                cipher = self.keys.file_cipher(file_id)
+                if not isinstance(cipher, crypto.RekeyingBlockCipher):
+                    raise ValueError("the volume's keys are not being re-keyed")
+                old = self._pread_blocks(fd, block_no, end, plain_size)
+                raw = bytearray(old)
+                changed = cipher.reseal(block_no, raw, self.backing_path)
+                if changed:
+                    self._tail = None  # its sealed copy is the old one
+                cbs = geo.cipher_block_size
+                for run in _runs(changed, fmt.UNDO_REKEY_RECORDS):
+                    at, end_at = (run[0] - block_no) * cbs, (run[-1] - block_no + 1) * cbs
+                    records = [
+                        (n, old[(n - block_no) * cbs : (n - block_no + 1) * cbs]) for n in run
+                    ]
+                    self._save_undo(fd, file_id, records)
+                    backing.pwrite_all(fd, memoryview(raw)[at:end_at], geo.block_cipher_off(run[0]))
+                resealed += len(changed)
+            finally:
+                self.lock.release_write()
+            if on_chunk is not None:
+                on_chunk(len(old))
+            block_no = end
+
     def allocate(self, fd: int, mode: int, plain_off: int, length: int) -> None:
         """fallocate(2) modes 0 and FALLOC_FL_KEEP_SIZE; others raise EOPNOTSUPP."""
         if mode & ~FALLOC_FL_KEEP_SIZE:
@@ -628,6 +675,18 @@ class CipherFile:
             cipher_len = min(cipher_len, max(os.fstat(fd).st_size - cipher_off, 0))
         if cipher_len > 0:
             backing.fallocate(fd, mode, cipher_off, cipher_len)
+
+
+def _runs(block_nos: list[int], most: int) -> Iterator[list[int]]:
+    """``block_nos`` (ascending) cut into runs of consecutive numbers, ``most`` at most."""
+    run: list[int] = []
+    for n in block_nos:
+        if run and (n != run[-1] + 1 or len(run) == most):
+            yield run
+            run = []
+        run.append(n)
+    if run:
+        yield run
 
 
 def _pwritev_all(fd: int, bufs: list[bytes | bytearray], cipher_off: int) -> None:

@@ -14,7 +14,8 @@ import binascii
 import hmac
 import os
 import threading
-from typing import TypeAlias
+from collections.abc import Iterator
+from typing import Protocol, TypeAlias
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -107,6 +108,23 @@ def scrub_stack() -> None:
     """
     _SCRUB_AEAD.encrypt(_SCRUB_NONCE, _SCRUB_PLAIN, None)
     _SCRUB_AEAD.decrypt(_SCRUB_NONCE, _SCRUB_SEALED, None)
+
+
+class FileCipher(Protocol):
+    """What the content of one file is sealed and opened with (``BlockCipher``, or
+    ``RekeyingBlockCipher`` while the volume is re-keyed). See ``BlockCipher``."""
+
+    def seal(self, first_block_no: int, plain: Buffer) -> bytearray: ...
+
+    def open(self, first_block_no: int, cipher: Buffer, backing_path: str = "") -> bytearray: ...
+
+    def plain_len(
+        self, cipher_len: int, first_block_no: int = 0, backing_path: str = ""
+    ) -> int: ...
+
+    def open_into(
+        self, first_block_no: int, cipher: Buffer, out: Buffer, backing_path: str = ""
+    ) -> None: ...
 
 
 class BlockCipher:
@@ -417,6 +435,169 @@ class MetaCipher:
             scrub_stack()
 
 
+_ZERO_NONCE = bytes(fmt.NONCE_LEN)
+
+
+class RekeyingBlockCipher:
+    """The block cipher of one file while the volume is re-keyed (``encfs rekey``): seals
+    under the new key (``primary``); opens each block under the new key, else under the
+    retiring one, so a file whose blocks are part re-sealed reads whole. Same interface as
+    ``BlockCipher`` (duck-typed), plus ``reseal``. Per-block Python work: only while a
+    rekey runs."""
+
+    __slots__ = ("_cipher_block_size", "_primary", "_retiring")
+
+    def __init__(self, primary: BlockCipher, retiring: BlockCipher, cipher_block_size: int) -> None:
+        self._primary = primary
+        self._retiring = retiring
+        self._cipher_block_size = cipher_block_size
+
+    def seal(self, first_block_no: int, plain: Buffer) -> bytearray:
+        return self._primary.seal(first_block_no, plain)
+
+    def plain_len(self, cipher_len: int, first_block_no: int = 0, backing_path: str = "") -> int:
+        return self._primary.plain_len(cipher_len, first_block_no, backing_path)
+
+    def open(self, first_block_no: int, cipher: Buffer, backing_path: str = "") -> bytearray:
+        out = bytearray(self.plain_len(len(cipher), first_block_no, backing_path))
+        self.open_into(first_block_no, cipher, out, backing_path)
+        return out
+
+    def open_into(
+        self, first_block_no: int, cipher: Buffer, out: Buffer, backing_path: str = ""
+    ) -> None:
+        """As ``BlockCipher.open_into``; a block that fails under the new key is opened
+        under the retiring one, and ``IntegrityError`` names the first that fails both."""
+        try:
+            self._primary.open_into(first_block_no, cipher, out, backing_path)
+            return
+        except IntegrityError:
+            pass
+        for block_no, src, dst in self._blocks(first_block_no, cipher, out):
+            try:
+                self._primary.open_into(block_no, src, dst, backing_path)
+            except IntegrityError:
+                self._retiring.open_into(block_no, src, dst, backing_path)
+
+    def reseal(self, first_block_no: int, cipher: bytearray, backing_path: str = "") -> list[int]:
+        """Re-seal under the new key, in place in ``cipher`` (whole blocks as on disk),
+        every block that opens only under the retiring key; returns their block numbers
+        (holes and blocks already under the new key stay as they are). Raises
+        ``IntegrityError`` for a block that opens under neither (``cipher`` unchanged)."""
+        if self._all_retiring(first_block_no, cipher, backing_path):
+            return list(
+                range(first_block_no, first_block_no + -(-len(cipher) // self._cipher_block_size))
+            )
+        changed: list[tuple[int, memoryview, bytearray]] = []
+        try:
+            for block_no, block, _ in self._blocks(first_block_no, cipher, None):
+                plain = bytearray(self._primary.plain_len(len(block), block_no, backing_path))
+                changed.append((block_no, block, plain))
+                try:
+                    self._primary.open_into(block_no, block, plain, backing_path)
+                    plain[:] = bytes(len(plain))
+                    changed.pop()
+                except IntegrityError:
+                    self._retiring.open_into(block_no, block, plain, backing_path)
+            for block_no, block, plain in changed:
+                block[:] = self._primary.seal(block_no, plain)
+        finally:
+            for _, _, plain in changed:
+                plain[:] = bytes(len(plain))
+        return [block_no for block_no, _, _ in changed]
+
+    def _all_retiring(self, first_block_no: int, cipher: bytearray, backing_path: str) -> bool:
+        """The common case, in two calls instead of two per block: every block opens under
+        the retiring key and none is a hole; then re-sealed in place, and True. False
+        (``cipher`` unchanged) when any block is a hole or opens only under another key."""
+        cbs = self._cipher_block_size
+        src = memoryview(cipher)
+        nonce = fmt.NONCE_LEN
+        if any(src[at : at + nonce] == _ZERO_NONCE for at in range(0, len(src), cbs)):
+            return False  # maybe a hole (its nonce is zeros too): block by block instead
+        plain = bytearray(self._primary.plain_len(len(src), first_block_no, backing_path))
+        try:
+            self._retiring.open_into(first_block_no, src, plain, backing_path)
+            cipher[:] = self._primary.seal(first_block_no, plain)
+        except IntegrityError:
+            return False
+        finally:
+            plain[:] = bytes(len(plain))
+        return True
+
+    def _blocks(
+        self, first_block_no: int, cipher: Buffer, out: Buffer | None
+    ) -> Iterator[tuple[int, memoryview, memoryview]]:
+        """(block number, its cipher bytes, its slice of ``out``; empty without) per block."""
+        src = memoryview(cipher)
+        dst = memoryview(out) if out is not None else None
+        cbs = self._cipher_block_size
+        plain_off = 0
+        for i, cipher_off in enumerate(range(0, len(src), cbs)):
+            block = src[cipher_off : cipher_off + cbs]
+            plain_len = self._primary.plain_len(len(block), first_block_no + i)
+            part = dst[plain_off : plain_off + plain_len] if dst is not None else block[:0]
+            yield first_block_no + i, block, part
+            plain_off += plain_len
+
+
+class RekeyingNameCipher:
+    """The name cipher while the volume is re-keyed: encrypts under the new key, decrypts
+    under the new key else the retiring one. ``retiring`` encrypts the old form (a lookup
+    must find entries not yet renamed)."""
+
+    __slots__ = ("_primary", "retiring")
+
+    def __init__(self, primary: NameCipher, retiring: NameCipher) -> None:
+        self._primary = primary
+        self.retiring = retiring
+
+    def encrypt(self, plain_name: bytes, ad: bytes) -> str:
+        return self._primary.encrypt(plain_name, ad)
+
+    def decrypt(self, encoded: str, ad: bytes) -> bytes:
+        try:
+            return self._primary.decrypt(encoded, ad)
+        except IntegrityError:
+            return self.retiring.decrypt(encoded, ad)
+
+    def is_current(self, encoded: str, ad: bytes) -> bool:
+        """Whether ``encoded`` decrypts under the new key."""
+        try:
+            self._primary.decrypt(encoded, ad)
+        except IntegrityError:
+            return False
+        return True
+
+
+class RekeyingMetaCipher:
+    """The metadata cipher while the volume is re-keyed: seals under the new key, opens
+    under the new key else the retiring one."""
+
+    __slots__ = ("_primary", "_retiring")
+
+    def __init__(self, primary: MetaCipher, retiring: MetaCipher) -> None:
+        self._primary = primary
+        self._retiring = retiring
+
+    def seal(self, plain: bytes, ad: bytes) -> bytes:
+        return self._primary.seal(plain, ad)
+
+    def open(self, sealed: bytes, ad: bytes, what: str = "metadata") -> bytes:
+        try:
+            return self._primary.open(sealed, ad, what)
+        except IntegrityError:
+            return self._retiring.open(sealed, ad, what)
+
+    def is_current(self, sealed: bytes, ad: bytes) -> bool:
+        """Whether ``sealed`` opens under the new key."""
+        try:
+            self._primary.open(sealed, ad)
+        except IntegrityError:
+            return False
+        return True
+
+
 def b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -442,41 +623,32 @@ def sha256(data: bytes) -> bytes:
 # certificates (``cryptography.x509``) is fine anywhere.
 
 
-def make_tls_material(
-    *, dns_names: list[str], ip_addresses: list[str], days: int, common_name: str
-) -> tuple[bytes, bytes, bytes]:
-    """A fresh CA and a server certificate it signs; returns ``(ca_pem, cert_pem, key_pem)``.
+def make_tls_ca(*, days: int, common_name: str) -> tuple[bytes, bytes]:
+    """A fresh CA for a vault's own TLS; returns ``(ca_pem, ca_key_pem)``.
 
-    Both keys are ECDSA P-256. The server certificate carries ``dns_names`` and
-    ``ip_addresses`` as subject alternative names, ``serverAuth`` only, and is valid for
-    ``days``. The CA certificate may sign nothing but end-entity certificates (path length
-    0), and the CA's private key is never returned: it is dropped here, so nothing else can
-    ever be signed by this CA. ``key_pem`` is the server's unencrypted PKCS#8 private key;
-    the caller writes it with mode 0600.
+    ECDSA P-256, valid for ``days``, named ``COMMON_NAME CA``; it may sign nothing but
+    end-entity certificates (path length 0). ``ca_key_pem`` is the CA's unencrypted PKCS#8
+    private key: whoever holds it can make certificates every client of this CA trusts, so
+    the caller keeps it like the vault's unseal key (mode 0600, beside it) or drops it.
     """
     import datetime
-    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
     now = datetime.datetime.now(datetime.UTC)
-    not_before = now - datetime.timedelta(minutes=5)  # tolerate small clock steps
-    not_after = now + datetime.timedelta(days=days)
-
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{common_name} CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerate small clock steps
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -492,20 +664,64 @@ def make_tls_material(
             ),
             critical=True,
         )
-        .add_extension(ca_ski, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
+    return (
+        ca_cert.public_bytes(serialization.Encoding.PEM),
+        ca_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
 
+
+def issue_tls_cert(
+    ca_pem: bytes,
+    ca_key_pem: bytes,
+    *,
+    dns_names: list[str],
+    ip_addresses: list[str],
+    days: int,
+    common_name: str,
+) -> tuple[bytes, bytes]:
+    """A server certificate signed by the CA ``ca_pem`` / ``ca_key_pem``
+    (``make_tls_ca``); returns ``(cert_pem, key_pem)``.
+
+    ECDSA P-256, ``serverAuth`` only, ``dns_names`` and ``ip_addresses`` as subject
+    alternative names, valid for ``days`` but never past the CA. ``key_pem`` is the
+    server's unencrypted PKCS#8 private key; the caller writes it with mode 0600. Raises
+    ``ValueError`` if the CA files do not parse or do not belong together.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or (
+        ca_key.public_key().public_bytes(*spki) != ca_cert.public_key().public_bytes(*spki)
+    ):
+        raise ValueError("the CA key does not belong to the CA certificate")
+    now = datetime.datetime.now(datetime.UTC)
+    not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_name)
+        .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -530,9 +746,7 @@ def make_tls_material(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    del ca_key
     return (
-        ca_cert.public_bytes(serialization.Encoding.PEM),
         cert.public_bytes(serialization.Encoding.PEM),
         key.private_bytes(
             serialization.Encoding.PEM,

@@ -30,11 +30,13 @@ from typing import Any
 
 import psutil
 
-from encfs import backing, mounts, names, pins, sdnotify, volume
+from encfs import backing, metrics, mounts, names, pins, rekey, sdnotify, volume
 from encfs import format as fmt
 from encfs.audit import AuditLog, AuditSettings
-from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked
+from encfs.cipherfile import CipherFile
+from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked, VolumeSuspended
 from encfs.fs import EncfsOperations, FsOptions, select_libfuse, serve
+from encfs.hostfiles import write_file_atomic
 from encfs.keys import VolumeKeys
 from encfs.vault import (
     KeyWrapper,
@@ -67,7 +69,8 @@ class MountConfig:
     vault: VaultSettings = field(default_factory=VaultSettings)
     vault_url: str | None = None
     """The vault the operator pinned (``--vault`` / ``VAULT=``): a full URL, or an address
-    that takes the header's mount and key (``vault.pin_vault_url``)."""
+    that takes the header's mount and key, or a space-separated list of either, the nodes
+    of a cluster (``vault.pin_vault_url``)."""
     vault_addr: str | None = None
     """``VAULT_ADDR`` / ``BAO_ADDR`` of the host, used when ``vault_url`` is not given."""
     vault2: VaultSettings = field(
@@ -94,6 +97,9 @@ class MountConfig:
     ephemeral: bool = False
     """A crypto-erased scratch volume: a fresh random key, never stored (``vault_url``, if
     given, is only watched: revocation of the host's access erases the volume)."""
+    metrics_file: Path | None = None
+    """Where to keep the mount's Prometheus metrics (``encfs.metrics``) for a textfile
+    collector: rewritten atomically after every check interval, removed at unmount."""
 
 
 def _reusable_for_ephemeral(cipher_dir: Path) -> bool:
@@ -130,7 +136,8 @@ class Unlocked:
     vault: KeyWrapper | None
     """The vault to watch; None only for an ephemeral volume mounted without one."""
     url: str
-    """The vault this mount talks to (pinned; never the header's URL alone); "" if none."""
+    """The vault this mount talks to (pinned; never the header's URL alone): the URL of
+    each of its addresses, space-separated (``str(VaultURL)``); "" if none."""
     audit: AuditLog
     renew_in: float | None
     """Seconds until the host's credential needs renewing; None if it does not expire."""
@@ -414,14 +421,21 @@ class Daemon:
                 renew_in=unlocked.renew_in,
                 second=unlocked.second,
             )
-        status = mounts.StatusServer(mounts.status_socket(cfg.mountpoint), mount.status)
+        status = mounts.StatusServer(
+            mounts.status_socket(cfg.mountpoint), mount.status, {"rekey": mount.start_rekey}
+        )
         health = threading.Thread(target=self._feed_watchdog, name="encfs-watchdog", daemon=True)
+        exporter = threading.Thread(
+            target=self._write_metrics, args=(mount,), name="encfs-metrics", daemon=True
+        )
         try:
             if watcher is not None:
                 watcher.start()
             status.start()
             if sdnotify.watchdog_interval() is not None:
                 health.start()
+            if cfg.metrics_file is not None:
+                exporter.start()
             # Entries made for a caller get exactly the mode the kernel passes (already
             # masked by the caller's umask), as on a kernel filesystem; the daemon's own
             # files all have explicit modes.
@@ -441,6 +455,8 @@ class Daemon:
             if watcher is not None:
                 watcher.stop()
             status.stop()
+            if exporter.is_alive():
+                exporter.join(timeout=10)
             ops.aliases.stop()
             mount.close()
             if watcher is not None:
@@ -475,6 +491,28 @@ class Daemon:
 
         threading.Thread(target=wait_and_report, name="encfs-ready", daemon=True).start()
 
+    def _write_metrics(self, mount: LiveMount) -> None:
+        """Keep ``--metrics-file`` current (``encfs.metrics``, written atomically, mode
+        0644: it holds no secret) every check interval until the mount stops; then remove
+        it, so that a textfile collector stops reporting a mount that is gone."""
+        path = self.config.metrics_file
+        assert path is not None
+        every = max(1.0, self.config.watch.check_interval)
+        failing = False
+        while True:
+            try:
+                text = metrics.render([mount.status()])
+                write_file_atomic(path, text.encode(), 0o644, sync=False)
+                failing = False
+            except OSError as exc:
+                if not failing:
+                    log.warning("cannot write the metrics file %s: %s", path, exc.strerror)
+                failing = True
+            if self._stopping.wait(every):
+                break
+        with contextlib.suppress(OSError):
+            path.unlink()
+
     def _feed_watchdog(self) -> None:
         """Tell systemd we are healthy every half ``WatchdogSec=``: only while the mount
         answers a statfs (any answer, EACCES when suspended included; a wedged FUSE loop
@@ -489,6 +527,41 @@ class Daemon:
                 log.error("mount does not answer (%s); not feeding the watchdog", exc)
                 continue
             sdnotify.notify(watchdog=1)
+
+
+class MountedAccess:
+    """``rekey.VolumeAccess`` of a mounted volume: its operations' keys and names, their
+    gate for quiet moments, their open-file table (a file the rekey re-seals shares its
+    ``CipherFile`` and lock with every handle on it), and the header the watcher holds."""
+
+    def __init__(self, cipher_dir: Path, ops: EncfsOperations, held: HeldHeader) -> None:
+        self.cipher_dir = cipher_dir
+        self._ops = ops
+        self._held = held
+
+    @property
+    def keys(self) -> VolumeKeys:
+        return self._ops.keys
+
+    @property
+    def names(self) -> names.Names:
+        return self._ops.names
+
+    def quiet(self) -> contextlib.AbstractContextManager[None]:
+        return self._ops.quiet()
+
+    def open_file(self, directory: backing.Dir, name: str) -> tuple[int, CipherFile]:
+        fd = directory.open_file(name, os.O_RDWR | os.O_CLOEXEC)
+        return fd, self._ops.files.attach(fd, directory.path(name))
+
+    def close_file(self, fd: int) -> None:
+        self._ops.files.release(fd)
+
+    def tree_changes(self) -> int:
+        return self._ops.tree.moves
+
+    def installed(self, hf: volume.HeaderFile, check_values: tuple[bytes, ...]) -> None:
+        self._held.rekeyed(hf, check_values)
 
 
 class LiveMount:
@@ -515,6 +588,10 @@ class LiveMount:
         self._started = started
         self._transition = threading.Lock()
         self._closed = False
+        self._rekey_lock = threading.Lock()
+        self._rekey_thread: threading.Thread | None = None
+        self._rekey_progress = rekey.RekeyProgress(state="none")
+        self._rekey_stop = threading.Event()
         self.revoked_unmount = ""
         """Why a revocation unmounted the volume ("" unless it did)."""
 
@@ -552,14 +629,19 @@ class LiveMount:
             self.revoked_unmount = reason
             mounts.detach(cfg.mountpoint)
 
-    def resume(self, volume_keys: Sequence[bytearray], hf: volume.HeaderFile) -> None:
-        """Serve again with freshly unwrapped volume keys (key slot order; the caller wipes
-        its copies). Raises ``HeaderAuthError`` if ``hf``'s tag does not verify (still
-        suspended)."""
+    def resume(
+        self,
+        volume_keys: Sequence[bytearray],
+        hf: volume.HeaderFile,
+        retiring: Sequence[bytearray] = (),
+    ) -> None:
+        """Serve again with freshly unwrapped volume keys (key slot order) and, during a
+        rekey, the retiring ones (the caller wipes its copies). Raises ``HeaderAuthError``
+        if ``hf``'s tag does not verify (still suspended)."""
         with self._transition:
             if not self._ops.suspended or self._closed:
                 return
-            self._ops.resume(volume_keys, hf.body, hf.tag)
+            self._ops.resume(volume_keys, hf.body, hf.tag, retiring)
             self._state.set("active")
         log.warning(
             "resumed: the vault%s the volume key%s again",
@@ -579,10 +661,84 @@ class LiveMount:
                 self._keys.verify_header(hf.body, hf.tag)
 
     def close(self) -> None:
-        """Wipe every key for good (waits for a transition in flight)."""
+        """Stop a rekey in progress (it stays resumable), then wipe every key for good
+        (waits for a transition in flight)."""
+        self._rekey_stop.set()
+        thread = self._rekey_thread
+        if thread is not None:
+            thread.join(timeout=30)
         with self._transition:
             self._keys.close()
             self._closed = True
+
+    # --- rekey (``encfs rekey`` of the mounted volume) ---------------------------------------
+
+    def start_rekey(self) -> dict[str, Any]:
+        """Start re-encrypting the volume under a new volume key on a thread of its own
+        (``encfs.rekey``), or report the one running. Answers the status socket's ``rekey``
+        command: ``{"started": bool, "rekey": progress}`` or ``{"error": why}``."""
+        cfg, unlocked = self._config, self._unlocked
+        with self._rekey_lock:
+            thread = self._rekey_thread
+            if thread is not None and thread.is_alive():
+                return {"started": False, "rekey": self._rekey_progress.as_dict()}
+            if cfg.ephemeral or unlocked.held is None:
+                return {"error": "an ephemeral volume has no volume key to replace"}
+            if cfg.read_only:
+                return {"error": "the volume is mounted read-only; remount it read-write"}
+            if self._closed:
+                return {"error": "the volume is being unmounted"}
+            self._rekey_progress = rekey.RekeyProgress()
+            thread = threading.Thread(target=self._rekey_main, name="encfs-rekey", daemon=True)
+            self._rekey_thread = thread
+            thread.start()
+            return {"started": True, "rekey": self._rekey_progress.as_dict()}
+
+    def _rekey_main(self) -> None:
+        """The rekey thread: runs ``rekey.run`` with a vault client of its own; waits while
+        the volume is suspended (the keys it re-seals with are wiped) and goes on after."""
+        cfg, unlocked = self._config, self._unlocked
+        held = unlocked.held
+        assert held is not None  # start_rekey refuses an ephemeral volume
+        progress, stop = self._rekey_progress, self._rekey_stop
+        access = MountedAccess(cfg.cipher_dir, self._ops, held)
+        vaults: list[KeyWrapper] = []
+        try:
+            vaults.append(connect(unlocked.url, cfg.vault))
+            if unlocked.second is not None:
+                vaults.append(connect(unlocked.second.url, unlocked.second.settings))
+        except VaultError as exc:
+            for vault in vaults:
+                vault.close()
+            progress.state, progress.error = "failed", str(exc)
+            self._audit.error("rekey", exc)
+            return
+        try:
+            while not stop.is_set():
+                if self._ops.suspended:
+                    stop.wait(0.5)
+                    continue
+                hf = volume.read_header(cfg.cipher_dir)
+                if not hf.header.rekeying:
+                    self._audit.event("rekey_begin", kek_version=hf.header.kek_version)
+                try:
+                    final = rekey.run(access, hf, vaults, progress, stop, accept=held.announce)
+                except VolumeSuspended:
+                    log.warning("rekey waits: the volume is suspended")
+                    continue
+                self._audit.event(
+                    "rekey", kek_version=final.header.kek_version, **progress.summary()
+                )
+                return
+        except rekey.RekeyStopped:
+            log.warning("rekey stopped (unmount); `encfs rekey` after the next mount finishes it")
+        except Exception as exc:
+            log.error("rekey failed: %s", exc)
+            if isinstance(exc, EncfsError):
+                self._audit.error("rekey", exc, **progress.summary())
+        finally:
+            for vault in vaults:
+                vault.close()
 
     def _flush(self) -> None:
         """Make what the kernel holds dirty (mmap, writeback cache) and what we wrote
@@ -608,6 +764,7 @@ class LiveMount:
             "cipher_dir": str(cfg.cipher_dir),
             "pid": os.getpid(),
             "started": mounts.iso_utc(self._started),
+            "started_time": self._started,
         }
         out.update(self._state.snapshot())
         if unlocked.held is not None:
@@ -625,6 +782,8 @@ class LiveMount:
                 if number <= len(hf.header.slots):
                     kek["kek_version"] = hf.header.slots[number - 1].kek_version
                     kek["key_name"] = kek["vault"].rstrip("/").rsplit("/", 1)[-1]
+        if unlocked.vault is not None:
+            out["vault_addresses"] = list(unlocked.vault.url.origins)
         out["ephemeral"] = cfg.ephemeral
         if cfg.ephemeral:
             out["volume_id"] = unlocked.volume_id
@@ -637,6 +796,10 @@ class LiveMount:
         out["counters"] = asdict(ops.counters)
         out["libfuse"] = {"version": ops.libfuse_version, "killpriv_v2": ops.killpriv_v2}
         out["cached_paths"] = len(ops.seen)
+        if self._rekey_progress.state != "none":
+            out["rekey"] = self._rekey_progress.as_dict()
+        elif unlocked.held is not None and unlocked.held.header.header.rekeying:
+            out["rekey"] = {"state": "interrupted"}  # `encfs rekey` finishes it
         with contextlib.suppress(psutil.Error):
             out["rss"] = psutil.Process().memory_info().rss
         return out

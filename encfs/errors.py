@@ -61,6 +61,11 @@ class VolumeBusy(EncfsError):
     cipher dir lose data without an error."""
 
 
+class RekeyUnderWay(VolumeBusy):
+    """A rekey (``encfs rekey``) of the volume is under way and must finish before this
+    operation (KEK rotation, a second rekey started elsewhere)."""
+
+
 class VolumeMismatch(EncfsError):
     """The cipher dir holds another volume (other id or other volume key) than the one this
     host pinned for it: a substituted header. Re-pinning is a deliberate act."""
@@ -83,6 +88,11 @@ class IntegrityError(EncfsError):
         if block_no is not None:
             where = f"{where} block {block_no}"
         super().__init__(f"integrity check failed: {what} ({where})")
+
+
+class RekeyIncomplete(EncfsError):
+    """A rekey walked the whole volume but some entries open under neither key; it did not
+    finish (the retiring key stays) until they are repaired or removed."""
 
 
 class HeaderAuthError(IntegrityError):

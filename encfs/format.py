@@ -30,6 +30,9 @@ UNDO_DIR_NAME = "encfs.undo"
 """Directory in the cipher dir root holding the undo records of in-place block rewrites
 (§10b): one file per open file being rewritten, named by its file id. Not part of the
 volume: a clean unmount leaves it empty; ``fsck --repair`` uses and then removes leftovers."""
+REKEY_TMP_NAME = "encfs.rekey.tmp"
+"""A symlink ``encfs rekey`` makes aside, in the directory of the one it re-seals, before
+renaming it over that one (§2.5); a crash may leave it, and the next rekey removes it."""
 ROOT_FILES = (
     VOLUME_HEADER_NAME,
     VOLUME_HEADER_TMP,
@@ -57,13 +60,20 @@ FEATURE_DIRID_LINKS = 1 << 0
 FEATURE_DOUBLE = 1 << 1
 """Double encryption (§5.2): a second, independent volume key in key slot 1, wrapped by a
 KEK of its own; every content block is sealed again with the outer cipher (byte 15)."""
-KNOWN_FEATURE_FLAGS = FEATURE_DIRID_LINKS | FEATURE_DOUBLE
+FEATURE_REKEYING = 1 << 2
+"""A rekey (``encfs rekey``) is under way (§2.5): the header also holds the retiring volume
+keys' slots and a second tag made with them; entries are sealed under either key set."""
+KNOWN_FEATURE_FLAGS = FEATURE_DIRID_LINKS | FEATURE_DOUBLE | FEATURE_REKEYING
 """Feature flags this build understands; any other set bit is refused at mount."""
 NEW_VOLUME_FEATURES = FEATURE_DIRID_LINKS
 """Feature flags ``encfs init`` sets on a new volume (``init --double`` adds ``DOUBLE``)."""
 EPHEMERAL_FEATURES = NEW_VOLUME_FEATURES
 """Features of an ephemeral volume (it has no header; nothing older ever reads one)."""
-FEATURE_NAMES = {FEATURE_DIRID_LINKS: "dirid-links", FEATURE_DOUBLE: "double"}
+FEATURE_NAMES = {
+    FEATURE_DIRID_LINKS: "dirid-links",
+    FEATURE_DOUBLE: "double",
+    FEATURE_REKEYING: "rekeying",
+}
 
 DEFAULT_BLOCK_SIZE = 4096
 MIN_BLOCK_SIZE = 4096
@@ -242,7 +252,9 @@ class VolumeHeader:
     ``slots`` holds ``slot_count(feature_flags)`` key slots: slot 0 wraps the volume key
     (the only one of a single-layer volume), slot 1 the outer volume key of a ``DOUBLE``
     volume. ``vault_url``, ``kek_version`` and ``wrapped_key`` are slot 0's.
-    ``outer_cipher`` is byte 15: an ``OUTER_CIPHER_NAMES`` id with ``DOUBLE``, else 0."""
+    ``outer_cipher`` is byte 15: an ``OUTER_CIPHER_NAMES`` id with ``DOUBLE``, else 0.
+    ``retiring`` holds the slots of the volume keys a rekey is replacing, as many as
+    ``slots`` (``FEATURE_REKEYING``, §2.5): present exactly when the flag is set."""
 
     format_version: int
     feature_flags: int
@@ -251,6 +263,7 @@ class VolumeHeader:
     volume_id: bytes
     slots: tuple[KeySlot, ...]
     outer_cipher: int = 0
+    retiring: tuple[KeySlot, ...] = ()
 
     @property
     def vault_url(self) -> str:
@@ -267,6 +280,15 @@ class VolumeHeader:
     @property
     def double(self) -> bool:
         return is_double(self.feature_flags)
+
+    @property
+    def rekeying(self) -> bool:
+        return bool(self.feature_flags & FEATURE_REKEYING)
+
+    @property
+    def tag_len(self) -> int:
+        """How many tag bytes follow the body: one HMAC, two while rekeying (§2.5)."""
+        return HEADER_TAG_LEN * (2 if self.rekeying else 1)
 
     def with_slot(self, index: int, **changes: str | int) -> VolumeHeader:
         """This header with fields of key slot ``index`` changed (``vault_url``,
@@ -285,6 +307,8 @@ class VolumeHeader:
             )
         if (self.outer_cipher != 0) != self.double:
             raise ValueError("byte 15 names an outer cipher exactly when DOUBLE is set")
+        if len(self.retiring) != (len(self.slots) if self.rekeying else 0):
+            raise ValueError("a header holds retiring slots exactly when it is rekeying")
         return b"".join(
             (
                 _FIXED.pack(
@@ -297,6 +321,7 @@ class VolumeHeader:
                     self.volume_id,
                 ),
                 *(slot.pack() for slot in self.slots),
+                *(slot.pack() for slot in self.retiring),
             )
         )
 
@@ -353,10 +378,16 @@ def parse_volume_header(raw: bytes) -> tuple[VolumeHeader, bytes, bytes]:
     for index in range(slot_count(flags)):
         slot, pos = _parse_slot(raw, pos, "" if index == 0 else f" of key slot {index}")
         slots.append(slot)
+    retiring: list[KeySlot] = []
+    if flags & FEATURE_REKEYING:
+        for index in range(slot_count(flags)):
+            slot, pos = _parse_slot(raw, pos, f" of retiring key slot {index}")
+            retiring.append(slot)
     tag = raw[pos:]
-    if len(tag) != HEADER_TAG_LEN:
+    tag_len = HEADER_TAG_LEN * (2 if flags & FEATURE_REKEYING else 1)
+    if len(tag) != tag_len:
         raise FormatError(
-            f"volume header has {len(tag)} tag bytes, expected {HEADER_TAG_LEN} "
+            f"volume header has {len(tag)} tag bytes, expected {tag_len} "
             "(truncated or trailing garbage)"
         )
     header = VolumeHeader(
@@ -367,6 +398,7 @@ def parse_volume_header(raw: bytes) -> tuple[VolumeHeader, bytes, bytes]:
         volume_id=volume_id,
         slots=tuple(slots),
         outer_cipher=byte15,
+        retiring=tuple(retiring),
     )
     return header, raw[:pos], tag
 
@@ -448,12 +480,14 @@ def pack_undo(records: list[tuple[int, bytes]]) -> bytes:
 
 UNDO_MAX_RECORDS = 2
 """A write rewrites at most its first and its last block in place."""
+UNDO_REKEY_RECORDS = 64
+"""A rekey re-seals up to this many consecutive blocks per undo record (§2.5, §10b)."""
 
 
 def undo_size_limit(cipher_block_size: int) -> int:
-    """The largest undo file a writer makes (``UNDO_MAX_RECORDS`` whole blocks): what a
-    reader reads of one."""
-    return _UNDO_HEAD.size + UNDO_MAX_RECORDS * (_UNDO_RECORD.size + cipher_block_size)
+    """The largest undo file a writer makes (``UNDO_REKEY_RECORDS`` whole blocks, from a
+    rekey): what a reader reads of one."""
+    return _UNDO_HEAD.size + UNDO_REKEY_RECORDS * (_UNDO_RECORD.size + cipher_block_size)
 
 
 UNDO_EMPTY = _UNDO_HEAD.pack(UNDO_MAGIC, UNDO_VERSION, 0)

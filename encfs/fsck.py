@@ -158,8 +158,10 @@ class _Checker:
         for dent in entries:
             name = dent.name
             here = directory.path(name)
-            if name == fmt.DIRID_NAME or (directory is self.root and name in fmt.ROOT_FILES):
-                continue
+            if name in (fmt.DIRID_NAME, fmt.REKEY_TMP_NAME) or (
+                directory is self.root and name in fmt.ROOT_FILES
+            ):
+                continue  # (a rekey's symlink made aside: the next rekey removes it)
             if name.startswith(fmt.LONGNAME_PREFIX) and name.endswith(fmt.LONGNAME_SUFFIX):
                 if name[: -len(fmt.LONGNAME_SUFFIX)] not in present:
                     self.problem("orphan long-name companion", here, None, "no entry for it")
@@ -263,7 +265,7 @@ class _Checker:
             os.close(fd)
 
     def restorable(
-        self, cipher: crypto.BlockCipher, file_id: bytes, first_problem: int, where: str
+        self, cipher: crypto.FileCipher, file_id: bytes, first_problem: int, where: str
     ) -> dict[int, bytes]:
         """Plaintext of this file's bad blocks (problems from ``first_problem`` on) as the
         undo records a crash left hold them: only records that authenticate for the block's
@@ -287,7 +289,7 @@ class _Checker:
     def repair_blocks(
         self,
         fd: int,
-        cipher: crypto.BlockCipher,
+        cipher: crypto.FileCipher,
         cipher_size: int,
         first_problem: int,
         restored: dict[int, bytes],
@@ -346,7 +348,7 @@ class _Checker:
             problems[index] = replace(problem, repaired=done, lost=lost)
 
     def check_blocks(
-        self, cipher: crypto.BlockCipher, first: int, raw: bytes, backing: str, plain: str
+        self, cipher: crypto.FileCipher, first: int, raw: bytes, backing: str, plain: str
     ) -> None:
         """Authenticate a run of blocks; on failure, retry one by one to name every bad block."""
         cbs = self.geo.cipher_block_size

@@ -14,11 +14,13 @@ from pathlib import Path
 __all__ = ["write_file_atomic"]
 
 
-def write_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o600, *, sync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically: a new ``mode`` file created with O_EXCL next to
     it, fsynced, renamed over ``path``; the directory is fsynced too. A crash leaves either
     the old file or the new one (and at worst a hidden ``.NAME.*.tmp`` beside it). Raises
-    ``OSError``; the temporary file is removed on failure."""
+    ``OSError``; the temporary file is removed on failure. ``sync=False`` skips both
+    fsyncs (readers never see a partial file; a crash may lose the new one): for files
+    rewritten every few seconds, such as metrics."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
@@ -27,7 +29,8 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -35,6 +38,8 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if not sync:
+        return
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)

@@ -146,6 +146,9 @@ class VolumeKeys:
         self._names: crypto.NameCipher | None = None
         self._meta: crypto.MetaCipher | None = None
         self._wiped = True
+        self._retiring: VolumeKeys | None = None
+        """The keys being replaced while the volume is re-keyed (``retire``), else None."""
+        self._rekeying: _Rekeying | None = None
         try:
             self.load(volume_key, outer_key)
         except BaseException:
@@ -189,6 +192,9 @@ class VolumeKeys:
             self._names = crypto.NameCipher(self._slot("names"))
             self._meta = crypto.MetaCipher(self._slot("meta"))
             self._wiped = False
+            retiring = self._retiring
+            if retiring is not None and not retiring._wiped:
+                self._rekeying = _Rekeying(self, retiring)
 
     def __repr__(self) -> str:
         return f"<VolumeKeys {'wiped' if self._wiped else 'loaded'}>"
@@ -210,21 +216,56 @@ class VolumeKeys:
             raise VolumeSuspended("volume keys are wiped")
 
     @property
-    def names(self) -> crypto.NameCipher:
+    def names(self) -> crypto.NameCipher | crypto.RekeyingNameCipher:
+        """Encrypts names; while re-keyed (``retire``) it also decrypts the retiring key's."""
+        rekeying = self._rekeying
+        if rekeying is not None:
+            return rekeying.names
         names = self._names
         if names is None:
             raise VolumeSuspended("volume keys are wiped")
         return names
 
     @property
-    def meta(self) -> crypto.MetaCipher:
+    def meta(self) -> crypto.MetaCipher | crypto.RekeyingMetaCipher:
+        """Seals metadata; while re-keyed it also opens what the retiring key sealed."""
+        rekeying = self._rekeying
+        if rekeying is not None:
+            return rekeying.meta
         meta = self._meta
         if meta is None:
             raise VolumeSuspended("volume keys are wiped")
         return meta
 
-    def file_cipher(self, file_id: bytes) -> crypto.BlockCipher:
-        """The block cipher for ``file_id`` (derived once, then cached until wipe)."""
+    def names_own(self) -> crypto.NameCipher:
+        """The name cipher of this object's own (newest) key only; takes no lock."""
+        names = self._names
+        if names is None:
+            raise VolumeSuspended("volume keys are wiped")
+        return names
+
+    def meta_own(self) -> crypto.MetaCipher:
+        """The metadata cipher of this object's own (newest) key only; takes no lock."""
+        meta = self._meta
+        if meta is None:
+            raise VolumeSuspended("volume keys are wiped")
+        return meta
+
+    @property
+    def retiring(self) -> VolumeKeys | None:
+        """The keys being replaced while a rekey runs (``retire``), else None."""
+        return self._retiring
+
+    def file_cipher(self, file_id: bytes) -> crypto.FileCipher:
+        """The block cipher for ``file_id`` (derived once, then cached until wipe); while
+        re-keyed, one that opens blocks under either key and seals under the new one."""
+        rekeying = self._rekeying
+        if rekeying is not None:
+            return rekeying.file_cipher(self, file_id)
+        return self.own_file_cipher(file_id)
+
+    def own_file_cipher(self, file_id: bytes) -> crypto.BlockCipher:
+        """The block cipher of ``file_id`` under this object's own (newest) key only."""
         cipher = self._file_ciphers.get(file_id)
         if cipher is not None:
             return cipher
@@ -275,27 +316,140 @@ class VolumeKeys:
             self._check()
             return crypto.header_tag(self._slot("header"), body)
 
+    def header_tags(self, body: bytes) -> bytes:
+        """The tag(s) of a header ``body`` written now: this key's, then while a rekey is
+        under way the retiring key's (FORMAT.md §2.5: the old key vouches for the new)."""
+        retiring = self._retiring
+        return self.header_tag(body) + (retiring.header_tag(body) if retiring else b"")
+
     def verify_header(self, body: bytes, tag: bytes) -> None:
-        """Raises ``HeaderAuthError`` unless ``tag`` authenticates ``body`` under this key."""
-        if not crypto.tags_equal(self.header_tag(body), tag):
+        """Raises ``HeaderAuthError`` unless ``tag`` authenticates ``body`` under this key
+        (and, for a header written during a rekey, its second tag under the retiring key)."""
+        n = fmt.HEADER_TAG_LEN
+        retiring = self._retiring
+        ok = crypto.tags_equal(self.header_tag(body), tag[:n])
+        if len(tag) > n:
+            ok = (
+                ok
+                and retiring is not None
+                and crypto.tags_equal(retiring.header_tag(body), tag[n:])
+            )
+        if not ok:
             raise HeaderAuthError(
                 "volume header tag mismatch: the header was modified or does not belong "
                 "to this volume key"
             )
 
     def wipe(self) -> None:
-        """Zero every key byte and drop every cipher object. Idempotent."""
+        """Zero every key byte and drop every cipher object, the retiring keys' too (they
+        stay attached: ``load_retiring`` brings them back on resume). Idempotent."""
         with self._lock:
             self._wiped = True
+            self._rekeying = None
             self._file_ciphers.clear()
             self._names = None
             self._meta = None
             self._arena.zero()
+            retiring = self._retiring
+        if retiring is not None:
+            retiring.wipe()
 
     def close(self) -> None:
         self.wipe()
         with self._lock:
+            retiring, self._retiring = self._retiring, None
             self._arena.close()
+        if retiring is not None:
+            retiring.close()
+
+    # --- re-keying (``encfs rekey``) --------------------------------------------------------
+
+    def retire(self, replacement: VolumeKeys) -> None:
+        """Start a rekey: from now on this object seals under ``replacement``'s keys and
+        keeps its own as the retiring set (``retiring``), which opens what they sealed
+        until ``end_rekey``. ``replacement`` is consumed: its key material moves in here
+        and the object itself becomes the retiring set (the caller must not close it).
+        Raises ``ValueError`` if a rekey is already under way or either set is wiped."""
+        if replacement is self or replacement._retiring is not None:
+            raise ValueError("the replacement keys must be a fresh key set")
+        with self._lock, replacement._lock:
+            if self._retiring is not None:
+                raise ValueError("a rekey is already under way")
+            if self._wiped or replacement._wiped:
+                raise VolumeSuspended("volume keys are wiped")
+            if (
+                replacement._block_size != self._block_size
+                or replacement._volume_id != self._volume_id
+                or replacement.double != self.double
+            ):
+                raise ValueError("the replacement keys belong to another volume")
+            for attr in _KEY_STATE:
+                mine = getattr(self, attr)
+                setattr(self, attr, getattr(replacement, attr))
+                setattr(replacement, attr, mine)
+            self._retiring = replacement
+            self._rekeying = _Rekeying(self, replacement)
+
+    def load_retiring(
+        self, volume_key: bytearray | memoryview, outer_key: bytearray | memoryview | None = None
+    ) -> None:
+        """Attach (or, after a wipe, reload) the retiring key(s) of a volume whose rekey is
+        under way (its header names both key sets; ``outer_key`` exactly for a double
+        volume); the caller wipes its copies."""
+        retiring = self._retiring
+        if retiring is None:
+            retiring = VolumeKeys(
+                volume_key,
+                volume_id=self._volume_id,
+                block_size=self._block_size,
+                outer_key=outer_key,
+            )
+            with self._lock:
+                self._retiring = retiring
+        else:
+            retiring.load(volume_key, outer_key)
+        with self._lock:
+            if not self._wiped:
+                self._rekeying = _Rekeying(self, retiring)
+
+    def end_rekey(self) -> None:
+        """The rekey is done: wipe and drop the retiring keys. Idempotent."""
+        with self._lock:
+            retiring, self._retiring = self._retiring, None
+            self._rekeying = None
+        if retiring is not None:
+            retiring.close()
+
+
+_KEY_STATE = ("_arena", "_file_ciphers", "_names", "_meta")
+"""What ``VolumeKeys.retire`` moves between two key sets of one volume."""
+
+
+class _Rekeying:
+    """The ciphers of a volume being re-keyed: each seals under the new keys and opens
+    under either (``crypto.Rekeying*``). Built once per (re)load; file ciphers cached."""
+
+    __slots__ = ("_cache", "_cipher_block_size", "meta", "names", "retiring")
+
+    def __init__(self, current: VolumeKeys, retiring: VolumeKeys) -> None:
+        self.retiring = retiring
+        self.names = crypto.RekeyingNameCipher(current.names_own(), retiring.names_own())
+        self.meta = crypto.RekeyingMetaCipher(current.meta_own(), retiring.meta_own())
+        self._cipher_block_size = current.geometry.cipher_block_size
+        self._cache: dict[bytes, crypto.RekeyingBlockCipher] = {}
+
+    def file_cipher(self, current: VolumeKeys, file_id: bytes) -> crypto.RekeyingBlockCipher:
+        cipher = self._cache.get(file_id)
+        if cipher is None:
+            cipher = crypto.RekeyingBlockCipher(
+                current.own_file_cipher(file_id),
+                self.retiring.own_file_cipher(file_id),
+                self._cipher_block_size,
+            )
+            if len(self._cache) >= _FILE_CIPHER_CACHE_MAX:
+                self._cache.clear()
+            self._cache[file_id] = cipher
+        return cipher
 
 
 class LockedSecret:

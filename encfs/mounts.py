@@ -21,7 +21,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +161,20 @@ def write_runtime_file(mountpoint: Path, cipher_dir: Path, started: float) -> No
         log.warning("cannot write runtime file in %s: %s", RUN_DIR, exc)
 
 
+def mountpoint_of(cipher_dir: Path) -> Path | None:
+    """The mount point of the daemon serving ``cipher_dir`` on this host (from the runtime
+    files in ``RUN_DIR``), None if none records it."""
+    want = str(cipher_dir.resolve())
+    for path in sorted(RUN_DIR.glob("*.json")) if RUN_DIR.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("cipher_dir") == want:
+            return Path(str(record.get("mountpoint")))
+    return None
+
+
 def remove_runtime_file(mountpoint: Path) -> None:
     """Remove the runtime file of ``mountpoint``, if any (errors ignored)."""
     with contextlib.suppress(OSError):
@@ -168,11 +182,23 @@ def remove_runtime_file(mountpoint: Path) -> None:
 
 
 class StatusServer:
-    """Answers each connection on a root-only unix socket with one JSON status object."""
+    """Answers each connection on a root-only unix socket with one JSON object: the status,
+    or what a command the client names answers.
 
-    def __init__(self, path: Path, snapshot: Callable[[], dict[str, Any]]) -> None:
+    The client may send one line of JSON, ``{"command": NAME}``, and shut its side down;
+    ``status`` (also what a client that sends nothing gets) answers ``snapshot()``, any
+    other of ``commands`` its own answer. The socket is root's (0700 directory, 0600
+    socket): a command is as privileged as the daemon."""
+
+    def __init__(
+        self,
+        path: Path,
+        snapshot: Callable[[], dict[str, Any]],
+        commands: Mapping[str, Callable[[], dict[str, Any]]] | None = None,
+    ) -> None:
         self._path = path
         self._snapshot = snapshot
+        self._commands = dict(commands or {})
         self._stop = threading.Event()
         self._serving: tuple[socket.socket, threading.Thread] | None = None
 
@@ -210,6 +236,15 @@ class StatusServer:
         with contextlib.suppress(OSError):
             self._path.unlink()
 
+    def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = request.get("command", "status")
+        if name == "status":
+            return self._snapshot()
+        command = self._commands.get(str(name))
+        if command is None:
+            return {"error": f"unknown command {name!r}"}
+        return command()
+
     def _serve(self, sock: socket.socket) -> None:
         while not self._stop.is_set():
             try:
@@ -221,7 +256,46 @@ class StatusServer:
             with conn:
                 try:
                     conn.settimeout(2)
-                    payload = json.dumps(self._snapshot(), default=str).encode() + b"\n"
+                    answer = self._answer(_read_request(conn))
+                    payload = json.dumps(answer, default=str).encode() + b"\n"
                     conn.sendall(payload)
                 except Exception as exc:  # a status reader must never hurt the mount
                     log.debug("status request failed: %s", exc)
+
+
+_REQUEST_MAX = 4096
+
+
+def _read_request(conn: socket.socket) -> dict[str, Any]:
+    """The client's request line, parsed; ``{}`` when it sent none (it only reads)."""
+    raw = b""
+    try:
+        while b"\n" not in raw and len(raw) < _REQUEST_MAX:
+            chunk = conn.recv(_REQUEST_MAX)
+            if not chunk:
+                break
+            raw += chunk
+    except TimeoutError:
+        return {}
+    try:
+        request = json.loads(raw.split(b"\n", 1)[0] or b"{}")
+    except ValueError:
+        return {}
+    return request if isinstance(request, dict) else {}
+
+
+def ask(sock_path: Path, command: str = "status", timeout: float = 5.0) -> dict[str, Any]:
+    """Ask the daemon listening on ``sock_path`` (``status_socket``; ``StatusServer``).
+    Raises ``OSError`` (no daemon answers) or ``ValueError`` (not JSON)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(sock_path))
+        sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    answer = json.loads(raw)
+    if not isinstance(answer, dict):
+        raise ValueError("the daemon's answer is not a JSON object")
+    return answer

@@ -124,6 +124,13 @@ def long_backing_name(encoded: str) -> str:
     return fmt.LONGNAME_PREFIX + crypto.b64encode(crypto.sha256(encoded.encode()))
 
 
+def entry_for(parent: backing.Dir, encoded: str) -> Entry:
+    """The entry of encrypted name ``encoded`` in ``parent`` (hashed when too long)."""
+    if len(encoded) > fmt.MAX_BACKING_NAME:
+        return Entry(parent=parent, name=long_backing_name(encoded), encoded=encoded)
+    return Entry(parent=parent, name=encoded, encoded=encoded)
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """A resolved plaintext path: one name inside an open backing directory."""
@@ -262,14 +269,30 @@ class Names:
         return entry
 
     def child(self, parent: backing.Dir, dir_id: bytes, name: str) -> Entry:
+        """The entry ``name`` in ``parent`` (whose id is ``dir_id``). While the volume is
+        re-keyed a directory may still hold the entry under the retiring key's name (``encfs
+        rekey`` renames every entry; never both at once): then that one, if it exists and
+        the new one does not; anything new is made under the new key."""
         raw = os.fsencode(name)
         if len(raw) > fmt.MAX_PLAIN_NAME:
             raise OSError(errno.ENAMETOOLONG, "File name too long")
-        encoded = self._keys.names.encrypt(raw, dir_id)
-        backing_name = encoded
-        if len(encoded) > fmt.MAX_BACKING_NAME:
-            backing_name = long_backing_name(encoded)
-        return Entry(parent=parent, name=backing_name, encoded=encoded)
+        cipher = self._keys.names
+        entry = entry_for(parent, cipher.encrypt(raw, dir_id))
+        if isinstance(cipher, crypto.RekeyingNameCipher) and not parent.exists(entry.name):
+            old = entry_for(parent, cipher.retiring.encrypt(raw, dir_id))
+            if parent.exists(old.name):
+                return old
+        return entry
+
+    def entry_of(self, parent: backing.Dir, backing_name: str) -> Entry:
+        """The entry backing ``backing_name`` in ``parent``, with its full encrypted name
+        (a long name's from its companion). Raises ``IntegrityError`` (a long name whose
+        companion is missing or does not match)."""
+        if not fmt.is_longname(backing_name):
+            return Entry(parent=parent, name=backing_name, encoded=backing_name)
+        return Entry(
+            parent=parent, name=backing_name, encoded=self._long_encoding(parent, backing_name)
+        )
 
     # --- long-name companions -------------------------------------------------------------
 
@@ -307,20 +330,7 @@ class Names:
         (also for a name that decrypts but cannot be a file name, ``is_valid_plain_name``)."""
         encoded = backing_name
         if backing_name.startswith(fmt.LONGNAME_PREFIX):
-            try:
-                encoded = parent.read_small(backing_name + fmt.LONGNAME_SUFFIX, 4096).decode(
-                    "ascii"
-                )
-            except (OSError, UnicodeDecodeError):
-                raise IntegrityError(
-                    "long name companion missing or unreadable",
-                    backing_path=parent.path(backing_name),
-                ) from None
-            if long_backing_name(encoded) != backing_name:
-                raise IntegrityError(
-                    "long name does not match its companion",
-                    backing_path=parent.path(backing_name),
-                )
+            encoded = self._long_encoding(parent, backing_name)
         try:
             raw = self._keys.names.decrypt(encoded, dir_id)
         except IntegrityError:
@@ -333,6 +343,22 @@ class Names:
                 backing_path=parent.path(backing_name),
             )
         return os.fsdecode(raw)
+
+    @staticmethod
+    def _long_encoding(parent: backing.Dir, backing_name: str) -> str:
+        """The full encrypted name of long name ``backing_name``, from its companion."""
+        try:
+            encoded = parent.read_small(backing_name + fmt.LONGNAME_SUFFIX, 4096).decode("ascii")
+        except (OSError, UnicodeDecodeError):
+            raise IntegrityError(
+                "long name companion missing or unreadable",
+                backing_path=parent.path(backing_name),
+            ) from None
+        if long_backing_name(encoded) != backing_name:
+            raise IntegrityError(
+                "long name does not match its companion", backing_path=parent.path(backing_name)
+            )
+        return encoded
 
     def listdir(self, plain_dir: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
         """Yield (plaintext name, backing DirEntry) for every user entry of ``plain_dir``.

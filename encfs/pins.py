@@ -149,6 +149,23 @@ def reset_pin(cipher_dir: Path) -> bool:
     return True
 
 
+def _key_differences(pin: Pin, checks: tuple[bytes, ...]) -> list[str]:
+    """How the check values of a volume's keys (``checks``, slot order) differ from ``pin``."""
+    differs = []
+    if pin.key_check != checks[0].hex():
+        which = " of KEK 1" if len(checks) > 1 or pin.key_check2 else ""
+        differs.append(f"volume key{which} (its check value differs from the pinned one)")
+    if len(checks) > 1 and pin.key_check2 != checks[1].hex():
+        differs.append(
+            "volume key of KEK 2 (its check value differs from the pinned one)"
+            if pin.key_check2
+            else "a double-encrypted volume where a single-layer one was pinned"
+        )
+    elif len(checks) == 1 and pin.key_check2:
+        differs.append("a single-layer volume where a double-encrypted one was pinned")
+    return differs
+
+
 def check_pin(
     cipher_dir: Path,
     volume_id: bytes,
@@ -166,7 +183,9 @@ def check_pin(
 
     Returns ``"match"``, ``"pinned"`` (no pin yet and ``create``: written now; also after
     ``repin``) or ``"unpinned"`` (no pin, ``create`` false). Raises ``VolumeMismatch``
-    naming what differs and how to re-pin deliberately.
+    naming what differs and how to re-pin deliberately. While a rekey is under way
+    (``keys.retiring``; the caller verified both header tags) a pin of the retiring key
+    matches and is moved to the new key.
     """
     pin = None if repin else read_pin(cipher_dir)
     if pin is None:
@@ -193,17 +212,17 @@ def check_pin(
     if pin.volume_id != volume_id.hex():
         differs.append(f"volume id {volume_id.hex()} (pinned: {pin.volume_id})")
     checks = keys.check_values()
-    if pin.key_check != checks[0].hex():
-        which = " of KEK 1" if len(checks) > 1 or pin.key_check2 else ""
-        differs.append(f"volume key{which} (its check value differs from the pinned one)")
-    if len(checks) > 1 and pin.key_check2 != checks[1].hex():
-        differs.append(
-            "volume key of KEK 2 (its check value differs from the pinned one)"
-            if pin.key_check2
-            else "a double-encrypted volume where a single-layer one was pinned"
-        )
-    elif len(checks) == 1 and pin.key_check2:
-        differs.append("a single-layer volume where a double-encrypted one was pinned")
+    pinned = (pin.key_check, *((pin.key_check2,) if pin.key_check2 else ()))
+    retiring = keys.retiring
+    # A rekey under way: the header's second tag, made with the retiring keys, vouches for
+    # the new ones (verified before this is called), so the pin follows them.
+    follows_rekey = (
+        retiring is not None
+        and pinned != tuple(c.hex() for c in checks)
+        and pinned == tuple(c.hex() for c in retiring.check_values())
+    )
+    if not follows_rekey:
+        differs += _key_differences(pin, checks)
     if differs:
         raise VolumeMismatch(
             f"{cipher_dir} holds another volume than the one this host pinned on "
@@ -212,14 +231,17 @@ def check_pin(
             hint=f"if this is deliberate (a restored or re-created volume), re-pin it: "
             f"`encfs mount --repin ...` or `encfs pin reset {cipher_dir}`",
         )
-    if create and vault_url and not pin.vault_url:  # a pin from before these were recorded
+    if follows_rekey or (create and vault_url and not pin.vault_url):
+        # a rekey's new key, or a pin from before the URL and block size were recorded
         write_pin(
             cipher_dir,
             volume_id,
             keys,
             by=pin.by,
-            vault_url=vault_url,
-            block_size=block_size,
-            vault_url2=vault_url2,
+            vault_url=vault_url or pin.vault_url,
+            block_size=block_size or int(pin.block_size or 0),
+            vault_url2=vault_url2 or pin.vault_url2,
         )
+        if follows_rekey:
+            log.info("the pin of %s follows its rekey to the new volume key", cipher_dir)
     return "match"

@@ -25,6 +25,7 @@ from encfs.errors import (
     HeaderAuthError,
     HeaderDamaged,
     HeaderMissing,
+    RekeyUnderWay,
     UnsafeCipherDir,
     UnsupportedFormat,
     VaultCiphertextRejected,
@@ -225,6 +226,10 @@ def header_findings(hf: HeaderFile, pin: pins.Pin | None) -> list[str]:
     found: list[str] = []
     for index, slot in enumerate(h.slots):
         found += _slot_findings(slot, slot_label(h, index))
+    for index, old in enumerate(h.retiring):  # a rekey under way: the keys it replaces
+        found += _slot_findings(old, f" (retiring{slot_label(h, index) or ''})")
+        if old.vault_url != h.slots[index].vault_url:
+            found.append(f"its retiring key{slot_label(h, index)} names another vault")
     if pin is not None and pin.volume_id == h.volume_id.hex():
         if pin.vault_url and pin.vault_url != h.vault_url:
             found.append(
@@ -385,8 +390,12 @@ def fsync_dir(path: Path) -> None:
 
 
 def build_header_bytes(header: fmt.VolumeHeader, keys: VolumeKeys) -> bytes:
+    """The header file's bytes: the body and its tag(s) under ``keys`` (a rekeying header
+    needs keys with the retiring set attached)."""
+    if header.rekeying != (keys.retiring is not None):
+        raise ValueError("a rekeying header is tagged by both keys, any other by one")
     body = header.body()
-    return body + keys.header_tag(body)
+    return body + keys.header_tags(body)
 
 
 def prepare_cipher_dir(cipher_dir: Path) -> str:
@@ -452,7 +461,7 @@ def create(
             volume_key, wrapped_key = wrapper.new_volume_key()
             volume_keys.append(volume_key)
             slots.append(
-                fmt.KeySlot(str(wrapper.url), wrapped_kek_version(wrapped_key), wrapped_key)
+                fmt.KeySlot(str(wrapper.url.primary), wrapped_kek_version(wrapped_key), wrapped_key)
             )
         header = fmt.VolumeHeader(
             format_version=fmt.FORMAT_VERSION,
@@ -553,6 +562,28 @@ def keys_from(header: fmt.VolumeHeader, volume_keys: Sequence[bytearray]) -> Vol
     )
 
 
+def retiring_header(header: fmt.VolumeHeader) -> fmt.VolumeHeader:
+    """``header`` as its retiring keys saw it: their slots in place of the current ones
+    (to unwrap them with ``unwrap_slots``; never written)."""
+    return replace(
+        header,
+        feature_flags=header.feature_flags & ~fmt.FEATURE_REKEYING,
+        slots=header.retiring,
+        retiring=(),
+    )
+
+
+def load_retiring(keys: VolumeKeys, header: fmt.VolumeHeader, vaults: Sequence[KeyWrapper]) -> None:
+    """Unwrap the retiring keys of a rekeying ``header`` (each with its slot's vault) into
+    ``keys`` (``VolumeKeys.load_retiring``); nothing stays unwiped. Raises ``VaultError``."""
+    old_keys = unwrap_slots(retiring_header(header), vaults)
+    try:
+        keys.load_retiring(old_keys[0], old_keys[1] if header.double else None)
+    finally:
+        for key in old_keys:
+            key[:] = bytes(len(key))
+
+
 def _unlock_once(hf: HeaderFile, vaults: Sequence[KeyWrapper]) -> VolumeKeys:
     volume_keys = unwrap_slots(hf.header, vaults)
     try:
@@ -561,6 +592,8 @@ def _unlock_once(hf: HeaderFile, vaults: Sequence[KeyWrapper]) -> VolumeKeys:
         for key in volume_keys:
             key[:] = bytes(len(key))
     try:
+        if hf.header.rekeying:  # a rekey under way: the old keys open the rest
+            load_retiring(keys, hf.header, vaults)
         keys.verify_header(hf.body, hf.tag)
     except BaseException:
         keys.close()
@@ -637,6 +670,11 @@ def rotate(cipher_dir: Path, *vaults: KeyWrapper, slots: Sequence[int] | None = 
     """
     hf = read_header(cipher_dir)
     old = hf.header
+    if old.rekeying:
+        raise RekeyUnderWay(
+            f"a rekey of {cipher_dir} is under way; rotate the KEK once it is done",
+            hint=f"finish it first: `encfs rekey {cipher_dir}`",
+        )
     if len(vaults) != len(old.slots):
         raise ValueError(f"{len(vaults)} vault(s) for {len(old.slots)} key slot(s)")
     chosen = sorted(set(range(len(old.slots)) if slots is None else slots))
@@ -667,6 +705,71 @@ def rotate(cipher_dir: Path, *vaults: KeyWrapper, slots: Sequence[int] | None = 
     finally:
         keys.close()
     return Rotation(tuple(done), old, new)
+
+
+def new_rekey_keys(
+    hf: HeaderFile, vaults: Sequence[KeyWrapper]
+) -> tuple[VolumeKeys, tuple[fmt.KeySlot, ...]]:
+    """Fresh volume keys from the vaults (one per key slot, each from its slot's vault) for
+    a rekey of the volume of ``hf`` (first step of ``encfs rekey``, FORMAT.md §2.5): keys
+    the caller owns, and their key slots. Raises ``VaultError``, ``RekeyUnderWay``."""
+    old = hf.header
+    if old.rekeying:
+        raise RekeyUnderWay(f"a rekey of {hf.path.parent} is already under way")
+    if len(vaults) != len(old.slots):
+        raise ValueError(f"{len(vaults)} vault(s) for {len(old.slots)} key slot(s)")
+    new_keys: list[bytearray] = []
+    try:
+        slots = []
+        for slot, vault in zip(old.slots, vaults, strict=True):
+            key, wrapped = vault.new_volume_key()
+            new_keys.append(key)
+            slots.append(fmt.KeySlot(slot.vault_url, wrapped_kek_version(wrapped), wrapped))
+        return keys_from(old, new_keys), tuple(slots)
+    finally:
+        for key in new_keys:
+            key[:] = bytes(len(key))
+
+
+def write_rekey_header(
+    cipher_dir: Path,
+    hf: HeaderFile,
+    keys: VolumeKeys,
+    new_keys: VolumeKeys,
+    slots: tuple[fmt.KeySlot, ...],
+) -> HeaderFile:
+    """Write, crash-safely, the header of a rekey under way: ``new_keys`` (from
+    ``new_rekey_keys``, with their key ``slots``) current, the keys in use (``keys``, which
+    unlocked ``hf``) retiring, tagged by both (the old keys vouch for the new ones). The
+    caller then installs the new keys (``keys.retire(new_keys)``); until it does, nothing
+    is sealed under them, so a crash at any point leaves a volume that mounts. Returns the
+    header now in place. Raises ``OSError``."""
+    old = hf.header
+    new = replace(
+        old,
+        feature_flags=old.feature_flags | fmt.FEATURE_REKEYING,
+        slots=slots,
+        retiring=old.slots,
+    )
+    body = new.body()
+    raw = body + new_keys.header_tag(body) + keys.header_tag(body)
+    write_header_atomic(cipher_dir, raw)
+    return parse_header_file(raw, header_path(cipher_dir))
+
+
+def finish_rekey(cipher_dir: Path, hf: HeaderFile, keys: VolumeKeys) -> HeaderFile:
+    """Last step of ``encfs rekey``, once every entry is sealed under the new keys: a header
+    without the retiring slots, tagged by the new keys alone, written crash-safely twice,
+    so that ``encfs.volume.prev`` no longer holds the old wrapped keys either. The caller
+    then drops the retiring keys (``keys.end_rekey``). Raises ``OSError``."""
+    new = replace(
+        hf.header, feature_flags=hf.header.feature_flags & ~fmt.FEATURE_REKEYING, retiring=()
+    )
+    body = new.body()
+    raw = body + keys.header_tag(body)
+    write_header_atomic(cipher_dir, raw)
+    write_header_atomic(cipher_dir, raw)  # .prev: the same header, the old keys gone
+    return parse_header_file(raw, header_path(cipher_dir))
 
 
 EPHEMERAL_MARKER_TEXT = (

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -47,7 +48,12 @@ class WatchSettings:
     """The key lifecycle while mounted; declared once (the CLI's defaults come from here)."""
 
     check_interval: float = 5.0
-    """Seconds between the watcher's unwraps."""
+    """Seconds between the watcher's unwraps, at most (see ``jitter``)."""
+    jitter: float = 0.2
+    """Each wait is shortened by a random part of the interval up to this fraction, and
+    the first one is random in (0, interval]: the checks of a fleet of hosts do not fall in
+    step on the vault, and a check never comes later than ``check_interval`` after the
+    one before (the revocation bound stays the interval + the check)."""
     offline_grace: float = 300.0
     """Seconds to keep serving while the vault cannot be reached (0: suspend at once)."""
     on_revoke: str = "suspend"
@@ -71,9 +77,15 @@ class MountControl(Protocol):
         suspended already."""
         ...
 
-    def resume(self, volume_keys: Sequence[bytearray], hf: volume.HeaderFile) -> None:
+    def resume(
+        self,
+        volume_keys: Sequence[bytearray],
+        hf: volume.HeaderFile,
+        retiring: Sequence[bytearray] = (),
+    ) -> None:
         """Serve again with ``volume_keys`` (freshly unwrapped from ``hf``, in key slot
-        order: one, or two for a double volume; the caller wipes its copies) and enter
+        order: one, or two for a double volume; the caller wipes its copies) and, while a
+        rekey is under way, the retiring keys of ``hf`` (same order); enter
         ``active``. Raises ``EncfsError`` if ``hf``'s tag does not verify under them (the
         mount stays suspended)."""
         ...
@@ -86,8 +98,10 @@ class MountControl(Protocol):
 class HeldHeader:
     """The wrapped key(s) a mount checks: the header as last checked (read at mount,
     replaced by the watcher when a rotation is seen; it unwraps this one when the file on
-    disk is gone or unreadable) and the check value of each volume key in use. Only the
-    watcher replaces ``header``; others may read it at any time."""
+    disk is gone or unreadable) and the check value of each volume key in use. The
+    watcher replaces ``header`` when it sees a rotation; a rekey (``encfs rekey``)
+    announces the new keys' check values in ``coming`` before its header names them, then
+    installs both (``rekeyed``)."""
 
     def __init__(
         self, cipher_dir: Path, header: volume.HeaderFile, check_values: tuple[bytes, ...]
@@ -96,11 +110,35 @@ class HeldHeader:
         self.header = header
         self.check_values = check_values
         """``keys.key_check_value`` of each volume key in use, in key slot order."""
+        self.coming: tuple[bytes, ...] | None = None
+        """The check values of the keys a rekey is about to make current, until it does."""
 
     @property
     def check_value(self) -> bytes:
         """Key slot 0's check value."""
         return self.check_values[0]
+
+    def ours(self, check_values: tuple[bytes, ...]) -> bool:
+        """Whether ``check_values`` (slot order) are the volume keys' (in use, or coming
+        from a rekey)."""
+        return _same(check_values, self.check_values) or (
+            self.coming is not None and _same(check_values, self.coming)
+        )
+
+    def announce(self, check_values: tuple[bytes, ...]) -> None:
+        """A rekey is about to write a header naming the keys of ``check_values``."""
+        self.coming = check_values
+
+    def rekeyed(self, header: volume.HeaderFile, check_values: tuple[bytes, ...]) -> None:
+        """A rekey made ``header`` the one in place, and the keys of ``check_values`` the
+        ones in use."""
+        self.header = header
+        self.check_values = check_values
+        self.coming = None
+
+
+def _same(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> bool:
+    return len(a) == len(b) and all(hmac.compare_digest(x, y) for x, y in zip(a, b, strict=True))
 
 
 class MountState:
@@ -120,6 +158,11 @@ class MountState:
         """Per KEK (key slot order) of a volume with a vault: ``kek`` (1, 2), ``vault``,
         ``kek_version``, ``state`` (``ok``, ``revoked``, ``unreachable`` or None before
         the first check), ``reachable``, ``last_error``, ``token``."""
+        self.vault_node = ""
+        """The vault address that answered KEK 1's last successful check."""
+        self.last_check_duration: float | None = None
+        self.checks = 0
+        self.check_failures = 0
         self.token: dict[str, Any] = {}
         self.token_expires: float | None = None
 
@@ -173,15 +216,26 @@ class MountState:
             f"KEK {k['kek']} v{k['kek_version']} {k['state'] or 'unchecked'}" for k in self.keks
         )
 
-    def checked(self, *, reachable: bool, error: str = "", kek: int = 1, state: str = "") -> None:
+    def checked(
+        self,
+        *,
+        reachable: bool,
+        error: str = "",
+        kek: int = 1,
+        state: str = "",
+        node: str = "",
+    ) -> None:
         """Record the outcome of one check of KEK ``kek``: ``state`` ``ok``, ``revoked`` or
-        ``unreachable`` (derived from ``reachable`` and ``error`` when not given)."""
+        ``unreachable`` (derived from ``reachable`` and ``error`` when not given); ``node``
+        is the address that answered a check that succeeded."""
         state = state or (
             "ok" if reachable and not error else "revoked" if reachable else "unreachable"
         )
         changed = False
         with self._lock:
             self.last_check = time.time()
+            if node and kek == 1:
+                self.vault_node = node
             entry = self._entry(kek)
             changed = entry["state"] != state
             entry.update(reachable=reachable, last_error=error, state=state)
@@ -211,6 +265,14 @@ class MountState:
                 self.token_expires = expires
             self._entry(kek)["token_expires"] = expires
 
+    def check_done(self, duration: float, *, ok: bool) -> None:
+        """Count one check of the watcher and how long it took (``ok``: the vault said
+        the host may read the volume)."""
+        with self._lock:
+            self.checks += 1
+            self.check_failures += not ok
+            self.last_check_duration = duration
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             ttl = None
@@ -234,9 +296,15 @@ class MountState:
             return {
                 "state": self.name,
                 "since": iso_utc(self.since),
+                "since_time": self.since,
                 "reason": self.reason,
                 "vault_reachable": None if None in reach or not reach else all(reach),
+                "vault_node": self.vault_node,
                 "last_check": iso_utc(self.last_check),
+                "last_check_time": self.last_check,
+                "last_check_duration": self.last_check_duration,
+                "checks": self.checks,
+                "check_failures": self.check_failures,
                 "last_error": "; ".join(errors),
                 "token": {**self.token, "ttl": ttl},
                 "keks": keks,
@@ -345,6 +413,7 @@ class KeyWatcher:
         self._audit = audit
         self._held = held
         self._stop = threading.Event()
+        self._rng = random.Random()
         self._thread = threading.Thread(target=self._run, name="encfs-watcher", daemon=True)
         now = time.monotonic()
         self._keks = [_Kek(1, VaultLink(vault, url, vault_settings, renew_in), now)]
@@ -371,9 +440,16 @@ class KeyWatcher:
         for kek in self._keks:
             kek.vault.close()
 
+    def _wait(self, *, first: bool = False) -> float:
+        """Seconds until the next check: the interval shortened by up to ``jitter`` of it
+        at random; the first one anywhere in (0, interval] (``WatchSettings.jitter``)."""
+        interval, jitter = self._settings.check_interval, self._settings.jitter
+        if first and jitter > 0:
+            return interval * (1.0 - self._rng.random())
+        return interval * (1.0 - jitter * self._rng.random())
+
     def _run(self) -> None:
-        interval = self._settings.check_interval
-        next_check = time.monotonic() + interval
+        next_check = time.monotonic() + self._wait(first=True)
         while True:
             next_renew = min(kek.next_renew for kek in self._keks)
             wait = min(next_check, next_renew) - time.monotonic()
@@ -385,11 +461,13 @@ class KeyWatcher:
                     if now >= kek.next_renew:
                         self._renew(kek)
                 if now >= next_check:
-                    self._check()
-                    next_check = time.monotonic() + interval
+                    started = time.monotonic()
+                    ok = self._check()
+                    self._state.check_done(time.monotonic() - started, ok=ok)
+                    next_check = time.monotonic() + self._wait()
             except Exception:  # never let the watcher die silently
                 log.exception("key watcher step failed")
-                next_check = time.monotonic() + interval
+                next_check = time.monotonic() + self._wait()
 
     def _kek_fields(self, kek: _Kek) -> dict[str, Any]:
         """What audit events about one KEK of a double volume add (nothing for a single)."""
@@ -411,7 +489,9 @@ class KeyWatcher:
         """``exc`` marked with its KEK when the volume has two."""
         return exc.for_kek(kek.number) if self._double else exc
 
-    def _check(self) -> None:
+    def _check(self) -> bool:
+        """One check; True when the vault said the host may read the volume (and it is
+        the volume in use)."""
         held = self._held
         if held is None:  # ephemeral, no wrapped key: may the host still use the KEK?
             kek = self._keks[0]
@@ -419,9 +499,9 @@ class KeyWatcher:
                 kek.vault.key_status()
             except VaultError as exc:
                 self._failed({1: _detached(exc)}, "key_status")
-                return
+                return False
             self._succeeded()
-            return
+            return True
         control = self._control
         if control.suspended:
             for kek in self._keks:
@@ -441,18 +521,13 @@ class KeyWatcher:
                     failures[kek.number] = self._marked(_detached(exc), kek)
             if failures:
                 self._failed(failures, "unwrap")
-                return
+                return False
             for kek in self._keks:  # every KEK answered: shown before any transition
                 self._state.checked(reachable=True, kek=kek.number)
-            ours = (
-                hf.header.volume_id == current.header.volume_id
-                and len(volume_keys) == len(held.check_values)
-                and all(
-                    hmac.compare_digest(
-                        key_check_value(volume_keys[n], current.header.volume_id, slot=n - 1),
-                        held.check_values[n - 1],
-                    )
-                    for n in volume_keys
+            ours = hf.header.volume_id == current.header.volume_id and held.ours(
+                tuple(
+                    key_check_value(volume_keys[n], current.header.volume_id, slot=n - 1)
+                    for n in sorted(volume_keys)
                 )
             )
             if not ours:
@@ -464,13 +539,16 @@ class KeyWatcher:
                     "in use (substituted header?)",
                     revoked=False,
                 )
-                return
+                return False
             if control.suspended:
                 try:
-                    control.resume([volume_keys[n] for n in sorted(volume_keys)], hf)
+                    self._resume([volume_keys[n] for n in sorted(volume_keys)], hf)
+                except VaultError as exc:
+                    self._failed({1: _detached(exc)}, "unwrap")
+                    return False
                 except EncfsError as exc:
                     log.error("cannot resume: %s", exc)
-                    return
+                    return False
                 held.header = hf
                 self._adopted(hf)
                 for kek in self._keks:
@@ -488,6 +566,19 @@ class KeyWatcher:
             for key in volume_keys.values():
                 key[:] = bytes(len(key))
         self._succeeded()
+        return True
+
+    def _resume(self, volume_keys: list[bytearray], hf: volume.HeaderFile) -> None:
+        """Resume with ``volume_keys`` and, while a rekey is under way, the retiring keys of
+        ``hf`` (unwrapped here by each KEK's vault, wiped after). Raises ``EncfsError``."""
+        retiring: list[bytearray] = []
+        try:
+            for kek, slot in zip(self._keks, hf.header.retiring, strict=False):
+                retiring.append(kek.vault.unwrap(slot.wrapped_key))
+            self._control.resume(volume_keys, hf, retiring)
+        finally:
+            for old_key in retiring:
+                old_key[:] = bytes(len(old_key))
 
     def _adopted(self, hf: volume.HeaderFile) -> None:
         """Show the KEK versions of the header now held."""
@@ -533,7 +624,7 @@ class KeyWatcher:
     def _succeeded(self) -> None:
         state = self._state
         for kek in self._keks:
-            state.checked(reachable=True, kek=kek.number)
+            state.checked(reachable=True, kek=kek.number, node=kek.vault.serving)
             kek.last_error_kind = ""
         if self._unreachable_since is not None:
             log.warning("vault reachable again")

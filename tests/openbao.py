@@ -6,6 +6,9 @@
         token = bao.make_token([bao.write_host_policy("k")])
         url = bao.url_for("k")                # transit+http://127.0.0.1:PORT/transit/k
 
+``OpenBaoCluster`` is a real three-node Raft cluster the way ``encfs vault serve --join``
+makes one (TLS, one CA, standby reads off), for failover tests.
+
 No ``bao`` process outlives its harness: ``stop()`` (SIGTERM to the process group, SIGKILL
 after a bound) runs on ``__exit__``, at interpreter exit for any instance still running, and
 the kernel sends SIGTERM to the server if the Python process that started it dies
@@ -18,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import json
 import os
 import re
 import secrets
@@ -325,3 +329,186 @@ class _ExitedEarly(RuntimeError):
 def _stop_all() -> None:
     for bao in list(_running):
         bao.stop()
+
+
+class OpenBaoCluster:
+    """A real OpenBao Raft cluster of ``size`` nodes on loopback ports, each started the way
+    ``encfs vault serve`` starts one (``encfs.bao.serve.start_serve``: TLS with one CA,
+    standby reads off, auto-unseal): node 0 initialises the vault, the others get a copy of
+    its ``init.json`` and CA and ``--join`` it. Returns once every node is a voter.
+
+    ``addrs[i]`` is node i's ``https://127.0.0.1:PORT``; ``ca_file`` the CA every node's
+    certificate chains to; ``root_token`` node 0's initial root token. ``kill(i)`` is
+    ``kill -9`` of node i's ``bao``; ``restart(i)`` starts it again on its data. Every node
+    is stopped by ``stop()`` (``__exit__``, and at interpreter exit).
+    """
+
+    def __init__(self, size: int = 3, *, ready_timeout: float = 60.0) -> None:
+        from encfs.bao import serve
+
+        self._serve = serve
+        self.workdir = Path(tempfile.mkdtemp(prefix="encfs-cluster-"))
+        self.data = [self.workdir / f"n{i}" for i in range(size)]
+        self.listen = [f"127.0.0.1:{free_port()}" for _ in range(size)]
+        self.cluster_listen = [f"127.0.0.1:{free_port()}" for _ in range(size)]
+        self.addrs = [f"https://{listen}" for listen in self.listen]
+        self.logs = [(self.workdir / f"n{i}.log").open("a") for i in range(size)]
+        self.servers: list[Any] = [None] * size
+        self._ready_timeout = ready_timeout
+        self._stopped = False
+        _running_clusters.add(self)
+        try:
+            self.servers[0] = self._start(0)
+            init = json.loads((self.data[0] / "init.json").read_text())
+            self.root_token: str = init["root_token"]
+            self.ca_file = self.data[0] / "tls" / "ca.pem"
+            # Autopilot makes a joined node a voter once it was healthy this long (10 s by
+            # default); a test that kills the leader needs the others to be voters.
+            self.call(
+                0,
+                "POST",
+                "/v1/sys/storage/raft/autopilot/configuration",
+                {"server_stabilization_time": "1s"},
+            )
+            for i in range(1, size):
+                self._copy_cluster_files(i)
+                self.servers[i] = self._start(i, join=self.addrs[0])
+            self.wait_voters(size)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _copy_cluster_files(self, i: int) -> None:
+        """What an operator copies to a new node: init.json and the CA (key included)."""
+        (self.data[i] / "tls").mkdir(parents=True, mode=0o700)
+        os.chmod(self.data[i], 0o700)
+        for name, mode in (("init.json", 0o600), ("tls/ca.pem", 0o644), ("tls/ca-key.pem", 0o600)):
+            target = self.data[i] / name
+            shutil.copyfile(self.data[0] / name, target)
+            os.chmod(target, mode)
+
+    def _start(self, i: int, join: str | None = None) -> Any:
+        return self._serve.start_serve(
+            self.data[i],
+            self.listen[i],
+            cluster_listen=self.cluster_listen[i],
+            node_id=f"n{i}",
+            join=join,
+            log=self.logs[i],
+            ready_timeout=self._ready_timeout,
+        )
+
+    # --- the nodes ------------------------------------------------------------------------
+
+    def running(self, i: int) -> bool:
+        server = self.servers[i]
+        return server is not None and server.proc.poll() is None
+
+    def kill(self, i: int) -> None:
+        """``kill -9`` node i's OpenBao (no shutdown: a crash, a power cut)."""
+        server = self.servers[i]
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+
+    def restart(self, i: int) -> None:
+        """Start node i again on its data; it unseals itself and rejoins."""
+        self.servers[i] = self._start(i)
+
+    def health(self, i: int) -> int:
+        """``sys/health`` of node i: 200 active, 429 standby, 503 sealed, 0 no answer."""
+        status, _ = self.call(i, "GET", "/v1/sys/health", token=None)
+        return status
+
+    def leader(self, timeout: float = 30.0) -> int:
+        """The node that is active (waits for an election to end)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i in range(len(self.data)):
+                if self.running(i) and self.health(i) == 200:
+                    return i
+            if time.monotonic() > deadline:
+                raise RuntimeError("no active node in the cluster")
+            time.sleep(0.1)
+
+    def wait_voters(self, count: int, timeout: float = 60.0) -> None:
+        """Wait until ``count`` nodes are Raft voters and one of them leads."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, doc = self.call(
+                self.leader(timeout), "GET", "/v1/sys/storage/raft/configuration"
+            )
+            servers = (doc or {}).get("data", {}).get("config", {}).get("servers", [])
+            if status == 200 and sum(1 for s in servers if s.get("voter")) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fewer than {count} voters: {servers}")
+            time.sleep(0.2)
+
+    # --- the API --------------------------------------------------------------------------
+
+    def call(
+        self,
+        i: int,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        token: str | None = "",
+    ) -> tuple[int, Any]:
+        """One API request to node i (root token unless ``token``); (status, parsed JSON),
+        (0, None) when it does not answer."""
+        import http.client
+
+        host, port = self.listen[i].rsplit(":", 1)
+        ctx = ssl.create_default_context(cafile=str(self.data[i] / "tls" / "ca.pem"))
+        conn = http.client.HTTPSConnection(host, int(port), timeout=10, context=ctx)
+        headers = {}
+        use = self.root_token if token == "" else token
+        if use:
+            headers["X-Vault-Token"] = use
+        try:
+            conn.request(
+                method,
+                path,
+                body=json.dumps(body).encode() if body is not None else None,
+                headers=headers,
+            )
+            resp = conn.getresponse()
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw.strip() else None
+        except OSError:
+            return 0, None
+        finally:
+            conn.close()
+
+    def url_for(self, key: str, i: int = 0, mount: str = "transit") -> str:
+        return f"transit+https://{self.listen[i]}/{mount}/{key}"
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM, SIGKILL after a bound); remove the data. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for server in self.servers:
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.stop(timeout=5)
+        for log in self.logs:
+            log.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        _running_clusters.discard(self)
+
+    def __enter__(self) -> OpenBaoCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_running_clusters: weakref.WeakSet[OpenBaoCluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_clusters() -> None:
+    for cluster in list(_running_clusters):
+        cluster.stop()

@@ -12,7 +12,7 @@ import pytest
 
 from encfs.cli import ExitCode
 from tests.conftest import SecondKey, TransitKey
-from tests.harness import MakeVolume, Volume, encfs, is_mounted
+from tests.harness import MakeVolume, Volume, encfs, is_mounted, wait_until
 from tests.openbao import OpenBao
 
 
@@ -67,8 +67,12 @@ def test_init_rejects_bad_block_size(tmp_path: Path, transit_key: TransitKey) ->
     assert "multiple of 4096" in proc.stderr
 
 
-def _mount_fails(vol: Volume, env: dict[str, str], *extra: str | Path) -> tuple[int, str]:
-    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *extra, env=env)
+def _mount_fails(
+    vol: Volume, env: dict[str, str], *extra: str | Path, vault: str | None = None
+) -> tuple[int, str]:
+    """Mount with ``--vault vault`` (default: the volume's) and ``extra``, which fails."""
+    url = vault or vol.vault_url
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", url, *extra, env=env)
     assert not is_mounted(vol.mountpoint), "nothing may be mounted when the vault refuses"
     return proc.returncode, proc.stderr
 
@@ -89,7 +93,7 @@ def test_mount_key_missing(
     make_volume: MakeVolume, transit_key: TransitKey, openbao: OpenBao
 ) -> None:
     vol: Volume = make_volume(mount=False)
-    code, err = _mount_fails(vol, transit_key.env, "--vault", openbao.url_for("no-such-key"))
+    code, err = _mount_fails(vol, transit_key.env, vault=openbao.url_for("no-such-key"))
     assert code == ExitCode.VAULT_KEY_NOT_FOUND
     assert "encryption key not found" in err
 
@@ -101,10 +105,9 @@ def test_mount_vault_unreachable(make_volume: MakeVolume, transit_key: TransitKe
     code, err = _mount_fails(
         vol,
         transit_key.env,
-        "--vault",
-        f"transit+http://127.0.0.1:{free_port()}/transit/x",
         "--vault-timeout",
         "2",
+        vault=f"transit+http://127.0.0.1:{free_port()}/transit/x",
     )
     assert code == ExitCode.VAULT_UNREACHABLE
     assert "cannot reach vault" in err
@@ -594,3 +597,46 @@ def test_double_volume_with_a_revoked_kek_2_is_not_mounted(
     assert any(
         e["event"] == "unwrap" and e["result"] == "error" and e.get("kek") == 2 for e in events
     )
+
+
+def test_a_config_file_pins_a_vault_cluster_and_the_command_line_replaces_it(
+    make_volume: MakeVolume, transit_key: TransitKey, tmp_path: Path
+) -> None:
+    """VAULT= lists the nodes of one vault, white-space separated; the mount fails over
+    from a node that is down to one that answers. --vault on the command line replaces
+    the list (as every later option overrides the file), and is repeated for a list."""
+    from encfs.cli.parser import build_parser
+    from encfs.cli.service import expand_config
+    from encfs.cli.settings import vault_setting
+    from tests.openbao import free_port
+
+    vol: Volume = make_volume(mount=False)
+    down = f"http://127.0.0.1:{free_port()}"
+    conf = tmp_path / "data.conf"
+    conf.write_text(
+        f"CIPHER_DIR={vol.cipher_dir}\nMOUNTPOINT={vol.mountpoint}\n"
+        f'VAULT="{down} {transit_key.bao.addr}"\nCHECK_INTERVAL=1\n'
+    )
+
+    def pinned(*argv: str) -> str | None:
+        args = build_parser().parse_args(expand_config(["mount", "--config", str(conf), *argv]))
+        return vault_setting(args.vault_url)
+
+    assert pinned() == f"{down} {transit_key.bao.addr}"
+    assert pinned("--vault", "https://c:8200") == "https://c:8200"
+    assert pinned("--vault", "https://c:8200", "--vault", "https://d:8200") == (
+        "https://c:8200 https://d:8200"
+    )
+    proc = encfs("mount", "--config", conf, *vol.audit_args(), env=transit_key.env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)
+        assert status["vault_addresses"] == [down, transit_key.bao.addr]
+        assert wait_until(
+            lambda: (
+                json.loads(encfs("status", vol.mountpoint, "--json").stdout)["vault_node"]
+                == transit_key.bao.addr
+            )
+        )
+    finally:
+        vol.unmount()

@@ -58,9 +58,12 @@ def test_format_constants() -> None:
     assert fmt.FORMAT_VERSION == 1
     assert fmt.FEATURE_DIRID_LINKS == 1
     assert fmt.FEATURE_DOUBLE == 2
+    assert fmt.FEATURE_REKEYING == 4
     assert fmt.NEW_VOLUME_FEATURES == fmt.FEATURE_DIRID_LINKS
-    assert fmt.KNOWN_FEATURE_FLAGS == fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE
-    assert fmt.feature_names(0xFFFFFFFF) == ["dirid-links", "double"]
+    assert fmt.KNOWN_FEATURE_FLAGS == (
+        fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE | fmt.FEATURE_REKEYING
+    )
+    assert fmt.feature_names(0xFFFFFFFF) == ["dirid-links", "double", "rekeying"]
     assert fmt.feature_names(0) == []
     assert fmt.CIPHER_AES256_GCM == 1
     assert fmt.OUTER_CIPHER_CHACHA20_POLY1305 == 2
@@ -324,7 +327,7 @@ def test_header_wrong_version(version: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flags", "unknown"), [(4, 4), (0x80000000, 0x80000000), (0xFFFFFFFD, 0xFFFFFFFC)]
+    ("flags", "unknown"), [(8, 8), (0x80000000, 0x80000000), (0xFFFFFFF9, 0xFFFFFFF8)]
 )
 def test_header_unknown_feature_flag(flags: int, unknown: int) -> None:
     raw = header_file(sample_header(feature_flags=flags))
@@ -625,3 +628,61 @@ def test_double_content_vector_sizes() -> None:
         assert (
             geo.cipher_size(case["plain_size"]) == case["cipher_size"] == len(case["cipher"]) // 2
         )
+
+
+# --- a rekey under way (§2.5) ---------------------------------------------------------------
+
+
+def test_rekeying_header_vector_exact_bytes() -> None:
+    vec = vector("rekeying.json")
+    f = vec["fields"]
+    header = fmt.VolumeHeader(
+        format_version=1,
+        feature_flags=f["feature_flags"],
+        cipher=1,
+        block_size=f["block_size"],
+        volume_id=bytes.fromhex(f["volume_id"]),
+        slots=(fmt.KeySlot(f["vault_url"], f["kek_version"], f["wrapped_key"]),),
+        retiring=tuple(fmt.KeySlot(**slot) for slot in f["retiring"]),
+    )
+    assert header.rekeying and header.tag_len == 64
+    assert header.body().hex() == vec["body"]
+    parsed, body, tag = fmt.parse_volume_header(bytes.fromhex(vec["file"]))
+    assert parsed == header
+    assert body.hex() == vec["body"]
+    assert tag.hex() == vec["tag"] + vec["retiring_tag"]
+
+
+def test_rekeying_header_refuses_a_cut_retiring_slot_or_a_missing_tag() -> None:
+    raw = bytes.fromhex(vector("rekeying.json")["file"])
+    for cut in (10, 40, 64 + 1, 64 + 20):
+        with pytest.raises(FormatError):
+            fmt.parse_volume_header(raw[:-cut])
+    with pytest.raises(FormatError):
+        fmt.parse_volume_header(raw + b"\0")
+    # Without the flag, the retiring slot is trailing garbage.
+    flags = struct.unpack_from(">I", raw, 10)[0]
+    plain = raw[:10] + struct.pack(">I", flags & ~fmt.FEATURE_REKEYING) + raw[14:]
+    with pytest.raises(FormatError):
+        fmt.parse_volume_header(plain)
+
+
+def test_a_double_rekeying_header_holds_two_retiring_slots() -> None:
+    h = double_header()
+    rekeying = dataclasses.replace(
+        h, feature_flags=h.feature_flags | fmt.FEATURE_REKEYING, retiring=h.slots
+    )
+    raw = rekeying.body() + b"\x5a" * 64
+    parsed = fmt.parse_volume_header(raw)[0]
+    assert parsed.retiring == h.slots and parsed.slots == h.slots
+    with pytest.raises(ValueError):
+        dataclasses.replace(rekeying, retiring=h.slots[:1]).body()
+    with pytest.raises(FormatError):
+        fmt.parse_volume_header(raw[:-33])  # one tag, not two
+
+
+def test_a_header_has_retiring_slots_exactly_when_rekeying() -> None:
+    h = sample_header(feature_flags=fmt.FEATURE_REKEYING)
+    with pytest.raises(ValueError):
+        h.body()
+    assert fmt.feature_names(fmt.FEATURE_REKEYING) == ["rekeying"]

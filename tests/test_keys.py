@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from encfs import crypto
 from encfs import format as fmt
 from encfs import keys as keys_mod
-from encfs.errors import HeaderAuthError, VolumeSuspended
+from encfs.errors import HeaderAuthError, IntegrityError, VolumeSuspended
 from encfs.keys import VolumeKeys
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -272,7 +273,7 @@ def test_double_subkeys_match_vectors() -> None:
         finally:
             single.close()
         for entry in DOUBLE["file_keys"]:
-            assert k.file_cipher(bytes.fromhex(entry["file_id"])).overhead == 56
+            assert k.own_file_cipher(bytes.fromhex(entry["file_id"])).overhead == 56
         assert bytes(k._slot("scratch")) == bytes(32)
         assert bytes(k._slot("scratch_outer")) == bytes(32)
     finally:
@@ -342,3 +343,96 @@ def test_double_wipe_zeroes_both_keys() -> None:
     with pytest.raises(VolumeSuspended):
         k.check_values()
     k.close()
+
+
+# --- a rekey under way -------------------------------------------------------------------------
+
+NEW_KEY = bytes(range(0x40, 0x60))
+FILE_ID = bytes(range(0xF0, 0x100))
+
+
+def new_keys() -> VolumeKeys:
+    return VolumeKeys(bytearray(NEW_KEY), volume_id=VOLUME_ID, block_size=4096)
+
+
+def test_retire_seals_under_the_new_key_and_opens_under_both(vkeys: VolumeKeys) -> None:
+    old_data = b"old data" * 512  # a whole block: only the last may be short
+    old_sealed = vkeys.file_cipher(FILE_ID).seal(0, old_data)
+    old_name = vkeys.names.encrypt(b"name", bytes(16))
+    old_meta = vkeys.meta.seal(b"target", b"ad")
+    vkeys.retire(new_keys())
+    assert vkeys.retiring is not None
+    fresh = new_keys()
+    try:
+        new_sealed = vkeys.file_cipher(FILE_ID).seal(1, b"new data")
+        assert fresh.own_file_cipher(FILE_ID).open(1, new_sealed) == b"new data"  # new key
+        assert vkeys.file_cipher(FILE_ID).open(0, old_sealed + new_sealed) == old_data + b"new data"
+        assert vkeys.names.decrypt(old_name, bytes(16)) == b"name"
+        assert vkeys.names.encrypt(b"name", bytes(16)) == fresh.names.encrypt(b"name", bytes(16))
+        assert vkeys.meta.open(old_meta, b"ad") == b"target"
+        assert vkeys.check_value() == fresh.check_value()
+    finally:
+        fresh.close()
+    vkeys.end_rekey()
+    assert vkeys.retiring is None
+    with pytest.raises(IntegrityError):
+        vkeys.file_cipher(FILE_ID).open(0, old_sealed)
+    with pytest.raises(IntegrityError):
+        vkeys.names.decrypt(old_name, bytes(16))
+
+
+def test_reseal_moves_only_old_blocks_and_refuses_foreign_ones(vkeys: VolumeKeys) -> None:
+    old = vkeys.file_cipher(FILE_ID).seal(0, bytes(4096) + b"\x01" * 4096)
+    vkeys.retire(new_keys())
+    cipher = vkeys.file_cipher(FILE_ID)
+    assert isinstance(cipher, crypto.RekeyingBlockCipher)
+    mixed = bytearray(old[:4124] + cipher.seal(1, b"\x02" * 4096) + bytes(4124))  # + a hole
+    assert cipher.reseal(0, mixed) == [0]
+    assert mixed[4124:] == old[:0] + mixed[4124:]  # block 1 and the hole untouched
+    fresh = new_keys()
+    try:
+        assert fresh.own_file_cipher(FILE_ID).open(0, mixed) == bytes(
+            4096
+        ) + b"\x02" * 4096 + bytes(4096)
+    finally:
+        fresh.close()
+    foreign = bytearray(old)
+    foreign[100] ^= 1
+    before = bytes(foreign)
+    with pytest.raises(IntegrityError):
+        cipher.reseal(0, foreign)
+    assert bytes(foreign) == before  # nothing changed when a block opens under neither
+
+
+def test_rekeying_header_needs_both_tags(vkeys: VolumeKeys) -> None:
+    vec = vector("rekeying.json")
+    assert bytes.fromhex(vec["retiring_volume_key"]) == VOLUME_KEY
+    body, tag = bytes.fromhex(vec["body"]), bytes.fromhex(vec["tag"])
+    retiring_tag = bytes.fromhex(vec["retiring_tag"])
+    current = new_keys()
+    try:
+        with pytest.raises(HeaderAuthError):  # no retiring key: the second tag cannot hold
+            current.verify_header(body, tag + retiring_tag)
+        current.load_retiring(bytearray(VOLUME_KEY))
+        current.verify_header(body, tag + retiring_tag)
+        assert current.header_tags(body) == tag + retiring_tag
+        with pytest.raises(HeaderAuthError):
+            current.verify_header(body, tag + bytes(32))
+        with pytest.raises(HeaderAuthError):
+            current.verify_header(body, bytes(32) + retiring_tag)
+    finally:
+        current.close()
+
+
+def test_wipe_takes_the_retiring_keys_too_and_resume_brings_them_back(vkeys: VolumeKeys) -> None:
+    old_sealed = vkeys.file_cipher(FILE_ID).seal(0, b"kept")
+    vkeys.retire(new_keys())
+    retiring = vkeys.retiring
+    assert retiring is not None
+    vkeys.wipe()
+    assert retiring.wiped and not any(arena_bytes(retiring))
+    with pytest.raises(VolumeSuspended):
+        vkeys.file_cipher(FILE_ID)
+    vkeys.load(bytearray(NEW_KEY))
+    vkeys.load_retiring(bytearray(VOLUME_KEY))
+    assert vkeys.file_cipher(FILE_ID).open(0, old_sealed) == b"kept"

@@ -223,3 +223,17 @@ def test_install_of_a_double_volume_needs_vault2(
                  "--etc-dir", tmp_path / "etc", "--unit-dir", tmp_path / "units")  # fmt: skip
     assert proc.returncode == ExitCode.USAGE
     assert "ephemeral volume is single-layer" in proc.stderr
+
+
+def test_install_pins_every_node_of_a_vault_cluster(tmp_path: Path) -> None:
+    nodes = ["https://vault-1.internal:8200", "https://vault-2.internal:8200"]
+    proc = encfs("systemd", "install", "data", "--cipher-dir", "/srv/cipher", "--mountpoint",
+                 "/srv/data", "--vault", nodes[0], "--vault", nodes[1], "--dry-run",
+                 "--etc-dir", tmp_path / "etc", "--unit-dir", tmp_path / "units")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f'VAULT="{nodes[0]} {nodes[1]}"' in proc.stdout
+    proc = encfs("systemd", "install", "data", "--cipher-dir", "/srv/cipher", "--mountpoint",
+                 "/srv/data", "--vault", nodes[0], "--vault", nodes[0], "--dry-run",
+                 "--etc-dir", tmp_path / "etc", "--unit-dir", tmp_path / "units")  # fmt: skip
+    assert proc.returncode == ExitCode.VAULT_CONFIG
+    assert "twice" in proc.stderr

@@ -42,6 +42,10 @@ class FakeWrapper:
     def url(self) -> VaultURL:
         return parse_vault_url("transit+https://vault.example:8200/transit/fake")
 
+    @property
+    def serving(self) -> str:
+        return self.url.base_url
+
     def new_volume_key(self) -> tuple[bytearray, str]:
         self.calls += 1
         return bytearray(self.key), "vault:v4:ZmFrZQ=="

@@ -54,9 +54,16 @@ class KeysOnly:
         self._state.set("suspended", reason)
         self.calls.append(("suspend", reason, revoked, unmount))
 
-    def resume(self, volume_keys: Sequence[bytearray], hf: volume.HeaderFile) -> None:
+    def resume(
+        self,
+        volume_keys: Sequence[bytearray],
+        hf: volume.HeaderFile,
+        retiring: Sequence[bytearray] = (),
+    ) -> None:
         self.keys.load(volume_keys[0], volume_keys[1] if len(volume_keys) > 1 else None)
         try:
+            if retiring:
+                self.keys.load_retiring(retiring[0], retiring[1] if len(retiring) > 1 else None)
             self.keys.verify_header(hf.body, hf.tag)
         except BaseException:
             self.keys.wipe()
@@ -125,7 +132,7 @@ WatchFactory = Callable[..., Watched]
 
 @pytest.fixture
 def watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WatchFactory]:
-    """``watch(bao, key, settings, ephemeral=False)``: a volume made with a host token
+    """``watch(bao, key, settings, ephemeral=False, state=None)``: a volume made with a host token
     (least privilege), unlocked, and a watcher started on it; stopped at teardown."""
     for var in ("VAULT_TOKEN", "BAO_TOKEN", "CREDENTIALS_DIRECTORY"):
         monkeypatch.delenv(var, raising=False)
@@ -138,6 +145,7 @@ def watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WatchFact
         *,
         ephemeral: bool = False,
         second: tuple[OpenBao, str] | None = None,
+        state: MountState | None = None,
     ) -> Watched:
         """``second``: make a double-encrypted volume, KEK 2 that (vault, key), with its own
         least-privilege token."""
@@ -176,7 +184,7 @@ def watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WatchFact
             hf = volume.read_header(cipher_dir)
             keys = volume.unlock(hf, vault, *([outer] if outer is not None else []))
             held = HeldHeader(cipher_dir, hf, keys.check_values())
-        state = MountState(tmp_path / "mnt")
+        state = state or MountState(tmp_path / "mnt")
         state.set("active")
         control = KeysOnly(keys, state)
         watcher = KeyWatcher(
@@ -442,3 +450,40 @@ def test_double_slot_substituted_while_watched_fails_closed(
     assert "substituted header" in str(reason) and revoked is False
     header.write_bytes(real)
     _wait(w, "active")
+
+
+class Timed(MountState):
+    """A ``MountState`` that notes when each check ended."""
+
+    def __init__(self, mountpoint: Path) -> None:
+        super().__init__(mountpoint)
+        self.ends: list[float] = []
+
+    def check_done(self, duration: float, *, ok: bool) -> None:
+        super().check_done(duration, ok=ok)
+        self.ends.append(time.monotonic())
+
+
+def test_checks_are_jittered_and_never_later_than_the_interval(
+    watch: WatchFactory, transit_key: TransitKey, tmp_path: Path
+) -> None:
+    """A fleet's checks must not fall in step on the vault, and the revocation bound (the
+    interval + one check) must hold: each wait is the interval shortened at random by up
+    to ``jitter`` of it, the first one anywhere in (0, interval]."""
+    interval, jitter = 0.4, 0.5
+    state = Timed(tmp_path / "mnt")
+    started = time.monotonic()
+    w = watch(
+        transit_key.bao, transit_key.name, WatchSettings(interval, jitter=jitter), state=state
+    )
+    assert wait_until(lambda: len(state.ends) >= 14, timeout=20), state.ends
+    slack = 0.25  # the check itself (an unwrap) and thread scheduling on a loaded machine
+    assert state.ends[0] - started <= interval + slack
+    gaps = [b - a for a, b in zip(state.ends, state.ends[1:], strict=False)]
+    assert max(gaps) <= interval + slack, gaps
+    assert min(gaps) >= interval * (1 - jitter) - 0.05, gaps
+    assert max(gaps) - min(gaps) > 0.1, f"no spread: {gaps}"
+    snap = w.state.snapshot()
+    assert snap["checks"] >= 14 and snap["check_failures"] == 0
+    assert snap["vault_node"] == transit_key.bao.addr
+    assert 0 < snap["last_check_duration"] < 1

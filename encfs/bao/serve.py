@@ -1,9 +1,21 @@
-"""A persistent single-host OpenBao: Raft storage, TLS with a CA of its own, auto-unseal.
+"""A persistent OpenBao: Raft storage, TLS with a CA of its own, auto-unseal; one node, or
+a node of a cluster.
 
 ``start_serve`` (``encfs vault serve``, ``systemd/encfs-vault.service``) runs OpenBao with
 Raft storage under a data directory (mode 0700), TLS with a CA of its own
 (``DATA/tls/ca.pem``), initialised on first start with one unseal key share, and unsealed
 with that key on every start.
+
+A cluster (three nodes, or five) is that server on several hosts — or, for tests, several
+processes on one host — sharing one vault: the first node starts as above; every other one
+is started with ``join`` (the address of a node already in it) and a ``node_id`` of its
+own, after the operator copied ``init.json`` (the unseal key: every node unseals itself
+with it) and ``tls/ca.pem`` + ``tls/ca-key.pem`` (its server certificate is issued by the
+same CA, so hosts verify every node with one ``ca.pem``) into its data directory. Raft
+replicates the data; the leader answers, and the other nodes forward every request to it:
+standby reads are off (``disable_standby_reads``), because a standby that has lost its
+leader would otherwise keep answering from its last replicated state — a host revoked
+meanwhile could find a node that still says yes.
 
 The trade-off, stated wherever it matters (here, in ``start_serve`` and in the text
 ``encfs vault serve`` prints on first start): the unseal key is stored in
@@ -11,9 +23,10 @@ The trade-off, stated wherever it matters (here, in ``start_serve`` and in the t
 after a reboot. That keeps volume keys from leaving with a stolen *volume* or from being
 used by other hosts, and gives central revocation and audit; it does not protect against
 theft of *this host's* disk, which holds both the sealed data and the key that unseals it.
-Move the root token out after setup; in production prefer an auto-unseal seal (KMS, HSM, or
-transit on another vault) or unseal by hand (remove the unseal key from ``init.json``: the
-server then waits for ``bao operator unseal``).
+In a cluster every node's disk holds them, and the CA's key beside them (no more than
+``init.json`` already gives). Move the root token out after setup; in production prefer an
+auto-unseal seal (KMS, HSM, or transit on another vault) or unseal by hand (remove the
+unseal key from ``init.json``: the server then waits for ``bao operator unseal``).
 
 Unseal keys and tokens are never printed or logged. Raises ``encfs.errors`` types; prints
 nothing (``encfs.cli`` does).
@@ -26,11 +39,14 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from encfs import errors, sdnotify
 from encfs.bao import process
@@ -39,6 +55,7 @@ from encfs.hostfiles import write_file_atomic
 from encfs.vault.admin import AdminClient
 
 __all__ = [
+    "DEFAULT_NODE_ID",
     "TLS_DAYS",
     "LocalServer",
     "ServePaths",
@@ -69,6 +86,12 @@ class ServePaths:
     def ca_file(self) -> Path:
         """The CA certificate clients verify the server with (public, mode 0644)."""
         return self.tls_dir / "ca.pem"
+
+    @property
+    def ca_key_file(self) -> Path:
+        """The CA's private key (mode 0600): issues the certificate of every node of a
+        cluster; copied to each with ``init.json``."""
+        return self.tls_dir / "ca-key.pem"
 
     @property
     def cert_file(self) -> Path:
@@ -103,6 +126,10 @@ class LocalServer:
     """True on the first start: the vault was initialised by this call."""
     unsealed: bool
     """False when ``init.json`` holds no unseal key: the operator unseals by hand."""
+    joined_now: bool = False
+    """True on a joining node's first start: it joined the cluster by this call."""
+    standby: bool = False
+    """True when the node is a standby of a cluster (another node is the leader)."""
     transit_enabled_now: bool = False
     output: process.Output | None = field(default=None, repr=False)
 
@@ -134,11 +161,17 @@ def _listener_sans(host: str) -> tuple[list[str], list[str]]:
     return dns, ips
 
 
-def _ensure_tls(paths: ServePaths, host: str) -> bool:
+def _ensure_tls(paths: ServePaths, host: str, *, joining: bool) -> bool:
     """Make sure ``tls/`` holds a CA, a server certificate for ``host`` (and localhost,
-    127.0.0.1, ::1) valid for 30 more days, and its key; (re)generate all three otherwise.
-    Returns True if they were (re)generated: clients then need the new ``ca.pem``."""
+    127.0.0.1, ::1) valid for 30 more days, and its key. A missing or stale server
+    certificate is issued by the CA in ``tls/`` when its key is there (``ca-key.pem``: every
+    node of a cluster shares the CA, so hosts trust all of them with one ``ca.pem``); else a
+    new CA is made (and its key kept for the nodes to come) — refused for a ``joining``
+    node (``--join``), which must use the cluster's. Returns True if a new CA was made: clients then
+    need the new ``ca.pem``."""
     from cryptography import x509
+
+    from encfs.crypto import issue_tls_cert, make_tls_ca
 
     dns, ips = _listener_sans(host)
     if paths.cert_file.exists() and paths.key_file.exists() and paths.ca_file.exists():
@@ -153,19 +186,46 @@ def _ensure_tls(paths: ServePaths, host: str) -> bool:
                 return False
         except (ValueError, x509.ExtensionNotFound):
             pass  # unreadable: make new ones
-    from encfs.crypto import make_tls_material
-
-    ca_pem, cert_pem, key_pem = make_tls_material(
-        dns_names=dns, ip_addresses=ips, days=TLS_DAYS, common_name="encfs-vault"
-    )
+    made_ca = False
+    if paths.ca_file.exists() and paths.ca_key_file.exists():
+        _check_private(paths.ca_key_file, "TLS CA key file")
+        ca_pem, ca_key_pem = paths.ca_file.read_bytes(), paths.ca_key_file.read_bytes()
+    elif joining:
+        raise errors.VaultConfigError(
+            f"a joining node needs the cluster's CA: {paths.ca_file} and {paths.ca_key_file} "
+            "are missing",
+            hint="copy tls/ca.pem and tls/ca-key.pem (mode 0600) from a node of the cluster "
+            "into this node's data directory, with init.json",
+        )
+    else:
+        ca_pem, ca_key_pem = make_tls_ca(days=TLS_DAYS, common_name="encfs-vault")
+        made_ca = True
+    try:
+        cert_pem, key_pem = issue_tls_cert(
+            ca_pem,
+            ca_key_pem,
+            dns_names=dns,
+            ip_addresses=ips,
+            days=TLS_DAYS,
+            common_name="encfs-vault",
+        )
+    except ValueError as exc:
+        raise errors.VaultConfigError(
+            f"cannot issue a server certificate with the CA in {paths.tls_dir}: {exc}",
+            hint="copy ca.pem and ca-key.pem from the same node of the cluster",
+        ) from None
     paths.tls_dir.mkdir(mode=0o700, exist_ok=True)
     write_file_atomic(paths.key_file, key_pem, 0o600)
     write_file_atomic(paths.cert_file, cert_pem, 0o644)
-    write_file_atomic(paths.ca_file, ca_pem, 0o644)
-    return True
+    if made_ca:
+        write_file_atomic(paths.ca_key_file, ca_key_pem, 0o600)
+        write_file_atomic(paths.ca_file, ca_pem, 0o644)
+    return made_ca
 
 
-def _server_config(paths: ServePaths, host: str, port: int, cluster: tuple[str, int]) -> str:
+def _server_config(
+    paths: ServePaths, host: str, port: int, cluster: tuple[str, int], node_id: str
+) -> str:
     q = json.dumps  # a JSON string is a valid HCL string
     client = process.url_host(process.client_host(host))
     listen = f"{process.url_host(host)}:{port}"
@@ -176,11 +236,14 @@ def _server_config(paths: ServePaths, host: str, port: int, cluster: tuple[str, 
 ui = false
 api_addr = {q(f"https://{client}:{port}")}
 cluster_addr = {q(f"https://{cluster_client}")}
+# A standby forwards every request to the leader and never answers from its own replica:
+# cut off from the leader it would go on saying yes to a host revoked meanwhile.
+disable_standby_reads = true
 
 storage "raft" {{
   path = {q(str(paths.raft_dir))}
-  node_id = "encfs-vault"
-  # election timeouts of 1 s instead of 5 s: the single node becomes leader in ~1.5 s
+  node_id = {q(node_id)}
+  # the fastest timeouts: a single node is leader in ~1.5 s, a cluster elects in ~2-3 s
   performance_multiplier = 1
 }}
 
@@ -223,28 +286,41 @@ def _unseal_keys(doc: dict[str, Any]) -> list[str]:
     return [k for k in keys if isinstance(k, str) and k] if isinstance(keys, list) else []
 
 
+DEFAULT_NODE_ID = "encfs-vault"
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def start_serve(
     data_dir: Path,
     listen: str = process.DEFAULT_LISTEN,
     *,
     cluster_listen: str | None = None,
+    node_id: str | None = None,
+    join: str | None = None,
     log: TextIO | None = None,
     on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
     ready_timeout: float = 60.0,
 ) -> LocalServer:
     """Start a persistent OpenBao with Raft storage under ``data_dir``; returns once it is
-    active (or, without a stored unseal key, listening and sealed). The caller stops it.
+    active or a standby of its cluster (or, without a stored unseal key, listening and
+    sealed). The caller stops it.
 
     ``data_dir`` (created with mode 0700; refused if open to group or others) holds
     ``raft/`` (the data), ``tls/`` (``ca.pem`` 0644, ``server.pem``, ``server-key.pem``
     0600: a CA of our own whose private key is dropped after signing), ``bao.hcl`` (rewritten
     on every start) and ``init.json`` (0600). The API is TLS on ``listen``; Raft's cluster
-    port is ``cluster_listen`` (default: the next port).
+    port is ``cluster_listen`` (default: the next port). ``node_id`` names the node in
+    Raft (default ``encfs-vault``; each node of a cluster needs its own).
 
     First start (storage uninitialised): ``sys/init`` with one key share and threshold 1;
     the unseal key and the root token go to ``init.json`` before anything else happens.
     Every start: unseal with the stored key(s), wait until active, and (while the root token
     is still in ``init.json``) enable transit at ``transit/`` if it is missing.
+
+    ``join`` (``https://HOST:PORT`` of a node of a cluster): on the first start the node
+    joins that cluster instead of initialising (``sys/storage/raft/join``; ``init.json`` and
+    ``tls/ca.pem`` + ``tls/ca-key.pem`` copied from a node must be there), then unseals
+    with the cluster's key like any node; later starts ignore it (the node is a member).
 
     Trade-off: the unseal key sits on the same disk as the data, so the server unseals itself
     after a reboot. This protects against theft of keys from other hosts and gives central
@@ -258,6 +334,19 @@ def start_serve(
     """
     data_dir = data_dir.absolute()
     paths = ServePaths(data_dir)
+    node_id = DEFAULT_NODE_ID if node_id is None else node_id
+    if not _NODE_ID_RE.fullmatch(node_id):
+        raise errors.VaultConfigError(
+            f"node id {node_id!r} is not a plain name",
+            hint="letters, digits, '.', '_' and '-', at most 64",
+        )
+    if join is not None:
+        parts = urlsplit(join)
+        if parts.scheme != "https" or not parts.hostname or parts.path.strip("/"):
+            raise errors.VaultConfigError(
+                f"--join {join!r} is not the address of a node: https://HOST:PORT",
+                hint="the API address another `encfs vault serve` node printed when it started",
+            )
     host, port = process.split_listen(listen)
     cluster = process.split_listen(cluster_listen) if cluster_listen else (host, port + 1)
     if cluster[1] > 65535:
@@ -270,10 +359,17 @@ def start_serve(
     _prepare_data_dir(data_dir)
     if paths.init_file.exists():
         _check_private(paths.init_file, "vault init file")
-    _ensure_tls(paths, host)
+    if join is not None and not paths.init_file.exists():
+        raise errors.VaultConfigError(
+            f"a joining node unseals with the cluster's key, but {paths.init_file} is missing",
+            hint="copy init.json (mode 0600) and tls/ca.pem, tls/ca-key.pem from a node of the "
+            "cluster into this node's data directory",
+        )
+    _ensure_tls(paths, host, joining=join is not None)
     paths.raft_dir.mkdir(mode=0o700, exist_ok=True)
     paths.home_dir.mkdir(mode=0o700, exist_ok=True)
-    write_file_atomic(paths.config_file, _server_config(paths, host, port, cluster).encode(), 0o600)
+    config = _server_config(paths, host, port, cluster, node_id)
+    write_file_atomic(paths.config_file, config.encode(), 0o600)
 
     addr = f"https://{process.url_host(process.client_host(host))}:{port}"
     cmd = [str(binary), "server", f"-config={paths.config_file}"]
@@ -285,7 +381,7 @@ def start_serve(
         if on_spawn is not None:
             on_spawn(proc)
         with AdminClient(addr, ca_file=paths.ca_file) as api:
-            _bring_up(server, api, out, ready_timeout)
+            _bring_up(server, api, out, ready_timeout, join=join)
     except BaseException:
         server.stop()
         raise
@@ -293,16 +389,26 @@ def start_serve(
 
 
 def _bring_up(
-    server: LocalServer, api: AdminClient, out: process.Output, ready_timeout: float
+    server: LocalServer,
+    api: AdminClient,
+    out: process.Output,
+    ready_timeout: float,
+    *,
+    join: str | None,
 ) -> None:
-    """Wait until ``server`` listens; initialise it on first start; unseal it with the
-    stored key(s) (none: return, sealed); wait until it is active; enable transit while the
-    root token is still in ``init.json``. Sets ``server``'s flags as it goes."""
+    """Wait until ``server`` listens; on first start initialise it, or join the cluster at
+    ``join``; unseal it with the stored key(s) (none: return, sealed); wait until it is
+    active or a standby; enable transit while the root token is still in ``init.json`` (on
+    the leader). Sets ``server``'s flags as it goes."""
     paths, proc, addr = server.paths, server.proc, server.addr
     status = process.wait_health(
         api, proc, out, want=(200, 429, 501, 503), timeout=ready_timeout, what="listening"
     )
-    if status == 501:  # storage empty: first start
+    if status == 501 and join is not None:  # a new node of a cluster (later starts: a member)
+        _join(api, paths, join)
+        server.joined_now = True
+        status = 503
+    elif status == 501:  # storage empty: first start
         _initialise(api, paths, addr)
         server.initialized_now = True
         status = 503
@@ -315,22 +421,68 @@ def _bring_up(
             answer = api.call("PUT", "/v1/sys/unseal", {"key": key}, what="unseal")
             if isinstance(answer, dict) and answer.get("sealed") is False:
                 break
+            if server.joined_now and isinstance(answer, dict) and answer.get("progress") == 0:
+                break  # key accepted: a joining node unseals once the leader answers its challenge
         else:
             raise errors.BaoServerError(
                 f"vault {addr} is still sealed after the key(s) in {paths.init_file}",
                 hint=f"{paths.init_file} does not hold this vault's unseal key(s); "
                 "unseal by hand: bao operator unseal",
             )
-    process.wait_health(api, proc, out, want=(200,), timeout=ready_timeout, what="active")
+    process.wait_health(
+        api, proc, out, want=(200, 429), timeout=ready_timeout, what="active or standby"
+    )
     server.unsealed = True
+    server.standby = not _wait_for_leader(api, min(ready_timeout, LEADER_WAIT))
     root_token = _read_init(paths).get("root_token") if paths.init_file.exists() else None
-    if isinstance(root_token, str) and root_token:
+    if isinstance(root_token, str) and root_token and not server.standby:
         # a root token revoked but left in the file: nothing to do
         with (
             contextlib.suppress(errors.VaultPermissionDenied),
             AdminClient(addr, root_token, ca_file=paths.ca_file) as root,
         ):
             server.transit_enabled_now = ensure_transit(root, DEFAULT_MOUNT)
+
+
+LEADER_WAIT = 15.0
+"""Seconds an unsealed node waits for its cluster to have a leader before it reports ready
+anyway (the first node of a cluster restarting after all of them stopped has no one to
+elect a leader with until the next one is back)."""
+
+
+def _wait_for_leader(api: AdminClient, timeout: float) -> bool:
+    """Wait until this node is active (True) or a standby of a cluster with a leader
+    (False), at most ``timeout`` seconds (then False: a standby waiting for its peers). A
+    single node is active about 1.5 s after it is unsealed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if api.health() == 200:
+            return True
+        status, doc = api.request("GET", "/v1/sys/leader")
+        known = status == 200 and isinstance(doc, dict) and doc.get("leader_address")
+        if known and isinstance(doc, dict) and not doc.get("is_self"):
+            return False  # another node leads
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _join(api: AdminClient, paths: ServePaths, leader: str) -> None:
+    """Join the cluster of the node at ``leader`` (Raft join: the node is then sealed, and
+    unseals with the cluster's key like the others). The leader's certificate is checked
+    with our CA, which must be the cluster's."""
+    answer = api.call(
+        "POST",
+        "/v1/sys/storage/raft/join",
+        {"leader_api_addr": leader, "leader_ca_cert": paths.ca_file.read_text(encoding="ascii")},
+        what=f"join the cluster at {leader}",
+    )
+    if not (isinstance(answer, dict) and answer.get("joined") is True):
+        raise errors.BaoServerError(
+            f"the node could not join the cluster at {leader}",
+            hint="check that a node of the cluster answers there, and that init.json and "
+            "tls/ca.pem, tls/ca-key.pem were copied from it",
+        )
 
 
 def _initialise(api: AdminClient, paths: ServePaths, addr: str) -> None:

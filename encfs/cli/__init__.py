@@ -16,6 +16,7 @@ from encfs import errors
 from encfs.cli.mount import cmd_mount, cmd_status, cmd_unmount
 from encfs.cli.output import ExitCode, exit_code_for, setup_logging
 from encfs.cli.parser import build_parser, verbosity
+from encfs.cli.rekey import cmd_rekey
 from encfs.cli.service import ConfigError, cmd_systemd, expand_config
 from encfs.cli.vault import cmd_vault
 from encfs.cli.volume import cmd_fsck, cmd_header, cmd_info, cmd_init, cmd_pin, cmd_rotate
@@ -71,6 +72,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: l
             return cmd_fsck(args)
         if args.command == "rotate":
             return cmd_rotate(args)
+        if args.command == "rekey":
+            return cmd_rekey(args)
         if args.command == "status":
             return cmd_status(args)
         if args.command == "vault":

@@ -16,7 +16,7 @@ from typing import Any
 
 from encfs.cli.output import ExitCode, setup_logging
 from encfs.cli.parser import verbosity
-from encfs.cli.settings import audit_settings, vault2_settings, vault_settings
+from encfs.cli.settings import audit_settings, vault2_settings, vault_setting, vault_settings
 from encfs.vault import env_vault_addr
 from encfs.watcher import WatchSettings
 
@@ -57,7 +57,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         cipher_dir=args.cipher_dir.resolve(),
         mountpoint=args.mountpoint.resolve(),
         vault=vault_settings(args),
-        vault_url=args.vault_url,
+        vault_url=vault_setting(args.vault_url),
         vault_addr=env_vault_addr(),
         vault2=vault2_settings(args),
         vault2_url=args.vault2_url,
@@ -70,6 +70,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         debug=verbosity(args) >= 3,
         audit=audit_settings(args),
         ephemeral=args.ephemeral,
+        metrics_file=args.metrics_file,
         watch=WatchSettings(
             check_interval=args.check_interval,
             offline_grace=args.offline_grace,
@@ -210,9 +211,7 @@ def cmd_unmount(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:
-    import socket
-
-    from encfs.mounts import RUN_DIR, status_socket
+    from encfs.mounts import RUN_DIR, ask, status_socket
 
     if args.mountpoint is not None:
         sockets = [status_socket(args.mountpoint.resolve())]
@@ -221,13 +220,7 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
     reports: list[dict[str, object]] = []
     for path in sockets:
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(5)
-                sock.connect(str(path))
-                raw = b""
-                while chunk := sock.recv(65536):
-                    raw += chunk
-            reports.append(json.loads(raw))
+            reports.append(ask(path))
         except (OSError, ValueError) as exc:
             if args.mountpoint is not None:
                 print(
@@ -237,6 +230,11 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
                 return ExitCode.NOT_MOUNTED
     if args.json:
         print(json.dumps(reports[0] if args.mountpoint is not None else reports, indent=2))
+        return ExitCode.OK
+    if args.prometheus:
+        from encfs import metrics
+
+        sys.stdout.write(metrics.render(reports))
         return ExitCode.OK
     if not reports:
         print("no encfs volume is mounted")
@@ -279,6 +277,10 @@ def _print_status(r: dict[str, Any]) -> None:
         if r.get("last_error"):
             print(f"  last error   {r['last_error']}")
         _print_identity(r.get("token") or {}, "  identity     ")
+    addresses = r.get("vault_addresses") or []
+    if len(addresses) > 1 or r.get("vault_node"):
+        node = r.get("vault_node") or "-"
+        print(f"  vault nodes  {', '.join(addresses)}; last answer from {node}")
     mem = r.get("memory") or {}
     if mem:
         locked = "locked" if mem.get("locked") else f"NOT locked ({mem.get('detail')})"
@@ -293,6 +295,17 @@ def _print_status(r: dict[str, Any]) -> None:
             f"{c.get('writes')} writes ({c.get('bytes_written')} B), "
             f"{c.get('integrity_errors')} integrity errors"
         )
+    rk = r.get("rekey") or {}
+    if rk:
+        if rk.get("state") == "interrupted":
+            line = "interrupted: `encfs rekey` finishes it"
+        else:
+            line = (
+                f"{rk.get('state')}, {rk.get('files')}/{rk.get('files_total')} files, "
+                f"{int(rk.get('bytes') or 0) >> 20}/{int(rk.get('bytes_total') or 0) >> 20} MiB"
+                f", {rk.get('problems')} problem(s)"
+            )
+        print(f"  rekey        {line}")
     lf = r.get("libfuse") or {}
     if lf:
         print(

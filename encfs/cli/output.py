@@ -66,6 +66,7 @@ _ERROR_CODES: tuple[tuple[type[errors.EncfsError], ExitCode], ...] = (
     (errors.MountError, ExitCode.MOUNT_FAILED),
     (errors.VolumeRevoked, ExitCode.REVOKED),
     (errors.VolumeBusy, ExitCode.VOLUME_IN_USE),
+    (errors.RekeyIncomplete, ExitCode.CORRUPT),
 )
 
 

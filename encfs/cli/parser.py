@@ -35,8 +35,9 @@ vault token (the host's identity), first found wins:
   LoadCredential=), $VAULT_TOKEN, $BAO_TOKEN. Never on the command line.
 
 vault address (where the token may go), first found wins:
-  --vault URL|https://HOST:PORT (or VAULT= in the config file), $VAULT_ADDR, $BAO_ADDR
-  (CA: --ca-file, $VAULT_CACERT, $BAO_CACERT). Never the URL in the volume header alone.
+  --vault URL|https://HOST:PORT, repeated for the nodes of a cluster (or VAULT= in the
+  config file, space-separated), $VAULT_ADDR, $BAO_ADDR (one address; CA: --ca-file,
+  $VAULT_CACERT, $BAO_CACERT). Never the URL in the volume header alone.
 
 double-encrypted volumes (init --double): a second vault key (KEK 2) with its own access:
   --vault2 URL|https://HOST:PORT (VAULT2=), --vault2-token-file FILE (TOKEN_FILE2=, or
@@ -204,12 +205,15 @@ def _vault_override_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vault",
         dest="vault_url",
+        action="append",
         metavar="URL",
         help="the vault to use: a full vault URL (it wins over the one in the volume "
-        "header) or an address https://HOST:PORT (the header's mount and key on it). "
-        "Default: $VAULT_ADDR / $BAO_ADDR. The header's URL alone is never used: it is not "
-        "authenticated before the key is unwrapped, so the host's token would go wherever "
-        "an edited header points (exit 9, vault-not-pinned)",
+        "header) or an address https://HOST:PORT (the header's mount and key on it). Give "
+        "it once per node of a vault cluster (or several separated by spaces): they are "
+        "tried in order, failing over when a node cannot serve (never when it refuses). "
+        "Default: $VAULT_ADDR / $BAO_ADDR (one address). The header's URL alone is never "
+        "used: it is not authenticated before the key is unwrapped, so the host's token "
+        "would go wherever an edited header points (exit 9, vault-not-pinned)",
     )
 
 
@@ -323,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_abs_path,
         metavar="FILE",
         help="where the background daemon logs (default: syslog if available)",
+    )
+    p.add_argument(
+        "--metrics-file",
+        type=_abs_path,
+        metavar="FILE",
+        help="keep the mount's Prometheus metrics (those of `encfs status --prometheus`) in "
+        "FILE for node_exporter's textfile collector: rewritten atomically every check "
+        "interval, removed at unmount",
     )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("key lifecycle while mounted")
@@ -459,6 +471,37 @@ def build_parser() -> argparse.ArgumentParser:
     _vault2_args(p)
 
     p = sub.add_parser(
+        "rekey",
+        help="re-encrypt everything under a new volume key (online, crash-safe)",
+        description="For a volume key that may have been exposed: ask the vault for a new "
+        "volume key and re-seal every name, block, symlink target and xattr under it, like "
+        "cryptsetup reencrypt. Works while the volume is mounted and in use (the daemon "
+        "does the work; this command starts it and shows its progress) or on a volume that "
+        "is not mounted (this command does it, holding the volume's lock). Crash-safe and "
+        "resumable: after a crash or kill at any point the volume mounts and reads as "
+        "before, and running rekey again finishes the job. When it is done, the old wrapped "
+        "key is gone from the header and from encfs.volume.prev, and the old key decrypts "
+        "nothing in the volume; header backups made before still unwrap the old key, which "
+        "opens nothing any more. Entries that open under neither key (see encfs fsck) "
+        "keep it from finishing: exit 30. The host token needs update on "
+        "MOUNT/datakey/plaintext/KEY and MOUNT/decrypt/KEY (what init and mount use). A "
+        "double-encrypted volume gets two new keys, one from each vault (--vault2 ...).",
+    )
+    p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress on stderr (the default): a bar updated in place when stderr is a "
+        'terminal, else one JSON object per second ({"kind": "progress", ...}) and one at '
+        "the end. --no-progress: none",
+    )
+    _vault_override_arg(p)
+    _vault_args(p)
+    _vault2_args(p)
+
+    p = sub.add_parser(
         "status",
         help="state of mounted volumes (active, offline-grace, suspended and why)",
         description="Ask the daemon serving MOUNTPOINT (or every encfs daemon on this host) "
@@ -467,7 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
         "locking, PID and RSS. Answered over a root-only unix socket in /run/encfs.",
     )
     p.add_argument("mountpoint", type=_abs_path, nargs="?", metavar="MOUNTPOINT")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt_group = p.add_mutually_exclusive_group()
+    fmt_group.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt_group.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="Prometheus metrics (text exposition format): state, last check, check "
+        "duration, vault reachability, operation counters, labelled by mountpoint and "
+        "volume_id",
+    )
 
     hp = sub.add_parser(
         "header",
@@ -544,10 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mountpoint", type=_abs_path, required=True, metavar="DIR")
     p.add_argument(
         "--vault",
+        action="append",
         metavar="URL",
         help="the vault the service may send the host's token to (VAULT= in the config; "
         "required unless --ephemeral): a full vault URL, or https://HOST:PORT with the "
-        "volume header's mount and key",
+        "volume header's mount and key; repeated for each node of a vault cluster",
     )
     p.add_argument(
         "--token-file",
@@ -615,17 +667,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = vsub.add_parser(
         "serve",
-        help="persistent single-host OpenBao (Raft storage, TLS, auto-unseal from DATA)",
+        help="persistent OpenBao (Raft storage, TLS, auto-unseal from DATA); one node or a "
+        "node of a cluster",
         description="Run a persistent OpenBao with Raft storage in DATA (mode 0700), TLS "
         "on the listen address with a CA of its own (DATA/tls/ca.pem). The first start "
         "initialises it with one unseal key kept in DATA/init.json (0600) and prints the "
         "trade-off: the unseal key sits on the same disk as the data, so this protects "
         "volume keys from other hosts and from a stolen volume, not from theft of this "
-        "host's disk. Every start unseals it. Runs in the foreground.",
+        "host's disk. Every start unseals it. Runs in the foreground. A cluster: start "
+        "the first node with --node-id, copy its init.json, tls/ca.pem and tls/ca-key.pem "
+        "into each other node's DATA, and start those with their own --node-id and --join "
+        "https://FIRST:PORT (see README, 'A vault cluster').",
     )
     p.add_argument("--data", type=_abs_path, required=True, metavar="DIR")
     p.add_argument("--listen", default="127.0.0.1:8200", metavar="HOST:PORT")
-    p.add_argument("--cluster-listen", default=None, metavar="HOST:PORT")
+    p.add_argument(
+        "--cluster-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="Raft's port, where the nodes of a cluster talk to each other "
+        "(default: the port after --listen's)",
+    )
+    p.add_argument(
+        "--node-id",
+        default=None,
+        metavar="ID",
+        help="this node's name in the cluster, unique among its nodes (default: encfs-vault)",
+    )
+    p.add_argument(
+        "--join",
+        default=None,
+        metavar="https://HOST:PORT",
+        help="on the first start, join the cluster of the node at this address instead of "
+        "initialising a new vault (DATA must hold init.json, tls/ca.pem and tls/ca-key.pem "
+        "copied from a node); ignored once the node is a member",
+    )
     p = vsub.add_parser(
         "setup",
         help="create the transit key, the host's policy and its token (idempotent)",

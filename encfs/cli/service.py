@@ -11,7 +11,7 @@ from pathlib import Path
 
 from encfs import errors, volume
 from encfs.cli.output import ExitCode
-from encfs.vault import parse_vault_url
+from encfs.vault import check_vault_setting
 
 # KEY=VALUE settings of one volume (/etc/encfs/NAME.conf) -> `encfs mount` arguments.
 CONFIG_KEYS: dict[str, str] = {
@@ -36,6 +36,7 @@ CONFIG_KEYS: dict[str, str] = {
     "SUSPENDED_ERRNO": "--suspended-errno",
     "AUDIT_LOG": "--audit-log",
     "LOG_FILE": "--log-file",
+    "METRICS_FILE": "--metrics-file",
     "EPHEMERAL": "--ephemeral",
 }
 
@@ -99,7 +100,12 @@ def expand_config(argv: list[str]) -> list[str]:
         raise ConfigError("--config needs a file")
     m = argv.index("mount")
     rest = argv[:i] + argv[i + 2 :]
-    return rest[: m + 1] + read_config(Path(argv[i + 1])) + rest[m + 1 :]
+    settings = read_config(Path(argv[i + 1]))
+    if "--vault" in settings and any(a == "--vault" or a.startswith("--vault=") for a in rest):
+        # --vault adds a node to the list; on the command line it replaces VAULT= instead.
+        i = settings.index("--vault")
+        settings = settings[:i] + settings[i + 2 :]
+    return rest[: m + 1] + settings + rest[m + 1 :]
 
 
 def cmd_systemd(args: argparse.Namespace) -> ExitCode:
@@ -110,7 +116,7 @@ def cmd_systemd(args: argparse.Namespace) -> ExitCode:
         "MOUNTPOINT": str(args.mountpoint.absolute()),
     }
     if args.vault:
-        settings["VAULT"] = args.vault
+        settings["VAULT"] = " ".join(args.vault)
     if args.vault2:
         settings["VAULT2"] = args.vault2
     if args.ephemeral:
@@ -160,11 +166,7 @@ def cmd_systemd(args: argparse.Namespace) -> ExitCode:
             return ExitCode.VAULT_NOT_PINNED
     for key in ("VAULT", "VAULT2"):
         if settings.get(key):
-            try:
-                parse_vault_url(settings[key])
-            except errors.VaultConfigError:
-                if not settings[key].startswith(("http://", "https://")):
-                    raise
+            check_vault_setting(settings[key])
     plan = service.ServicePlan(
         name=args.name,
         settings=settings,

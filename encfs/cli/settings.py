@@ -14,6 +14,7 @@ from encfs.audit import DEFAULT_AUDIT_LOG, AuditSettings, under_systemd
 from encfs.vault import (
     KeyWrapper,
     VaultSettings,
+    VaultURL,
     connect,
     env_ca_file,
     env_vault_addr,
@@ -46,12 +47,20 @@ def vault2_settings(args: argparse.Namespace) -> VaultSettings:
     )
 
 
-def pinned_url(args: argparse.Namespace, hf: volume.HeaderFile) -> str:
+def vault_setting(values: list[str] | None) -> str | None:
+    """The host's vault setting from ``--vault`` given any number of times: one
+    space-separated list (the syntax of ``VAULT=`` in a config file), None if not given."""
+    return " ".join(values) if values else None
+
+
+def pinned_url(args: argparse.Namespace, hf: volume.HeaderFile) -> VaultURL:
     """Where this command may send the host's credential (``vault.pin_vault_url``)."""
-    pinned = pin_vault_url(hf.header.vault_url, configured=args.vault_url, addr=env_vault_addr())
+    pinned = pin_vault_url(
+        hf.header.vault_url, configured=vault_setting(args.vault_url), addr=env_vault_addr()
+    )
     if pinned.note:
         log.warning("%s", pinned.note)
-    return str(pinned.url)
+    return pinned.url
 
 
 def connect_vaults(args: argparse.Namespace, hf: volume.HeaderFile) -> list[KeyWrapper]:
@@ -65,7 +74,7 @@ def connect_vaults(args: argparse.Namespace, hf: volume.HeaderFile) -> list[KeyW
         )
         if pinned.note:
             log.warning("KEK 2: %s", pinned.note)
-        urls.append(str(pinned.url))
+        urls.append(pinned.url)
     elif args.vault2_url:
         log.warning("%s is not double-encrypted: --vault2 is not used", args.cipher_dir)
     vaults: list[KeyWrapper] = []

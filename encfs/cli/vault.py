@@ -121,6 +121,10 @@ Next:
   3. in production prefer auto-unseal (cloud KMS, HSM, or transit on another vault), or
      remove the unseal key from {init} and unseal by hand after each start
      (bao operator unseal).
+  4. for a cluster (3 nodes survive the loss of 1), copy {init}, {ca} and
+     {ca_key} into each new node's data directory (modes 0600, directory 0700) and run
+       encfs vault serve --data DIR --listen HOST:PORT --node-id NAME --join {addr}
+     Hosts then list every node: encfs mount ... --vault ADDR1 --vault ADDR2 --vault ADDR3
 """
 
 
@@ -139,6 +143,8 @@ def _vault_serve(args: argparse.Namespace) -> ExitCode:
                 args.data,
                 args.listen,
                 cluster_listen=args.cluster_listen,
+                node_id=args.node_id,
+                join=args.join,
                 log=sys.stderr,
                 on_spawn=fwd.attach,
             )
@@ -155,12 +161,19 @@ def _vault_serve(args: argparse.Namespace) -> ExitCode:
                         init=paths.init_file,
                         addr=server.addr,
                         ca=paths.ca_file,
+                        ca_key=paths.ca_key_file,
                     ),
                     flush=True,
                 )
-            if server.unsealed:
+            if server.joined_now:
                 print(
-                    f"encfs-vault: OpenBao ready at {server.addr} (CA: {paths.ca_file}; "
+                    f"encfs-vault: this node ({args.node_id}) joined the cluster at {args.join}",
+                    flush=True,
+                )
+            if server.unsealed:
+                role = "a standby of its cluster" if server.standby else "active"
+                print(
+                    f"encfs-vault: OpenBao ready at {server.addr}, {role} (CA: {paths.ca_file}; "
                     f"transit at {DEFAULT_MOUNT}/)",
                     flush=True,
                 )

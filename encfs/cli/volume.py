@@ -166,6 +166,10 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
             f"kek_version{number}": slot.kek_version,
             f"wrapped_key{number}": slot.wrapped_key,
         }
+    for number, old in enumerate(h.retiring, 1):  # a rekey under way: `encfs rekey` ends it
+        suffix = "" if number == 1 else str(number)
+        info[f"retiring_kek_version{suffix}"] = old.kek_version
+        info[f"retiring_wrapped_key{suffix}"] = old.wrapped_key
     info["header_file"] = str(hf.path)
     if args.json:
         print(json.dumps(info, indent=2))

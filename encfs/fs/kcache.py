@@ -11,11 +11,12 @@ one name of a file must invalidate what the kernel caches under its other names
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 Invalidate = Callable[[str], int]
 """Drop the kernel's attributes and pages of a mount path: 0, or -errno (-ENOENT when the
@@ -118,45 +119,92 @@ class Aliases:
 
 
 class Gate:
-    """Admission of FUSE operations, closed while the volume is suspended.
+    """Admission of FUSE operations: closed while the volume is suspended, paused for a
+    moment while a rekey renames a directory's entries.
 
-    ``enter`` admits an operation (False when closed); ``close`` shuts the gate and waits
-    until the operations already inside have left, so that nothing started before the
-    suspension can still put plaintext into the kernel's cache afterwards.
+    ``enter`` admits an operation (False when closed by a suspension; while paused it
+    waits); ``close`` shuts the gate and waits until the operations already inside have
+    left, so that nothing started before the suspension can still put plaintext into the
+    kernel's cache afterwards; ``pause`` holds new operations back and waits the same way,
+    so that the caller works alone until ``unpause``.
 
     Lock-free on the request path (a lock here convoys the FUSE threads behind the GIL):
     an operation first registers itself (``deque.append``, atomic), *then* looks at
-    ``open``; ``close`` first clears ``open``, *then* waits for the register to empty. An
-    operation therefore either sees the gate closed and withdraws, or is counted before
-    ``close`` starts waiting.
+    ``open``; ``close`` and ``pause`` first clear ``open``, *then* wait for the register
+    to empty. An operation therefore either sees the gate shut and withdraws, or is
+    counted before they start waiting. ``_cond`` guards the slow path's flags.
     """
 
     def __init__(self) -> None:
         self._inside: collections.deque[None] = collections.deque()
         self.open = True
+        """Operations are admitted without waiting (neither suspended nor paused)."""
+        self.suspended = False
+        self._paused = 0
+        self._cond = threading.Condition(threading.Lock())
 
     def enter(self) -> bool:
-        self._inside.append(None)
-        if self.open:
-            return True
-        self._inside.pop()
-        return False
+        while True:
+            self._inside.append(None)
+            if self.open:
+                return True
+            self._inside.pop()
+            with self._cond:
+                while self._paused and not self.suspended:
+                    self._cond.wait()
+                if self.suspended:
+                    return False
 
     def leave(self) -> None:
         self._inside.pop()
 
     def close(self, timeout: float) -> bool:
         """Shut; True once no operation is inside (False if some still are at ``timeout``)."""
-        self.open = False
+        with self._cond:
+            self.suspended = True
+            self.open = False
+            self._cond.notify_all()
+        return self._drained(timeout)
+
+    def reopen(self) -> None:
+        with self._cond:
+            self.suspended = False
+            self.open = not self._paused
+            self._cond.notify_all()
+
+    def pause(self, timeout: float) -> bool:
+        """Hold new operations back (they wait) and wait until none is inside; True then,
+        False at ``timeout`` (still paused: call ``unpause`` either way)."""
+        with self._cond:
+            self._paused += 1
+            self.open = False
+        return self._drained(timeout)
+
+    def unpause(self) -> None:
+        with self._cond:
+            self._paused -= 1
+            self.open = not self._paused and not self.suspended
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def paused(self, timeout: float) -> Iterator[None]:
+        """``pause`` for the ``with`` block, ``unpause`` after it. Raises ``TimeoutError``
+        (nothing held then) if operations still run after ``timeout``."""
+        drained = self.pause(timeout)
+        try:
+            if not drained:
+                raise TimeoutError(f"FUSE operations still running after {timeout:.0f} s")
+            yield
+        finally:
+            self.unpause()
+
+    def _drained(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self._inside:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.001)
         return True
-
-    def reopen(self) -> None:
-        self.open = True
 
 
 class SeenPaths:

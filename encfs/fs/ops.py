@@ -13,12 +13,13 @@ libfuse is seen only as a ``Session``. Handles (``fh``) are the backing file des
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -227,7 +228,7 @@ class EncfsOperations:
 
     @property
     def suspended(self) -> bool:
-        return not self.gate.open
+        return self.gate.suspended
 
     def suspend(self, drain_timeout: float = 5.0) -> int:
         """Stop serving and forget every key and every plaintext the kernel caches.
@@ -250,18 +251,34 @@ class EncfsOperations:
         return self.seen.invalidate_all(None if self.session is None else self.session.invalidate)
 
     def resume(
-        self, volume_keys: Sequence[bytearray], header_body: bytes, header_tag: bytes
+        self,
+        volume_keys: Sequence[bytearray],
+        header_body: bytes,
+        header_tag: bytes,
+        retiring: Sequence[bytearray] = (),
     ) -> None:
         """Serve again with the volume key(s) (key slot order; copied, the caller wipes its
-        own). The header tag must verify under them (``HeaderAuthError`` otherwise, and the
+        own) and, for a volume whose rekey is under way, the retiring ones (same order).
+        The header tag(s) must verify under them (``HeaderAuthError`` otherwise, and the
         keys stay wiped). Handles opened before the suspension work again."""
         self.keys.load(volume_keys[0], volume_keys[1] if len(volume_keys) > 1 else None)
         try:
+            if retiring:
+                self.keys.load_retiring(retiring[0], retiring[1] if len(retiring) > 1 else None)
             self.keys.verify_header(header_body, header_tag)
         except BaseException:
             self.keys.wipe()
             raise
         self.gate.reopen()
+
+    @contextlib.contextmanager
+    def quiet(self, timeout: float = 60.0) -> Iterator[None]:
+        """While held, no FUSE operation runs (``Gate.paused``: new ones wait) and deferred
+        writes are on the backing file: ``encfs rekey`` changes a directory's names or the
+        keys in use meanwhile. Raises ``TimeoutError``. Never call from a FUSE thread."""
+        with self.gate.paused(timeout):
+            self.sealer.drain()
+            yield
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -567,19 +584,19 @@ class EncfsOperations:
         the adapter's fast path: what ``getxattr`` answers (``xattrs.UNSUPPORTED``; the
         suspended errno while suspended), without an exception or the gate. Counted."""
         self.counters.security_probes += 1
-        return xattrs.UNSUPPORTED if self.gate.open else self.options.suspended_errno
+        return self.options.suspended_errno if self.gate.suspended else xattrs.UNSUPPORTED
 
     @fuse_op
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         """A ``user.*`` attribute's value; ENODATA if it has none, ``xattrs.UNSUPPORTED``
         outside ``user.*`` (what ``foreign_xattr`` answers on the adapter's fast path)."""
-        bname = xattrs.backing_name(self.keys, name)
-        return xattrs.get(self.keys, self.names.entry(path), bname)
+        xattrs.plain_name(name)  # an unsupported name is refused before the path resolves
+        return xattrs.get(self.keys, self.names.entry(path), name)
 
     @fuse_write
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        entry = self.names.entry(path)
-        xattrs.set_(self.keys, entry, xattrs.backing_name(self.keys, name), value, options)
+        xattrs.plain_name(name)
+        xattrs.set_(self.keys, self.names.entry(path), name, value, options)
         return 0
 
     @fuse_op
@@ -588,6 +605,6 @@ class EncfsOperations:
 
     @fuse_write
     def removexattr(self, path: str, name: str) -> int:
-        entry = self.names.entry(path)
-        entry.parent.removexattr(entry.name, xattrs.backing_name(self.keys, name))
+        xattrs.plain_name(name)
+        xattrs.remove(self.keys, self.names.entry(path), name)
         return 0

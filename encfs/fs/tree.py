@@ -46,6 +46,8 @@ class Tree:
     """The (uid, gid) of the process a request comes from; new entries are given to it
     when the daemon runs as root."""
     as_root: bool = field(default_factory=lambda: os.geteuid() == 0)
+    moves: int = 0
+    """Renames and hard links made so far (a rekey walks again after any: ``encfs.rekey``)."""
 
     def own(self, entry: nm.Entry, fd: int | None = None) -> None:
         """Give a new entry to the calling user, as a kernel filesystem would (root only).
@@ -144,6 +146,7 @@ class Tree:
 
     def link(self, target: str, source: str) -> None:
         """Create the hard link ``target`` to the existing ``source`` (both mount paths)."""
+        self.moves += 1
         src = self.names.entry(source)
         entry = self.names.entry(target)
         with self.creating(entry):
@@ -196,6 +199,7 @@ class Tree:
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         """rename(2) with ``RENAME_NOREPLACE`` and ``RENAME_EXCHANGE``; an empty directory
         in the way goes with its id (the kernel would call it non-empty)."""
+        self.moves += 1
         src = self.names.entry(old)
         dst = self.names.entry(new)
         src_st = src.parent.lstat(src.name)

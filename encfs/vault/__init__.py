@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -44,16 +44,32 @@ TRANSIT_DEFAULT_PORT = 8200
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """One address of a vault: a host and a port (a node of a cluster)."""
+
+    host: str
+    port: int
+
+    def origin(self, scheme: str) -> str:
+        """``PROTO://HOST:PORT`` for a vault URL scheme (``transit+https`` -> ``https``)."""
+        return f"{scheme.split('+', 1)[-1]}://{_url_host(self.host)}:{self.port}"
+
+
+@dataclass(frozen=True)
 class VaultURL:
     """A parsed vault URL: ``transit+https://HOST:PORT/MOUNT/KEYNAME`` or
     ``kmip://HOST:PORT/KEY-ID`` (then ``mount`` is empty and ``key_name`` is the KMIP
-    unique identifier)."""
+    unique identifier), at one address or, for a cluster, several (``also``)."""
 
     scheme: str
     host: str
     port: int
     mount: str
     key_name: str
+    also: tuple[Endpoint, ...] = ()
+    """Further addresses of the same vault (one cluster: the same key behind each), all
+    pinned by the host and trusted alike; tried in order after ``host:port`` when it
+    cannot serve (``encfs.vault.connection``). Empty for a vault at one address."""
 
     @property
     def is_kmip(self) -> bool:
@@ -61,15 +77,36 @@ class VaultURL:
 
     @property
     def base_url(self) -> str:
-        """The origin of the vault, e.g. ``https://vault:8200`` (``kmip://host:5696``)."""
-        proto = self.scheme.split("+", 1)[-1]
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{proto}://{host}:{self.port}"
+        """The origin of the (first) address, e.g. ``https://vault:8200``
+        (``kmip://host:5696``)."""
+        return Endpoint(self.host, self.port).origin(self.scheme)
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """Every address, the first one first."""
+        return (Endpoint(self.host, self.port), *self.also)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """``base_url`` of every address, in order."""
+        return tuple(e.origin(self.scheme) for e in self.endpoints)
+
+    @property
+    def primary(self) -> VaultURL:
+        """This vault at its first address only: the URL a volume header records."""
+        return replace(self, also=())
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """The URL of each address, separated by a space (``parse_vault_urls`` reads it
+        back); one URL for a vault at one address."""
         path = f"{self.mount}/{self.key_name}" if self.mount else self.key_name
-        return f"{self.scheme}://{host}:{self.port}/{path}"
+        return " ".join(
+            f"{self.scheme}://{_url_host(e.host)}:{e.port}/{path}" for e in self.endpoints
+        )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def is_loopback(host: str) -> bool:
@@ -130,6 +167,42 @@ def parse_vault_url(url: str) -> VaultURL:
     )
 
 
+def split_vault_list(spec: str) -> list[str]:
+    """The entries of a list of vault addresses as the host writes it: separated by white
+    space (``VAULT=https://a:8200 https://b:8200`` in a config file; ``--vault`` given more
+    than once is joined the same way). A URL holds no white space, so nothing is ambiguous."""
+    return spec.split()
+
+
+def parse_vault_urls(spec: str) -> VaultURL:
+    """One vault at one or more addresses: full vault URLs separated by white space
+    (``split_vault_list``). Raises ``VaultConfigError`` for an invalid entry, for entries
+    that name different vaults (scheme, mount or key: one list is one vault and one KEK;
+    only host and port may differ), and for an address listed twice."""
+    items = split_vault_list(spec)
+    if not items:
+        raise VaultConfigError("no vault URL given")
+    return _one_vault([parse_vault_url(item) for item in items], "the vault list")
+
+
+def _one_vault(urls: list[VaultURL], what: str) -> VaultURL:
+    """``urls`` (each at one address) as one vault at all of their addresses, in order."""
+    first = urls[0]
+    seen: set[Endpoint] = set()
+    for url in urls:
+        if (url.scheme, url.mount, url.key_name) != (first.scheme, first.mount, first.key_name):
+            raise VaultConfigError(
+                f"{what} names more than one vault: {first} and {url}; the addresses of one "
+                "list are the nodes of one vault (the same scheme, mount and key; only host "
+                "and port differ)"
+            )
+        endpoint = Endpoint(url.host, url.port)
+        if endpoint in seen:
+            raise VaultConfigError(f"{what} names {endpoint.origin(url.scheme)} twice")
+        seen.add(endpoint)
+    return replace(first, also=tuple(Endpoint(u.host, u.port) for u in urls[1:]))
+
+
 ADDR_ENV_VARS = ("VAULT_ADDR", "BAO_ADDR")
 """Where the Vault and OpenBao CLIs take the vault's address from; encfs honours them too."""
 CACERT_ENV_VARS = ("VAULT_CACERT", "BAO_CACERT")
@@ -180,9 +253,11 @@ def pin_vault_url(
     - ``configured`` (``--vault URL``, or ``VAULT=URL`` in the volume's config file): a full
       vault URL, used as it is (it wins over the header's), or a bare
       ``https://HOST:PORT`` address, which takes the transit mount and key name from the
-      header;
-    - else ``addr`` (``VAULT_ADDR`` / ``BAO_ADDR``, like the Vault CLI): ``http(s)://HOST:PORT``
-      with the header's transit mount and key name (transit volumes only).
+      header; or a list of either (white space between them: the nodes of one cluster,
+      ``split_vault_list``), all trusted alike;
+    - else ``addr`` (``VAULT_ADDR`` / ``BAO_ADDR``, like the Vault CLI): one
+      ``http(s)://HOST:PORT`` with the header's transit mount and key name (transit volumes
+      only).
 
     Which key is used on that vault is still read from the header when only an address is
     pinned; the host's volume pin (``encfs.pins``) catches a header that names another key.
@@ -191,17 +266,33 @@ def pin_vault_url(
     header URL given here): ``configured`` is then ``--vault2`` (``VAULT2=``), and ``addr``
     must be None: ``VAULT_ADDR`` names the first vault only.
     Raises ``VaultNotPinned`` when nothing is configured, ``VaultConfigError`` when the
-    configured value is invalid.
+    configured value is invalid (an entry, a list naming two vaults or one address twice,
+    a list mixing URLs and addresses, several addresses in ``VAULT_ADDR``).
     """
     option, conf = ("--vault", "VAULT") if slot == 0 else ("--vault2", "VAULT2")
     if configured:
         source = option
-        if urlsplit(configured).scheme in ("http", "https"):
-            url = _at_address(configured, header_url, source)
+        items = split_vault_list(configured)
+        bare = [urlsplit(item).scheme in ("http", "https") for item in items]
+        if all(bare):
+            url = _one_vault([_at_address(i, header_url, source) for i in items], source)
+        elif any(bare):
+            raise VaultConfigError(
+                f"{source} mixes full vault URLs and addresses ({configured!r}): give every "
+                "node as a full URL (transit+https://HOST:PORT/MOUNT/KEY) or every node as an "
+                "address (https://HOST:PORT)"
+            )
         else:
-            url = parse_vault_url(configured)
+            url = _one_vault([parse_vault_url(i) for i in items], source)
     elif addr:
         source = "VAULT_ADDR"
+        if len(split_vault_list(addr)) > 1 or "," in addr:
+            raise VaultConfigError(
+                f"VAULT_ADDR {addr!r} holds more than one address; like the Vault and OpenBao "
+                "CLIs encfs reads one there",
+                hint="give the nodes of a cluster with --vault ADDR repeated, or "
+                "VAULT=ADDR1 ADDR2 ... in the volume's config file",
+            )
         url = _at_address(addr, header_url, source)
     elif slot:
         raise VaultNotPinned(
@@ -223,7 +314,8 @@ def pin_vault_url(
             "is your vault",
         )
     try:
-        same = str(url) == str(parse_vault_url(header_url))
+        named = parse_vault_url(header_url)
+        same = any(named == replace(url, host=e.host, port=e.port, also=()) for e in url.endpoints)
     except VaultConfigError:
         same = False
     note = ""
@@ -255,6 +347,21 @@ def _at_address(addr: str, header_url: str, source: str) -> VaultURL:
     return parse_vault_url(
         f"transit+{parts.scheme}://{parts.netloc}/{header.mount}/{header.key_name}"
     )
+
+
+def check_vault_setting(spec: str) -> None:
+    """Validate a host's vault setting (``--vault``, ``VAULT=``) before a volume header is
+    at hand (``encfs systemd install``): one vault as full URLs, or as addresses
+    ``http(s)://HOST:PORT`` (each valid, none twice), never both; what ``pin_vault_url``
+    would refuse. Raises ``VaultConfigError``."""
+    items = split_vault_list(spec)
+    if not items:
+        raise VaultConfigError("no vault URL given")
+    if any(urlsplit(item).scheme in ("http", "https") for item in items):
+        # An address takes mount and key from the header: any stand-in checks the rest.
+        pin_vault_url("transit+https://127.0.0.1:8200/transit/k", configured=spec, addr=None)
+    else:
+        parse_vault_urls(spec)
 
 
 KEY_RELEASE_MODES = ("unwrap", "export")
@@ -474,6 +581,12 @@ class KeyWrapper(Protocol):
     @property
     def url(self) -> VaultURL: ...
 
+    @property
+    def serving(self) -> str:
+        """The address (``PROTO://HOST:PORT``) that answered the last request: of a vault
+        at several addresses, the node in use (the first address until one answered)."""
+        ...
+
     def new_volume_key(self) -> tuple[bytearray, str]:
         """Return (volume key the caller must wipe, wrapped key as stored in the header)."""
         ...
@@ -551,8 +664,9 @@ def wrapped_kek_version(wrapped_key: str) -> int:
 
 
 def connect(url: str | VaultURL, settings: VaultSettings) -> KeyWrapper:
-    """Open a backend for ``url``. Raises ``VaultConfigError`` / ``VaultCredentialsError``."""
-    parsed = url if isinstance(url, VaultURL) else parse_vault_url(url)
+    """Open a backend for ``url`` (a string may list several addresses of one vault:
+    ``parse_vault_urls``). Raises ``VaultConfigError`` / ``VaultCredentialsError``."""
+    parsed = url if isinstance(url, VaultURL) else parse_vault_urls(url)
     if parsed.is_kmip:
         from encfs.vault.kmip import KmipClient
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from encfs import errors
 from encfs.keys import LockedSecret
-from encfs.vault import TRANSIT_DEFAULT_PORT, is_loopback
+from encfs.vault import TRANSIT_DEFAULT_PORT, Endpoint, is_loopback
 from encfs.vault.connection import KeepAliveClient
 from encfs.vault.rest import VaultHTTP, tls_context, zero
 
@@ -57,7 +57,7 @@ class AdminClient(KeepAliveClient):
         tls = tls_context(ca_file) if parts.scheme == "https" else None
         self._token = LockedSecret(token.encode()) if token else None
         self._link = self._http = VaultHTTP(
-            parts.hostname, port, tls=tls, token=self._token, timeout=timeout
+            [Endpoint(parts.hostname, port)], tls=tls, token=self._token, timeout=timeout
         )
         self.addr = self._http.base_url
         """``http(s)://HOST:PORT`` (IPv6 hosts in brackets)."""
@@ -68,10 +68,10 @@ class AdminClient(KeepAliveClient):
     def request(
         self, method: str, path: str, body: dict[str, Any] | None = None
     ) -> tuple[int, Any]:
-        """One request; returns (HTTP status, parsed JSON or None). Raises
-        ``VaultUnreachable`` / ``VaultTLSError`` / ``VaultProtocolError`` when no usable
-        HTTP answer came."""
-        status, raw = self._http.exchange(method, path, body)
+        """One request; returns (HTTP status, parsed JSON or None), whatever the status
+        (a sealed or standby node's too: health, unseal). Raises ``VaultUnreachable`` /
+        ``VaultTLSError`` / ``VaultProtocolError`` when no usable HTTP answer came."""
+        status, raw = self._http.exchange(method, path, body, any_status=True)
         try:
             doc = json.loads(raw) if raw.strip() else None
         except ValueError:  # includes UnicodeDecodeError

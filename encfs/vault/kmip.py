@@ -98,7 +98,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from encfs import crypto, errors
-from encfs.vault import VaultSettings, VaultURL
+from encfs.vault import Endpoint, VaultSettings, VaultURL
 from encfs.vault.connection import KeepAlive, KeyWrapperClient
 
 __all__ = ["WRAPPED_PREFIX", "KmipClient"]
@@ -262,11 +262,10 @@ class KmipClient(KeyWrapperClient):
         self._url = url
         self._settings = settings
         self._uid = url.key_name
-        self._where = url.base_url  # kmip://host:port
-        self._link: KeepAlive[ssl.SSLSocket] = KeepAlive(_STALE_CONNECTION)
+        self._link: KeepAlive[ssl.SSLSocket] = KeepAlive(url.endpoints, _STALE_CONNECTION)
         if settings.client_cert is None:
             raise errors.VaultCredentialsError(
-                f"KMIP server {self._where} authenticates hosts by client certificate: "
+                f"KMIP server {self.serving} authenticates hosts by client certificate: "
                 f"pass {settings.option_prefix}client-cert FILE and "
                 f"{settings.option_prefix}client-key FILE",
                 hint=_HINT_CREDENTIALS,
@@ -291,7 +290,7 @@ class KmipClient(KeyWrapperClient):
         except (OSError, ssl.SSLError) as exc:
             reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
             raise errors.VaultTLSError(
-                f"cannot load CA file {settings.ca_file} for KMIP server {self._where}: {reason}",
+                f"cannot load CA file {settings.ca_file} for KMIP server {self.serving}: {reason}",
                 hint=_HINT_TLS,
             ) from None
         key_file = settings.client_key
@@ -304,7 +303,7 @@ class KmipClient(KeyWrapperClient):
             raise errors.VaultCredentialsError(
                 f"cannot load client certificate {settings.client_cert} with key "
                 f"{key_file or '(none given: looked inside the certificate file)'} for KMIP "
-                f"server {self._where}: {reason}; pass --client-cert FILE --client-key FILE",
+                f"server {self.serving}: {reason}; pass --client-cert FILE --client-key FILE",
                 hint=_HINT_CREDENTIALS,
             ) from None
         return ctx
@@ -370,13 +369,13 @@ class KmipClient(KeyWrapperClient):
             "algorithm": getattr(attrs.get("Cryptographic Algorithm"), "name", None),
             "length": attrs.get("Cryptographic Length"),
             "usage": usage,
-            "server": self._where,
+            "server": self.serving,
         }
         if state != k.enums.State.ACTIVE:
             raise self._disabled(state, "be used")
         if not {"encrypt", "decrypt"} <= set(usage):
             raise errors.VaultPermissionDenied(
-                f"KMIP key {self._uid!r} on {self._where} has usage mask "
+                f"KMIP key {self._uid!r} on {self.serving} has usage mask "
                 f"{', '.join(usage) or 'none'}: it needs Encrypt and Decrypt to wrap volume "
                 "keys; use another key",
                 hint=_HINT_DENIED,
@@ -405,7 +404,7 @@ class KmipClient(KeyWrapperClient):
         PyKMIP's server checks object ownership against), ``client_cert_issuer``,
         ``client_cert_fingerprint_sha256`` (hex of the DER), ``client_cert_not_after``
         (ISO 8601, UTC), ``server``."""
-        return {**self._cert_info, "server": self._where}
+        return {**self._cert_info, "server": self.serving}
 
     # --- wrap / unwrap paths -------------------------------------------------------------------
 
@@ -422,7 +421,7 @@ class KmipClient(KeyWrapperClient):
                 return self._seal_locally(key)
             if unsupported:
                 raise errors.VaultProtocolError(
-                    f"KMIP server {self._where} cannot Encrypt with key {self._uid!r} in "
+                    f"KMIP server {self.serving} cannot Encrypt with key {self._uid!r} in "
                     f"AES-GCM ({exc.reason_name}: {_detail(exc.message)}); use "
                     "--key-release export to wrap with the released key instead",
                     hint=_HINT_PROTOCOL,
@@ -477,7 +476,7 @@ class KmipClient(KeyWrapperClient):
                 k.enums.ResultReason.CRYPTOGRAPHIC_FAILURE,
             ):
                 raise errors.VaultProtocolError(
-                    f"KMIP server {self._where} could not Decrypt the wrapped key with key "
+                    f"KMIP server {self.serving} could not Decrypt the wrapped key with key "
                     f"{self._uid!r} ({exc.reason_name}: {_detail(exc.message)}): it was "
                     "wrapped with another key or is damaged",
                     hint=_HINT_PROTOCOL,
@@ -526,7 +525,7 @@ class KmipClient(KeyWrapperClient):
         except errors.IntegrityError:
             raise errors.VaultProtocolError(
                 f"the wrapped key does not open under KMIP key {self._uid!r} from "
-                f"{self._where}: it was wrapped with another key or is damaged",
+                f"{self.serving}: it was wrapped with another key or is damaged",
                 hint=_HINT_PROTOCOL,
             ) from None
         finally:
@@ -578,7 +577,7 @@ class KmipClient(KeyWrapperClient):
         said = f"{exc.reason_name}: {_detail(exc.message)}"
         if exc.reason == k.enums.ResultReason.ITEM_NOT_FOUND:
             return errors.VaultKeyNotFound(
-                f"KMIP server {self._where} has no key {self._uid!r} ({exc.op}: {said}); "
+                f"KMIP server {self.serving} has no key {self._uid!r} ({exc.op}: {said}); "
                 "check the key id in the vault URL",
                 hint=_HINT_NOT_FOUND,
             )
@@ -587,13 +586,13 @@ class KmipClient(KeyWrapperClient):
             if state is not None and state != k.enums.State.ACTIVE:
                 return self._disabled(state, f"be used for {exc.op}")
             return errors.VaultPermissionDenied(
-                f"KMIP server {self._where} denied {exc.op} on key {self._uid!r} to client "
+                f"KMIP server {self.serving} denied {exc.op} on key {self._uid!r} to client "
                 f"certificate CN={self._cert_info['client_cert_common_name']!r} ({said}); "
                 "ask the KMS operator to grant it the key",
                 hint=_HINT_DENIED,
             )
         return errors.VaultProtocolError(
-            f"KMIP server {self._where} failed {exc.op} on key {self._uid!r} ({said})",
+            f"KMIP server {self.serving} failed {exc.op} on key {self._uid!r} ({said})",
             hint=_HINT_PROTOCOL,
         )
 
@@ -605,14 +604,14 @@ class KmipClient(KeyWrapperClient):
             else "it was revoked on the KMS and cannot be made Active again"
         )
         return errors.VaultKeyDisabled(
-            f"KMIP key {self._uid!r} on {self._where} is in state {name}, not active, and "
+            f"KMIP key {self._uid!r} on {self.serving} is in state {name}, not active, and "
             f"may not {what}: {todo}",
             hint=_HINT_DISABLED,
         )
 
     def _bad_answer(self, op: str, what: str) -> errors.VaultProtocolError:
         return errors.VaultProtocolError(
-            f"KMIP server {self._where} answered {op} on key {self._uid!r} with {what}",
+            f"KMIP server {self.serving} answered {op} on key {self._uid!r} with {what}",
             hint=_HINT_PROTOCOL,
         )
 
@@ -741,38 +740,37 @@ class KmipClient(KeyWrapperClient):
             sock.sendall(request)
             return _read_message(sock), True
 
-        try:
-            return self._link.run(lambda: self._connect(op), step)
-        except BaseException as exc:
-            err = self._transport_error(exc, op)
-            if err is None:
-                raise
-            raise err from None
+        def failed(exc: BaseException, endpoint: Endpoint) -> errors.VaultError | None:
+            return self._transport_error(exc, op, endpoint.origin(self._url.scheme))
 
-    def _connect(self, op: str) -> ssl.SSLSocket:
+        # Several kmip:// addresses of one key (a KMIP cluster) fail over like transit's.
+        return self._link.run(lambda endpoint: self._connect(op, endpoint), step, failed)
+
+    def _connect(self, op: str, endpoint: Endpoint) -> ssl.SSLSocket:
         timeout = self._settings.timeout
+        where = endpoint.origin(self._url.scheme)
         try:
-            raw = socket.create_connection((self._url.host, self._url.port), timeout=timeout)
+            raw = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
         except TimeoutError:
             raise errors.VaultUnreachable(
-                f"cannot reach KMIP server {self._where} for {op} on key {self._uid!r}: "
+                f"cannot reach KMIP server {where} for {op} on key {self._uid!r}: "
                 f"no connection within {timeout:g} s"
             ) from None
         except OSError as exc:  # refused, unreachable network, DNS (socket.gaierror)
             raise errors.VaultUnreachable(
-                f"cannot reach KMIP server {self._where} for {op} on key {self._uid!r}: "
+                f"cannot reach KMIP server {where} for {op} on key {self._uid!r}: "
                 f"{exc.strerror or exc}; check that it runs and the address and port"
             ) from None
         try:
-            return self._ssl.wrap_socket(raw, server_hostname=self._url.host)
+            return self._ssl.wrap_socket(raw, server_hostname=endpoint.host)
         except BaseException as exc:
             raw.close()
             if isinstance(exc, ssl.SSLError | ConnectionError | _ClosedBeforeAnswer):
-                raise self._tls_error(exc, op) from None
+                raise self._tls_error(exc, op, where) from None
             raise
 
-    def _tls_error(self, exc: BaseException, op: str) -> errors.VaultTLSError:
-        where = f"TLS handshake with KMIP server {self._where} ({op} on key {self._uid!r})"
+    def _tls_error(self, exc: BaseException, op: str, where: str) -> errors.VaultTLSError:
+        where = f"TLS handshake with KMIP server {where} ({op} on key {self._uid!r})"
         if isinstance(exc, ssl.SSLCertVerificationError):
             return errors.VaultTLSError(
                 f"{where}: certificate verification failed: "
@@ -791,11 +789,10 @@ class KmipClient(KeyWrapperClient):
             todo = "the server closed the connection; it may have rejected our client certificate"
         return errors.VaultTLSError(f"{where} failed: {reason}; {todo}", hint=_HINT_TLS)
 
-    def _transport_error(self, exc: BaseException, op: str) -> errors.VaultError | None:
-        """The ``VaultError`` for a failed exchange; None to re-raise ``exc`` as it is."""
-        what = f"KMIP server {self._where} ({op} on key {self._uid!r})"
-        if isinstance(exc, errors.VaultError):
-            return None
+    def _transport_error(self, exc: BaseException, op: str, where: str) -> errors.VaultError | None:
+        """The ``VaultError`` for an exchange with the server at ``where`` that failed;
+        None to re-raise ``exc`` as it is."""
+        what = f"KMIP server {where} ({op} on key {self._uid!r})"
         if isinstance(exc, _ClosedBeforeAnswer):
             return errors.VaultUnreachable(
                 f"{what} closed the connection without answering; a KMIP server does this "
@@ -816,7 +813,7 @@ class KmipClient(KeyWrapperClient):
         if isinstance(exc, TimeoutError):
             return errors.VaultUnreachable(f"{what}: no answer within {self._settings.timeout:g} s")
         if isinstance(exc, ssl.SSLError):
-            return self._tls_error(exc, op)
+            return self._tls_error(exc, op, where)
         if isinstance(exc, OSError):
             return errors.VaultUnreachable(f"{what}: {exc.strerror or exc}")
         return None

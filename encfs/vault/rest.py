@@ -16,8 +16,15 @@ cross it:
 
 Transport failures become ``VaultError`` types: refused / reset / timeout / DNS
 ``VaultUnreachable``; certificate verification, handshake, https to a plain port
-``VaultTLSError``; a redirect, a malformed or oversized answer ``VaultProtocolError``. What an
-HTTP status means is the caller's to say.
+``VaultTLSError``; a malformed or oversized answer ``VaultProtocolError``. So do the answers
+by which a node says it *cannot serve* rather than answering (Vault's HA protocol, seen on
+OpenBao 2.7.2 Raft clusters): 503 sealed ``VaultSealed``; a redirect (a standby that has no
+active node to forward to, or does not forward: never followed, the token would go to an
+address the host did not pin), 429 / 472 / 473 (standby, rate limit), any other 5xx
+("local node not active but active cluster node not found" during an election)
+``VaultUnreachable``. Each of these moves a request on to the vault's next address
+(``encfs.vault.connection``). What any other HTTP status means (a refusal: 403, 400, 404)
+is the caller's to say, and it is never failed over.
 """
 
 from __future__ import annotations
@@ -26,16 +33,19 @@ import http.client
 import json
 import socket
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from encfs import errors
 from encfs.keys import LockedSecret
+from encfs.vault import Endpoint
 from encfs.vault.connection import KeepAlive
 
 __all__ = ["MAX_BODY", "VaultHTTP", "tls_context", "zero"]
 
 MAX_BODY = 1 << 20  # a vault answer is a few hundred bytes; refuse anything absurd
+_MAX_DETAIL = 300  # characters of the vault's own error text kept in a message
 _SSL_OP_CLEANSE_PLAINTEXT = 1 << 1  # OpenSSL >= 3.0 (ssl.h); the ssl module has no name for it
 
 # Exceptions that mean "the idle keep-alive connection was closed under us": retry once.
@@ -82,40 +92,48 @@ def tls_context(
 
 
 class VaultHTTP:
-    """HTTP/1.1 to one vault origin (``base_url``, e.g. ``https://vault:8200``) on a
-    keep-alive connection; thread-safe. ``token`` (kept by the caller, in locked memory) is
-    sent with every request when given."""
+    """HTTP/1.1 to a vault at one or more addresses (``endpoints``: the nodes of one
+    cluster, tried in order, ``encfs.vault.connection``) on a keep-alive connection;
+    thread-safe. ``token`` (kept by the caller, in locked memory) is sent with every
+    request when given."""
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        endpoints: Sequence[Endpoint],
         *,
         tls: ssl.SSLContext | None,
         token: LockedSecret | None,
         timeout: float,
     ) -> None:
-        self.host = host
-        self.port = port
-        scheme = "https" if tls is not None else "http"
-        self.base_url = f"{scheme}://{_url_host(host)}:{port}"
+        self._scheme = "https" if tls is not None else "http"
         self._tls = tls
         self._token = token
         self._timeout = timeout
-        self._link: KeepAlive[http.client.HTTPConnection] = KeepAlive(_STALE_CONNECTION)
+        self._link: KeepAlive[http.client.HTTPConnection] = KeepAlive(endpoints, _STALE_CONNECTION)
+        self.base_url = endpoints[0].origin(self._scheme)
+        """``http(s)://HOST:PORT`` of the first address (IPv6 hosts in brackets)."""
+
+    @property
+    def serving(self) -> Endpoint:
+        """The address that answered the last request (the first one before any did)."""
+        return self._link.serving
 
     def close(self) -> None:
         """Close the keep-alive connection; idempotent."""
         self._link.close()
 
     def exchange(
-        self, method: str, path: str, body: dict[str, Any] | None
+        self, method: str, path: str, body: dict[str, Any] | None, *, any_status: bool = False
     ) -> tuple[int, bytearray]:
         """Send one request; returns (HTTP status, the body in a buffer the caller zeroes).
-        Raises ``VaultUnreachable``, ``VaultTLSError`` or ``VaultProtocolError`` when no
-        usable HTTP answer came (see the module docstring)."""
+
+        An answer by which the node says it cannot serve (module docstring) is not
+        returned: the request goes to the next address, and when none is left the error
+        it stands for is raised — unless ``any_status`` (``sys/health``, an operator's
+        requests to one node), which returns every status but a redirect. Raises
+        ``VaultUnreachable``, ``VaultSealed``, ``VaultTLSError`` or ``VaultProtocolError``
+        when no usable answer came."""
         payload = json.dumps(body).encode() if body is not None else None
-        where = f"vault {self.base_url} ({method} {path})"
 
         def step(conn: http.client.HTTPConnection) -> tuple[tuple[int, str, bytearray], bool]:
             resp = self._send(conn, method, path, payload)
@@ -127,41 +145,55 @@ class VaultHTTP:
             # elsewhere a short token could match an answer's own words.
             if self._token is not None and path.startswith("/v1/auth/token/"):
                 self._token.blank_in(raw)
+            if not any_status and _cannot_serve(status):
+                raise _CannotServe(status, location, raw)  # zeroed by _failure
             return (status, location, raw), not resp.will_close
 
-        try:
-            status, location, raw = self._link.run(self._connection, step)
-        except _STALE_CONNECTION:
-            raise errors.VaultUnreachable(
-                f"cannot reach {where}: connection closed by the server"
-            ) from None
-        except ssl.SSLCertVerificationError as exc:
-            raise errors.VaultTLSError(
-                f"{where}: certificate verification failed: {exc.verify_message or exc.reason}"
-            ) from None
-        except ssl.SSLError as exc:
-            raise errors.VaultTLSError(f"{where}: TLS failed: {exc.reason or exc}") from None
-        except TimeoutError:
-            raise errors.VaultUnreachable(
-                f"cannot reach {where}: no answer within {self._timeout:g} s"
-            ) from None
-        except OSError as exc:  # refused, unreachable network, DNS (socket.gaierror)
-            raise errors.VaultUnreachable(f"cannot reach {where}: {exc.strerror or exc}") from None
-        except _BodyTooLarge:
-            raise errors.VaultProtocolError(
-                f"{where}: answer larger than {MAX_BODY} bytes"
-            ) from None
-        except http.client.HTTPException as exc:  # garbage status line, short body
-            raise errors.VaultProtocolError(
-                f"{where}: malformed HTTP answer ({type(exc).__name__})"
-            ) from None
+        def failed(exc: BaseException, endpoint: Endpoint) -> errors.VaultError | None:
+            return self._failure(exc, endpoint, method, path)
+
+        status, location, raw = self._link.run(self._connection, step, failed)
         if 300 <= status < 400:
             zero(raw)
             raise errors.VaultProtocolError(
-                f"{where}: redirected (HTTP {status}) to {location or '?'}; "
-                "point the vault URL at the active node"
+                f"vault {self._link.serving.origin(self._scheme)} ({method} {path}): "
+                f"redirected (HTTP {status}) to {location or '?'}; not followed"
             )
         return status, raw
+
+    def _failure(
+        self, exc: BaseException, endpoint: Endpoint, method: str, path: str
+    ) -> errors.VaultError | None:
+        """The ``VaultError`` that ``exc``, raised while asking ``endpoint``, stands for;
+        None for an exception that is not about the vault (re-raised as it is)."""
+        origin = endpoint.origin(self._scheme)
+        where = f"vault {origin} ({method} {path})"
+        if isinstance(exc, _CannotServe):
+            try:
+                return exc.error(origin, method, path, self._token)
+            finally:
+                zero(exc.raw)
+        if isinstance(exc, _STALE_CONNECTION):
+            return errors.VaultUnreachable(f"cannot reach {where}: connection closed by the server")
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return errors.VaultTLSError(
+                f"{where}: certificate verification failed: {exc.verify_message or exc.reason}"
+            )
+        if isinstance(exc, ssl.SSLError):
+            return errors.VaultTLSError(f"{where}: TLS failed: {exc.reason or exc}")
+        if isinstance(exc, TimeoutError):
+            return errors.VaultUnreachable(
+                f"cannot reach {where}: no answer within {self._timeout:g} s"
+            )
+        if isinstance(exc, OSError):  # refused, unreachable network, DNS (socket.gaierror)
+            return errors.VaultUnreachable(f"cannot reach {where}: {exc.strerror or exc}")
+        if isinstance(exc, _BodyTooLarge):
+            return errors.VaultProtocolError(f"{where}: answer larger than {MAX_BODY} bytes")
+        if isinstance(exc, http.client.HTTPException):  # garbage status line, short body
+            return errors.VaultProtocolError(
+                f"{where}: malformed HTTP answer ({type(exc).__name__})"
+            )
+        return None
 
     def _send(
         self, conn: http.client.HTTPConnection, method: str, path: str, payload: bytes | None
@@ -176,7 +208,7 @@ class VaultHTTP:
             conn.connect()
         sock = conn.sock
         assert sock is not None
-        request = self._request_bytes(method, path, payload)
+        request = self._request_bytes(conn, method, path, payload)
         try:
             sock.sendall(request)
         finally:
@@ -185,9 +217,11 @@ class VaultHTTP:
         resp.begin()
         return resp
 
-    def _request_bytes(self, method: str, path: str, payload: bytes | None) -> bytearray:
+    def _request_bytes(
+        self, conn: http.client.HTTPConnection, method: str, path: str, payload: bytes | None
+    ) -> bytearray:
         head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {_url_host(self.host)}:{self.port}\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {_url_host(conn.host)}:{conn.port}\r\n"
             "Accept: application/json\r\nAccept-Encoding: identity\r\n"
         )
         if payload is not None:
@@ -212,14 +246,13 @@ class VaultHTTP:
             token.release()
         return request
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, endpoint: Endpoint) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
+        host, port = endpoint.host, endpoint.port
         if self._tls is not None:
-            conn = http.client.HTTPSConnection(
-                self.host, self.port, timeout=self._timeout, context=self._tls
-            )
+            conn = http.client.HTTPSConnection(host, port, timeout=self._timeout, context=self._tls)
         else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self._timeout)
+            conn = http.client.HTTPConnection(host, port, timeout=self._timeout)
         conn.response_class = _UnbufferedResponse
         return conn
 
@@ -230,6 +263,59 @@ def _url_host(host: str) -> str:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _cannot_serve(status: int) -> bool:
+    """Whether an HTTP status says the node cannot serve the request (module docstring)."""
+    return 300 <= status < 400 or status in (429, 472, 473) or status >= 500
+
+
+class _CannotServe(Exception):
+    """A node answered that it cannot serve (``_cannot_serve``); carries the answer's body,
+    which ``VaultHTTP._failure`` zeroes."""
+
+    def __init__(self, status: int, location: str, raw: bytearray) -> None:
+        super().__init__(status)
+        self.status = status
+        self.location = location
+        self.raw = raw
+
+    def error(
+        self, origin: str, method: str, path: str, token: LockedSecret | None
+    ) -> errors.VaultError:
+        status = self.status
+        if 300 <= status < 400:
+            return errors.VaultUnreachable(
+                f"vault {origin} cannot serve {method} {path}: redirected (HTTP {status}) to "
+                f"{self.location or '?'}, not followed: a standby node without an active node "
+                "to forward to (or with request forwarding off)",
+                hint="the vault cluster has no active node, or list the active node's address "
+                "too (--vault repeated, or VAULT=ADDR1 ADDR2 ...)",
+            )
+        detail = _detail(self.raw, token)
+        what = f"vault {origin} refused {method} {path}: HTTP {status}" + (
+            f" {detail}" if detail else ""
+        )
+        if status == 503:
+            return errors.VaultSealed(what)
+        return errors.VaultUnreachable(what)
+
+
+def _detail(raw: bytearray, token: LockedSecret | None) -> str:
+    """The vault's own error text in ``raw`` (``{"errors": [...]}``, else the raw text),
+    on one line and shortened; not shown at all if it holds the token."""
+    try:
+        doc = json.loads(raw) if raw.strip() else None
+    except ValueError:  # includes UnicodeDecodeError
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
+        detail = "; ".join(str(e) for e in doc["errors"])
+    else:
+        detail = raw[:_MAX_DETAIL].decode("utf-8", errors="replace")
+    detail = " ".join(detail.split())
+    if token is not None and token.within(detail.encode("utf-8", errors="replace")) >= 0:
+        return "(the vault's message is not shown: it contained the token)"
+    return detail[:_MAX_DETAIL]
 
 
 class _UnbufferedResponse(http.client.HTTPResponse):

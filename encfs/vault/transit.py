@@ -17,8 +17,10 @@ HTTP 400 "encryption key not found"; HTTP 404 on            ``VaultKeyNotFound``
 HTTP 400 "refusing to use soft-deleted key"                 ``VaultKeyDisabled``
 HTTP 400 "... disallowed by policy (too old)"               ``VaultKeyVersionRetired``
 HTTP 503 "Vault is sealed"                                  ``VaultSealed``
-refused / reset / timeout / DNS; HTTP 502 and 504           ``VaultUnreachable``
-(a gateway in front of the vault says it cannot reach it)
+refused / reset / timeout / DNS; a redirect, HTTP 429,      ``VaultUnreachable``
+472, 473 or another 5xx (a node that cannot serve:
+``encfs.vault.rest``; with several addresses, the next
+one is asked first)
 certificate verification, handshake, https to a plain port  ``VaultTLSError``
 other HTTP 400 on ``decrypt``/``rewrap`` (bad ciphertext,   ``VaultCiphertextRejected``
 or not made by this key: a key re-created under its name)
@@ -102,7 +104,7 @@ class TransitClient(KeyWrapperClient):
                 f"a client certificate needs TLS, but {url} is plain HTTP: use transit+https://"
             )
         self._link = self._http = VaultHTTP(
-            url.host, url.port, tls=tls, token=self._token, timeout=settings.timeout
+            url.endpoints, tls=tls, token=self._token, timeout=settings.timeout
         )
         if settings.key_release not in ("unwrap", "export"):
             raise errors.VaultConfigError(
@@ -122,7 +124,7 @@ class TransitClient(KeyWrapperClient):
             wrapped = _field(data, "ciphertext", str, path)
             if not wrapped.startswith("vault:v"):
                 raise errors.VaultProtocolError(
-                    f"vault {self._url.base_url} answered POST {path} with a ciphertext "
+                    f"vault {self.serving} answered POST {path} with a ciphertext "
                     "that is not in vault:vN: form"
                 )
         except BaseException:
@@ -210,7 +212,7 @@ class TransitClient(KeyWrapperClient):
             if "root" in have or cap in have:
                 continue
             raise errors.VaultPermissionDenied(
-                f"vault {self._url.base_url}: the token lacks {cap!r} on {path} "
+                f"vault {self.serving}: the token lacks {cap!r} on {path} "
                 f"(it has {', '.join(map(str, have)) or 'nothing'}); `encfs {purpose}` needs it",
                 hint="grant it in the host's policy (see `encfs vault setup`), or use the "
                 "right token",
@@ -254,7 +256,7 @@ class TransitClient(KeyWrapperClient):
         _field(data, "latest_version", int, path)
         if data.get("soft_deleted"):  # OpenBao still shows a soft-deleted key's metadata
             raise errors.VaultKeyDisabled(
-                f"vault {self._url.base_url}: key {self._url.key_name!r} in mount "
+                f"vault {self.serving}: key {self._url.key_name!r} in mount "
                 f"{self._url.mount!r} is soft-deleted"
             )
         return data
@@ -328,8 +330,7 @@ class TransitClient(KeyWrapperClient):
                 # the base64 key is a copy we cannot zero.
                 if not isinstance(text, str):
                     raise errors.VaultProtocolError(
-                        f"vault {self._url.base_url} answered {method} {path} without "
-                        "a plaintext key"
+                        f"vault {self.serving} answered {method} {path} without a plaintext key"
                     )
                 text_buf = bytearray(text, "ascii", errors="replace")
                 try:
@@ -338,12 +339,12 @@ class TransitClient(KeyWrapperClient):
                     _zero(text_buf)
             elif text != blank:
                 raise errors.VaultProtocolError(
-                    f"vault {self._url.base_url} answered {method} {path} with an ambiguous "
+                    f"vault {self.serving} answered {method} {path} with an ambiguous "
                     "plaintext field"
                 )
             if len(key) != _KEY_LEN:
                 raise errors.VaultProtocolError(
-                    f"vault {self._url.base_url} answered {method} {path} with a "
+                    f"vault {self.serving} answered {method} {path} with a "
                     f"{len(key)}-byte key, expected {_KEY_LEN}"
                 )
             return key, data
@@ -366,8 +367,7 @@ class TransitClient(KeyWrapperClient):
         if 200 <= status < 300:
             if not parsed:
                 raise errors.VaultProtocolError(
-                    f"vault {self._url.base_url} answered {method} {path} with something "
-                    "that is not JSON"
+                    f"vault {self.serving} answered {method} {path} with something that is not JSON"
                 )
             return doc
         raise self._error(status, doc if parsed else None, raw, method, path)
@@ -385,15 +385,11 @@ class TransitClient(KeyWrapperClient):
             detail = "(the vault's message is not shown: it contained the token)"
         detail = detail[:_MAX_DETAIL]
         low = detail.lower()
-        what = f"vault {self._url.base_url} refused {method} {path}: HTTP {status}" + (
+        what = f"vault {self.serving} refused {method} {path}: HTTP {status}" + (
             f" {detail}" if detail else ""
         )
         if status == 403:
             return errors.VaultPermissionDenied(what)
-        if status == 503 or "vault is sealed" in low:
-            return errors.VaultSealed(what)
-        if status in (502, 504):
-            return errors.VaultUnreachable(what)
         if "not exportable" in low:
             return errors.VaultConfigError(
                 what,
@@ -426,7 +422,7 @@ class TransitClient(KeyWrapperClient):
             block = doc.get(section) if isinstance(doc, dict) else None
         if not isinstance(block, dict):
             raise errors.VaultProtocolError(
-                f"vault {self._url.base_url} answered {method} {path} without a {section!r} object"
+                f"vault {self.serving} answered {method} {path} without a {section!r} object"
             )
         return block
 

@@ -535,3 +535,20 @@ def test_no_key_bytes_left_in_memory(kmip: PyKMIPServer, uid: str, mode: str) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_list_of_kmip_addresses_fails_over_like_transit(kmip: PyKMIPServer, uid: str) -> None:
+    """kmip:// URLs of one key at several addresses (a KMIP cluster) share the transit
+    client's failover: a server that is down is passed over, and a refusal is not."""
+    dead = free_port()
+    urls = f"kmip://127.0.0.1:{dead}/{uid} {kmip.url_for(uid)}"
+    vault = connect(urls, kmip.settings())
+    try:
+        key, wrapped = vault.new_volume_key()
+        assert vault.unwrap(wrapped) == key
+        assert vault.serving == f"kmip://127.0.0.1:{kmip.port}"
+        kmip.revoke(uid)
+        with pytest.raises(errors.VaultKeyDisabled):
+            vault.unwrap(wrapped)
+    finally:
+        vault.close()

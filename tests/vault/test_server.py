@@ -498,3 +498,45 @@ def test_read_admin_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert "secret-admin" not in str(info.value) and "chmod 600" in str(info.value)
     os.chmod(f, 0o600)
     assert provision.read_admin_token(f) == "secret-admin"
+
+
+# --- a cluster ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_serve_forms_a_cluster_with_join(tmp_path: Path, procs: list[Proc]) -> None:
+    """The recipe README gives: start a node with --node-id, copy its init.json and CA to a
+    second node's data directory, start that one with --join. The second is a standby that
+    forwards to the first, and one CA verifies both."""
+    import shutil
+
+    first, second = tmp_path / "n1", tmp_path / "n2"
+    ports = [free_port() for _ in range(4)]
+    node1 = Proc(tmp_path, "serve", "--data", str(first), "--listen", f"127.0.0.1:{ports[0]}",
+                 "--cluster-listen", f"127.0.0.1:{ports[1]}", "--node-id", "n1")  # fmt: skip
+    procs.append(node1)
+    node1.wait_for("ready at .*, active")
+    assert "--join https://127.0.0.1:" in node1.stdout()  # the first start says how to grow
+    paths = serve.ServePaths(first)
+    assert mode(paths.ca_key_file) == 0o600
+    (second / "tls").mkdir(parents=True)
+    os.chmod(second, 0o700)
+    for name in ("init.json", "tls/ca.pem", "tls/ca-key.pem"):
+        shutil.copy2(first / name, second / name)
+    node2 = Proc(tmp_path, "serve", "--data", str(second), "--listen", f"127.0.0.1:{ports[2]}",
+                 "--cluster-listen", f"127.0.0.1:{ports[3]}", "--node-id", "n2",
+                 "--join", f"https://127.0.0.1:{ports[0]}")  # fmt: skip
+    procs.append(node2)
+    node2.wait_for("joined the cluster")
+    node2.wait_for("ready at .*, a standby of its cluster")
+    root = json.loads(paths.init_file.read_text())["root_token"]
+    ca = paths.ca_file
+    for port in (ports[0], ports[2]):  # the same CA verifies both; the standby forwards
+        status, doc = raw(f"https://127.0.0.1:{port}", root, "GET", "/v1/sys/mounts/transit",
+                          ca_file=ca)  # fmt: skip
+        assert status == 200 and doc["type"] == "transit"
+    status, doc = raw(f"https://127.0.0.1:{ports[0]}", root, "GET",
+                      "/v1/sys/storage/raft/configuration", ca_file=ca)  # fmt: skip
+    assert sorted(s["node_id"] for s in doc["data"]["config"]["servers"]) == ["n1", "n2"]
+    assert node2.terminate() == 0
+    assert node1.terminate() == 0

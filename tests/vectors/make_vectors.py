@@ -477,6 +477,61 @@ def double_header_vectors() -> dict[str, Any]:
     }
 
 
+NEW_VOLUME_KEY = bytes(range(0x40, 0x60))
+"""The volume key a rekey replaces ``VOLUME_KEY`` with (TEST VALUE)."""
+
+
+def rekeying_vectors() -> dict[str, Any]:
+    """A header written while a rekey is under way (FORMAT.md §2.5): the new key's slot as
+    §2.1, then the retiring key's slot, then the new key's tag and the retiring key's tag."""
+    url = "transit+https://vault.example:8200/transit/encfs-kek"
+    wrapped_new = "vault:v4:TmV3IHZvbHVtZSBrZXksIHdyYXBwZWQgZm9yIHRoZSB2ZWN0b3Iu"
+    wrapped_old = "vault:v3:VGhpcyBpcyBub3QgYSByZWFsIHdyYXBwZWQga2V5LCBqdXN0IGJ5dGVzLg=="
+    flags = 1 | 4  # DIRID_LINKS | REKEYING
+
+    def slot(kek_version: int, wrapped: str) -> bytes:
+        return b"".join(
+            (
+                struct.pack(">H", len(url)),
+                url.encode(),
+                struct.pack(">I", kek_version),
+                struct.pack(">H", len(wrapped)),
+                wrapped.encode(),
+            )
+        )
+
+    body = b"".join(
+        (
+            struct.pack(">8sHIBBI16s", b"ENCFSVOL", 1, flags, 1, 0, 4096, VOLUME_ID),
+            slot(4, wrapped_new),
+            slot(3, wrapped_old),
+        )
+    )
+    new_header_key = hkdf(NEW_VOLUME_KEY, VOLUME_ID, b"encfs/v1/header", 32)
+    tag = hmac.new(new_header_key, body, hashlib.sha256).digest()
+    retiring_tag = hmac.new(subkey("header"), body, hashlib.sha256).digest()
+    return {
+        "description": "A volume header during a rekey (flag REKEYING): body (new key's "
+        "slot, then the retiring key's) || HMAC-SHA256(new header key, body) || "
+        "HMAC-SHA256(retiring header key, body)",
+        "volume_key": NEW_VOLUME_KEY.hex(),
+        "retiring_volume_key": VOLUME_KEY.hex(),
+        "fields": {
+            "feature_flags": flags,
+            "block_size": 4096,
+            "volume_id": VOLUME_ID.hex(),
+            "vault_url": url,
+            "kek_version": 4,
+            "wrapped_key": wrapped_new,
+            "retiring": [{"vault_url": url, "kek_version": 3, "wrapped_key": wrapped_old}],
+        },
+        "body": body.hex(),
+        "tag": tag.hex(),
+        "retiring_tag": retiring_tag.hex(),
+        "file": (body + tag + retiring_tag).hex(),
+    }
+
+
 VECTORS = {
     "keys.json": keys_vectors,
     "content.json": content_vectors,
@@ -486,6 +541,7 @@ VECTORS = {
     "double-keys.json": double_keys_vectors,
     "double-content.json": double_content_vectors,
     "double-header.json": double_header_vectors,
+    "rekeying.json": rekeying_vectors,
 }
 
 
