@@ -6,6 +6,9 @@ milliseconds), ``event``, ``result`` (``ok`` or ``error``), ``host`` (host name)
 and where known ``volume_id``, ``cipher_dir``, ``vault`` (URL), ``key_name``,
 ``kek_version``, ``identity`` (the transit token's ``accessor`` or the KMIP client
 certificate's subject — never a secret), ``error`` (exception class) and ``message``.
+A double-encrypted volume's events also carry ``vault2``, ``kek_version2`` and
+``identity2``; an event about one of its KEKs says which (``kek``: 1 or 2) with that KEK's
+``vault``.
 The token accessor is what the vault's own audit device logs as ``auth.accessor``: join
 the two on it (README, "Audit").
 

@@ -95,71 +95,107 @@ class RWLock:
                 self._cond.notify_all()
 
 
+class _Job:
+    """One deferred stream write: plaintext for ``cfile`` at ``plain_off`` through ``fd``,
+    and once the sealing thread has done it, its ciphertext (``CipherFile.preseal``)."""
+
+    __slots__ = ("cfile", "data", "fd", "plain_off", "sealed")
+
+    def __init__(self, cfile: CipherFile, fd: int, plain_off: int, data: bytes) -> None:
+        self.cfile = cfile
+        self.fd = fd
+        self.plain_off = plain_off
+        self.data = data
+        self.sealed: tuple[bytes, bytearray] | None = None
+
+
 class Sealer:
-    """Seals and writes deferred stream writes, in submission order, on one thread.
+    """Seals and writes deferred stream writes, in submission order, on two threads: one
+    encrypts job after job (``CipherFile.preseal``), the other writes each sealed job to
+    its file (``CipherFile.write_now``), so that a job's encryption overlaps the previous
+    job's ``pwrite`` (which may wait for the disk under dirty-page throttling) instead of
+    following it. A sequential writer's next request arrives meanwhile: the kernel's copy
+    of the caller's data, our AES work and the backing write all overlap, as the kernel's
+    own writeback would (``CipherFile.write`` decides what may be deferred). Errors are
+    kept on the file and raised by its next write or fsync, as a local filesystem reports
+    writeback errors; each is also logged.
 
-    A sequential writer's next request then arrives while the previous one is still being
-    encrypted: the kernel's copy of the caller's data and our AES work overlap, as the
-    kernel's own writeback would (``CipherFile.write`` decides what may be deferred).
-    Errors are kept on the file and raised by its next write or fsync, as a local
-    filesystem reports writeback errors; each is also logged.
-
-    Locks: ``_cond`` guards the queue, the byte count and every file's ``pending`` count;
-    never held while a job runs. At most ``MAX_PENDING`` bytes wait (submitters block).
+    Locks: ``_cond`` guards both queues, the byte count and every file's ``pending``
+    count; never held while a job is sealed or written. At most ``MAX_PENDING`` bytes of
+    plaintext wait (submitters block).
     """
 
     MAX_PENDING = 8 << 20
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._jobs: collections.deque[tuple[CipherFile, int, int, bytes]] = collections.deque()
+        self._jobs: collections.deque[_Job] = collections.deque()  # submitted, not sealed
+        self._sealed: collections.deque[_Job] = collections.deque()  # sealed, not written
         self._bytes = 0
-        self._thread: threading.Thread | None = None
+        self._started = False
 
     def submit(self, cfile: CipherFile, fd: int, plain_off: int, data: bytes) -> None:
         with self._cond:
-            while self._jobs and self._bytes + len(data) > self.MAX_PENDING:
+            while (self._jobs or self._sealed) and self._bytes + len(data) > self.MAX_PENDING:
                 self._cond.wait()
-            self._jobs.append((cfile, fd, plain_off, data))
+            self._jobs.append(_Job(cfile, fd, plain_off, data))
             self._bytes += len(data)
             cfile.pending += 1
             cfile.mirror_pending()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="encfs-sealer", daemon=True)
-                self._thread.start()
+            if not self._started:
+                self._started = True
+                for target, name in ((self._seal, "encfs-sealer"), (self._write, "encfs-writer")):
+                    threading.Thread(target=target, name=name, daemon=True).start()
             self._cond.notify_all()
 
     def drain(self, cfile: CipherFile | None = None) -> None:
         """Wait until ``cfile``'s jobs (every job, for None) are written."""
         with self._cond:
-            while cfile.pending if cfile is not None else self._jobs:
+            while cfile.pending if cfile is not None else (self._jobs or self._sealed):
                 self._cond.wait()
 
     @property
     def busy(self) -> bool:
-        return bool(self._jobs)
+        return bool(self._jobs or self._sealed)
 
     def mirror(self, cfile: CipherFile) -> None:
         """``cfile.mirror_pending()`` under the lock that guards ``pending``."""
         with self._cond:
             cfile.mirror_pending()
 
-    def _run(self) -> None:
+    def _seal(self) -> None:
         while True:
             with self._cond:
                 while not self._jobs:
                     self._cond.wait()
-                cfile, fd, plain_off, data = self._jobs[0]  # stays queued until written
+                job = self._jobs[0]
             try:
-                cfile.write_now(fd, plain_off, data)
+                job.sealed = job.cfile.preseal(job.plain_off, job.data)
+            except Exception:  # write_now seals again, and reports the error
+                job.sealed = None
+            with self._cond:
+                self._jobs.popleft()
+                self._sealed.append(job)
+                self._cond.notify_all()
+
+    def _write(self) -> None:
+        while True:
+            with self._cond:
+                while not self._sealed:
+                    self._cond.wait()
+                job = self._sealed[0]  # stays queued until written
+            cfile = job.cfile
+            try:
+                cfile.write_now(job.fd, job.plain_off, job.data, presealed=job.sealed)
             except BaseException as exc:  # kept for the file's next write or fsync
                 log.error("deferred write to %s failed: %s", cfile.backing_path, exc)
                 cfile.keep_deferred_error(
                     exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
                 )
+            job.sealed = None
             with self._cond:
-                self._jobs.popleft()
-                self._bytes -= len(data)
+                self._sealed.popleft()
+                self._bytes -= len(job.data)
                 cfile.pending -= 1
                 cfile.mirror_pending()
                 self._cond.notify_all()
@@ -597,7 +633,24 @@ class CipherFile:
             self._stream_plain_end = plain_off + length
         return self.write_now(fd, plain_off, data)
 
-    def write_now(self, fd: int, plain_off: int, data: bytes | memoryview) -> int:
+    def preseal(self, plain_off: int, data: bytes) -> tuple[bytes, bytearray] | None:
+        """The ciphertext of a whole-block write at ``plain_off``, sealed now, without the
+        lock, for ``write_now(..., presealed=)``: a write that needs nothing from the file
+        but its id. (file id, sealed blocks); None if the file has no id yet."""
+        file_id = self._file_id
+        if file_id is None or plain_off % self.geo.block_size or len(data) % self.geo.block_size:
+            return None
+        return file_id, self.keys.file_cipher(file_id).seal(self.geo.block_no(plain_off), data)
+
+    def write_now(
+        self,
+        fd: int,
+        plain_off: int,
+        data: bytes | memoryview,
+        presealed: tuple[bytes, bytearray] | None = None,
+    ) -> int:
+        """Write ``data`` at ``plain_off`` now. ``presealed`` is ``preseal``'s answer for
+        exactly this write, used if the file id is still the one it was sealed for."""
         length = len(data)
         if not length:
             return 0
@@ -608,7 +661,9 @@ class CipherFile:
         # the lock, so one thread encrypts while another writes (the GIL is released in both).
         early_id = self._file_id
         early: bytearray | None = None
-        if early_id is not None and not plain_off % bs and not length % bs:
+        if presealed is not None:
+            early_id, early = presealed
+        elif early_id is not None and not plain_off % bs and not length % bs:
             early = self.keys.file_cipher(early_id).seal(first, data)
         self._lock_write()
         try:

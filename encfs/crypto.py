@@ -1,7 +1,8 @@
 """Every cryptographic primitive encfs uses; the only importer of ``cryptography.hazmat``.
 
 Primitives (docs/FORMAT.md): AES-256-GCM for content blocks, symlink targets and xattr
-values; AES-SIV (AES-256, 64-byte key) for names; HKDF-SHA256 for key derivation;
+values; ChaCha20-Poly1305 for the outer layer of content blocks of a double-encrypted
+volume; AES-SIV (AES-256, 64-byte key) for names; HKDF-SHA256 for key derivation;
 HMAC-SHA256 for the volume header tag. Objects here hold key schedules inside OpenSSL; the
 key owner (``keys.py``) creates them from its locked buffers and drops them on wipe.
 """
@@ -19,7 +20,7 @@ from typing import Protocol, TypeAlias
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as hazmat_hmac
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from encfs import format as fmt
@@ -127,12 +128,15 @@ class FileCipher(Protocol):
 
 
 class BlockCipher:
-    """Seals and opens the content blocks of one file under its per-file key.
+    """Seals and opens the content blocks of one file under its per-file key(s).
 
     Block ``n`` on disk is ``nonce(12) || AES-256-GCM(key, nonce, plain, ad) || tag(16)`` with
-    ``ad = file_id || u64be(n)``. A block that is entirely zero bytes on disk is a hole and
-    reads as zeros (sparse files); any other block that fails authentication raises
-    ``IntegrityError`` naming the block. Thread-safe: AESGCM objects are stateless.
+    ``ad = file_id || u64be(n)`` (FORMAT §5). With an ``outer_key`` (a double-encrypted
+    volume, §5.2) that inner block is sealed once more: ``nonce2(12) ||
+    ChaCha20-Poly1305(outer_key, nonce2, inner block, ad) || tag2(16)``, the same ``ad``.
+    A block that is entirely zero bytes on disk is a hole and reads as zeros (sparse
+    files); any other block that fails authentication, in either layer, raises
+    ``IntegrityError`` naming the block. Thread-safe: the AEAD objects are stateless.
 
     Batches of ``GATE_MIN_BLOCKS`` or more run under ``gate``, a lock shared by the whole
     volume: pyca releases the GIL around every block, and several threads doing that at
@@ -142,12 +146,20 @@ class BlockCipher:
 
     GATE_MIN_BLOCKS = 8
 
-    __slots__ = ("_aead", "_block_size", "_file_id", "_gate")
+    __slots__ = ("_aead", "_block_size", "_file_id", "_gate", "_outer", "overhead")
 
     def __init__(
-        self, key: Buffer, file_id: bytes, block_size: int, gate: threading.Lock | None = None
+        self,
+        key: Buffer,
+        file_id: bytes,
+        block_size: int,
+        gate: threading.Lock | None = None,
+        outer_key: Buffer | None = None,
     ) -> None:
         self._aead = AESGCM(key)
+        self._outer = None if outer_key is None else ChaCha20Poly1305(outer_key)
+        self.overhead = fmt.BLOCK_OVERHEAD if outer_key is None else fmt.DOUBLE_BLOCK_OVERHEAD
+        """Bytes each sealed block adds to its plaintext."""
         self._file_id = file_id
         self._block_size = block_size
         self._gate = gate or threading.Lock()
@@ -157,10 +169,11 @@ class BlockCipher:
 
         Every block but the last must be full; returns the cipher bytes for them all.
         """
+        seal = self._seal if self._outer is None else self._seal_double
         if len(plain) >= self.GATE_MIN_BLOCKS * self._block_size:
             with self._gate:
-                return self._seal(first_block_no, plain)
-        out = self._seal(first_block_no, plain)
+                return seal(first_block_no, plain)
+        out = seal(first_block_no, plain)
         if len(plain) % self._block_size:  # a short last block: see scrub_stack
             scrub_stack()
         return out
@@ -191,6 +204,56 @@ class BlockCipher:
             cipher_off = end
         return out
 
+    def _seal_double(self, first_block_no: int, plain: Buffer) -> bytearray:
+        """``_seal`` with the outer layer: per block, the inner block is sealed into one
+        scratch buffer (pyca refuses overlapping input and output) and the outer layer
+        from there straight into place; both layers share the block's associated data.
+        The loop is the hot path of a double volume's writes: names are local, nothing is
+        recomputed per block that need not be."""
+        outer = self._outer
+        assert outer is not None
+        src = memoryview(plain)
+        bs = self._block_size
+        n12 = fmt.NONCE_LEN
+        inner_over = fmt.BLOCK_OVERHEAD
+        cbs = bs + fmt.DOUBLE_BLOCK_OVERHEAD
+        total = len(src)
+        nblocks = -(-total // bs)
+        out = bytearray(total + nblocks * fmt.DOUBLE_BLOCK_OVERHEAD)
+        dst = memoryview(out)
+        nonces = memoryview(os.urandom(2 * n12 * nblocks))
+        scratch = memoryview(bytearray(bs + inner_over))
+        scratch_nonce = scratch[:n12]
+        inner_full = scratch[: bs + inner_over]
+        inner_out_full = scratch[n12 : bs + inner_over]
+        seal_inner = self._aead.encrypt_into
+        seal_outer = outer.encrypt_into
+        ad_of = fmt.block_ad
+        file_id = self._file_id
+        block_no = first_block_no
+        cipher_off = 0
+        nonce_off = 0
+        for plain_off in range(0, total, bs):
+            chunk = src[plain_off : plain_off + bs]
+            ad = ad_of(file_id, block_no)
+            nonce = nonces[nonce_off : nonce_off + n12]
+            nonce2 = nonces[nonce_off + n12 : nonce_off + 2 * n12]
+            scratch_nonce[:] = nonce
+            if len(chunk) == bs:
+                seal_inner(nonce, chunk, ad, inner_out_full)
+                inner = inner_full
+            else:  # the short last block
+                n = len(chunk)
+                seal_inner(nonce, chunk, ad, scratch[n12 : n + inner_over])
+                inner = scratch[: n + inner_over]
+            end = cipher_off + len(inner) + inner_over
+            dst[cipher_off : cipher_off + n12] = nonce2
+            seal_outer(nonce2, inner, ad, dst[cipher_off + n12 : end])
+            cipher_off += cbs
+            nonce_off += 2 * n12
+            block_no += 1
+        return out
+
     def open(self, first_block_no: int, cipher: Buffer, backing_path: str = "") -> bytearray:
         """Decrypt contiguous cipher blocks starting at block ``first_block_no``.
 
@@ -204,13 +267,14 @@ class BlockCipher:
     def plain_len(self, cipher_len: int, first_block_no: int = 0, backing_path: str = "") -> int:
         """Plaintext length of ``cipher_len`` bytes of contiguous blocks. Raises
         ``IntegrityError`` if the last block is too short to be one."""
-        cbs = self._block_size + fmt.BLOCK_OVERHEAD
+        overhead = self.overhead
+        cbs = self._block_size + overhead
         nblocks = -(-cipher_len // cbs)
-        if 0 < cipher_len % cbs <= fmt.BLOCK_OVERHEAD:
+        if 0 < cipher_len % cbs <= overhead:
             raise IntegrityError(
                 "truncated block", backing_path=backing_path, block_no=first_block_no + nblocks - 1
             )
-        return cipher_len - nblocks * fmt.BLOCK_OVERHEAD
+        return cipher_len - nblocks * overhead
 
     def open_into(
         self, first_block_no: int, cipher: Buffer, out: Buffer, backing_path: str = ""
@@ -222,11 +286,12 @@ class BlockCipher:
         dst = memoryview(out)
         if len(dst) != self.plain_len(len(src), first_block_no, backing_path):
             raise ValueError("output buffer does not fit the blocks")
+        open_ = self._open if self._outer is None else self._open_double
         if len(src) >= self.GATE_MIN_BLOCKS * self._block_size:
             with self._gate:
-                self._open(first_block_no, src, dst, backing_path)
+                open_(first_block_no, src, dst, backing_path)
             return
-        self._open(first_block_no, src, dst, backing_path)
+        open_(first_block_no, src, dst, backing_path)
         if len(dst) % self._block_size:  # a short last block: see scrub_stack
             scrub_stack()
 
@@ -258,6 +323,55 @@ class BlockCipher:
                     ) from None
             cipher_off += cbs
             plain_off += plain_len
+
+    def _open_double(
+        self, first_block_no: int, src: memoryview, dst: memoryview, backing_path: str
+    ) -> None:
+        """``_open`` through both layers: the outer opens into a scratch buffer (the inner
+        block), the inner from there into ``dst``. An all-zero outer block is a hole. Hot
+        path of a double volume's reads (see ``_seal_double``)."""
+        outer = self._outer
+        assert outer is not None
+        n12 = fmt.NONCE_LEN
+        bs = self._block_size
+        over = fmt.DOUBLE_BLOCK_OVERHEAD
+        cbs = bs + over
+        scratch = memoryview(bytearray(bs + fmt.BLOCK_OVERHEAD))
+        scratch_nonce = scratch[:n12]
+        inner_full = scratch[: bs + fmt.BLOCK_OVERHEAD]
+        inner_body_full = scratch[n12 : bs + fmt.BLOCK_OVERHEAD]
+        open_inner = self._aead.decrypt_into
+        open_outer = outer.decrypt_into
+        ad_of = fmt.block_ad
+        file_id = self._file_id
+        block_no = first_block_no
+        plain_off = 0
+        for cipher_off in range(0, len(src), cbs):
+            chunk = src[cipher_off : cipher_off + cbs]
+            ad = ad_of(file_id, block_no)
+            plain_len = len(chunk) - over
+            try:
+                if plain_len == bs:
+                    open_outer(chunk[:n12], chunk[n12:], ad, inner_full)
+                    open_inner(scratch_nonce, inner_body_full, ad, dst[plain_off : plain_off + bs])
+                else:  # the short last block
+                    inner_len = plain_len + fmt.BLOCK_OVERHEAD
+                    open_outer(chunk[:n12], chunk[n12:], ad, scratch[:inner_len])
+                    open_inner(
+                        scratch_nonce,
+                        scratch[n12:inner_len],
+                        ad,
+                        dst[plain_off : plain_off + plain_len],
+                    )
+            except InvalidTag:
+                if chunk.tobytes().count(0) == len(chunk):  # all-zero on disk: a hole
+                    dst[plain_off : plain_off + plain_len] = bytes(plain_len)
+                else:
+                    raise IntegrityError(
+                        "block authentication failed", backing_path=backing_path, block_no=block_no
+                    ) from None
+            plain_off += plain_len
+            block_no += 1
 
 
 class NameCipher:

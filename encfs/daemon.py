@@ -38,8 +38,22 @@ from encfs.errors import EncfsError, FormatError, VaultError, VolumeRevoked, Vol
 from encfs.fs import EncfsOperations, FsOptions, load_native, select_libfuse, serve
 from encfs.hostfiles import write_file_atomic
 from encfs.keys import VolumeKeys
-from encfs.vault import KeyWrapper, VaultSettings, connect, pin_vault_url, retry_unavailable
-from encfs.watcher import HeldHeader, KeyWatcher, MountState, WatchSettings, note_identity
+from encfs.vault import (
+    KeyWrapper,
+    VaultSettings,
+    connect,
+    pin_vault_url,
+    retry_unavailable,
+    second_vault_settings,
+)
+from encfs.watcher import (
+    HeldHeader,
+    KeyWatcher,
+    MountState,
+    VaultLink,
+    WatchSettings,
+    note_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +73,15 @@ class MountConfig:
     of a cluster (``vault.pin_vault_url``)."""
     vault_addr: str | None = None
     """``VAULT_ADDR`` / ``BAO_ADDR`` of the host, used when ``vault_url`` is not given."""
+    vault2: VaultSettings = field(
+        default_factory=lambda: second_vault_settings(
+            VaultSettings(), token_file=None, ca_file=None, client_cert=None, client_key=None
+        )
+    )
+    """How to reach the second vault of a double-encrypted volume (its own credential)."""
+    vault2_url: str | None = None
+    """The second vault the operator pinned (``--vault2`` / ``VAULT2=``), for key slot 1 of
+    a double-encrypted volume; a double volume without it is not mounted (exit 9)."""
     repin: bool = False
     """Accept and pin another volume than the one pinned for this cipher dir."""
     allow_other: bool = False
@@ -118,6 +141,8 @@ class Unlocked:
     audit: AuditLog
     renew_in: float | None
     """Seconds until the host's credential needs renewing; None if it does not expire."""
+    second: VaultLink | None
+    """The vault of KEK 2 of a double-encrypted volume (the mount owns it); else None."""
     volume_id: str
     kek_version: int
     block_size: int
@@ -193,61 +218,91 @@ class Daemon:
     # --- key sources ------------------------------------------------------------------------
 
     def _unlock_header(self) -> Unlocked:
-        """The volume header's key: read and check the header, pin the vault, unwrap
+        """The volume header's key(s): read and check the header, pin the vault(s), unwrap
         (``_unwrap``). Raises ``EncfsError`` (nothing is mounted)."""
         cfg = self.config
         volume.check_cipher_dir_safe(cfg.cipher_dir)
         hf = volume.read_checked_header(cfg.cipher_dir)
-        pinned = pin_vault_url(hf.header.vault_url, configured=cfg.vault_url, addr=cfg.vault_addr)
+        header = hf.header
+        pinned = pin_vault_url(header.vault_url, configured=cfg.vault_url, addr=cfg.vault_addr)
         if pinned.note:
             log.warning("%s", pinned.note)
-        url = str(pinned.url)
+        urls = [str(pinned.url)]
+        if header.double:
+            pinned2 = pin_vault_url(
+                header.slots[1].vault_url, configured=cfg.vault2_url, addr=None, slot=1
+            )
+            if pinned2.note:
+                log.warning("KEK 2: %s", pinned2.note)
+            urls.append(str(pinned2.url))
+        elif cfg.vault2_url:
+            log.warning("%s is not double-encrypted: --vault2 is not used", cfg.cipher_dir)
+        context: dict[str, object] = {}
+        if header.double:
+            context = {"vault2": urls[1], "kek_version2": header.slots[1].kek_version}
         audit = AuditLog(
             cfg.audit,
-            volume_id=hf.header.volume_id.hex(),
+            volume_id=header.volume_id.hex(),
             cipher_dir=str(cfg.cipher_dir),
             mountpoint=str(cfg.mountpoint),
-            vault=url,
-            kek_version=hf.header.kek_version,
+            vault=urls[0],
+            kek_version=header.kek_version,
+            **context,
         )
-        vault = connect(url, cfg.vault)
+        settings = [cfg.vault, cfg.vault2][: len(urls)]
+        vaults: list[KeyWrapper] = []
         try:
-            keys, check_value, renew_in = self._unwrap(hf, vault, audit)
+            for url, vault_settings in zip(urls, settings, strict=True):
+                vaults.append(connect(url, vault_settings))
+            keys, check_values, renews = self._unwrap(hf, vaults, audit)
         except BaseException:
-            vault.close()
+            for vault in vaults:
+                vault.close()
             raise
+        second = None
+        if header.double:
+            second = VaultLink(vaults[1], urls[1], cfg.vault2, renews[1])
         return Unlocked(
             keys=keys,
-            vault=vault,
-            url=url,
+            vault=vaults[0],
+            url=urls[0],
             audit=audit,
-            renew_in=renew_in,
-            volume_id=hf.header.volume_id.hex(),
-            kek_version=hf.header.kek_version,
-            block_size=hf.header.block_size,
-            features=hf.header.feature_flags,
-            held=HeldHeader(cfg.cipher_dir, hf, check_value),
+            renew_in=renews[0],
+            second=second,
+            volume_id=header.volume_id.hex(),
+            kek_version=header.kek_version,
+            block_size=header.block_size,
+            features=header.feature_flags,
+            held=HeldHeader(cfg.cipher_dir, hf, check_values),
         )
 
     def _unwrap(
-        self, hf: volume.HeaderFile, vault: KeyWrapper, audit: AuditLog
-    ) -> tuple[VolumeKeys, bytes, float | None]:
+        self, hf: volume.HeaderFile, vaults: list[KeyWrapper], audit: AuditLog
+    ) -> tuple[VolumeKeys, tuple[bytes, ...], list[float | None]]:
         """Preflight, unwrap (retrying an unreachable or sealed vault within
-        ``--vault-timeout``), pin check, identity. Returns the keys, the volume key's check
-        value and when to renew the credential."""
+        ``--vault-timeout``), pin check, identity — with every vault (one per volume key).
+        Returns the keys, each volume key's check value and, per vault, when to renew the
+        credential."""
         cfg = self.config
+        double = hf.header.double
 
         def retrying(exc: VaultError, delay: float) -> None:
             log.warning("%s; retrying in %.2g s", exc, delay)
 
         def unwrap() -> VolumeKeys:
-            vault.check_capabilities("mount")
-            return volume.unlock(hf, vault)
+            for number, vault in enumerate(vaults, 1):
+                try:
+                    vault.check_capabilities("mount")
+                except VaultError as exc:
+                    if double:
+                        exc.for_kek(number)
+                    raise
+            return volume.unlock(hf, *vaults)
 
         try:
             keys = retry_unavailable(unwrap, bound=cfg.vault.timeout, on_retry=retrying)
         except VaultError as exc:
-            audit.error("unwrap", exc)
+            audit.error("unwrap", exc, kek=exc.kek)
             raise
         try:
             pins.check_pin(
@@ -258,17 +313,26 @@ class Daemon:
                 repin=cfg.repin,
                 vault_url=hf.header.vault_url,
                 block_size=hf.header.block_size,
+                vault_url2=hf.header.slots[1].vault_url if double else "",
             )
-            check_value = keys.check_value()
+            check_values = keys.check_values()
         except BaseException as exc:
             keys.close()
             if isinstance(exc, EncfsError):
                 audit.error("mount", exc)
             raise
-        renew_in = note_identity(vault, audit, self.state, warn=True)
-        audit.event("unwrap")
+        renews: list[float | None] = []
+        for number, vault in enumerate(vaults, 1):
+            renews.append(note_identity(vault, audit, self.state, warn=True, kek=number))
+            if double:
+                slot = hf.header.slots[number - 1]
+                audit.event(
+                    "unwrap", kek=number, vault=str(vault.url), kek_version=slot.kek_version
+                )
+            else:
+                audit.event("unwrap")
         audit.event("mount", read_only=cfg.read_only)
-        return keys, check_value, renew_in
+        return keys, check_values, renews
 
     def _start_ephemeral(self) -> Unlocked:
         """A fresh ephemeral volume (``volume.start_ephemeral``); with a vault URL, first
@@ -303,6 +367,7 @@ class Daemon:
             url=cfg.vault_url or "",
             audit=audit,
             renew_in=renew_in,
+            second=None,
             volume_id=volume_id.hex(),
             kek_version=0,
             block_size=fmt.DEFAULT_BLOCK_SIZE,
@@ -340,6 +405,10 @@ class Daemon:
             unlocked.kek_version,
         )
         mount = LiveMount(cfg, unlocked, ops, state, started=self.started)
+        if unlocked.vault is not None:
+            state.add_kek(1, unlocked.url, unlocked.kek_version)
+        if unlocked.second is not None and unlocked.held is not None:
+            state.add_kek(2, unlocked.second.url, unlocked.held.header.header.slots[1].kek_version)
         state.set("active")
         watcher: KeyWatcher | None = None
         if unlocked.vault is not None:  # an ephemeral volume without a vault watches nothing
@@ -353,6 +422,7 @@ class Daemon:
                 audit=audit,
                 held=unlocked.held,
                 renew_in=unlocked.renew_in,
+                second=unlocked.second,
             )
         status = mounts.StatusServer(
             mounts.status_socket(cfg.mountpoint), mount.status, {"rekey": mount.start_rekey}
@@ -394,6 +464,8 @@ class Daemon:
             mount.close()
             if watcher is not None:
                 watcher.close()
+            elif unlocked.second is not None:  # pragma: no cover - a double volume watches
+                unlocked.second.vault.close()
             mounts.remove_runtime_file(cfg.mountpoint)
             audit.event("unmount", forced_by_revocation=bool(mount.revoked_unmount) or None)
             log.info("unmounted %s; keys wiped", cfg.mountpoint)
@@ -491,8 +563,8 @@ class MountedAccess:
     def tree_changes(self) -> int:
         return self._ops.tree.moves
 
-    def installed(self, hf: volume.HeaderFile, check_value: bytes) -> None:
-        self._held.rekeyed(hf, check_value)
+    def installed(self, hf: volume.HeaderFile, check_values: tuple[bytes, ...]) -> None:
+        self._held.rekeyed(hf, check_values)
 
 
 class LiveMount:
@@ -561,18 +633,28 @@ class LiveMount:
             mounts.detach(cfg.mountpoint)
 
     def resume(
-        self, volume_key: bytearray, hf: volume.HeaderFile, retiring: Sequence[bytearray] = ()
+        self,
+        volume_keys: Sequence[bytearray],
+        hf: volume.HeaderFile,
+        retiring: Sequence[bytearray] = (),
     ) -> None:
-        """Serve again with a freshly unwrapped volume key (and, during a rekey, the
-        retiring one; the caller wipes its copies). Raises ``HeaderAuthError`` if ``hf``'s
-        tag does not verify (still suspended)."""
+        """Serve again with freshly unwrapped volume keys (key slot order) and, during a
+        rekey, the retiring ones (the caller wipes its copies). Raises ``HeaderAuthError``
+        if ``hf``'s tag does not verify (still suspended)."""
         with self._transition:
             if not self._ops.suspended or self._closed:
                 return
-            self._ops.resume(volume_key, hf.body, hf.tag, retiring)
+            self._ops.resume(volume_keys, hf.body, hf.tag, retiring)
             self._state.set("active")
-        log.warning("resumed: the vault unwraps the volume key again")
-        self._audit.event("resume", kek_version=hf.header.kek_version)
+        log.warning(
+            "resumed: the vault%s the volume key%s again",
+            "s unwrap" if len(volume_keys) > 1 else " unwraps",
+            "s" if len(volume_keys) > 1 else "",
+        )
+        fields: dict[str, Any] = {}
+        if hf.header.double:
+            fields = {"kek_version2": hf.header.slots[1].kek_version}
+        self._audit.event("resume", kek_version=hf.header.kek_version, **fields)
 
     def verify_header(self, hf: volume.HeaderFile) -> None:
         """Raises ``HeaderAuthError`` unless ``hf``'s tag verifies under the keys in use
@@ -623,9 +705,14 @@ class LiveMount:
         assert held is not None  # start_rekey refuses an ephemeral volume
         progress, stop = self._rekey_progress, self._rekey_stop
         access = MountedAccess(cfg.cipher_dir, self._ops, held)
+        vaults: list[KeyWrapper] = []
         try:
-            vault = connect(unlocked.url, cfg.vault)
+            vaults.append(connect(unlocked.url, cfg.vault))
+            if unlocked.second is not None:
+                vaults.append(connect(unlocked.second.url, unlocked.second.settings))
         except VaultError as exc:
+            for vault in vaults:
+                vault.close()
             progress.state, progress.error = "failed", str(exc)
             self._audit.error("rekey", exc)
             return
@@ -638,7 +725,7 @@ class LiveMount:
                 if not hf.header.rekeying:
                     self._audit.event("rekey_begin", kek_version=hf.header.kek_version)
                 try:
-                    final = rekey.run(access, hf, vault, progress, stop, accept=held.announce)
+                    final = rekey.run(access, hf, vaults, progress, stop, accept=held.announce)
                 except VolumeSuspended:
                     log.warning("rekey waits: the volume is suspended")
                     continue
@@ -653,7 +740,8 @@ class LiveMount:
             if isinstance(exc, EncfsError):
                 self._audit.error("rekey", exc, **progress.summary())
         finally:
-            vault.close()
+            for vault in vaults:
+                vault.close()
 
     def _flush(self) -> None:
         """Make what the kernel holds dirty (mmap, writeback cache) and what we wrote
@@ -690,6 +778,13 @@ class LiveMount:
             out["vault"] = unlocked.url
             out["key_name"] = unlocked.url.rstrip("/").rsplit("/", 1)[-1]
             out["kek_version"] = hf.header.kek_version
+            out["double"] = unlocked.held.header.header.double
+            if out["double"]:
+                out["outer_cipher"] = fmt.OUTER_CIPHER_NAMES[hf.header.outer_cipher]
+            for number, kek in enumerate(out.get("keks", []), 1):
+                if number <= len(hf.header.slots):
+                    kek["kek_version"] = hf.header.slots[number - 1].kek_version
+                    kek["key_name"] = kek["vault"].rstrip("/").rsplit("/", 1)[-1]
         if unlocked.vault is not None:
             out["vault_addresses"] = list(unlocked.vault.url.origins)
         out["ephemeral"] = cfg.ephemeral

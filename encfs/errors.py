@@ -103,12 +103,24 @@ class HeaderAuthError(IntegrityError):
 
 
 class VaultError(EncfsError):
-    """A vault call failed. ``revoked`` tells whether it means the host lost access for good."""
+    """A vault call failed. ``revoked`` tells whether it means the host lost access for good.
+    ``kek`` is set (1 or 2) when the call was made for one KEK of a double-encrypted
+    volume; the message then starts with it ("KEK 2: ...")."""
 
     revoked: bool = False
+    kek: int | None = None
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(message, hint=hint or type(self).hint)
+
+    def for_kek(self, kek: int) -> VaultError:
+        """Mark this error as coming from KEK ``kek`` (1 or 2); returns it."""
+        self.kek = kek
+        return self
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text if self.kek is None else f"KEK {self.kek}: {text}"
 
 
 class VaultNotPinned(VaultError):

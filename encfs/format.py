@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import stat
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 # --- volume ----------------------------------------------------------------------------------
 
@@ -50,19 +51,29 @@ HEADER_TAG_LEN = 32  # HMAC-SHA256
 
 CIPHER_AES256_GCM = 1
 CIPHER_NAMES = {CIPHER_AES256_GCM: "AES-256-GCM"}
+OUTER_CIPHER_CHACHA20_POLY1305 = 2
+OUTER_CIPHER_NAMES = {OUTER_CIPHER_CHACHA20_POLY1305: "ChaCha20-Poly1305"}
+"""Outer content ciphers of a ``FEATURE_DOUBLE`` volume (header byte 15, §2.1)."""
 
 FEATURE_DIRID_LINKS = 1 << 0
 """Directory ids are symbolic links whose target is the id in base64url (§6.1), not files."""
+FEATURE_DOUBLE = 1 << 1
+"""Double encryption (§5.2): a second, independent volume key in key slot 1, wrapped by a
+KEK of its own; every content block is sealed again with the outer cipher (byte 15)."""
 FEATURE_REKEYING = 1 << 2
 """A rekey (``encfs rekey``) is under way (§2.5): the header also holds the retiring volume
-key's slot and a second tag made with it; entries are sealed under either key."""
-KNOWN_FEATURE_FLAGS = FEATURE_DIRID_LINKS | FEATURE_REKEYING
+keys' slots and a second tag made with them; entries are sealed under either key set."""
+KNOWN_FEATURE_FLAGS = FEATURE_DIRID_LINKS | FEATURE_DOUBLE | FEATURE_REKEYING
 """Feature flags this build understands; any other set bit is refused at mount."""
 NEW_VOLUME_FEATURES = FEATURE_DIRID_LINKS
-"""Feature flags ``encfs init`` sets on a new volume."""
+"""Feature flags ``encfs init`` sets on a new volume (``init --double`` adds ``DOUBLE``)."""
 EPHEMERAL_FEATURES = NEW_VOLUME_FEATURES
 """Features of an ephemeral volume (it has no header; nothing older ever reads one)."""
-FEATURE_NAMES = {FEATURE_DIRID_LINKS: "dirid-links", FEATURE_REKEYING: "rekeying"}
+FEATURE_NAMES = {
+    FEATURE_DIRID_LINKS: "dirid-links",
+    FEATURE_DOUBLE: "double",
+    FEATURE_REKEYING: "rekeying",
+}
 
 DEFAULT_BLOCK_SIZE = 4096
 MIN_BLOCK_SIZE = 4096
@@ -71,7 +82,8 @@ MAX_BLOCK_SIZE = 65536
 MAX_URL_LEN = 2048
 MAX_WRAPPED_KEY_LEN = 4096
 
-# magic(8) version(u16) flags(u32) cipher(u8) reserved(u8) block_size(u32) volume_id(16)
+# magic(8) version(u16) flags(u32) cipher(u8) outer_cipher(u8, "reserved" without DOUBLE)
+# block_size(u32) volume_id(16)
 _FIXED = struct.Struct(">8sHIBBI16s")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -86,6 +98,9 @@ _FILE_HEADER = struct.Struct(">H16s")
 NONCE_LEN = 12
 TAG_LEN = 16
 BLOCK_OVERHEAD = NONCE_LEN + TAG_LEN
+"""What one AEAD layer adds: to a content block (§5), a symlink target (§8), an xattr value."""
+DOUBLE_BLOCK_OVERHEAD = 2 * BLOCK_OVERHEAD
+"""What a content block of a ``FEATURE_DOUBLE`` volume carries besides its plaintext (§5.2)."""
 
 _BLOCK_AD = struct.Struct(">16sQ")
 
@@ -149,6 +164,32 @@ def dirid_links(flags: int) -> bool:
     return bool(flags & FEATURE_DIRID_LINKS)
 
 
+def is_double(flags: int) -> bool:
+    """Whether a volume with ``flags`` encrypts its content twice (§5.2)."""
+    return bool(flags & FEATURE_DOUBLE)
+
+
+def volume_key_count(flags: int) -> int:
+    """How many volume keys a volume with ``flags`` has: 2 with ``DOUBLE`` (inner, outer),
+    else 1. Each has its own key slot (``slot_count``)."""
+    return 2 if flags & FEATURE_DOUBLE else 1
+
+
+def slot_count(flags: int) -> int:
+    """How many key slots the header of a volume with ``flags`` holds (§2.1): one per
+    volume key, slot 0 the (inner) volume key, slot 1 the outer one.
+
+    The slots of the volume keys in use always come first. A later flag that keeps a
+    second set of keys in the header (e.g. the retiring keys of an online rekey) appends
+    that set's slots after these, one per key, in the same shape."""
+    return volume_key_count(flags)
+
+
+def block_overhead(flags: int) -> int:
+    """Bytes a content block of a volume with ``flags`` adds to its plaintext (§5, §5.2)."""
+    return DOUBLE_BLOCK_OVERHEAD if flags & FEATURE_DOUBLE else BLOCK_OVERHEAD
+
+
 def feature_names(flags: int) -> list[str]:
     """Names of the known feature flags set in ``flags`` (``encfs info``)."""
     return [name for bit, name in FEATURE_NAMES.items() if flags & bit]
@@ -183,7 +224,8 @@ def is_valid_plain_name(raw: bytes) -> bool:
 
 @dataclass(frozen=True)
 class KeySlot:
-    """One wrapped volume key and the vault KEK that wrapped it (§2.1). Safe to show."""
+    """One key slot of the volume header (§2.1): which vault key (KEK) wraps a volume key,
+    at which KEK version, and the wrapped key as the vault returned it. Safe to show."""
 
     vault_url: str
     kek_version: int
@@ -205,25 +247,39 @@ class KeySlot:
 
 @dataclass(frozen=True)
 class VolumeHeader:
-    """The volume header's fields (docs/FORMAT.md §2). ``wrapped_key`` is safe to show.
+    """The volume header's fields (docs/FORMAT.md §2); nothing here is secret.
 
-    ``retiring`` holds the slot of the volume key a rekey is replacing (``FEATURE_REKEYING``,
-    §2.5): present exactly when the flag is set."""
+    ``slots`` holds ``slot_count(feature_flags)`` key slots: slot 0 wraps the volume key
+    (the only one of a single-layer volume), slot 1 the outer volume key of a ``DOUBLE``
+    volume. ``vault_url``, ``kek_version`` and ``wrapped_key`` are slot 0's.
+    ``outer_cipher`` is byte 15: an ``OUTER_CIPHER_NAMES`` id with ``DOUBLE``, else 0.
+    ``retiring`` holds the slots of the volume keys a rekey is replacing, as many as
+    ``slots`` (``FEATURE_REKEYING``, §2.5): present exactly when the flag is set."""
 
     format_version: int
     feature_flags: int
     cipher: int
     block_size: int
     volume_id: bytes
-    vault_url: str
-    kek_version: int
-    wrapped_key: str
+    slots: tuple[KeySlot, ...]
+    outer_cipher: int = 0
     retiring: tuple[KeySlot, ...] = ()
 
     @property
-    def slot(self) -> KeySlot:
-        """The current volume key's slot."""
-        return KeySlot(self.vault_url, self.kek_version, self.wrapped_key)
+    def vault_url(self) -> str:
+        return self.slots[0].vault_url
+
+    @property
+    def kek_version(self) -> int:
+        return self.slots[0].kek_version
+
+    @property
+    def wrapped_key(self) -> str:
+        return self.slots[0].wrapped_key
+
+    @property
+    def double(self) -> bool:
+        return is_double(self.feature_flags)
 
     @property
     def rekeying(self) -> bool:
@@ -234,9 +290,24 @@ class VolumeHeader:
         """How many tag bytes follow the body: one HMAC, two while rekeying (§2.5)."""
         return HEADER_TAG_LEN * (2 if self.rekeying else 1)
 
+    def with_slot(self, index: int, **changes: str | int) -> VolumeHeader:
+        """This header with fields of key slot ``index`` changed (``vault_url``,
+        ``kek_version``, ``wrapped_key``; e.g. re-wrapped by a rotation)."""
+        slots = list(self.slots)
+        slots[index] = replace(slots[index], **changes)  # type: ignore[arg-type]
+        return replace(self, slots=tuple(slots))
+
     def body(self) -> bytes:
-        """The authenticated bytes: everything but the trailing tag(s)."""
-        if bool(self.retiring) != self.rekeying:
+        """The authenticated bytes: everything but the trailing tag. Raises ``ValueError``
+        for a header no reader would accept in its slot count or byte 15 (a writer bug)."""
+        if len(self.slots) != slot_count(self.feature_flags):
+            raise ValueError(
+                f"a header with flags 0x{self.feature_flags:x} holds "
+                f"{slot_count(self.feature_flags)} key slot(s), not {len(self.slots)}"
+            )
+        if (self.outer_cipher != 0) != self.double:
+            raise ValueError("byte 15 names an outer cipher exactly when DOUBLE is set")
+        if len(self.retiring) != (len(self.slots) if self.rekeying else 0):
             raise ValueError("a header holds retiring slots exactly when it is rekeying")
         return b"".join(
             (
@@ -245,11 +316,11 @@ class VolumeHeader:
                     self.format_version,
                     self.feature_flags,
                     self.cipher,
-                    0,
+                    self.outer_cipher,
                     self.block_size,
                     self.volume_id,
                 ),
-                self.slot.pack(),
+                *(slot.pack() for slot in self.slots),
                 *(slot.pack() for slot in self.retiring),
             )
         )
@@ -275,7 +346,7 @@ def parse_volume_header(raw: bytes) -> tuple[VolumeHeader, bytes, bytes]:
 
     if len(raw) < _FIXED.size:
         raise FormatError(f"volume header truncated ({len(raw)} bytes)")
-    magic, version, flags, cipher, reserved, block_size, volume_id = _FIXED.unpack_from(raw, 0)
+    magic, version, flags, cipher, byte15, block_size, volume_id = _FIXED.unpack_from(raw, 0)
     if magic != VOLUME_MAGIC:
         raise FormatError("not an encfs volume header (bad magic)")
     if version != FORMAT_VERSION:
@@ -283,14 +354,19 @@ def parse_volume_header(raw: bytes) -> tuple[VolumeHeader, bytes, bytes]:
             f"volume format version {version} is not supported by this encfs "
             f"(supports {FORMAT_VERSION}); use the encfs release that created it"
         )
-    if reserved != 0:
-        raise FormatError(f"volume header reserved byte is {reserved}, must be 0 (corrupt header)")
     unknown = flags & ~KNOWN_FEATURE_FLAGS
     if unknown:
         raise UnsupportedFormat(
             f"volume uses unknown feature flags 0x{unknown:08x}; refusing to mount "
             "(created by a newer encfs?)"
         )
+    if flags & FEATURE_DOUBLE:
+        if byte15 == 0:
+            raise FormatError("volume header sets DOUBLE but names no outer cipher (byte 15 is 0)")
+        if byte15 not in OUTER_CIPHER_NAMES:
+            raise UnsupportedFormat(f"volume uses unknown outer content cipher id {byte15}")
+    elif byte15 != 0:
+        raise FormatError(f"volume header reserved byte is {byte15}, must be 0 (corrupt header)")
     if cipher not in CIPHER_NAMES:
         raise UnsupportedFormat(f"volume uses unknown content cipher id {cipher}")
     try:
@@ -298,14 +374,15 @@ def parse_volume_header(raw: bytes) -> tuple[VolumeHeader, bytes, bytes]:
     except ValueError as exc:
         raise FormatError(f"volume header: {exc}") from None
     pos = _FIXED.size
-    try:
-        slot, pos = _parse_slot(raw, pos)
-        retiring: tuple[KeySlot, ...] = ()
-        if flags & FEATURE_REKEYING:
-            old, pos = _parse_slot(raw, pos)
-            retiring = (old,)
-    except struct.error:
-        raise FormatError("volume header truncated") from None
+    slots: list[KeySlot] = []
+    for index in range(slot_count(flags)):
+        slot, pos = _parse_slot(raw, pos, "" if index == 0 else f" of key slot {index}")
+        slots.append(slot)
+    retiring: list[KeySlot] = []
+    if flags & FEATURE_REKEYING:
+        for index in range(slot_count(flags)):
+            slot, pos = _parse_slot(raw, pos, f" of retiring key slot {index}")
+            retiring.append(slot)
     tag = raw[pos:]
     tag_len = HEADER_TAG_LEN * (2 if flags & FEATURE_REKEYING else 1)
     if len(tag) != tag_len:
@@ -319,37 +396,40 @@ def parse_volume_header(raw: bytes) -> tuple[VolumeHeader, bytes, bytes]:
         cipher=cipher,
         block_size=block_size,
         volume_id=volume_id,
-        vault_url=slot.vault_url,
-        kek_version=slot.kek_version,
-        wrapped_key=slot.wrapped_key,
-        retiring=retiring,
+        slots=tuple(slots),
+        outer_cipher=byte15,
+        retiring=tuple(retiring),
     )
     return header, raw[:pos], tag
 
 
-def _parse_slot(raw: bytes, pos: int) -> tuple[KeySlot, int]:
-    """The key slot at ``pos`` and where it ends. Raises ``FormatError`` (cut short, not
-    text) or ``struct.error`` (cut inside a length field)."""
+def _parse_slot(raw: bytes, pos: int, which: str) -> tuple[KeySlot, int]:
+    """The key slot at ``pos`` and where the next field starts. Raises ``FormatError``
+    (``which`` names the slot in its message)."""
     from encfs.errors import FormatError
 
-    (url_len,) = _U16.unpack_from(raw, pos)
-    pos += 2
-    url = raw[pos : pos + url_len]
-    if len(url) != url_len:
-        raise FormatError("volume header truncated in vault URL")
-    pos += url_len
-    (kek_version,) = _U32.unpack_from(raw, pos)
-    pos += 4
-    (wrapped_len,) = _U16.unpack_from(raw, pos)
-    pos += 2
-    wrapped = raw[pos : pos + wrapped_len]
-    if len(wrapped) != wrapped_len:
-        raise FormatError("volume header truncated in wrapped key")
-    pos += wrapped_len
     try:
-        return KeySlot(url.decode("utf-8"), kek_version, wrapped.decode("ascii")), pos
+        (url_len,) = _U16.unpack_from(raw, pos)
+        pos += 2
+        url = raw[pos : pos + url_len]
+        if len(url) != url_len:
+            raise FormatError(f"volume header truncated in vault URL{which}")
+        pos += url_len
+        (kek_version,) = _U32.unpack_from(raw, pos)
+        pos += 4
+        (wrapped_len,) = _U16.unpack_from(raw, pos)
+        pos += 2
+        wrapped = raw[pos : pos + wrapped_len]
+        if len(wrapped) != wrapped_len:
+            raise FormatError(f"volume header truncated in wrapped key{which}")
+        pos += wrapped_len
+    except struct.error:
+        raise FormatError(f"volume header truncated{which}") from None
+    try:
+        slot = KeySlot(url.decode("utf-8"), kek_version, wrapped.decode("ascii"))
     except UnicodeDecodeError:
-        raise FormatError("volume header has a non-text vault URL or wrapped key") from None
+        raise FormatError(f"volume header has a non-text vault URL or wrapped key{which}") from None
+    return slot, pos
 
 
 # --- file header and blocks ----------------------------------------------------------------------
@@ -436,32 +516,40 @@ def parse_undo(raw: bytes, max_sealed: int) -> dict[int, bytes]:
     return out
 
 
-def block_ad(file_id: bytes, block_no: int) -> bytes:
-    """Associated data binding a block to its file and position: file_id || u64 BE block_no."""
-    return _BLOCK_AD.pack(file_id, block_no)
+block_ad: Callable[[bytes, int], bytes] = _BLOCK_AD.pack
+"""``block_ad(file_id, block_no)``: the associated data binding a block to its file and
+position, file_id || u64 BE block_no (the struct's own ``pack``: one call per block, on the
+hot path of every seal and open)."""
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Plain<->cipher arithmetic for one block size. All offsets are byte offsets."""
+    """Plain<->cipher arithmetic for one block size and block overhead (28 bytes, or 56
+    for a ``DOUBLE`` volume: ``of``). All offsets are byte offsets."""
 
     block_size: int
+    overhead: int = BLOCK_OVERHEAD
+
+    @classmethod
+    def of(cls, block_size: int, flags: int) -> Geometry:
+        """The geometry of a volume with this block size and these feature flags."""
+        return cls(block_size, block_overhead(flags))
 
     @property
     def cipher_block_size(self) -> int:
-        return self.block_size + BLOCK_OVERHEAD
+        return self.block_size + self.overhead
 
     def plain_size(self, cipher_size: int) -> int:
         """Plaintext size of a backing file of ``cipher_size`` bytes.
 
-        A trailing fragment too short to hold a block (1..28 bytes) is corrupt; it counts as
-        zero plaintext bytes here and fails authentication when read.
+        A trailing fragment too short to hold a block (1..overhead bytes) is corrupt; it
+        counts as zero plaintext bytes here and fails authentication when read.
         """
         if cipher_size <= FILE_HEADER_LEN:
             return 0
         body = cipher_size - FILE_HEADER_LEN
         full, rest = divmod(body, self.cipher_block_size)
-        return full * self.block_size + max(rest - BLOCK_OVERHEAD, 0)
+        return full * self.block_size + max(rest - self.overhead, 0)
 
     def entry_plain_size(self, mode: int, cipher_size: int) -> int:
         """The size the mount shows for a backing entry of type ``mode`` (its ``st_mode``)
@@ -484,7 +572,7 @@ class Geometry:
         full, rest = divmod(plain_size, self.block_size)
         size = FILE_HEADER_LEN + full * self.cipher_block_size
         if rest:
-            size += rest + BLOCK_OVERHEAD
+            size += rest + self.overhead
         return size
 
     def block_count(self, cipher_size: int) -> int:
@@ -493,9 +581,9 @@ class Geometry:
         return -(-max(cipher_size - FILE_HEADER_LEN, 0) // self.cipher_block_size)
 
     def has_fragment(self, cipher_size: int) -> bool:
-        """Whether the file ends in a fragment too short to be a block (1..28 bytes)."""
+        """Whether the file ends in a fragment too short to be a block (1..overhead bytes)."""
         rest = max(cipher_size - FILE_HEADER_LEN, 0) % self.cipher_block_size
-        return 0 < rest <= BLOCK_OVERHEAD
+        return 0 < rest <= self.overhead
 
     def block_no(self, plain_off: int) -> int:
         return plain_off // self.block_size

@@ -91,7 +91,9 @@ class _Checker:
         self.progress = progress
         self.root = backing.open_root(str(root))
         self.keys = keys
-        self.geo = fmt.Geometry(block_size)
+        if block_size != keys.geometry.block_size:
+            raise ValueError("block size differs from the keys' block size")
+        self.geo = keys.geometry
         self.names = names.Names(self.root, keys)
         self.report = Report()
         self.dir_ids: dict[bytes, str] = {}
@@ -359,7 +361,7 @@ class _Checker:
             pass
         for i in range(count):
             chunk = raw[i * cbs : (i + 1) * cbs]
-            if len(chunk) <= fmt.BLOCK_OVERHEAD:
+            if len(chunk) <= self.geo.overhead:
                 continue  # reported as a trailing fragment
             self.report.blocks += 1
             try:

@@ -1,4 +1,4 @@
-"""The key owner: holds the volume key and every key derived from it, in locked memory.
+"""The key owner: holds the volume key(s) and every key derived from them, in locked memory.
 
 Only this module touches key bytes. Keys live in one anonymous mapping that is mlock'ed
 (never swapped) and marked MADV_DONTDUMP (never in a core dump); ``wipe()`` zeroes it and
@@ -12,10 +12,21 @@ Derivation (docs/FORMAT.md §3), all HKDF-SHA256 with the volume id as salt:
     file    = HKDF(content, salt=none, info="encfs/v1/file" || file_id)   32 bytes
     check   = HKDF(volume_key, salt=volume_id, info="encfs/v1/key-check") 16 bytes
 
-The *check value* is not a key: it is what the host remembers about a volume it mounts
-(``encfs.pins``) and what the watcher compares a fresh unwrap with, so that another volume
-key (a substituted header) is told apart without keeping the key itself. HKDF is one-way and
-the label is its own, so the value reveals nothing about the volume key or its subkeys.
+A double-encrypted volume (``FEATURE_DOUBLE``, §3.1) has a second, independent volume key,
+the *outer* key (key slot 1). Content is as above from the first key, plus an outer layer;
+names, metadata and the header tag are keyed by both keys together:
+
+    outer content = HKDF(outer_key, salt=volume_id, info="encfs/v1/outer-content")    32
+    outer file    = HKDF(outer content, salt=none, info="encfs/v1/outer-file" || id)   32
+    names         = HKDF(volume_key || outer_key, salt=volume_id, info="encfs/v1/double/names")
+    meta, header  = the same with ".../double/meta", ".../double/header"
+    outer check   = HKDF(outer_key, salt=volume_id, info="encfs/v1/outer-key-check")   16
+
+The *check values* are not keys: they are what the host remembers about a volume it mounts
+(``encfs.pins``) and what the watcher compares each fresh unwrap with, so that another
+volume key in either slot (a substituted header) is told apart without keeping the key
+itself. HKDF is one-way and the labels are their own, so a value reveals nothing about the
+volume key or its subkeys.
 
 ``LockedSecret`` holds the other secret the daemon keeps for its whole life, the host's vault
 token, in locked memory of its own, zeroed on ``close()``.
@@ -40,22 +51,27 @@ log = logging.getLogger(__name__)
 
 _SLOTS = {
     "volume": (0, 32),
-    "content": (32, 32),
-    "names": (64, 64),
-    "meta": (128, 32),
-    "header": (160, 32),
-    "scratch": (192, 32),
+    "outer": (32, 32),  # right after "volume": the two together are the double IKM
+    "content": (64, 32),
+    "outer_content": (96, 32),
+    "names": (128, 64),
+    "meta": (192, 32),
+    "header": (224, 32),
+    "scratch": (256, 32),
+    "scratch_outer": (288, 32),
 }
 _ARENA_SIZE = mmap.PAGESIZE
 CHECK_VALUE_LEN = 16
-_CHECK_INFO = b"encfs/v1/key-check"
+_CHECK_INFO = (b"encfs/v1/key-check", b"encfs/v1/outer-key-check")
+"""The check value label of the key in slot 0 and of the outer key in slot 1."""
 
 
-def key_check_value(volume_key: bytearray | memoryview, volume_id: bytes) -> bytes:
-    """The check value of a plaintext volume key (see the module docstring); the caller
-    still owns and wipes ``volume_key``."""
+def key_check_value(volume_key: bytearray | memoryview, volume_id: bytes, slot: int = 0) -> bytes:
+    """The check value of the plaintext volume key of key slot ``slot`` (0: the volume key,
+    1: the outer key of a double volume; see the module docstring); the caller still owns
+    and wipes ``volume_key``."""
     out = bytearray(CHECK_VALUE_LEN)
-    crypto.hkdf_into(volume_key, salt=volume_id, info=_CHECK_INFO, out=out)
+    crypto.hkdf_into(volume_key, salt=volume_id, info=_CHECK_INFO[slot], out=out)
     return bytes(out)
 
 
@@ -120,21 +136,29 @@ class NativeKeyed(Protocol):
 class VolumeKeys:
     """Derived keys and cipher objects for one unlocked volume.
 
-    Built from the plaintext volume key (copied into the arena; the caller wipes its own
-    copy). Thread-safe. After ``wipe()`` every method raises ``VolumeSuspended`` until
-    ``load()`` brings the keys back (resume after a suspension).
+    Built from the plaintext volume key, and for a double-encrypted volume its outer key
+    (both copied into the arena; the caller wipes its own copies). Thread-safe. After
+    ``wipe()`` every method raises ``VolumeSuspended`` until ``load()`` brings the keys
+    back (resume after a suspension).
     """
 
     def __init__(
-        self, volume_key: bytearray | memoryview, *, volume_id: bytes, block_size: int
+        self,
+        volume_key: bytearray | memoryview,
+        *,
+        volume_id: bytes,
+        block_size: int,
+        outer_key: bytearray | memoryview | None = None,
     ) -> None:
-        if len(volume_key) != fmt.VOLUME_KEY_LEN:
-            raise ValueError("volume key must be 32 bytes")
         self._lock = threading.Lock()
         self._crypto_gate = threading.Lock()
         self._arena = LockedArena()
         self._block_size = block_size
         self._volume_id = volume_id
+        self.double = outer_key is not None
+        """Whether this is a double-encrypted volume (two volume keys, two layers)."""
+        self.geometry = fmt.Geometry.of(block_size, fmt.FEATURE_DOUBLE if self.double else 0)
+        """The plain<->cipher arithmetic of this volume's content blocks."""
         self._file_ciphers: dict[bytes, crypto.BlockCipher] = {}
         self._names: crypto.NameCipher | None = None
         self._meta: crypto.MetaCipher | None = None
@@ -143,23 +167,45 @@ class VolumeKeys:
         self._retiring: VolumeKeys | None = None
         """The keys being replaced while the volume is re-keyed (``retire``), else None."""
         self._rekeying: _Rekeying | None = None
-        self.load(volume_key)
+        try:
+            self.load(volume_key, outer_key)
+        except BaseException:
+            self._arena.close()
+            raise
 
-    def load(self, volume_key: bytearray | memoryview) -> None:
-        """(Re)load from the plaintext volume key (copied; the caller wipes its copy):
+    def load(
+        self, volume_key: bytearray | memoryview, outer_key: bytearray | memoryview | None = None
+    ) -> None:
+        """(Re)load from the plaintext volume key(s) (copied; the caller wipes its copies):
         derive every subkey into the arena. Used at unlock and to resume after ``wipe``.
+        ``outer_key`` is given exactly for a double volume (``ValueError`` otherwise).
         The caller checks the header tag (``verify_header``) before serving."""
-        if len(volume_key) != fmt.VOLUME_KEY_LEN:
+        if len(volume_key) != fmt.VOLUME_KEY_LEN or (
+            outer_key is not None and len(outer_key) != fmt.VOLUME_KEY_LEN
+        ):
             raise ValueError("volume key must be 32 bytes")
+        if (outer_key is not None) != self.double:
+            raise ValueError("a double volume has an outer key, a single one none")
         with self._lock:
             self._slot("volume")[:] = volume_key
             vol = self._slot("volume")
-            for purpose in ("content", "names", "meta", "header"):
+            salt = self._volume_id
+            crypto.hkdf_into(vol, salt=salt, info=b"encfs/v1/content", out=self._slot("content"))
+            if outer_key is None:
+                ikm, prefix = vol, b"encfs/v1/"
+            else:
+                self._slot("outer")[:] = outer_key
                 crypto.hkdf_into(
-                    vol,
-                    salt=self._volume_id,
-                    info=b"encfs/v1/" + purpose.encode(),
-                    out=self._slot(purpose),
+                    self._slot("outer"),
+                    salt=salt,
+                    info=b"encfs/v1/outer-content",
+                    out=self._slot("outer_content"),
+                )
+                # volume key || outer key: the two slots lie side by side in the arena.
+                ikm, prefix = self._arena.view[0 : 2 * fmt.VOLUME_KEY_LEN], b"encfs/v1/double/"
+            for purpose in ("names", "meta", "header"):
+                crypto.hkdf_into(
+                    ikm, salt=salt, info=prefix + purpose.encode(), out=self._slot(purpose)
                 )
             self._names = crypto.NameCipher(self._slot("names"))
             self._meta = crypto.MetaCipher(self._slot("meta"))
@@ -224,10 +270,6 @@ class VolumeKeys:
         return meta
 
     @property
-    def cipher_block_size(self) -> int:
-        return fmt.Geometry(self._block_size).cipher_block_size
-
-    @property
     def retiring(self) -> VolumeKeys | None:
         """The keys being replaced while a rekey runs (``retire``), else None."""
         return self._retiring
@@ -251,10 +293,23 @@ class VolumeKeys:
             crypto.hkdf_into(
                 self._slot("content"), salt=None, info=b"encfs/v1/file" + file_id, out=scratch
             )
+            outer: memoryview | None = None
+            if self.double:
+                outer = self._slot("scratch_outer")
+                crypto.hkdf_into(
+                    self._slot("outer_content"),
+                    salt=None,
+                    info=b"encfs/v1/outer-file" + file_id,
+                    out=outer,
+                )
             try:
-                cipher = crypto.BlockCipher(scratch, file_id, self._block_size, self._crypto_gate)
+                cipher = crypto.BlockCipher(
+                    scratch, file_id, self._block_size, self._crypto_gate, outer_key=outer
+                )
             finally:
                 scratch[:] = bytes(len(scratch))
+                if outer is not None:
+                    outer[:] = bytes(len(outer))
             if len(self._file_ciphers) >= _FILE_CIPHER_CACHE_MAX:
                 self._file_ciphers.clear()
             self._file_ciphers[file_id] = cipher
@@ -289,9 +344,17 @@ class VolumeKeys:
 
     def check_value(self) -> bytes:
         """The volume key's check value (module docstring); never the key."""
+        return self.check_values()[0]
+
+    def check_values(self) -> tuple[bytes, ...]:
+        """The check value of each volume key, in key slot order (one, or two for a double
+        volume); never a key."""
         with self._lock:
             self._check()
-            return key_check_value(self._slot("volume"), self._volume_id)
+            values = [key_check_value(self._slot("volume"), self._volume_id)]
+            if self.double:
+                values.append(key_check_value(self._slot("outer"), self._volume_id, slot=1))
+            return tuple(values)
 
     def header_tag(self, body: bytes) -> bytes:
         with self._lock:
@@ -361,8 +424,10 @@ class VolumeKeys:
                 raise ValueError("a rekey is already under way")
             if self._wiped or replacement._wiped:
                 raise VolumeSuspended("volume keys are wiped")
-            if replacement._block_size != self._block_size or (
-                replacement._volume_id != self._volume_id
+            if (
+                replacement._block_size != self._block_size
+                or replacement._volume_id != self._volume_id
+                or replacement.double != self.double
             ):
                 raise ValueError("the replacement keys belong to another volume")
             for attr in _KEY_STATE:
@@ -375,18 +440,24 @@ class VolumeKeys:
             # again (they are keyed anew, from the new set, as files are used).
             self._wipe_native()
 
-    def load_retiring(self, volume_key: bytearray | memoryview) -> None:
-        """Attach (or, after a wipe, reload) the retiring key of a volume whose rekey is
-        under way (its header names both keys); the caller wipes its copy."""
+    def load_retiring(
+        self, volume_key: bytearray | memoryview, outer_key: bytearray | memoryview | None = None
+    ) -> None:
+        """Attach (or, after a wipe, reload) the retiring key(s) of a volume whose rekey is
+        under way (its header names both key sets; ``outer_key`` exactly for a double
+        volume); the caller wipes its copies."""
         retiring = self._retiring
         if retiring is None:
             retiring = VolumeKeys(
-                volume_key, volume_id=self._volume_id, block_size=self._block_size
+                volume_key,
+                volume_id=self._volume_id,
+                block_size=self._block_size,
+                outer_key=outer_key,
             )
             with self._lock:
                 self._retiring = retiring
         else:
-            retiring.load(volume_key)
+            retiring.load(volume_key, outer_key)
         with self._lock:
             if not self._wiped:
                 self._rekeying = _Rekeying(self, retiring)
@@ -414,7 +485,7 @@ class _Rekeying:
         self.retiring = retiring
         self.names = crypto.RekeyingNameCipher(current.names_own(), retiring.names_own())
         self.meta = crypto.RekeyingMetaCipher(current.meta_own(), retiring.meta_own())
-        self._cipher_block_size = current.cipher_block_size
+        self._cipher_block_size = current.geometry.cipher_block_size
         self._cache: dict[bytes, crypto.RekeyingBlockCipher] = {}
 
     def file_cipher(self, current: VolumeKeys, file_id: bytes) -> crypto.RekeyingBlockCipher:

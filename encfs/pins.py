@@ -5,7 +5,9 @@ header is only "valid" relative to *some* key. Anyone who may ask the same KEK f
 key (``transit/datakey``) can build a header of their own — a fresh volume key, a valid tag
 — and put it in place of the real one; the pinned vault unwraps it and the host would mount
 the attacker's volume and write into it. The host therefore pins, per cipher dir, the
-volume id and the volume key's *check value* (``keys.key_check_value``; never the key):
+volume id and the volume key's *check value* (``keys.key_check_value``; never the key) —
+for a double-encrypted volume the check value of each of its two volume keys, so that a
+header with either wrapped key substituted is refused:
 
 - ``encfs init`` pins the volume it creates; the first ``encfs mount`` of a volume this
   host has no pin for pins it (trust on first use, logged); ``encfs systemd install`` does
@@ -59,7 +61,10 @@ def pin_path(cipher_dir: Path) -> Path:
 class Pin:
     """One pin file. ``vault_url`` and ``block_size`` are the header's fields that never
     change after ``init`` (empty in pins written before they were recorded): a header that
-    differs in them while naming the pinned volume id is damaged (``volume.check_header``)."""
+    differs in them while naming the pinned volume id is damaged (``volume.check_header``).
+    A double-encrypted volume's pin also holds key slot 1's vault URL (``vault_url2``) and
+    the check value of its outer key (``key_check2``); both are empty for a single-layer
+    volume."""
 
     cipher_dir: str
     volume_id: str
@@ -68,9 +73,11 @@ class Pin:
     by: str
     vault_url: str = ""
     block_size: str = ""
+    vault_url2: str = ""
+    key_check2: str = ""
 
 
-_OPTIONAL_PIN_FIELDS = ("vault_url", "block_size")
+_OPTIONAL_PIN_FIELDS = ("vault_url", "block_size", "vault_url2", "key_check2")
 
 
 def read_pin(cipher_dir: Path) -> Pin | None:
@@ -106,15 +113,18 @@ def write_pin(
     by: str,
     vault_url: str = "",
     block_size: int = 0,
+    vault_url2: str = "",
 ) -> Path:
     """Pin ``cipher_dir`` to this volume (replacing any pin); returns the pin file.
-    ``vault_url`` and ``block_size`` are the header's (recorded when given)."""
+    ``vault_url``, ``block_size`` and (double volumes) ``vault_url2`` are the header's
+    (recorded when given); the check value of every volume key in ``keys`` is."""
     path = pin_path(cipher_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    checks = keys.check_values()
     doc = {
         "cipher_dir": str(cipher_dir.resolve()),
         "volume_id": volume_id.hex(),
-        "key_check": keys.check_value().hex(),
+        "key_check": checks[0].hex(),
         "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "by": by,
     }
@@ -122,6 +132,10 @@ def write_pin(
         doc["vault_url"] = vault_url
     if block_size:
         doc["block_size"] = str(block_size)
+    if vault_url2:
+        doc["vault_url2"] = vault_url2
+    if len(checks) > 1:
+        doc["key_check2"] = checks[1].hex()
     write_file_atomic(path, (json.dumps(doc, indent=2) + "\n").encode(), 0o600)
     return path
 
@@ -135,6 +149,23 @@ def reset_pin(cipher_dir: Path) -> bool:
     return True
 
 
+def _key_differences(pin: Pin, checks: tuple[bytes, ...]) -> list[str]:
+    """How the check values of a volume's keys (``checks``, slot order) differ from ``pin``."""
+    differs = []
+    if pin.key_check != checks[0].hex():
+        which = " of KEK 1" if len(checks) > 1 or pin.key_check2 else ""
+        differs.append(f"volume key{which} (its check value differs from the pinned one)")
+    if len(checks) > 1 and pin.key_check2 != checks[1].hex():
+        differs.append(
+            "volume key of KEK 2 (its check value differs from the pinned one)"
+            if pin.key_check2
+            else "a double-encrypted volume where a single-layer one was pinned"
+        )
+    elif len(checks) == 1 and pin.key_check2:
+        differs.append("a single-layer volume where a double-encrypted one was pinned")
+    return differs
+
+
 def check_pin(
     cipher_dir: Path,
     volume_id: bytes,
@@ -145,8 +176,10 @@ def check_pin(
     by: str = "mount",
     vault_url: str = "",
     block_size: int = 0,
+    vault_url2: str = "",
 ) -> str:
-    """Compare the unlocked volume with the host's pin for ``cipher_dir``.
+    """Compare the unlocked volume with the host's pin for ``cipher_dir``: its volume id
+    and the check value of each of its volume keys.
 
     Returns ``"match"``, ``"pinned"`` (no pin yet and ``create``: written now; also after
     ``repin``) or ``"unpinned"`` (no pin, ``create`` false). Raises ``VolumeMismatch``
@@ -159,7 +192,13 @@ def check_pin(
         if not (create or repin):
             return "unpinned"
         path = write_pin(
-            cipher_dir, volume_id, keys, by=by, vault_url=vault_url, block_size=block_size
+            cipher_dir,
+            volume_id,
+            keys,
+            by=by,
+            vault_url=vault_url,
+            block_size=block_size,
+            vault_url2=vault_url2,
         )
         log.warning(
             "%s volume %s of %s on this host (%s)",
@@ -172,14 +211,18 @@ def check_pin(
     differs = []
     if pin.volume_id != volume_id.hex():
         differs.append(f"volume id {volume_id.hex()} (pinned: {pin.volume_id})")
-    follows_rekey = False
-    if pin.key_check != keys.check_value().hex():
-        retiring = keys.retiring
-        # A rekey under way: the header's second tag, made with the retiring key, vouches
-        # for the new one (verified before this is called), so the pin follows it.
-        follows_rekey = retiring is not None and pin.key_check == retiring.check_value().hex()
-        if not follows_rekey:
-            differs.append("volume key (its check value differs from the pinned one)")
+    checks = keys.check_values()
+    pinned = (pin.key_check, *((pin.key_check2,) if pin.key_check2 else ()))
+    retiring = keys.retiring
+    # A rekey under way: the header's second tag, made with the retiring keys, vouches for
+    # the new ones (verified before this is called), so the pin follows them.
+    follows_rekey = (
+        retiring is not None
+        and pinned != tuple(c.hex() for c in checks)
+        and pinned == tuple(c.hex() for c in retiring.check_values())
+    )
+    if not follows_rekey:
+        differs += _key_differences(pin, checks)
     if differs:
         raise VolumeMismatch(
             f"{cipher_dir} holds another volume than the one this host pinned on "
@@ -197,6 +240,7 @@ def check_pin(
             by=pin.by,
             vault_url=vault_url or pin.vault_url,
             block_size=block_size or int(pin.block_size or 0),
+            vault_url2=vault_url2 or pin.vault_url2,
         )
         if follows_rekey:
             log.info("the pin of %s follows its rekey to the new volume key", cipher_dir)

@@ -37,7 +37,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -172,32 +172,39 @@ class VolumeAccess(Protocol):
         """A count that moves whenever an entry is renamed or hard-linked."""
         ...
 
-    def installed(self, hf: volume.HeaderFile, check_value: bytes) -> None:
-        """The header in place now and the check value of the key in use (the watcher's)."""
+    def installed(self, hf: volume.HeaderFile, check_values: tuple[bytes, ...]) -> None:
+        """The header in place now and the check values of the keys in use (the watcher's)."""
         ...
 
 
 def begin(
     access: VolumeAccess,
     hf: volume.HeaderFile,
-    vault: KeyWrapper,
+    vaults: Sequence[KeyWrapper],
     *,
-    accept: Callable[[bytes], None] = lambda check_value: None,
+    accept: Callable[[tuple[bytes, ...]], None] = lambda check_values: None,
 ) -> volume.HeaderFile:
-    """Step 1 (module docstring). ``accept(check_value)`` is told the new key's check value
-    before the header naming it is written (the watcher must take it for the volume's).
-    Returns the header now in place. Raises ``VaultError``, ``OSError``."""
-    new_keys, wrapped = volume.new_rekey_keys(hf, vault)
+    """Step 1 (module docstring), a new key from the vault of each key slot (``vaults``,
+    slot order). ``accept(check_values)`` is told the new keys' check values before the
+    header naming them is written (the watcher must take them for the volume's). Returns
+    the header now in place. Raises ``VaultError``, ``OSError``."""
+    new_keys, slots = volume.new_rekey_keys(hf, vaults)
     try:
-        accept(new_keys.check_value())
-        new_hf = volume.write_rekey_header(access.cipher_dir, hf, access.keys, new_keys, wrapped)
+        accept(new_keys.check_values())
+        new_hf = volume.write_rekey_header(access.cipher_dir, hf, access.keys, new_keys, slots)
     except BaseException:
         new_keys.close()
         raise
-    with access.quiet():
-        access.keys.retire(new_keys)
-        access.names.invalidate()
-    access.installed(new_hf, access.keys.check_value())
+    try:
+        check_values = new_keys.check_values()
+        with access.quiet():
+            access.keys.retire(new_keys)  # from here on, new_keys is the retiring set
+            access.names.invalidate()
+    except BaseException:
+        if access.keys.retiring is not new_keys:
+            new_keys.close()  # not installed (the volume was suspended): the header
+        raise  # names them, and the next run unwraps them from it
+    access.installed(new_hf, check_values)
     pins.check_pin(
         access.cipher_dir,
         hf.header.volume_id,
@@ -205,6 +212,7 @@ def begin(
         create=True,
         vault_url=hf.header.vault_url,
         block_size=hf.header.block_size,
+        vault_url2=hf.header.slots[1].vault_url if hf.header.double else "",
     )
     log.info(
         "rekey of %s begun: new volume key (KEK version %d); everything is sealed under "
@@ -246,10 +254,13 @@ def finish(
     root = backing.open_root(str(access.cipher_dir))
     backing.syncfs(root.fd)  # every re-sealed block durable before the old key goes
     with access.quiet():
+        # Whatever needs the keys comes first: a suspension (keys wiped) after the final
+        # header is written must not leave the rekey looking unfinished.
+        check_values = access.keys.check_values()
         final = volume.finish_rekey(access.cipher_dir, hf, access.keys)
         access.keys.end_rekey()
         access.names.invalidate()
-    access.installed(final, access.keys.check_value())
+    access.installed(final, check_values)
     progress.state = "done"
     progress.ended = time.monotonic()
     log.info(
@@ -491,11 +502,11 @@ class _Walker:
 def run(
     access: VolumeAccess,
     hf: volume.HeaderFile,
-    vault: KeyWrapper,
+    vaults: Sequence[KeyWrapper],
     progress: RekeyProgress,
     stop: threading.Event,
     *,
-    accept: Callable[[bytes], None] = lambda check_value: None,
+    accept: Callable[[tuple[bytes, ...]], None] = lambda check_values: None,
 ) -> volume.HeaderFile:
     """Begin (unless ``hf`` shows a rekey under way), walk, finish; returns the final
     header. ``progress.state`` says how it ended. Raises ``RekeyIncomplete`` (entries
@@ -503,7 +514,7 @@ def run(
     ``VolumeSuspended``."""
     try:
         if not hf.header.rekeying:
-            hf = begin(access, hf, vault, accept=accept)
+            hf = begin(access, hf, vaults, accept=accept)
         walk(access, progress, stop)
         if progress.problems:
             raise RekeyIncomplete(
@@ -559,12 +570,15 @@ class OfflineAccess:
     def tree_changes(self) -> int:
         return 0
 
-    def installed(self, hf: volume.HeaderFile, check_value: bytes) -> None:
+    def installed(self, hf: volume.HeaderFile, check_values: tuple[bytes, ...]) -> None:
         pass
 
 
 def run_offline(
-    cipher_dir: Path, vault: KeyWrapper, progress: RekeyProgress, stop: threading.Event
+    cipher_dir: Path,
+    vaults: Sequence[KeyWrapper],
+    progress: RekeyProgress,
+    stop: threading.Event,
 ) -> volume.HeaderFile:
     """``run`` on a volume that is not mounted, holding its lock meanwhile (a mount waits
     for nothing: it fails with ``VolumeBusy`` naming this process). Raises as ``run``
@@ -576,7 +590,7 @@ def run_offline(
     )
     try:
         hf = volume.read_checked_header(cipher_dir)
-        keys = volume.unlock(hf, vault)
+        keys = volume.unlock(hf, *vaults)
         try:
             pins.check_pin(
                 cipher_dir,
@@ -585,8 +599,9 @@ def run_offline(
                 create=False,
                 vault_url=hf.header.vault_url,
                 block_size=hf.header.block_size,
+                vault_url2=hf.header.slots[1].vault_url if hf.header.double else "",
             )
-            return run(OfflineAccess(cipher_dir, keys, hf.header), hf, vault, progress, stop)
+            return run(OfflineAccess(cipher_dir, keys, hf.header), hf, vaults, progress, stop)
         finally:
             keys.close()
     finally:

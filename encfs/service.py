@@ -2,7 +2,9 @@
 
 ``encfs systemd install NAME`` writes ``/etc/encfs/NAME.conf`` (the settings
 ``encfs mount --config`` reads), copies the host's vault token to ``/etc/encfs/NAME.token``
-(0600; the unit passes it as the credential ``vault-token``), installs ``encfs@.service``
+(0600; the unit passes it as the credential ``vault-token``) and, for the second vault of a
+double-encrypted volume, its own token to ``NAME.token2`` (credential ``vault2-token``),
+installs ``encfs@.service``
 and ``encfs-vault.service`` into ``/etc/systemd/system`` with ``ExecStart=`` pointing at
 this installation of encfs, reloads systemd and enables ``encfs@NAME.service``. Every step
 is idempotent; ``dry_run`` only says what would be done. Raises ``ServiceError`` with a
@@ -42,6 +44,8 @@ class ServicePlan:
     settings: dict[str, str]
     """Config keys (``CIPHER_DIR``, ``MOUNTPOINT``, ``VAULT``, ...), as in README."""
     token_file: Path | None = None
+    token2_file: Path | None = None
+    """The host's token for the second vault of a double-encrypted volume."""
     etc_dir: Path = Path("/etc/encfs")
     unit_dir: Path = Path("/etc/systemd/system")
     enable: bool = True
@@ -80,9 +84,11 @@ def install(plan: ServicePlan, *, dry_run: bool, say: Callable[[str], None]) -> 
         )
     conf = plan.etc_dir / f"{plan.name}.conf"
     token = plan.etc_dir / f"{plan.name}.token"
+    token2 = plan.etc_dir / f"{plan.name}.token2"
     unit = f"encfs@{plan.name}.service"
-    if plan.token_file is not None and not plan.token_file.is_file():
-        raise ServiceError(f"token file {plan.token_file} does not exist")
+    for given in (plan.token_file, plan.token2_file):
+        if given is not None and not given.is_file():
+            raise ServiceError(f"token file {given} does not exist")
     mountpoint = Path(plan.settings.get("MOUNTPOINT", ""))
     steps: list[tuple[str, Callable[[], None]]] = [
         (f"mkdir -m 0700 -p {plan.etc_dir}", lambda: plan.etc_dir.mkdir(0o700, True, True)),
@@ -102,6 +108,24 @@ def install(plan: ServicePlan, *, dry_run: bool, say: Callable[[str], None]) -> 
         )
     elif not token.exists() and plan.settings.get("EPHEMERAL") != "yes":
         say(f"note: no --token-file: put the host token in {token} (0600) before starting")
+    if plan.token2_file is not None:
+        src2 = plan.token2_file
+        steps.append(
+            (
+                f"install the second vault's token {src2} as {token2} (0600)",
+                lambda: write_file_atomic(token2, src2.read_bytes(), 0o600),
+            )
+        )
+    elif (
+        plan.settings.get("VAULT2")
+        and not plan.settings.get("TOKEN_FILE2")
+        and not plan.settings.get("CLIENT_CERT2")
+        and not token2.exists()
+    ):
+        say(
+            f"note: no --vault2-token-file: put the host's token for the second vault in "
+            f"{token2} (0600) before starting"
+        )
     steps.append((f"mkdir -p {plan.unit_dir}", lambda: plan.unit_dir.mkdir(0o755, True, True)))
     for name in UNITS:
         text = render_unit(name, plan.exec_command)

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from encfs.errors import (
     UnsupportedFormat,
     VaultCiphertextRejected,
     VaultConfigError,
+    VaultError,
     VolumeExists,
     VolumeMismatch,
     VolumeNotFound,
@@ -178,48 +179,81 @@ _TRANSIT_WRAPPED = re.compile(r"vault:v([1-9][0-9]*):[A-Za-z0-9+/]{20,}={0,2}")
 _KMIP_WRAPPED = re.compile(r"kmip:v1:[A-Za-z0-9_-]{80}")
 
 
-def header_findings(hf: HeaderFile, pin: pins.Pin | None) -> list[str]:
-    """What is certainly wrong with a header that parses, judged before the key is
-    unwrapped (the tag needs the key, so only structure and the host's pin can tell):
-    a vault URL that is not one, a wrapped key that is not a vault's ciphertext, a KEK
-    version field that disagrees with the wrapped key (the writer copies it), and — when
-    the host's pin names this volume id — a vault URL or block size other than the
-    pinned ones (neither changes after ``init``). Empty for every header encfs writes."""
-    h = hf.header
+def _slot_findings(slot: fmt.KeySlot, which: str) -> list[str]:
+    """What is certainly wrong with one key slot on its own (see ``header_findings``);
+    ``which`` names the slot in each finding ("" for slot 0 of a single volume)."""
     found: list[str] = []
     kmip = None
     try:
-        kmip = parse_vault_url(h.vault_url).is_kmip
+        kmip = parse_vault_url(slot.vault_url).is_kmip
     except VaultConfigError as exc:
-        found.append(f"its vault URL {h.vault_url!r} is not a vault URL ({exc})")
-    for slot, its in ((h.slot, "its"), *((old, "its retiring") for old in h.retiring)):
-        if kmip is not True and _TRANSIT_WRAPPED.fullmatch(slot.wrapped_key):
-            if wrapped_kek_version(slot.wrapped_key) != slot.kek_version:
-                found.append(
-                    f"{its} KEK version field says {slot.kek_version} but {its} wrapped key "
-                    f"names v{wrapped_kek_version(slot.wrapped_key)}"
-                )
-        elif kmip is not False and _KMIP_WRAPPED.fullmatch(slot.wrapped_key):
-            if slot.kek_version != 0:
-                found.append(
-                    f"{its} KEK version field says {slot.kek_version}; a kmip key has none (0)"
-                )
-        else:
+        found.append(f"its vault URL{which} {slot.vault_url!r} is not a vault URL ({exc})")
+    if kmip is not True and _TRANSIT_WRAPPED.fullmatch(slot.wrapped_key):
+        if wrapped_kek_version(slot.wrapped_key) != slot.kek_version:
             found.append(
-                f"{its} wrapped key {slot.wrapped_key[:24]!r}... is not a "
-                f"{'KMIP' if kmip else 'transit'} ciphertext"
+                f"its KEK version field{which} says {slot.kek_version} but its wrapped key "
+                f"names v{wrapped_kek_version(slot.wrapped_key)}"
             )
-    for old in h.retiring:
-        if old.vault_url != h.vault_url:
-            found.append(f"its retiring key names another vault ({old.vault_url!r})")
+    elif kmip is not False and _KMIP_WRAPPED.fullmatch(slot.wrapped_key):
+        if slot.kek_version != 0:
+            found.append(
+                f"its KEK version field{which} says {slot.kek_version}; a kmip key has none (0)"
+            )
+    else:
+        found.append(
+            f"its wrapped key{which} {slot.wrapped_key[:24]!r}... is not a "
+            f"{'KMIP' if kmip else 'transit'} ciphertext"
+        )
+    return found
+
+
+def slot_label(header: fmt.VolumeHeader, index: int) -> str:
+    """How messages name key slot ``index`` of ``header``: "" for the only slot of a
+    single-layer volume, " (KEK 1)" / " (KEK 2)" for the slots of a double one."""
+    return f" (KEK {index + 1})" if len(header.slots) > 1 else ""
+
+
+def header_findings(hf: HeaderFile, pin: pins.Pin | None) -> list[str]:
+    """What is certainly wrong with a header that parses, judged before the key is
+    unwrapped (the tag needs the key, so only structure and the host's pin can tell):
+    in any key slot, a vault URL that is not one, a wrapped key that is not a vault's
+    ciphertext, a KEK version field that disagrees with the wrapped key (the writer copies
+    it); and — when the host's pin names this volume id — a vault URL or block size other
+    than the pinned ones, or a double-encrypted volume where a single-layer one was pinned
+    or the reverse (none of these changes after ``init``). Empty for every header encfs
+    writes."""
+    h = hf.header
+    found: list[str] = []
+    for index, slot in enumerate(h.slots):
+        found += _slot_findings(slot, slot_label(h, index))
+    for index, old in enumerate(h.retiring):  # a rekey under way: the keys it replaces
+        found += _slot_findings(old, f" (retiring{slot_label(h, index) or ''})")
+        if old.vault_url != h.slots[index].vault_url:
+            found.append(f"its retiring key{slot_label(h, index)} names another vault")
     if pin is not None and pin.volume_id == h.volume_id.hex():
         if pin.vault_url and pin.vault_url != h.vault_url:
             found.append(
-                f"its vault URL {h.vault_url!r} is not the one this host pinned for volume "
-                f"{pin.volume_id} ({pin.vault_url!r})"
+                f"its vault URL{slot_label(h, 0)} {h.vault_url!r} is not the one this host "
+                f"pinned for volume {pin.volume_id} ({pin.vault_url!r})"
             )
         if pin.block_size and pin.block_size != str(h.block_size):
             found.append(f"its block size {h.block_size} is not the pinned one ({pin.block_size})")
+        pinned_double = bool(pin.vault_url2 or pin.key_check2)
+        if pinned_double and not h.double:
+            found.append(
+                f"it is single-layer, but this host pinned volume {pin.volume_id} as "
+                "double-encrypted (feature flag DOUBLE cleared?)"
+            )
+        elif h.double and pin.key_check and not pinned_double:
+            found.append(
+                f"it is double-encrypted, but this host pinned volume {pin.volume_id} as "
+                "single-layer"
+            )
+        elif h.double and pin.vault_url2 and pin.vault_url2 != h.slots[1].vault_url:
+            found.append(
+                f"its vault URL (KEK 2) {h.slots[1].vault_url!r} is not the one this host "
+                f"pinned for volume {pin.volume_id} ({pin.vault_url2!r})"
+            )
     return found
 
 
@@ -405,31 +439,43 @@ def create(
     *,
     block_size: int = fmt.DEFAULT_BLOCK_SIZE,
     on_keys: Callable[[fmt.VolumeHeader, VolumeKeys], None] | None = None,
+    outer_vault: KeyWrapper | None = None,
 ) -> fmt.VolumeHeader:
     """Initialise a new volume in ``cipher_dir`` (``prepare_cipher_dir`` first).
 
     Asks the vault for a fresh wrapped volume key, stores only the wrapped form, and wipes
-    the plaintext copy. ``on_keys(header, keys)`` runs once the header is durable, before
-    the keys are wiped (``init`` pins the volume there). Raises ``VolumeExists``,
-    ``UnsafeCipherDir``, ``ValueError`` (block size), ``VaultError``.
+    the plaintext copy. With ``outer_vault`` the volume is double-encrypted (FORMAT §5.2):
+    a second, independent volume key from that vault goes into key slot 1. ``on_keys(header,
+    keys)`` runs once the header is durable, before the keys are wiped (``init`` pins the
+    volume there). Raises ``VolumeExists``, ``UnsafeCipherDir``, ``ValueError`` (block
+    size), ``VaultError``.
     """
     fmt.validate_block_size(block_size)
     prepare_cipher_dir(cipher_dir)
-    volume_key, wrapped_key = vault.new_volume_key()
+    wrappers = [vault] if outer_vault is None else [vault, outer_vault]
+    flags = fmt.NEW_VOLUME_FEATURES | (0 if outer_vault is None else fmt.FEATURE_DOUBLE)
+    volume_keys: list[bytearray] = []
     try:
+        slots = []
+        for wrapper in wrappers:
+            volume_key, wrapped_key = wrapper.new_volume_key()
+            volume_keys.append(volume_key)
+            slots.append(
+                fmt.KeySlot(str(wrapper.url.primary), wrapped_kek_version(wrapped_key), wrapped_key)
+            )
         header = fmt.VolumeHeader(
             format_version=fmt.FORMAT_VERSION,
-            feature_flags=fmt.NEW_VOLUME_FEATURES,
+            feature_flags=flags,
             cipher=fmt.CIPHER_AES256_GCM,
             block_size=block_size,
             volume_id=crypto.random_bytes(fmt.VOLUME_ID_LEN),
-            vault_url=str(vault.url.primary),  # one URL: the header names one address
-            kek_version=wrapped_kek_version(wrapped_key),
-            wrapped_key=wrapped_key,
+            slots=tuple(slots),
+            outer_cipher=fmt.OUTER_CIPHER_CHACHA20_POLY1305 if outer_vault is not None else 0,
         )
-        keys = VolumeKeys(volume_key, volume_id=header.volume_id, block_size=block_size)
+        keys = keys_from(header, volume_keys)
     finally:
-        volume_key[:] = bytes(len(volume_key))
+        for volume_key in volume_keys:
+            volume_key[:] = bytes(len(volume_key))
     try:
         root = backing.open_root(str(cipher_dir))
         names.write_dirid(root, link=fmt.dirid_links(header.feature_flags))
@@ -442,45 +488,112 @@ def create(
     return header
 
 
-def unlock(hf: HeaderFile, vault: KeyWrapper) -> VolumeKeys:
-    """Unwrap the volume key with the vault, derive the keys, verify the header tag.
+def unlock(hf: HeaderFile, *vaults: KeyWrapper) -> VolumeKeys:
+    """Unwrap the volume key(s) with the vault(s), derive the keys, verify the header tag.
 
-    The plaintext volume key copy from the vault is wiped before returning. Raises
-    ``VaultError`` or ``HeaderAuthError``. When the vault refuses the wrapped key itself,
-    or the tag fails, the error says the header may be damaged and its ``hint`` whether
+    ``vaults``: one client per volume key, in key slot order (one; two for a double
+    volume: the first unwraps slot 0, the second slot 1; ``ValueError`` otherwise). Every
+    plaintext volume key copy from a vault is wiped before returning. Raises
+    ``VaultError`` or ``HeaderAuthError``. When a vault refuses its wrapped key itself, or
+    the tag fails, the error says the header may be damaged and its ``hint`` whether
     ``encfs.volume.prev`` unwraps and verifies (``encfs header restore``); finding that
-    out costs one more vault call, on the error path only.
+    out costs more vault calls, on the error path only.
     """
     try:
-        keys = _unlock_once(hf, vault)
-    except VaultCiphertextRejected as exc:
+        keys = _unlock_once(hf, vaults)
+    except _SlotRejected as exc:
         raise WrappedKeyRejected(
-            f"the wrapped key in the volume header {hf.path} does not unwrap with "
-            f"{vault.url}: the header may be damaged, or the KEK was deleted and re-created "
-            f"under the same name (a re-created key cannot unwrap the old volume key) [{exc}]",
-            hint=_restore_hint(hf, vault),
+            f"the wrapped key{slot_label(hf.header, exc.slot)} in the volume header {hf.path} "
+            f"does not unwrap with {vaults[exc.slot].url}: the header may be damaged, or the "
+            "KEK was deleted and re-created under the same name (a re-created key cannot "
+            f"unwrap the old volume key) [{exc}]",
+            hint=_restore_hint(hf, vaults),
         ) from None
     except HeaderAuthError as exc:
-        exc.hint = _restore_hint(hf, vault)
+        exc.hint = _restore_hint(hf, vaults)
         raise
     return keys
 
 
-def _unlock_once(hf: HeaderFile, vault: KeyWrapper) -> VolumeKeys:
-    volume_key = vault.unwrap(hf.header.wrapped_key)
-    try:
-        keys = VolumeKeys(
-            volume_key, volume_id=hf.header.volume_id, block_size=hf.header.block_size
+class _SlotRejected(VaultCiphertextRejected):
+    """A vault refused the wrapped key of key slot ``slot`` as such (the same error, with
+    the slot it came from)."""
+
+    def __init__(self, error: VaultCiphertextRejected, slot: int) -> None:
+        super().__init__(str(error), hint=error.hint)
+        self.slot = slot
+
+
+def unwrap_slots(header: fmt.VolumeHeader, vaults: Sequence[KeyWrapper]) -> list[bytearray]:
+    """Each volume key of ``header`` unwrapped by its vault (slot order), in fresh buffers
+    the caller wipes. Raises ``VaultError`` (marked with its KEK for a double volume;
+    ``_SlotRejected`` for a wrapped key a vault refuses as such, naming the slot; nothing
+    stays unwiped) and ``ValueError`` for a wrong vault count."""
+    if len(vaults) != fmt.volume_key_count(header.feature_flags):
+        raise ValueError(
+            f"{len(vaults)} vault(s) for {fmt.volume_key_count(header.feature_flags)} key(s)"
         )
-    finally:
-        volume_key[:] = bytes(len(volume_key))
+    keys: list[bytearray] = []
     try:
-        for slot in hf.header.retiring:  # a rekey under way: the old key opens the rest
-            old_key = vault.unwrap(slot.wrapped_key)
+        for index, vault in enumerate(vaults):
             try:
-                keys.load_retiring(old_key)
-            finally:
-                old_key[:] = bytes(len(old_key))
+                keys.append(vault.unwrap(header.slots[index].wrapped_key))
+            except VaultCiphertextRejected as exc:
+                raise _SlotRejected(exc, index) from None
+            except VaultError as exc:
+                if header.double:
+                    exc.for_kek(index + 1)
+                raise
+    except BaseException:
+        for key in keys:
+            key[:] = bytes(len(key))
+        raise
+    return keys
+
+
+def keys_from(header: fmt.VolumeHeader, volume_keys: Sequence[bytearray]) -> VolumeKeys:
+    """``VolumeKeys`` for ``header`` from its plaintext volume keys (slot order: the
+    volume key, then the outer key of a double volume); the caller wipes its copies."""
+    return VolumeKeys(
+        volume_keys[0],
+        volume_id=header.volume_id,
+        block_size=header.block_size,
+        outer_key=volume_keys[1] if header.double else None,
+    )
+
+
+def retiring_header(header: fmt.VolumeHeader) -> fmt.VolumeHeader:
+    """``header`` as its retiring keys saw it: their slots in place of the current ones
+    (to unwrap them with ``unwrap_slots``; never written)."""
+    return replace(
+        header,
+        feature_flags=header.feature_flags & ~fmt.FEATURE_REKEYING,
+        slots=header.retiring,
+        retiring=(),
+    )
+
+
+def load_retiring(keys: VolumeKeys, header: fmt.VolumeHeader, vaults: Sequence[KeyWrapper]) -> None:
+    """Unwrap the retiring keys of a rekeying ``header`` (each with its slot's vault) into
+    ``keys`` (``VolumeKeys.load_retiring``); nothing stays unwiped. Raises ``VaultError``."""
+    old_keys = unwrap_slots(retiring_header(header), vaults)
+    try:
+        keys.load_retiring(old_keys[0], old_keys[1] if header.double else None)
+    finally:
+        for key in old_keys:
+            key[:] = bytes(len(key))
+
+
+def _unlock_once(hf: HeaderFile, vaults: Sequence[KeyWrapper]) -> VolumeKeys:
+    volume_keys = unwrap_slots(hf.header, vaults)
+    try:
+        keys = keys_from(hf.header, volume_keys)
+    finally:
+        for key in volume_keys:
+            key[:] = bytes(len(key))
+    try:
+        if hf.header.rekeying:  # a rekey under way: the old keys open the rest
+            load_retiring(keys, hf.header, vaults)
         keys.verify_header(hf.body, hf.tag)
     except BaseException:
         keys.close()
@@ -488,7 +601,7 @@ def _unlock_once(hf: HeaderFile, vault: KeyWrapper) -> VolumeKeys:
     return keys
 
 
-def _restore_hint(hf: HeaderFile, vault: KeyWrapper) -> str:
+def _restore_hint(hf: HeaderFile, vaults: Sequence[KeyWrapper]) -> str:
     """What to do about a header whose key does not unwrap or whose tag fails: restore
     ``encfs.volume.prev`` if it unwraps and its own tag verifies, else a backup."""
     cipher_dir = hf.path.parent
@@ -497,8 +610,8 @@ def _restore_hint(hf: HeaderFile, vault: KeyWrapper) -> str:
     if prev is None or prev.path == hf.path or prev.body + prev.tag == hf.body + hf.tag:
         return restore + "; if the KEK was re-created, only a vault backup of the old key helps"
     try:
-        _unlock_once(prev, vault).close()
-    except EncfsError as exc:
+        _unlock_once(prev, vaults).close()
+    except (EncfsError, ValueError) as exc:
         return f"{fmt.VOLUME_HEADER_PREV} does not unlock either ({exc}); {restore}"
     return (
         f"{fmt.VOLUME_HEADER_PREV} unwraps and its tag verifies (volume "
@@ -508,25 +621,52 @@ def _restore_hint(hf: HeaderFile, vault: KeyWrapper) -> str:
 
 
 @dataclass(frozen=True)
-class Rotation:
-    """What ``rotate`` did: the KEK versions before and after, and whether it wrote."""
+class SlotRotation:
+    """What ``rotate`` did to one key slot: its KEK versions before and after."""
 
+    slot: int
     old_version: int
     new_version: int
     changed: bool
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """What ``rotate`` did: one ``SlotRotation`` per slot asked for, and the header now
+    in place. ``old_version`` / ``new_version`` are key slot 0's."""
+
+    slots: tuple[SlotRotation, ...]
+    old_header: fmt.VolumeHeader
     header: fmt.VolumeHeader
 
+    @property
+    def changed(self) -> bool:
+        return any(s.changed for s in self.slots)
 
-def rotate(cipher_dir: Path, vault: KeyWrapper) -> Rotation:
-    """Re-wrap the volume key under the KEK's newest version and replace the header.
+    @property
+    def old_version(self) -> int:
+        return self.old_header.kek_version
 
-    Steps: the vault re-wraps (transit ``rewrap``: no plaintext key crosses the wire); the
-    new wrapped key is unwrapped once to check that it holds the *same* volume key (the old
-    header's tag must verify under it) and to tag the new header; the header is replaced
-    crash-safely (``write_header_atomic``: the previous header stays as ``encfs.volume.prev``
-    until the new one is durable). No data is re-encrypted, and a mounted daemon is not
-    disturbed: it holds its keys and never re-reads the header. Killing this at any point
-    leaves a volume that mounts. Raises ``VaultError``, ``HeaderAuthError``, ``OSError``.
+    @property
+    def new_version(self) -> int:
+        return self.header.kek_version
+
+
+def rotate(cipher_dir: Path, *vaults: KeyWrapper, slots: Sequence[int] | None = None) -> Rotation:
+    """Re-wrap the volume key of each key slot in ``slots`` (default: all) under its KEK's
+    newest version and replace the header.
+
+    ``vaults`` is one client per volume key, in slot order (as ``unlock``): all of them are
+    needed even to re-wrap one slot, since the new header's tag is keyed by every volume
+    key. Steps: the vault of each chosen slot re-wraps (transit ``rewrap``: no plaintext
+    key crosses the wire); the new wrapped keys (and the unchanged ones) are unwrapped
+    once to check that they hold the *same* volume keys (the old header's tag must verify
+    under them) and to tag the new header; the header is replaced crash-safely
+    (``write_header_atomic``: the previous header stays as ``encfs.volume.prev`` until the
+    new one is durable), once, for all slots. No data is re-encrypted, and a mounted daemon
+    is not disturbed: it holds its keys. Killing this at any point leaves a volume that
+    mounts. Raises ``VaultError``, ``HeaderAuthError``, ``OSError``, ``ValueError`` (a
+    slot the volume does not have, a wrong vault count).
     """
     hf = read_header(cipher_dir)
     old = hf.header
@@ -535,45 +675,72 @@ def rotate(cipher_dir: Path, vault: KeyWrapper) -> Rotation:
             f"a rekey of {cipher_dir} is under way; rotate the KEK once it is done",
             hint=f"finish it first: `encfs rekey {cipher_dir}`",
         )
-    new_wrapped = vault.rewrap(old.wrapped_key)
-    new_version = wrapped_kek_version(new_wrapped)
-    if new_wrapped == old.wrapped_key or (new_version and new_version == old.kek_version):
-        return Rotation(old.kek_version, old.kek_version, changed=False, header=old)
-    volume_key = vault.unwrap(new_wrapped)
+    if len(vaults) != len(old.slots):
+        raise ValueError(f"{len(vaults)} vault(s) for {len(old.slots)} key slot(s)")
+    chosen = sorted(set(range(len(old.slots)) if slots is None else slots))
+    if any(not 0 <= index < len(old.slots) for index in chosen):
+        raise ValueError(f"the volume has {len(old.slots)} key slot(s)")
+    new = old
+    done: list[SlotRotation] = []
+    for index in chosen:
+        slot = old.slots[index]
+        new_wrapped = vaults[index].rewrap(slot.wrapped_key)
+        new_version = wrapped_kek_version(new_wrapped)
+        if new_wrapped == slot.wrapped_key or (new_version and new_version == slot.kek_version):
+            done.append(SlotRotation(index, slot.kek_version, slot.kek_version, changed=False))
+            continue
+        new = new.with_slot(index, kek_version=new_version, wrapped_key=new_wrapped)
+        done.append(SlotRotation(index, slot.kek_version, new_version, changed=True))
+    if new == old:
+        return Rotation(tuple(done), old, old)
+    volume_keys = unwrap_slots(new, vaults)
     try:
-        keys = VolumeKeys(volume_key, volume_id=old.volume_id, block_size=old.block_size)
+        keys = keys_from(new, volume_keys)
     finally:
-        volume_key[:] = bytes(len(volume_key))
+        for key in volume_keys:
+            key[:] = bytes(len(key))
     try:
         keys.verify_header(hf.body, hf.tag)
-        new = replace(old, kek_version=new_version, wrapped_key=new_wrapped)
         write_header_atomic(cipher_dir, build_header_bytes(new, keys))
     finally:
         keys.close()
-    return Rotation(old.kek_version, new_version, changed=True, header=new)
+    return Rotation(tuple(done), old, new)
 
 
-def new_rekey_keys(hf: HeaderFile, vault: KeyWrapper) -> tuple[VolumeKeys, str]:
-    """A fresh volume key from the vault for a rekey of the volume of ``hf`` (first step of
-    ``encfs rekey``, FORMAT.md §2.5): keys the caller owns, and the key's wrapped form.
-    Raises ``VaultError``, ``RekeyUnderWay``."""
+def new_rekey_keys(
+    hf: HeaderFile, vaults: Sequence[KeyWrapper]
+) -> tuple[VolumeKeys, tuple[fmt.KeySlot, ...]]:
+    """Fresh volume keys from the vaults (one per key slot, each from its slot's vault) for
+    a rekey of the volume of ``hf`` (first step of ``encfs rekey``, FORMAT.md §2.5): keys
+    the caller owns, and their key slots. Raises ``VaultError``, ``RekeyUnderWay``."""
     old = hf.header
     if old.rekeying:
         raise RekeyUnderWay(f"a rekey of {hf.path.parent} is already under way")
-    new_key, wrapped = vault.new_volume_key()
+    if len(vaults) != len(old.slots):
+        raise ValueError(f"{len(vaults)} vault(s) for {len(old.slots)} key slot(s)")
+    new_keys: list[bytearray] = []
     try:
-        new_keys = VolumeKeys(new_key, volume_id=old.volume_id, block_size=old.block_size)
+        slots = []
+        for slot, vault in zip(old.slots, vaults, strict=True):
+            key, wrapped = vault.new_volume_key()
+            new_keys.append(key)
+            slots.append(fmt.KeySlot(slot.vault_url, wrapped_kek_version(wrapped), wrapped))
+        return keys_from(old, new_keys), tuple(slots)
     finally:
-        new_key[:] = bytes(len(new_key))
-    return new_keys, wrapped
+        for key in new_keys:
+            key[:] = bytes(len(key))
 
 
 def write_rekey_header(
-    cipher_dir: Path, hf: HeaderFile, keys: VolumeKeys, new_keys: VolumeKeys, wrapped: str
+    cipher_dir: Path,
+    hf: HeaderFile,
+    keys: VolumeKeys,
+    new_keys: VolumeKeys,
+    slots: tuple[fmt.KeySlot, ...],
 ) -> HeaderFile:
     """Write, crash-safely, the header of a rekey under way: ``new_keys`` (from
-    ``new_rekey_keys``, with its ``wrapped`` form) current, the key in use (``keys``, which
-    unlocked ``hf``) retiring, tagged by both (the old key vouches for the new one). The
+    ``new_rekey_keys``, with their key ``slots``) current, the keys in use (``keys``, which
+    unlocked ``hf``) retiring, tagged by both (the old keys vouch for the new ones). The
     caller then installs the new keys (``keys.retire(new_keys)``); until it does, nothing
     is sealed under them, so a crash at any point leaves a volume that mounts. Returns the
     header now in place. Raises ``OSError``."""
@@ -581,9 +748,8 @@ def write_rekey_header(
     new = replace(
         old,
         feature_flags=old.feature_flags | fmt.FEATURE_REKEYING,
-        kek_version=wrapped_kek_version(wrapped),
-        wrapped_key=wrapped,
-        retiring=(old.slot,),
+        slots=slots,
+        retiring=old.slots,
     )
     body = new.body()
     raw = body + new_keys.header_tag(body) + keys.header_tag(body)
@@ -592,9 +758,9 @@ def write_rekey_header(
 
 
 def finish_rekey(cipher_dir: Path, hf: HeaderFile, keys: VolumeKeys) -> HeaderFile:
-    """Last step of ``encfs rekey``, once every entry is sealed under the new key: a header
-    without the retiring slot, tagged by the new key alone, written crash-safely twice, so
-    that ``encfs.volume.prev`` no longer holds the old wrapped key either. The caller
+    """Last step of ``encfs rekey``, once every entry is sealed under the new keys: a header
+    without the retiring slots, tagged by the new keys alone, written crash-safely twice,
+    so that ``encfs.volume.prev`` no longer holds the old wrapped keys either. The caller
     then drops the retiring keys (``keys.end_rekey``). Raises ``OSError``."""
     new = replace(
         hf.header, feature_flags=hf.header.feature_flags & ~fmt.FEATURE_REKEYING, retiring=()
@@ -602,7 +768,7 @@ def finish_rekey(cipher_dir: Path, hf: HeaderFile, keys: VolumeKeys) -> HeaderFi
     body = new.body()
     raw = body + keys.header_tag(body)
     write_header_atomic(cipher_dir, raw)
-    write_header_atomic(cipher_dir, raw)  # .prev: the same header, the old key gone
+    write_header_atomic(cipher_dir, raw)  # .prev: the same header, the old keys gone
     return parse_header_file(raw, header_path(cipher_dir))
 
 

@@ -9,6 +9,10 @@ the vault key) and renews the host token before it expires:
     active ──(unreachable, sealed)──▶ offline-grace ──(grace over)──▶ suspended
     suspended / offline-grace ──(unwrap works again)──▶ active
 
+A double-encrypted volume has two KEKs, each in its own vault with its own credential:
+every check unwraps both. Either refused suspends; either unreachable (and neither
+refused) starts the offline grace; the mount is active again only once both unwrap.
+
 The watcher never touches keys, the FUSE operations or the daemon: it drives the mount
 through a ``MountControl`` (suspend, resume, verify a rotated header) and records what it
 sees in the ``MountState`` that ``encfs status``, the process title and systemd show.
@@ -74,10 +78,14 @@ class MountControl(Protocol):
         ...
 
     def resume(
-        self, volume_key: bytearray, hf: volume.HeaderFile, retiring: Sequence[bytearray] = ()
+        self,
+        volume_keys: Sequence[bytearray],
+        hf: volume.HeaderFile,
+        retiring: Sequence[bytearray] = (),
     ) -> None:
-        """Serve again with ``volume_key`` (freshly unwrapped from ``hf``; the caller wipes
-        its copy) and, while a rekey is under way, the retiring key(s) of ``hf``; enter
+        """Serve again with ``volume_keys`` (freshly unwrapped from ``hf``, in key slot
+        order: one, or two for a double volume; the caller wipes its copies) and, while a
+        rekey is under way, the retiring keys of ``hf`` (same order); enter
         ``active``. Raises ``EncfsError`` if ``hf``'s tag does not verify under them (the
         mount stays suspended)."""
         ...
@@ -88,43 +96,56 @@ class MountControl(Protocol):
 
 
 class HeldHeader:
-    """The wrapped key a mount checks: the header as last checked (read at mount, replaced
-    by the watcher when a rotation is seen; it unwraps this one when the file on disk is
-    gone or unreadable) and the check value of the volume key in use. The watcher
-    replaces ``header`` when it sees a rotation; a rekey (``encfs rekey``) announces the
-    new key's check value in ``coming`` before its header names that key, then installs
-    both (``rekeyed``)."""
+    """The wrapped key(s) a mount checks: the header as last checked (read at mount,
+    replaced by the watcher when a rotation is seen; it unwraps this one when the file on
+    disk is gone or unreadable) and the check value of each volume key in use. The
+    watcher replaces ``header`` when it sees a rotation; a rekey (``encfs rekey``)
+    announces the new keys' check values in ``coming`` before its header names them, then
+    installs both (``rekeyed``)."""
 
-    def __init__(self, cipher_dir: Path, header: volume.HeaderFile, check_value: bytes) -> None:
+    def __init__(
+        self, cipher_dir: Path, header: volume.HeaderFile, check_values: tuple[bytes, ...]
+    ) -> None:
         self.cipher_dir = cipher_dir
         self.header = header
-        self.check_value = check_value
-        """``keys.key_check_value`` of the volume key in use."""
-        self.coming: bytes | None = None
-        """The check value of the key a rekey is about to make current, until it does."""
+        self.check_values = check_values
+        """``keys.key_check_value`` of each volume key in use, in key slot order."""
+        self.coming: tuple[bytes, ...] | None = None
+        """The check values of the keys a rekey is about to make current, until it does."""
 
-    def ours(self, check_value: bytes) -> bool:
-        """Whether ``check_value`` is the volume key's (in use, or coming from a rekey)."""
-        return hmac.compare_digest(check_value, self.check_value) or (
-            self.coming is not None and hmac.compare_digest(check_value, self.coming)
+    @property
+    def check_value(self) -> bytes:
+        """Key slot 0's check value."""
+        return self.check_values[0]
+
+    def ours(self, check_values: tuple[bytes, ...]) -> bool:
+        """Whether ``check_values`` (slot order) are the volume keys' (in use, or coming
+        from a rekey)."""
+        return _same(check_values, self.check_values) or (
+            self.coming is not None and _same(check_values, self.coming)
         )
 
-    def announce(self, check_value: bytes) -> None:
-        """A rekey is about to write a header naming the key of ``check_value``."""
-        self.coming = check_value
+    def announce(self, check_values: tuple[bytes, ...]) -> None:
+        """A rekey is about to write a header naming the keys of ``check_values``."""
+        self.coming = check_values
 
-    def rekeyed(self, header: volume.HeaderFile, check_value: bytes) -> None:
-        """A rekey made ``header`` the one in place, and the key of ``check_value`` the one
-        in use."""
+    def rekeyed(self, header: volume.HeaderFile, check_values: tuple[bytes, ...]) -> None:
+        """A rekey made ``header`` the one in place, and the keys of ``check_values`` the
+        ones in use."""
         self.header = header
-        self.check_value = check_value
+        self.check_values = check_values
         self.coming = None
+
+
+def _same(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> bool:
+    return len(a) == len(b) and all(hmac.compare_digest(x, y) for x, y in zip(a, b, strict=True))
 
 
 class MountState:
     """What the mount is doing and why (``starting``, ``active``, ``offline-grace``,
-    ``suspended``, ``stopping``) and what the watcher last saw of the vault; every change
-    of state is shown in the process title and told to systemd. Thread-safe."""
+    ``suspended``, ``stopping``) and what the watcher last saw of each vault key (KEK);
+    every change of state — of the mount, or of one KEK of a double volume — is shown in
+    the process title and told to systemd (``STATUS=``). Thread-safe."""
 
     def __init__(self, mountpoint: Path) -> None:
         self._lock = threading.Lock()
@@ -133,15 +154,40 @@ class MountState:
         self.reason = ""
         self.since = time.time()
         self.last_check: float | None = None
-        self.last_error = ""
-        self.vault_reachable: bool | None = None
+        self.keks: list[dict[str, Any]] = []
+        """Per KEK (key slot order) of a volume with a vault: ``kek`` (1, 2), ``vault``,
+        ``kek_version``, ``state`` (``ok``, ``revoked``, ``unreachable`` or None before
+        the first check), ``reachable``, ``last_error``, ``token``."""
         self.vault_node = ""
-        """The vault address that answered the last successful check."""
+        """The vault address that answered KEK 1's last successful check."""
         self.last_check_duration: float | None = None
         self.checks = 0
         self.check_failures = 0
         self.token: dict[str, Any] = {}
         self.token_expires: float | None = None
+
+    def add_kek(self, kek: int, vault: str, kek_version: int) -> None:
+        """Declare KEK ``kek`` (1, or 2 for a double volume) the mount depends on: its
+        vault and the KEK version that wraps its volume key."""
+        with self._lock:
+            self._entry(kek).update(vault=vault, kek_version=kek_version)
+
+    def _entry(self, kek: int) -> dict[str, Any]:
+        """Caller holds ``_lock``: KEK ``kek``'s entry, made (undeclared) if missing."""
+        while len(self.keks) < kek:
+            self.keks.append(
+                {
+                    "kek": len(self.keks) + 1,
+                    "vault": "",
+                    "kek_version": 0,
+                    "state": None,
+                    "reachable": None,
+                    "last_error": "",
+                    "token": {},
+                    "token_expires": None,
+                }
+            )
+        return self.keks[kek - 1]
 
     def set(self, name: str, reason: str = "") -> bool:
         """Enter state ``name``; returns False (and does nothing) if already in it."""
@@ -150,20 +196,74 @@ class MountState:
                 self.reason = reason or self.reason
                 return False
             self.name, self.reason, self.since = name, reason, time.time()
-        suffix = f": {reason}" if reason else ""
-        setproctitle.setproctitle(f"encfs {self._mountpoint} [{name}{suffix}]")
-        sdnotify.notify(status=f"{name}{suffix}"[:400])
+        self._announce()
         return True
 
-    def checked(self, *, reachable: bool, error: str = "", node: str = "") -> None:
-        """Record what the vault last said (a check, or a failed token renewal); ``node``
+    def _announce(self) -> None:
+        """The process title (``encfs MOUNTPOINT [state: reason]``) and systemd's
+        ``STATUS=`` line, which for a double volume starts with each KEK's version and
+        state (``[KEK 1 v3 ok, KEK 2 v1 revoked] suspended: ...``)."""
+        with self._lock:
+            suffix = f": {self.reason}" if self.reason else ""
+            line = f"{self.name}{suffix}"
+            status = f"[{self._kek_summary()}] {line}" if len(self.keks) > 1 else line
+        setproctitle.setproctitle(f"encfs {self._mountpoint} [{line}]")
+        sdnotify.notify(status=status[:400])
+
+    def _kek_summary(self) -> str:
+        """Caller holds ``_lock``: e.g. ``KEK 1 v3 ok, KEK 2 v1 revoked``."""
+        return ", ".join(
+            f"KEK {k['kek']} v{k['kek_version']} {k['state'] or 'unchecked'}" for k in self.keks
+        )
+
+    def checked(
+        self,
+        *,
+        reachable: bool,
+        error: str = "",
+        kek: int = 1,
+        state: str = "",
+        node: str = "",
+    ) -> None:
+        """Record the outcome of one check of KEK ``kek``: ``state`` ``ok``, ``revoked`` or
+        ``unreachable`` (derived from ``reachable`` and ``error`` when not given); ``node``
         is the address that answered a check that succeeded."""
+        state = state or (
+            "ok" if reachable and not error else "revoked" if reachable else "unreachable"
+        )
+        changed = False
         with self._lock:
             self.last_check = time.time()
-            self.vault_reachable = reachable
-            self.last_error = error
-            if node:
+            if node and kek == 1:
                 self.vault_node = node
+            entry = self._entry(kek)
+            changed = entry["state"] != state
+            entry.update(reachable=reachable, last_error=error, state=state)
+        if changed and len(self.keks) > 1:
+            self._announce()
+
+    def kek_version(self, kek: int, version: int) -> None:
+        """KEK ``kek`` now wraps the volume key at ``version`` (a rotation was adopted)."""
+        with self._lock:
+            entry = self._entry(kek)
+            changed = entry["kek_version"] != version
+            entry["kek_version"] = version
+        if changed and len(self.keks) > 1:
+            self._announce()
+
+    def kek_token(self, kek: int, token: dict[str, Any], expires: float | None) -> None:
+        """What the vault of KEK ``kek`` says about the host's identity (``note_identity``)."""
+        with self._lock:
+            if kek == 1:
+                self.token, self.token_expires = token, expires
+            self._entry(kek).update(token=token, token_expires=expires)
+
+    def token_renewed(self, kek: int, expires: float) -> None:
+        """The credential of KEK ``kek`` was renewed and now expires at ``expires``."""
+        with self._lock:
+            if kek == 1:
+                self.token_expires = expires
+            self._entry(kek)["token_expires"] = expires
 
     def check_done(self, duration: float, *, ok: bool) -> None:
         """Count one check of the watcher and how long it took (``ok``: the vault said
@@ -178,60 +278,120 @@ class MountState:
             ttl = None
             if self.token_expires is not None:
                 ttl = max(0, int(self.token_expires - time.time()))
+            keks = []
+            for k in self.keks:
+                entry = {key: value for key, value in k.items() if key != "token_expires"}
+                expires = k.get("token_expires")
+                entry["token"] = {
+                    **k["token"],
+                    "ttl": None if expires is None else max(0, int(expires - time.time())),
+                }
+                keks.append(entry)
+            reach = [k["reachable"] for k in self.keks]
+            errors = [
+                k["last_error"] if len(self.keks) == 1 else f"KEK {k['kek']}: {k['last_error']}"
+                for k in self.keks
+                if k["last_error"]
+            ]
             return {
                 "state": self.name,
                 "since": iso_utc(self.since),
                 "since_time": self.since,
                 "reason": self.reason,
-                "vault_reachable": self.vault_reachable,
+                "vault_reachable": None if None in reach or not reach else all(reach),
                 "vault_node": self.vault_node,
                 "last_check": iso_utc(self.last_check),
                 "last_check_time": self.last_check,
                 "last_check_duration": self.last_check_duration,
                 "checks": self.checks,
                 "check_failures": self.check_failures,
-                "last_error": self.last_error,
+                "last_error": "; ".join(errors),
                 "token": {**self.token, "ttl": ttl},
+                "keks": keks,
             }
 
 
 def note_identity(
-    vault: KeyWrapper, audit: AuditLog, state: MountState, *, warn: bool
+    vault: KeyWrapper, audit: AuditLog, state: MountState, *, warn: bool, kek: int = 1
 ) -> float | None:
-    """Look up who we are to the vault (for audit and status); returns when to renew
-    the credential, or None when it does not expire. With ``warn``, a token that cannot be
-    renewed is logged as a warning."""
+    """Look up who we are to the vault of KEK ``kek`` (for audit and status); returns when
+    to renew the credential, or None when it does not expire. With ``warn``, a token that
+    cannot be renewed is logged as a warning. KEK 1's identity is carried by every audit
+    event (``identity``), KEK 2's as ``identity2``."""
     try:
         ident = vault.identity()
     except VaultError as exc:  # e.g. a policy without lookup-self: not fatal
         log.info("cannot look up the host's vault identity: %s", exc)
         ident = {}
-    audit.bind(identity=ident.get("accessor") or ident.get("client_cert_subject"))
+    who = ident.get("accessor") or ident.get("client_cert_subject")
+    audit.bind(**{"identity" if kek == 1 else f"identity{kek}": who})
     renew_in: float | None = None
     ttl = ident.get("ttl")
     keep = ("accessor", "renewable", "policies", "display_name", "client_cert_subject")
-    state.token = {k: ident[k] for k in keep if k in ident}
-    state.token_expires = time.time() + ttl if isinstance(ttl, int) and ttl else None
+    state.kek_token(
+        kek,
+        {k: ident[k] for k in keep if k in ident},
+        time.time() + ttl if isinstance(ttl, int) and ttl else None,
+    )
     if isinstance(ttl, int) and ttl > 0:
         if ident.get("renewable"):
             renew_in = max(ttl / 2.0, 1.0)
         else:
             if warn:
                 log.warning(
-                    "the vault token is not renewable and expires in %d s; after that "
+                    "the vault token%s is not renewable and expires in %d s; after that "
                     "the vault will refuse this host (issue a renewable or periodic token)",
+                    f" of KEK {kek}" if kek > 1 else "",
                     ttl,
                 )
             renew_in = float(ttl)
     return renew_in
 
 
+@dataclass(frozen=True)
+class VaultLink:
+    """How the watcher reaches the vault of one KEK: the client in use (the watcher owns
+    it from then on), the URL and settings to reconnect with, and seconds until its
+    credential needs renewing (None: it does not expire)."""
+
+    vault: KeyWrapper
+    url: str
+    settings: VaultSettings
+    renew_in: float | None
+
+
+def _detached(exc: VaultError) -> VaultError:
+    """``exc`` without its traceback and chained exceptions: kept past its ``except``
+    block, they would hold the frames of the call — and the vault client in them, with
+    its host token in a locked page — alive in a reference cycle until the garbage
+    collector ran, where a replaced client must be freed (and its page unmapped) at once."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc
+
+
+class _Kek:
+    """The watcher's view of one KEK: its vault client (replaced on reconnect), when its
+    credential is renewed next, the last error kind audited. Watcher thread only."""
+
+    def __init__(self, number: int, link: VaultLink, now: float) -> None:
+        self.number = number
+        """1 for key slot 0, 2 for key slot 1."""
+        self.vault = link.vault
+        self.url = link.url
+        self.settings = link.settings
+        self.next_renew = now + link.renew_in if link.renew_in is not None else math.inf
+        self.last_error_kind = ""
+
+
 class KeyWatcher:
     """Checks, every ``check_interval`` seconds, that the vault still unwraps the volume
     key (``held``; None for an ephemeral volume: then that the vault key may still be
-    used), renews the host token, and drives suspend / offline grace / resume (module
-    docstring). One thread; every transition is logged once, not at every poll. Owns
-    ``vault`` from construction on (``close``)."""
+    used) — and with ``second``, that the second vault unwraps the outer key of a double
+    volume too —, renews each host credential, and drives suspend / offline grace /
+    resume (module docstring). One thread; every transition is logged once, not at every
+    poll. Owns every vault client from construction on (``close``)."""
 
     def __init__(
         self,
@@ -245,12 +405,10 @@ class KeyWatcher:
         audit: AuditLog,
         held: HeldHeader | None,
         renew_in: float | None,
+        second: VaultLink | None = None,
     ) -> None:
         self._control = control
         self._state = state
-        self._vault = vault
-        self._url = url
-        self._vault_settings = vault_settings
         self._settings = settings
         self._audit = audit
         self._held = held
@@ -258,10 +416,15 @@ class KeyWatcher:
         self._rng = random.Random()
         self._thread = threading.Thread(target=self._run, name="encfs-watcher", daemon=True)
         now = time.monotonic()
-        self._next_renew = now + renew_in if renew_in is not None else math.inf
+        self._keks = [_Kek(1, VaultLink(vault, url, vault_settings, renew_in), now)]
+        if second is not None:
+            self._keks.append(_Kek(2, second, now))
         self._unreachable_since: float | None = None
-        self._last_error_kind = ""
         self._header_unreadable = False
+
+    @property
+    def _double(self) -> bool:
+        return len(self._keks) > 1
 
     def start(self) -> None:
         self._thread.start()
@@ -273,8 +436,9 @@ class KeyWatcher:
             self._thread.join(timeout=10)
 
     def close(self) -> None:
-        """Close the vault client (the one reconnected to last)."""
-        self._vault.close()
+        """Close the vault clients (the ones reconnected to last)."""
+        for kek in self._keks:
+            kek.vault.close()
 
     def _wait(self, *, first: bool = False) -> float:
         """Seconds until the next check: the interval shortened by up to ``jitter`` of it
@@ -287,13 +451,15 @@ class KeyWatcher:
     def _run(self) -> None:
         next_check = time.monotonic() + self._wait(first=True)
         while True:
-            wait = min(next_check, self._next_renew) - time.monotonic()
+            next_renew = min(kek.next_renew for kek in self._keks)
+            wait = min(next_check, next_renew) - time.monotonic()
             if self._stop.wait(max(wait, 0.0)):
                 return
             try:
                 now = time.monotonic()
-                if now >= self._next_renew:
-                    self._renew()
+                for kek in self._keks:
+                    if now >= kek.next_renew:
+                        self._renew(kek)
                 if now >= next_check:
                     started = time.monotonic()
                     ok = self._check()
@@ -303,43 +469,66 @@ class KeyWatcher:
                 log.exception("key watcher step failed")
                 next_check = time.monotonic() + self._wait()
 
-    def _renew(self) -> None:
+    def _kek_fields(self, kek: _Kek) -> dict[str, Any]:
+        """What audit events about one KEK of a double volume add (nothing for a single)."""
+        return {"kek": kek.number, "vault": kek.url} if self._double else {}
+
+    def _renew(self, kek: _Kek) -> None:
         try:
-            delay = self._vault.renew_identity()
+            delay = kek.vault.renew_identity()
         except VaultError as exc:
-            self._next_renew = time.monotonic() + 10.0
-            self._failed(exc, "token_renew")
+            kek.next_renew = time.monotonic() + 10.0
+            self._failed({kek.number: self._marked(_detached(exc), kek)}, "token_renew")
             return
-        self._audit.event("token_renew", next_in=delay)
-        self._next_renew = time.monotonic() + delay if delay is not None else math.inf
+        self._audit.event("token_renew", next_in=delay, **self._kek_fields(kek))
+        kek.next_renew = time.monotonic() + delay if delay is not None else math.inf
         if delay is not None:
-            self._state.token_expires = time.time() + 2 * delay
+            self._state.token_renewed(kek.number, time.time() + 2 * delay)
+
+    def _marked(self, exc: VaultError, kek: _Kek) -> VaultError:
+        """``exc`` marked with its KEK when the volume has two."""
+        return exc.for_kek(kek.number) if self._double else exc
 
     def _check(self) -> bool:
         """One check; True when the vault said the host may read the volume (and it is
         the volume in use)."""
         held = self._held
         if held is None:  # ephemeral, no wrapped key: may the host still use the KEK?
+            kek = self._keks[0]
             try:
-                self._vault.key_status()
+                kek.vault.key_status()
             except VaultError as exc:
-                self._failed(exc, "key_status")
+                self._failed({1: _detached(exc)}, "key_status")
                 return False
             self._succeeded()
             return True
         control = self._control
         if control.suspended:
-            self._reconnect()  # a replaced token file or fixed policy counts from now
+            for kek in self._keks:
+                self._reconnect(kek)  # a replaced token file or fixed policy counts from now
         current = held.header
         hf = self._header_to_check(held)
+        volume_keys: dict[int, bytearray] = {}
+        failures: dict[int, VaultError] = {}
         try:
-            volume_key = self._vault.unwrap(hf.header.wrapped_key)
-        except VaultError as exc:
-            self._failed(exc, "unwrap")
-            return False
-        try:
+            slots = hf.header.slots
+            for kek in self._keks:
+                if kek.number > len(slots):  # a header without this KEK's slot: not ours
+                    continue
+                try:
+                    volume_keys[kek.number] = kek.vault.unwrap(slots[kek.number - 1].wrapped_key)
+                except VaultError as exc:
+                    failures[kek.number] = self._marked(_detached(exc), kek)
+            if failures:
+                self._failed(failures, "unwrap")
+                return False
+            for kek in self._keks:  # every KEK answered: shown before any transition
+                self._state.checked(reachable=True, kek=kek.number)
             ours = hf.header.volume_id == current.header.volume_id and held.ours(
-                key_check_value(volume_key, current.header.volume_id)
+                tuple(
+                    key_check_value(volume_keys[n], current.header.volume_id, slot=n - 1)
+                    for n in sorted(volume_keys)
+                )
             )
             if not ours:
                 # The header names a key the host may unwrap, but not the volume's: a
@@ -353,16 +542,18 @@ class KeyWatcher:
                 return False
             if control.suspended:
                 try:
-                    self._resume(volume_key, hf)
+                    self._resume([volume_keys[n] for n in sorted(volume_keys)], hf)
                 except VaultError as exc:
-                    self._failed(exc, "unwrap")
+                    self._failed({1: _detached(exc)}, "unwrap")
                     return False
                 except EncfsError as exc:
                     log.error("cannot resume: %s", exc)
                     return False
                 held.header = hf
-                self._next_renew = time.monotonic()  # learn the (maybe new) token's TTL
-                self._note_identity()
+                self._adopted(hf)
+                for kek in self._keks:
+                    kek.next_renew = time.monotonic()  # learn the (maybe new) token's TTL
+                    self._note_identity(kek)
             elif hf is not current:
                 try:
                     control.verify_header(hf)
@@ -370,22 +561,29 @@ class KeyWatcher:
                     log.error("the volume header on disk does not verify: %s", exc)
                 else:
                     held.header = hf  # e.g. `encfs rotate`: the new wrapping is ours
+                    self._adopted(hf)
         finally:
-            volume_key[:] = bytes(len(volume_key))
+            for key in volume_keys.values():
+                key[:] = bytes(len(key))
         self._succeeded()
         return True
 
-    def _resume(self, volume_key: bytearray, hf: volume.HeaderFile) -> None:
-        """Resume with ``volume_key`` and, while a rekey is under way, the retiring key(s)
-        of ``hf`` (unwrapped here, wiped after). Raises ``EncfsError``."""
+    def _resume(self, volume_keys: list[bytearray], hf: volume.HeaderFile) -> None:
+        """Resume with ``volume_keys`` and, while a rekey is under way, the retiring keys of
+        ``hf`` (unwrapped here by each KEK's vault, wiped after). Raises ``EncfsError``."""
         retiring: list[bytearray] = []
         try:
-            for slot in hf.header.retiring:
-                retiring.append(self._vault.unwrap(slot.wrapped_key))
-            self._control.resume(volume_key, hf, retiring)
+            for kek, slot in zip(self._keks, hf.header.retiring, strict=False):
+                retiring.append(kek.vault.unwrap(slot.wrapped_key))
+            self._control.resume(volume_keys, hf, retiring)
         finally:
             for old_key in retiring:
                 old_key[:] = bytes(len(old_key))
+
+    def _adopted(self, hf: volume.HeaderFile) -> None:
+        """Show the KEK versions of the header now held."""
+        for index, slot in enumerate(hf.header.slots[: len(self._keks)]):
+            self._state.kek_version(index + 1, slot.kek_version)
 
     def _header_to_check(self, held: HeldHeader) -> volume.HeaderFile:
         """The header whose wrapped key this check unwraps: the one on disk when it differs
@@ -406,18 +604,18 @@ class KeyWatcher:
             return held.header
         return disk
 
-    def _note_identity(self) -> None:
-        renew_in = note_identity(self._vault, self._audit, self._state, warn=False)
-        self._next_renew = time.monotonic() + renew_in if renew_in is not None else math.inf
+    def _note_identity(self, kek: _Kek) -> None:
+        renew_in = note_identity(kek.vault, self._audit, self._state, warn=False, kek=kek.number)
+        kek.next_renew = time.monotonic() + renew_in if renew_in is not None else math.inf
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, kek: _Kek) -> None:
         try:
-            fresh = connect(self._url, self._vault_settings)
+            fresh = connect(kek.url, kek.settings)
         except VaultError as exc:
-            log.debug("cannot reconnect to the vault: %s", exc)
+            log.debug("cannot reconnect to the vault of KEK %d: %s", kek.number, exc)
             return
-        self._vault.close()
-        self._vault = fresh
+        kek.vault.close()
+        kek.vault = fresh
 
     def _suspend(self, reason: str, *, revoked: bool) -> None:
         unmount = revoked and self._settings.on_revoke == "unmount"
@@ -425,26 +623,38 @@ class KeyWatcher:
 
     def _succeeded(self) -> None:
         state = self._state
-        state.checked(reachable=True, node=self._vault.serving)
+        for kek in self._keks:
+            state.checked(reachable=True, kek=kek.number, node=kek.vault.serving)
+            kek.last_error_kind = ""
         if self._unreachable_since is not None:
             log.warning("vault reachable again")
         self._unreachable_since = None
-        self._last_error_kind = ""
         if state.name == "offline-grace":
             state.set("active")
 
-    def _failed(self, exc: VaultError, what: str) -> None:
+    def _failed(self, failures: dict[int, VaultError], what: str) -> None:
+        """React to the errors of this check, by KEK number: any revocation suspends; else
+        the KEKs that cannot be reached start or continue the offline grace. A KEK that
+        answered is recorded as fine."""
         state, grace = self._state, self._settings.offline_grace
-        kind = type(exc).__name__
-        if kind != self._last_error_kind:
-            self._audit.error("vault_error", exc, during=what)
-            self._last_error_kind = kind
-        if exc.revoked:
-            state.checked(reachable=True, error=str(exc))
+        for kek in self._keks:
+            exc = failures.get(kek.number)
+            if exc is None:
+                state.checked(reachable=True, kek=kek.number)
+                kek.last_error_kind = ""
+                continue
+            kind = type(exc).__name__
+            if kind != kek.last_error_kind:
+                self._audit.error("vault_error", exc, during=what, **self._kek_fields(kek))
+                kek.last_error_kind = kind
+            state.checked(reachable=exc.revoked, error=str(exc), kek=kek.number)
+        revoked = [exc for exc in failures.values() if exc.revoked]
+        if revoked:
             self._unreachable_since = None
-            self._suspend(f"access revoked ({kind}): {exc}", revoked=True)
+            exc = revoked[0]
+            self._suspend(f"access revoked ({type(exc).__name__}): {exc}", revoked=True)
             return
-        state.checked(reachable=False, error=str(exc))
+        exc = next(iter(failures.values()))
         now = time.monotonic()
         if self._unreachable_since is None:
             self._unreachable_since = now

@@ -79,20 +79,62 @@ def host_token(openbao: OpenBao, transit_key: TransitKey, tmp_path: Path) -> Pat
     return path
 
 
+@dataclass(frozen=True)
+class SecondKey:
+    """KEK 2 of a double-encrypted volume: another transit key on the session server, and a
+    least-privilege host token of its own for it (0600 file), never the first key's."""
+
+    name: str
+    url: str
+    token: str
+    token_file: Path
+    policy: str
+
+
+def _write_secret(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    return path
+
+
 @pytest.fixture
-def make_volume(transit_key: TransitKey, tmp_path: Path) -> Iterator[MakeVolume]:
-    """Factory: ``make_volume(options=[...], block_size=N, mount=True) -> Volume``.
+def second_key(openbao: OpenBao, tmp_path: Path) -> SecondKey:
+    name = "k2-" + secrets.token_hex(6)
+    openbao.create_key(name)
+    policy = openbao.write_host_policy(name)
+    token = openbao.make_token([policy])
+    return SecondKey(
+        name=name,
+        url=openbao.url_for(name),
+        token=token,
+        token_file=_write_secret(tmp_path / f"{name}.token", token),
+        policy=policy,
+    )
+
+
+@pytest.fixture
+def make_volume(
+    transit_key: TransitKey, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[MakeVolume]:
+    """Factory: ``make_volume(options=[...], block_size=N, mount=True, double=False) ->
+    Volume``; ``double`` makes it double-encrypted, KEK 2 the ``second_key`` fixture's.
 
     Every integration test mounts through this fixture; teardown unmounts whatever is left.
     """
     made: list[Volume] = []
 
     def factory(
-        options: list[str] | None = None, block_size: int = 4096, mount: bool = True, name: str = ""
+        options: list[str] | None = None,
+        block_size: int = 4096,
+        mount: bool = True,
+        name: str = "",
+        double: bool = False,
     ) -> Volume:
         tag = name or f"v{len(made)}"
         mp = tmp_path / f"{tag}-plain"
         mp.mkdir()
+        second: SecondKey | None = request.getfixturevalue("second_key") if double else None
         vol = Volume(
             cipher_dir=tmp_path / f"{tag}-cipher",
             mountpoint=mp,
@@ -102,6 +144,8 @@ def make_volume(transit_key: TransitKey, tmp_path: Path) -> Iterator[MakeVolume]
             log_file=tmp_path / f"{tag}.log",
             block_size=block_size,
             audit_log=tmp_path / f"{tag}.audit",
+            vault2_url=second.url if second else "",
+            vault2_token_file=second.token_file if second else None,
         )
         made.append(vol)
         vol.init()

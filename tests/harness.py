@@ -76,6 +76,28 @@ class Volume:
     log_file: Path | None = None
     block_size: int = 4096
     audit_log: Path | None = None
+    vault2_url: str = ""
+    """A double-encrypted volume's second vault key (KEK 2); "" for a single-layer one."""
+    vault2_token_file: Path | None = None
+    """The host's token for the second vault (``--vault2-token-file``)."""
+
+    @property
+    def double(self) -> bool:
+        return bool(self.vault2_url)
+
+    def vault2_args(self) -> list[str | Path]:
+        """``--vault2 URL --vault2-token-file F`` for a double volume, else nothing."""
+        if not self.double:
+            return []
+        assert self.vault2_token_file is not None
+        return ["--vault2", self.vault2_url, "--vault2-token-file", self.vault2_token_file]
+
+    @property
+    def geometry(self) -> Any:
+        """The volume's ``format.Geometry`` (block size, and the overhead of its layers)."""
+        from encfs import format as fmt
+
+        return fmt.Geometry.of(self.block_size, fmt.FEATURE_DOUBLE if self.double else 0)
 
     def audit_args(self) -> list[str]:
         """``--audit-log`` into the test's tmp dir (never the machine's /var/log)."""
@@ -94,6 +116,8 @@ class Volume:
             self.cipher_dir,
             "--vault",
             self.vault_url,
+            *(["--double"] if self.double else []),
+            *self.vault2_args(),
             "--block-size",
             str(self.block_size),
             *self.audit_args(),
@@ -110,6 +134,7 @@ class Volume:
             self.mountpoint,
             "--vault",
             self.vault_url,
+            *self.vault2_args(),
         ]
         if self.options:
             args += ["-o", ",".join(self.options)]
@@ -208,6 +233,7 @@ class MakeVolume(Protocol):
         block_size: int = 4096,
         mount: bool = True,
         name: str = "",
+        double: bool = False,
     ) -> Volume: ...
 
 

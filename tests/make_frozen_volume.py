@@ -3,8 +3,10 @@
 A frozen volume is a compatibility fixture: every later encfs must still mount it and read
 exactly the tree in its EXPECTED.json (tests/test_frozen_volume.py). Never regenerate one
 to make a failing test pass: a failure means the on-disk format changed. There is one per
-format variant (docs/FORMAT.md §12): ``frozen-v1`` (feature flags 0, made 2026-11) and
-``frozen-v1-dirid-links`` (``DIRID_LINKS``, made 2026-12-01, by the encfs that added it).
+format variant (docs/FORMAT.md §12): ``frozen-v1`` (feature flags 0, made 2026-11),
+``frozen-v1-dirid-links`` (``DIRID_LINKS``, made 2026-12-01, by the encfs that added it) and
+``frozen-v1-double`` (``DIRID_LINKS | DOUBLE``, made 2026-12-06 with ``--double``: two
+TEST-ONLY KEKs, TEST-KEK.b64 for key slot 0 and TEST-KEK2.b64 for key slot 1).
 
 How the vault problem is solved: a volume's key is wrapped by a KEK in a vault, and the
 dev vault that made this volume is gone. So the KEK is a fixed TEST-ONLY key kept next to
@@ -21,8 +23,9 @@ Layout written here (for each volume):
       EXPECTED.json        the plaintext tree: path -> kind, size, sha256, target, xattrs
       TEST-KEK.b64         the TEST-ONLY KEK (base64 of 32 bytes); TEST-KEK.README says so
 
-    .venv/bin/python -m tests.make_frozen_volume [NAME]   # NAME under tests/data/;
-                                                           # refuses if NAME/cipher exists
+    .venv/bin/python -m tests.make_frozen_volume [NAME] [--double]   # NAME under
+                             # tests/data/; refuses if NAME/cipher exists. --double: a
+                             # double-encrypted volume, KEK 2 from TEST-KEK2.b64
 """
 
 from __future__ import annotations
@@ -47,13 +50,17 @@ from tests.openbao import OpenBao
 DATA = Path(__file__).resolve().parent / "data"
 FROZEN = DATA / "frozen-v1"
 KEK_NAME = "encfs-frozen-v1"
+KEK2_NAME = "encfs-frozen-v1-outer"
+"""KEK 2 (key slot 1) of a double-encrypted frozen volume."""
 BLOCK_SIZE = 4096
 
 
-def read_test_kek(frozen: Path = FROZEN) -> bytes:
-    kek = base64.b64decode((frozen / "TEST-KEK.b64").read_text().strip(), validate=True)
+def read_test_kek(frozen: Path = FROZEN, file: str = "TEST-KEK.b64") -> bytes:
+    """A frozen volume's TEST-ONLY KEK: ``TEST-KEK.b64`` (key slot 0), ``TEST-KEK2.b64``
+    (key slot 1 of a double-encrypted one)."""
+    kek = base64.b64decode((frozen / file).read_text().strip(), validate=True)
     if len(kek) != 32:
-        raise ValueError("TEST-KEK.b64 must hold 32 bytes")
+        raise ValueError(f"{file} must hold 32 bytes")
     return kek
 
 
@@ -186,25 +193,37 @@ def backing_xattrs(cipher: Path) -> dict[str, dict[str, str]]:
 
 
 def main(argv: list[str]) -> int:
+    double = "--double" in argv
+    argv = [a for a in argv if a != "--double"]
     frozen = DATA / argv[0] if argv else FROZEN
     cipher = frozen / "cipher"
     if cipher.exists():
         print(f"{cipher} exists: the frozen volume is never regenerated", file=sys.stderr)
         return 1
     frozen.mkdir(parents=True, exist_ok=True)
-    kek_file = frozen / "TEST-KEK.b64"
-    if not kek_file.exists():
-        kek_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    for name in ("TEST-KEK.b64", "TEST-KEK2.b64") if double else ("TEST-KEK.b64",):
+        if not (frozen / name).exists():
+            (frozen / name).write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
     kek = read_test_kek(frozen)
     with OpenBao() as bao, tempfile.TemporaryDirectory(prefix="encfs-frozen-") as tmp:
         import_kek(bao, KEK_NAME, kek)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         env["VAULT_TOKEN"] = bao.root_token
         url = bao.url_for(KEK_NAME)
-        encfs("init", cipher, "--vault", url, "--block-size", str(BLOCK_SIZE), env=env)
+        second: list[str | Path] = []
+        if double:
+            import_kek(bao, KEK2_NAME, read_test_kek(frozen, "TEST-KEK2.b64"))
+            token2 = Path(tmp) / "vault2.token"
+            token2.write_text(bao.root_token + "\n")
+            token2.chmod(0o600)
+            second = ["--vault2", bao.url_for(KEK2_NAME), "--vault2-token-file", token2]
+        encfs(
+            "init", cipher, "--vault", url, *(["--double"] if double else []), *second,
+            "--block-size", str(BLOCK_SIZE), env=env,
+        )  # fmt: skip
         mnt = Path(tmp) / "mnt"
         mnt.mkdir()
-        encfs("mount", cipher, mnt, "--vault", url, env=env)
+        encfs("mount", cipher, mnt, "--vault", url, *second, env=env)
         try:
             populate(mnt)
             tree = snapshot(mnt)
@@ -216,6 +235,7 @@ def main(argv: list[str]) -> int:
         "Paths are mount-relative; sizes in bytes; xattr values and file digests of the "
         "plaintext (values base64). Never edit: see tests/make_frozen_volume.py.",
         "kek_name_at_creation": KEK_NAME,
+        **({"kek2_name_at_creation": KEK2_NAME} if double else {}),
         "block_size": BLOCK_SIZE,
         "header_sha256": hashlib.sha256(header).hexdigest(),
         "tree": tree,

@@ -85,17 +85,27 @@ def test_rwlock_serialises_writers_under_contention() -> None:
     assert state == {"n": 1800, "inside": 0, "overlap": 0}
 
 
-def _file(tmp_path: Path) -> tuple[CipherFile, int, Path]:
-    keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=os.urandom(16), block_size=4096)
+def _file(tmp_path: Path, double: bool = False) -> tuple[CipherFile, int, Path]:
+    """A CipherFile on a new backing file, of a single-layer or double-encrypted volume."""
+    keys = VolumeKeys(
+        bytearray(os.urandom(32)),
+        volume_id=os.urandom(16),
+        block_size=4096,
+        outer_key=bytearray(os.urandom(32)) if double else None,
+    )
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    return CipherFile(keys, fmt.Geometry(4096), str(path), Sealer()), fd, path
+    return CipherFile(keys, keys.geometry, str(path), Sealer()), fd, path
 
 
-def test_read_into_returns_what_read_returns_for_every_shape(tmp_path: Path) -> None:
+LAYERS = pytest.mark.parametrize("double", [False, True], ids=["single", "double"])
+
+
+@LAYERS
+def test_read_into_returns_what_read_returns_for_every_shape(tmp_path: Path, double: bool) -> None:
     """Block-aligned reads are decrypted straight into the buffer, others through ``read``;
     both must give the same bytes, up to the end of the file and no further."""
-    cfile, fd, _ = _file(tmp_path)
+    cfile, fd, _ = _file(tmp_path, double)
     data = os.urandom(5 * 4096 + 1234)  # a partial last block
     cfile.write(fd, 0, data)
     cases = [(0, 4096), (0, 8192), (4096, 3 * 4096), (0, len(data)), (0, 1 << 20),
@@ -110,15 +120,18 @@ def test_read_into_returns_what_read_returns_for_every_shape(tmp_path: Path) -> 
         assert bytes(buf[n:]) == b"\xee" * (size + 7 - n), (off, size)  # nothing past n
 
 
-def test_read_into_reads_holes_as_zeros_and_refuses_tampered_blocks(tmp_path: Path) -> None:
-    cfile, fd, path = _file(tmp_path)
+@LAYERS
+def test_read_into_reads_holes_as_zeros_and_refuses_tampered_blocks(
+    tmp_path: Path, double: bool
+) -> None:
+    cfile, fd, path = _file(tmp_path, double)
     cfile.write(fd, 0, b"a" * 4096)
     cfile.write(fd, 3 * 4096, b"b" * 4096)  # blocks 1 and 2 are a hole
     buf = bytearray(4 * 4096)
     assert cfile.read_into(fd, 0, memoryview(buf)) == 4 * 4096
     assert bytes(buf) == b"a" * 4096 + bytes(2 * 4096) + b"b" * 4096
     raw = bytearray(path.read_bytes())
-    raw[fmt.FILE_HEADER_LEN + 3 * (4096 + fmt.BLOCK_OVERHEAD) + 100] ^= 1  # in block 3
+    raw[fmt.FILE_HEADER_LEN + 3 * cfile.geo.cipher_block_size + 100] ^= 1  # in block 3
     os.pwrite(fd, bytes(raw), 0)
     with pytest.raises(IntegrityError) as err:
         cfile.read_into(fd, 0, memoryview(bytearray(4 * 4096)))
@@ -147,12 +160,13 @@ def _counting_reads(cfile: CipherFile, monkeypatch: pytest.MonkeyPatch) -> list[
     return reads
 
 
+@LAYERS
 def test_appends_continue_the_last_block_without_reading_it_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, double: bool
 ) -> None:
     """tar's pattern (9216 then 10240-byte writes, each ending mid-block): every append
     after the first write takes the partial block it continues from memory."""
-    cfile, fd, _ = _file(tmp_path)
+    cfile, fd, _ = _file(tmp_path, double)
     reads = _counting_reads(cfile, monkeypatch)
     model = bytearray()
     for size in (9216, 10240, 10240, 1, 4095, 3, 10240):
@@ -163,12 +177,13 @@ def test_appends_continue_the_last_block_without_reading_it_back(
     assert cfile.read(fd, 0, len(model) + 1) == bytes(model)
 
 
+@LAYERS
 def test_what_changes_the_file_otherwise_drops_the_kept_block(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, double: bool
 ) -> None:
     """Truncation, a write elsewhere and a gap make the next append read the block back,
     and the content is always what a plain file would hold."""
-    cfile, fd, _ = _file(tmp_path)
+    cfile, fd, _ = _file(tmp_path, double)
     reads = _counting_reads(cfile, monkeypatch)
     model = bytearray(os.urandom(5000))
     cfile.write(fd, 0, bytes(model))
@@ -202,8 +217,9 @@ def test_what_changes_the_file_otherwise_drops_the_kept_block(
     assert cfile.read(fd, 0, len(model) + 1) == bytes(model)
 
 
-def test_stream_writes_are_deferred_in_order_and_read_back(tmp_path: Path) -> None:
-    cfile, fd, _ = _file(tmp_path)
+@LAYERS
+def test_stream_writes_are_deferred_in_order_and_read_back(tmp_path: Path, double: bool) -> None:
+    cfile, fd, _ = _file(tmp_path, double)
     chunks = [os.urandom(STREAM_MIN * 2) for _ in range(40)]
     deferred = 0
     for i, chunk in enumerate(chunks):
@@ -217,6 +233,7 @@ def test_stream_writes_are_deferred_in_order_and_read_back(tmp_path: Path) -> No
     # A short write in the middle waits for the stream before it, then lands on top.
     cfile.write(fd, 5, b"hello")
     assert cfile.read(fd, 0, 10) == whole[:5] + b"hello"
+    assert os.fstat(fd).st_size == cfile.geo.cipher_size(len(whole))
 
 
 def test_the_first_write_and_unaligned_writes_are_not_deferred(tmp_path: Path) -> None:

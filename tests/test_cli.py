@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from encfs.cli import ExitCode
-from tests.conftest import TransitKey
+from tests.conftest import SecondKey, TransitKey
 from tests.harness import MakeVolume, Volume, encfs, is_mounted, wait_until
 from tests.openbao import OpenBao
 
@@ -68,7 +68,7 @@ def test_init_rejects_bad_block_size(tmp_path: Path, transit_key: TransitKey) ->
 
 
 def _mount_fails(
-    vol: Volume, env: dict[str, str], *extra: str, vault: str | None = None
+    vol: Volume, env: dict[str, str], *extra: str | Path, vault: str | None = None
 ) -> tuple[int, str]:
     """Mount with ``--vault vault`` (default: the volume's) and ``extra``, which fails."""
     url = vault or vol.vault_url
@@ -426,6 +426,38 @@ OPTIONS=default_permissions
         vol.unmount()
 
 
+def test_mount_a_double_volume_from_a_config_file(
+    make_volume: MakeVolume, tmp_path: Path, second_key: SecondKey
+) -> None:
+    """VAULT2 and TOKEN_FILE2 (README's config keys): the service's second vault and its
+    own credential; the first vault comes from VAULT (no VAULT_ADDR in the env)."""
+    vol: Volume = make_volume(mount=False, double=True)
+    token1 = tmp_path / "token1"
+    token1.write_text(vol.env["VAULT_TOKEN"] + "\n")
+    token1.chmod(0o600)
+    conf = tmp_path / "double.conf"
+    conf.write_text(f"""CIPHER_DIR={vol.cipher_dir}
+MOUNTPOINT={vol.mountpoint}
+VAULT={vol.vault_url}
+TOKEN_FILE={token1}
+VAULT2={second_key.url}
+TOKEN_FILE2={second_key.token_file}
+""")
+    env = {k: v for k, v in vol.env.items() if not k.startswith(("VAULT_", "BAO_"))}
+    proc = encfs("mount", "--config", conf, env=env)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)
+        assert [k["vault"] for k in status["keks"]] == [vol.vault_url, second_key.url]
+        assert status["keks"][1]["token"]["policies"] == [second_key.policy]
+    finally:
+        vol.unmount()
+    conf.write_text(conf.read_text().replace(f"TOKEN_FILE2={second_key.token_file}\n", ""))
+    proc = encfs("mount", "--config", conf, env=env)  # no credential of its own: refused
+    assert proc.returncode == ExitCode.VAULT_CREDENTIALS, proc.stderr
+    assert not is_mounted(vol.mountpoint)
+
+
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
@@ -447,6 +479,124 @@ def test_config_file_errors_name_the_line(tmp_path: Path, text: str, complaint: 
     assert complaint in proc.stderr and str(conf) in proc.stderr
     proc = encfs("mount", "--config", tmp_path / "missing.conf")
     assert proc.returncode == ExitCode.USAGE and "cannot read config" in proc.stderr
+
+
+# --- double encryption: init --double, two vaults ------------------------------------------------
+
+
+def test_double_init_info_mount_fsck_roundtrip(
+    make_volume: MakeVolume, transit_key: TransitKey, second_key: SecondKey
+) -> None:
+    vol: Volume = make_volume(double=True)
+    sizes = {"empty": 0, "one": 1, "block": 4096, "five": 5000, "big": 3 * 4096 + 100}
+    data = {name: os.urandom(size) for name, size in sizes.items()}
+    for name, content in data.items():
+        (vol.mountpoint / name).write_bytes(content)
+    os.symlink("five", vol.mountpoint / "link")
+    os.setxattr(vol.mountpoint / "five", "user.note", b"twice")
+    info = json.loads(encfs("info", vol.cipher_dir, "--json", check=True).stdout)
+    assert (info["feature_flags"], info["features"]) == (3, ["dirid-links", "double"])
+    assert (info["cipher"], info["outer_cipher"]) == ("AES-256-GCM", "ChaCha20-Poly1305")
+    assert (info["vault"], info["vault2"]) == (transit_key.url, second_key.url)
+    assert (info["kek_version"], info["kek_version2"]) == (1, 1)
+    assert info["wrapped_key"].startswith("vault:v1:") and info["wrapped_key2"].startswith("vault:")
+    text = encfs("info", vol.cipher_dir, check=True).stdout
+    assert re.search(r"^outer cipher +ChaCha20-Poly1305$", text, re.M), text
+    # Worked sizes of docs/FORMAT.md §5.2: 56 bytes per block.
+    backing = {
+        p.stat().st_size for p in vol.cipher_dir.iterdir() if p.is_file() and "." not in p.name
+    }
+    assert {0, 75, 4170, 5130, 18 + 3 * 4152 + 156} <= backing
+    assert backing == {vol.geometry.cipher_size(size) for size in sizes.values()}
+    raw = vol.raw_bytes()
+    for content in data.values():
+        assert len(content) < 16 or content[:16] not in raw
+    assert b"twice" not in raw and b"five" not in raw
+    vol.unmount()
+    proc = encfs("fsck", vol.cipher_dir, "--vault", vol.vault_url, *vol.vault2_args(), env=vol.env)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 problem(s)" in proc.stdout
+    vol.mount()
+    for name, content in data.items():
+        assert (vol.mountpoint / name).read_bytes() == content
+    assert os.readlink(vol.mountpoint / "link") == "five"
+    assert os.getxattr(vol.mountpoint / "five", "user.note") == b"twice"
+    status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)
+    assert status["double"] is True and status["outer_cipher"] == "ChaCha20-Poly1305"
+    assert [k["vault"] for k in status["keks"]] == [transit_key.url, second_key.url]
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--double"], "--double needs --vault2"),
+        (["--vault2", "transit+http://127.0.0.1:1/transit/k2"], "add --double"),
+        (["--double", "--vault2", "SAME"], "names the same vault key"),
+    ],
+)
+def test_init_double_usage_errors(
+    tmp_path: Path, transit_key: TransitKey, args: list[str], complaint: str
+) -> None:
+    args = [transit_key.url if a == "SAME" else a for a in args]
+    proc = encfs("init", tmp_path / "c", "--vault", transit_key.url, *args, env=transit_key.env)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert complaint in proc.stderr
+    assert not (tmp_path / "c").exists()  # refused before anything was made
+
+
+def test_mount_double_usage_errors(make_volume: MakeVolume, tmp_path: Path) -> None:
+    vol = make_volume(mount=False)
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, "--double", env=vol.env)
+    assert proc.returncode == ExitCode.USAGE
+    assert "encfs init" in proc.stderr and "--vault2" in proc.stderr
+    scratch = tmp_path / "scratch"
+    for extra in (["--double"], ["--vault2", vol.vault_url]):
+        proc = encfs("mount", "--ephemeral", scratch, vol.mountpoint, *extra, env=vol.env)
+        assert proc.returncode == ExitCode.USAGE
+        assert "ephemeral volume is single-layer" in proc.stderr
+    assert not scratch.exists()
+    proc = encfs("rotate", vol.cipher_dir, "--kek", "2", env=vol.env)
+    assert proc.returncode == ExitCode.USAGE
+    assert "single-layer and has one KEK" in proc.stderr
+
+
+def test_double_volume_needs_its_second_vault_pinned(make_volume: MakeVolume) -> None:
+    """Without --vault2 nothing is sent anywhere: exit 9 naming key slot 1's URL; and the
+    second vault never gets the first one's token (VAULT_TOKEN is in the env)."""
+    vol: Volume = make_volume(double=True, mount=False)
+    assert "VAULT_TOKEN" in vol.env
+    commands: list[list[str | Path]] = [
+        ["mount", vol.cipher_dir, vol.mountpoint],
+        ["fsck", vol.cipher_dir],
+        ["rotate", vol.cipher_dir],
+    ]
+    for command in commands:
+        proc = encfs(*command, "--vault", vol.vault_url, env=vol.env)
+        assert proc.returncode == ExitCode.VAULT_NOT_PINNED, (command, proc.stderr)
+        assert vol.vault2_url in proc.stderr and "--vault2" in proc.stderr
+        assert not is_mounted(vol.mountpoint)
+    proc = encfs(
+        "mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, "--vault2",
+        vol.vault2_url, env=vol.env,
+    )  # fmt: skip
+    assert proc.returncode == ExitCode.VAULT_CREDENTIALS, proc.stderr
+    assert "--vault2-token-file" in proc.stderr
+    assert not is_mounted(vol.mountpoint)
+    vol.mount()  # with its own credential it mounts
+
+
+def test_double_volume_with_a_revoked_kek_2_is_not_mounted(
+    make_volume: MakeVolume, openbao: OpenBao, second_key: SecondKey
+) -> None:
+    vol: Volume = make_volume(double=True, mount=False)
+    openbao.revoke_token(second_key.token)
+    code, err = _mount_fails(vol, vol.env, *vol.vault2_args(), *vol.audit_args())
+    assert code == ExitCode.VAULT_DENIED, err
+    assert "KEK 2" in err
+    events = vol.audit_events()
+    assert any(
+        e["event"] == "unwrap" and e["result"] == "error" and e.get("kek") == 2 for e in events
+    )
 
 
 def test_a_config_file_pins_a_vault_cluster_and_the_command_line_replaces_it(

@@ -513,3 +513,161 @@ def test_random_key_into_fills_the_buffer() -> None:
     assert buf[48:] == bytes(16)
     assert buf[16:48] != bytes(32)
     assert len(crypto.random_bytes(16)) == 16
+
+
+# --- double encryption: the outer ChaCha20-Poly1305 layer ---------------------------------------
+
+DOUBLE = vector("double-content.json")
+DCBS = BS + fmt.DOUBLE_BLOCK_OVERHEAD
+OUTER = bytes(range(0x60, 0x80))
+
+
+def double_cipher(file_id: bytes = FILE_ID, bs: int = BS) -> crypto.BlockCipher:
+    return crypto.BlockCipher(KEY, file_id, bs, outer_key=OUTER)
+
+
+def outer_seal(key: bytes, nonce: bytes, inner: bytes, ad: bytes) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, inner, ad)
+
+
+def inner_seal(key: bytes, nonce: bytes, plain: bytes, ad: bytes) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return nonce + AESGCM(key).encrypt(nonce, plain, ad)
+
+
+@pytest.mark.parametrize("case", DOUBLE["cases"], ids=lambda c: c["name"])
+def test_open_double_content_vector(case: dict[str, Any]) -> None:
+    cipher = bytes.fromhex(case["cipher"])
+    file_id = fmt.parse_file_header(cipher)
+    bc = crypto.BlockCipher(
+        bytes.fromhex(DOUBLE["file_key"]),
+        file_id,
+        DOUBLE["block_size"],
+        outer_key=bytes.fromhex(DOUBLE["outer_file_key"]),
+    )
+    assert bc.open(0, cipher[fmt.FILE_HEADER_LEN :]).hex() == case["plain"]
+    # Each block's layers: outer nonce first, the inner block (with its nonce) inside.
+    for block_no, (n1, n2) in enumerate(
+        zip(case["inner_nonces"], case["outer_nonces"], strict=True)
+    ):
+        if n1 is None:
+            continue
+        off = fmt.FILE_HEADER_LEN + block_no * DCBS
+        assert cipher[off : off + 12].hex() == n2
+
+
+@pytest.mark.parametrize("case", DOUBLE["cases"], ids=lambda c: c["name"])
+def test_volume_keys_open_double_content_vector(case: dict[str, Any]) -> None:
+    """The per-file inner and outer keys derived by ``VolumeKeys`` from the two volume keys
+    open the vector (docs/FORMAT.md §3.1)."""
+    from encfs.keys import VolumeKeys
+
+    keys = VolumeKeys(
+        bytearray.fromhex(DOUBLE["volume_key"]),
+        volume_id=bytes.fromhex(DOUBLE["volume_id"]),
+        block_size=DOUBLE["block_size"],
+        outer_key=bytearray.fromhex(DOUBLE["outer_key"]),
+    )
+    try:
+        cipher = bytes.fromhex(case["cipher"])
+        plain = keys.file_cipher(fmt.parse_file_header(cipher)).open(0, cipher[18:])
+        assert plain.hex() == case["plain"]
+    finally:
+        keys.close()
+
+
+@pytest.mark.parametrize("bs", [4096, 8192, 65536])
+@pytest.mark.parametrize("blocks_and_rest", [(0, 1), (0, 100), (1, 0), (1, 1), (3, 0), (9, 777)])
+def test_double_round_trip_every_size_class(bs: int, blocks_and_rest: tuple[int, int]) -> None:
+    full, rest = blocks_and_rest
+    if rest >= bs:
+        pytest.skip("rest is less than a block")
+    plain = os.urandom(full * bs + rest)
+    bc = double_cipher(bs=bs)
+    for first in (0, 5):
+        sealed = bc.seal(first, plain)
+        geo = fmt.Geometry(bs, fmt.DOUBLE_BLOCK_OVERHEAD)
+        assert len(sealed) == geo.cipher_size(len(plain)) - fmt.FILE_HEADER_LEN
+        assert bytes(bc.open(first, sealed)) == plain
+        out = bytearray(len(plain))
+        bc.open_into(first, sealed, out)
+        assert bytes(out) == plain
+        with pytest.raises(IntegrityError):  # the position is bound
+            bc.open(first + 1, sealed)
+
+
+def test_double_nonces_are_fresh_per_layer_and_write() -> None:
+    bc = double_cipher()
+    a, b = bc.seal(0, b"x" * BS), bc.seal(0, b"x" * BS)
+    assert a != b
+    assert a[:12] != b[:12] and a[12:24] != a[:12]  # outer nonce, and the inner one inside
+
+
+def test_double_hole_and_partial_zero_block() -> None:
+    bc = double_cipher()
+    data = bc.seal(0, os.urandom(3 * BS))
+    holed = bytes(DCBS) + data[DCBS:]
+    out = bc.open(0, holed)
+    assert bytes(out[:BS]) == bytes(BS)
+    short = bc.seal(0, b"tail")  # a last block of 4 bytes: 60 zero bytes are its hole
+    assert bytes(bc.open(0, bytes(len(short)))) == bytes(4)
+    with pytest.raises(IntegrityError):  # zeroing the outer layer's tag only is no hole
+        bc.open(0, short[:-16] + bytes(16))
+
+
+@pytest.mark.parametrize("where", [0, 5, 12, 30, 2000, DCBS - 30, DCBS - 1])
+def test_double_tamper_anywhere_fails(where: int) -> None:
+    """A bit flipped in the outer nonce, the inner nonce (inside the outer ciphertext), the
+    inner ciphertext or either tag: the block fails."""
+    bc = double_cipher()
+    sealed = bytearray(bc.seal(0, os.urandom(2 * BS)))
+    sealed[DCBS + where] ^= 0x01
+    with pytest.raises(IntegrityError) as info:
+        bc.open(0, sealed, "backing/f")
+    assert info.value.block_no == 1
+
+
+def test_inner_valid_outer_not_and_the_reverse() -> None:
+    """Both layers must authenticate: a genuine inner block under a wrong outer key (or
+    outer associated data) fails; so does a wrong inner block under a genuine outer layer."""
+    bc = double_cipher()
+    plain = os.urandom(BS)
+    ad = fmt.block_ad(FILE_ID, 0)
+    inner = inner_seal(KEY, os.urandom(12), plain, ad)
+    good = outer_seal(OUTER, os.urandom(12), inner, ad)
+    assert bytes(bc.open(0, good)) == plain  # the construction as FORMAT §5.2 says
+    for bad in (
+        outer_seal(bytes(32), os.urandom(12), inner, ad),  # wrong outer key
+        outer_seal(OUTER, os.urandom(12), inner, fmt.block_ad(FILE_ID, 1)),  # wrong outer AD
+        outer_seal(OUTER, os.urandom(12), inner_seal(bytes(32), os.urandom(12), plain, ad), ad),
+        outer_seal(OUTER, os.urandom(12), inner_seal(KEY, os.urandom(12), plain, b"x" * 24), ad),
+        outer_seal(OUTER, os.urandom(12), bytes(len(inner)), ad),  # an all-zero inner block
+        inner + bytes(28),  # a single-layer block padded to the double size
+    ):
+        with pytest.raises(IntegrityError):
+            bc.open(0, bad)
+
+
+def test_double_blocks_swapped_or_moved_fail() -> None:
+    bc = double_cipher()
+    sealed = bc.seal(0, os.urandom(3 * BS))
+    b0, b1, b2 = sealed[:DCBS], sealed[DCBS : 2 * DCBS], sealed[2 * DCBS :]
+    with pytest.raises(IntegrityError):
+        bc.open(0, b1 + b0 + b2)
+    other = double_cipher(file_id=bytes(16))
+    with pytest.raises(IntegrityError):
+        other.open(0, sealed)
+
+
+def test_single_and_double_blocks_are_not_interchangeable() -> None:
+    single, double = block_cipher(), double_cipher()
+    assert single.overhead == 28 and double.overhead == 56
+    with pytest.raises(IntegrityError):
+        double.open(0, single.seal(0, os.urandom(BS)) + bytes(28))
+    with pytest.raises(IntegrityError):
+        single.open(0, double.seal(0, os.urandom(BS))[:CBS])
+    with pytest.raises(IntegrityError, match="truncated"):  # 1..56 trailing bytes
+        double.open(0, double.seal(0, os.urandom(BS)) + b"x" * 56)

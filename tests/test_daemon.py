@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import pytest
 from encfs import crypto
 from encfs import format as fmt
 from encfs.cli import ExitCode
-from tests.conftest import TransitKey
+from tests.conftest import SecondKey, TransitKey
 from tests.harness import (
     DirectFile,
     MakeVolume,
@@ -80,8 +81,10 @@ class Live:
         os.replace(tmp, self.token_file)
 
 
-def _mount_live(make_volume: Callable[..., Volume], bao: OpenBao, key: str, *extra: str) -> Live:
-    vol = make_volume(mount=False)
+def _mount_live(
+    make_volume: Callable[..., Volume], bao: OpenBao, key: str, *extra: str, double: bool = False
+) -> Live:
+    vol = make_volume(mount=False, double=double)
     policy = bao.write_host_policy(key)
     token_file = vol.cipher_dir.parent / f"{vol.mountpoint.name}.token"
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -480,10 +483,24 @@ def _key_material(live: Live, root_token: str) -> dict[str, bytes]:
     volume_key = base64.b64decode(answer["data"]["plaintext"])
     volume_id = bytes.fromhex(header["volume_id"])
     out = {"volume": volume_key}
-    for purpose, length in (("content", 32), ("names", 64), ("meta", 32), ("header", 32)):
+
+    def derive(ikm: bytes, salt: bytes | None, info: bytes, length: int = 32) -> bytes:
         buf = bytearray(length)
-        crypto.hkdf_into(volume_key, salt=volume_id, info=b"encfs/v1/" + purpose.encode(), out=buf)
-        out[purpose] = bytes(buf)
+        crypto.hkdf_into(ikm, salt=salt, info=info, out=buf)
+        return bytes(buf)
+
+    out["content"] = derive(volume_key, volume_id, b"encfs/v1/content")
+    ikm, prefix = volume_key, b"encfs/v1/"
+    if "wrapped_key2" in header:  # a double volume: its outer key, and subkeys of both
+        answer = live.bao.admin.secrets.transit.decrypt_data(
+            name=header["key_name2"], ciphertext=header["wrapped_key2"]
+        )
+        outer_key = base64.b64decode(answer["data"]["plaintext"])
+        out["outer"] = outer_key
+        out["outer content"] = derive(outer_key, volume_id, b"encfs/v1/outer-content")
+        ikm, prefix = volume_key + outer_key, b"encfs/v1/double/"
+    for purpose, length in (("names", 64), ("meta", 32), ("header", 32)):
+        out[purpose] = derive(ikm, volume_id, prefix + purpose.encode(), length)
     contents = [
         p
         for p in live.vol.cipher_dir.rglob("*")
@@ -494,9 +511,11 @@ def _key_material(live: Live, root_token: str) -> dict[str, bytes]:
     assert contents
     for i, backing in enumerate(contents):  # every file's own key
         file_id = fmt.parse_file_header(backing.read_bytes()[: fmt.FILE_HEADER_LEN])
-        buf = bytearray(32)
-        crypto.hkdf_into(out["content"], salt=None, info=b"encfs/v1/file" + file_id, out=buf)
-        out[f"file{i}"] = bytes(buf)
+        out[f"file{i}"] = derive(out["content"], None, b"encfs/v1/file" + file_id)
+        if "outer content" in out:
+            out[f"outer file{i}"] = derive(
+                out["outer content"], None, b"encfs/v1/outer-file" + file_id
+            )
     return out
 
 
@@ -534,12 +553,17 @@ own frame still refers to it); a replaced client's page is unmapped when it is f
 Before the token lived in locked memory, five copies and more were found here."""
 
 
+@pytest.mark.parametrize("double", [False, True], ids=["single", "double"])
 def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
     make_volume: MakeVolume,
     openbao: OpenBao,
     transit_key: TransitKey,
+    request: pytest.FixtureRequest,
+    double: bool,
 ) -> None:
-    live = _mount_live(make_volume, openbao, transit_key.name)
+    """For a double volume, KEK 2 is the one revoked: both volume keys, every subkey of
+    either and every per-file key of both layers must be gone."""
+    live = _mount_live(make_volume, openbao, transit_key.name, double=double)
     mp = live.vol.mountpoint
     (mp / "d").mkdir()
     for i in range(20):
@@ -561,10 +585,12 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
     time.sleep(2 * INTERVAL + 0.5)  # a few watcher unwraps have passed through memory
     needles = _needles(_key_material(live, openbao.root_token))
     pid = live.vol.daemon_pid()
-    assert "volume raw" in scan_memory(pid, {"volume raw": needles["volume raw"]}), (
-        "the scan must see the key while the volume is active (else it proves nothing)"
-    )
-    openbao.soft_delete_key(transit_key.name)
+    for name in ("volume raw", "outer raw") if double else ("volume raw",):
+        assert name in scan_memory(pid, {name: needles[name]}), (
+            "the scan must see the key while the volume is active (else it proves nothing)"
+        )
+    revoked = request.getfixturevalue("second_key").name if double else transit_key.name
+    openbao.soft_delete_key(revoked)
     try:
         live.wait_state("suspended")
         assert scan_memory(pid, needles) == {}, "key material left in memory after suspension"
@@ -572,11 +598,16 @@ def test_no_key_in_daemon_memory_after_suspend_and_before_exit(
         # the token must stay in the key owner's locked memory (one copy per live client),
         # not pile up in str/bytes copies request after request.
         time.sleep(3 * INTERVAL + 0.5)
-        token = live.token_file.read_text().strip().encode()
-        copies = scan_memory(pid, {"token": token}).get("token", 0)
-        assert 1 <= copies <= TOKEN_COPIES_MAX, f"{copies} copies of the host token in memory"
+        token_files = [live.token_file]
+        if double:
+            assert live.vol.vault2_token_file is not None
+            token_files.append(live.vol.vault2_token_file)
+        for token_file in token_files:
+            token = token_file.read_text().strip().encode()
+            copies = scan_memory(pid, {"token": token}).get("token", 0)
+            assert 1 <= copies <= TOKEN_COPIES_MAX, f"{copies} copies of a host token in memory"
     finally:
-        openbao.restore_key(transit_key.name)
+        openbao.restore_key(revoked)
     live.wait_state("active")
     if native is not None:  # resumed: the native path is keyed again, and serves again
         again = _native_io(live, held_open)
@@ -675,6 +706,123 @@ def test_kmip_volume_end_to_end_and_revocation(tmp_path: Path) -> None:
         assert proc.returncode == ExitCode.VAULT_KEY_DISABLED, proc.stderr
 
 
+def test_double_volume_with_kek_2_in_kmip_suspends_when_either_is_revoked(
+    make_volume: MakeVolume, openbao: OpenBao, transit_key: TransitKey, tmp_path: Path
+) -> None:
+    """Two different vaults: KEK 1 a transit key of OpenBao, KEK 2 a KMIP key of PyKMIP,
+    each reached with its own credential (token file; client certificate). Revoking the
+    KMIP key suspends the mount (status names KEK 2), a KMIP key cannot come back, and a
+    new mount is refused with its code, naming the KEK."""
+    from tests.kmip import PyKMIPServer
+
+    with PyKMIPServer() as kmip:
+        uid = kmip.create_key()
+        creds2 = [
+            "--vault2-ca-file", str(kmip.ca_file),
+            "--vault2-client-cert", str(kmip.client_cert),
+            "--vault2-client-key", str(kmip.client_key),
+        ]  # fmt: skip
+        vol: Volume = make_volume(mount=False)
+        shutil.rmtree(vol.cipher_dir, ignore_errors=True)
+        second = ["--vault2", kmip.url_for(uid), *creds2]
+        encfs(
+            "init", vol.cipher_dir, "--double", "--vault", vol.vault_url, *second,
+            env=vol.env, check=True,
+        )  # fmt: skip
+        info = json.loads(encfs("info", vol.cipher_dir, "--json", check=True).stdout)
+        assert info["wrapped_key"].startswith("vault:v1:")
+        assert info["wrapped_key2"].startswith("kmip:v1:") and info["kek_version2"] == 0
+        vol.mount(*second, "--check-interval", str(INTERVAL))
+        live = Live(vol, openbao, transit_key.name, tmp_path / "unused", "")
+        try:
+            witness = Witness(vol.mountpoint / "f")
+            try:
+                assert wait_until(
+                    lambda: [k["state"] for k in live.status()["keks"]] == ["ok", "ok"],  # type: ignore[attr-defined]
+                    timeout=BOUND + 2,
+                ), live.status()
+                keks = live.status()["keks"]
+                assert keks[1]["token"]["client_cert_subject"]  # type: ignore[index]
+                assert keks[0]["token"]["accessor"]  # type: ignore[index]
+                text = encfs("status", vol.mountpoint, check=True).stdout
+                assert "KEK 2" in text and kmip.url_for(uid) in text and "double" in text
+                t0 = time.monotonic()
+                kmip.revoke(uid)
+                live.wait_state("suspended")
+                assert time.monotonic() - t0 <= BOUND + 0.5
+                status = live.status()
+                assert "KEK 2" in str(status["reason"])
+                assert [k["state"] for k in status["keks"]] == ["ok", "revoked"]  # type: ignore[attr-defined]
+                witness.assert_unreadable()
+            finally:
+                witness.close()
+        finally:
+            pid = vol.daemon_pid()
+            force_unmount(vol.mountpoint)
+            assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+        proc = encfs(
+            "mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *second,
+            env=vol.env,
+        )  # fmt: skip
+        assert proc.returncode == ExitCode.VAULT_KEY_DISABLED, proc.stderr
+        assert "KEK 2" in proc.stderr
+
+
+@pytest.mark.systemd
+def test_sd_notify_status_of_a_double_volume_names_both_keks(
+    make_volume: MakeVolume, openbao: OpenBao, second_key: SecondKey, tmp_path: Path
+) -> None:
+    """STATUS= shows each KEK's version and state: what `systemctl status` prints."""
+    import socket
+
+    vol: Volume = make_volume(mount=False, double=True)
+    addr = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(addr)
+    receiver.settimeout(0.2)
+    statuses: list[str] = []
+    stop = threading.Event()
+
+    def receive() -> None:
+        while not stop.is_set():
+            try:
+                data = receiver.recv(4096).decode()
+            except TimeoutError:
+                continue
+            statuses.extend(line[7:] for line in data.splitlines() if line.startswith("STATUS="))
+
+    listener = threading.Thread(target=receive)
+    listener.start()
+    env = {**vol.env, "NOTIFY_SOCKET": addr, "ENCFS_AUDIT_LOG": "none"}
+    proc = mount_foreground(
+        vol.cipher_dir, vol.mountpoint, *map(str, vol.vault2_args()), "--check-interval",
+        str(INTERVAL), env=env,
+    )  # fmt: skip
+    try:
+        ok = "[KEK 1 v1 ok, KEK 2 v1 ok] active"
+        assert wait_until(lambda: ok in statuses, timeout=20), statuses
+        openbao.soft_delete_key(second_key.name)
+        assert wait_until(
+            lambda: any(
+                s.startswith("[KEK 1 v1 ok, KEK 2 v1 revoked] suspended") for s in statuses
+            ),
+            timeout=BOUND + 2,
+        ), statuses
+        openbao.restore_key(second_key.name)
+        assert wait_until(lambda: statuses[-1] == ok, timeout=BOUND + 2), statuses
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(Exception):
+            openbao.restore_key(second_key.name)
+        stop.set()
+        listener.join()
+        receiver.close()
+
+
 @pytest.mark.systemd
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_sd_notify_ready_status_watchdog_stopping(
@@ -730,8 +878,9 @@ def test_sd_notify_ready_status_watchdog_stopping(
         openbao.restore_key(transit_key.name)
         n_active = len(said("STATUS", "active"))
         assert wait_until(lambda: len(said("STATUS", "active")) > n_active, timeout=BOUND + 2)
-        pings = [t for t, f in messages if f.get("WATCHDOG") == "1"]
-        assert len(pings) >= 3, messages  # every 0.5 s, suspended or not
+        # every 0.5 s, suspended or not (the jittered first check can make the whole
+        # suspend-resume round shorter than three pings: wait for them)
+        assert wait_until(lambda: len(said("WATCHDOG", "1")) >= 3, timeout=5), messages
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         assert said("STOPPING", "1")

@@ -5,6 +5,7 @@ Pure: no keys, no vault, no FUSE. The header vector pins the exact bytes of ``en
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -38,7 +39,10 @@ def sample_header(**changes: Any) -> fmt.VolumeHeader:
         "wrapped_key": "vault:v7:AAAA",
     }
     fields.update(changes)
-    return fmt.VolumeHeader(**fields)
+    slot = fmt.KeySlot(
+        fields.pop("vault_url"), fields.pop("kek_version"), fields.pop("wrapped_key")
+    )
+    return fmt.VolumeHeader(**fields, slots=(slot,))
 
 
 def header_file(header: fmt.VolumeHeader, tag: bytes = b"\x5a" * fmt.HEADER_TAG_LEN) -> bytes:
@@ -53,12 +57,17 @@ def test_format_constants() -> None:
     assert fmt.VOLUME_MAGIC == b"ENCFSVOL"
     assert fmt.FORMAT_VERSION == 1
     assert fmt.FEATURE_DIRID_LINKS == 1
-    assert fmt.NEW_VOLUME_FEATURES == fmt.FEATURE_DIRID_LINKS
+    assert fmt.FEATURE_DOUBLE == 2
     assert fmt.FEATURE_REKEYING == 4
-    assert fmt.KNOWN_FEATURE_FLAGS == fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_REKEYING
-    assert fmt.feature_names(0xFFFFFFFF) == ["dirid-links", "rekeying"]
+    assert fmt.NEW_VOLUME_FEATURES == fmt.FEATURE_DIRID_LINKS
+    assert fmt.KNOWN_FEATURE_FLAGS == (
+        fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE | fmt.FEATURE_REKEYING
+    )
+    assert fmt.feature_names(0xFFFFFFFF) == ["dirid-links", "double", "rekeying"]
     assert fmt.feature_names(0) == []
     assert fmt.CIPHER_AES256_GCM == 1
+    assert fmt.OUTER_CIPHER_CHACHA20_POLY1305 == 2
+    assert fmt.DOUBLE_BLOCK_OVERHEAD == 56
     assert fmt.VOLUME_HEADER_NAME == "encfs.volume"
     assert fmt.VOLUME_HEADER_TMP == "encfs.volume.tmp"
     assert fmt.VOLUME_HEADER_PREV == "encfs.volume.prev"
@@ -224,9 +233,7 @@ def test_header_vector_exact_bytes() -> None:
         cipher=f["cipher"],
         block_size=f["block_size"],
         volume_id=bytes.fromhex(f["volume_id"]),
-        vault_url=f["vault_url"],
-        kek_version=f["kek_version"],
-        wrapped_key=f["wrapped_key"],
+        slots=(fmt.KeySlot(f["vault_url"], f["kek_version"], f["wrapped_key"]),),
     )
     assert header.body().hex() == vec["body"]
     parsed, body, tag = fmt.parse_volume_header(bytes.fromhex(vec["file"]))
@@ -320,7 +327,7 @@ def test_header_wrong_version(version: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flags", "unknown"), [(2, 2), (0x80000000, 0x80000000), (0xFFFFFFFB, 0xFFFFFFFA)]
+    ("flags", "unknown"), [(8, 8), (0x80000000, 0x80000000), (0xFFFFFFF9, 0xFFFFFFF8)]
 )
 def test_header_unknown_feature_flag(flags: int, unknown: int) -> None:
     raw = header_file(sample_header(feature_flags=flags))
@@ -464,6 +471,165 @@ def test_undo_file_layout_and_untrusted_parse() -> None:
     assert fmt.undo_file_name(bytes(range(16))) == "000102030405060708090a0b0c0d0e0f"
 
 
+# --- double encryption (FEATURE_DOUBLE): key slots, byte 15, geometry ---------------------------
+
+
+def double_header(**changes: Any) -> fmt.VolumeHeader:
+    h = sample_header(feature_flags=fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE)
+    fields: dict[str, Any] = {
+        "slots": (*h.slots, fmt.KeySlot("kmip://kms.example:5696/outer", 0, "kmip:v1:" + "B" * 80)),
+        "outer_cipher": fmt.OUTER_CIPHER_CHACHA20_POLY1305,
+    }
+    fields.update(changes)
+    return dataclasses.replace(h, **fields)
+
+
+def test_double_header_vector_exact_bytes() -> None:
+    vec = vector("double-header.json")
+    f = vec["fields"]
+    header = fmt.VolumeHeader(
+        format_version=f["format_version"],
+        feature_flags=f["feature_flags"],
+        cipher=f["cipher"],
+        block_size=f["block_size"],
+        volume_id=bytes.fromhex(f["volume_id"]),
+        slots=tuple(
+            fmt.KeySlot(s["vault_url"], s["kek_version"], s["wrapped_key"]) for s in f["slots"]
+        ),
+        outer_cipher=f["outer_cipher"],
+    )
+    assert header.body().hex() == vec["body"]
+    parsed, body, tag = fmt.parse_volume_header(bytes.fromhex(vec["file"]))
+    assert parsed == header
+    assert parsed.double and len(parsed.slots) == 2
+    assert (parsed.vault_url, parsed.kek_version, parsed.wrapped_key) == (
+        f["slots"][0]["vault_url"],
+        f["slots"][0]["kek_version"],
+        f["slots"][0]["wrapped_key"],
+    )
+    assert body.hex() == vec["body"]
+    assert tag.hex() == vec["tag"]
+
+
+def test_double_header_layout() -> None:
+    """Byte 15 is the outer cipher; slot 1 follows slot 0 in the same shape, then the tag."""
+    h = double_header()
+    raw = h.body()
+    assert raw[10:14] == struct.pack(">I", fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE)
+    assert raw[15] == fmt.OUTER_CIPHER_CHACHA20_POLY1305
+    single = h.slots[0].pack()
+    assert raw[36 : 36 + len(single)] == single
+    second = raw[36 + len(single) :]
+    url2 = h.slots[1].vault_url.encode()
+    assert second[:2] == struct.pack(">H", len(url2))
+    assert second[2 : 2 + len(url2)] == url2
+    assert second[2 + len(url2) : 6 + len(url2)] == bytes(4)  # KEK version 0
+    assert second == h.slots[1].pack()
+
+
+@given(
+    urls=st.lists(st.text(max_size=200), min_size=2, max_size=2),
+    versions=st.lists(st.integers(0, (1 << 32) - 1), min_size=2, max_size=2),
+    wrapped=st.lists(
+        st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300),
+        min_size=2,
+        max_size=2,
+    ),
+    tag=st.binary(min_size=32, max_size=32),
+)
+def test_double_header_round_trip(
+    urls: list[str], versions: list[int], wrapped: list[str], tag: bytes
+) -> None:
+    h = double_header(slots=tuple(map(fmt.KeySlot, urls, versions, wrapped)))
+    parsed, body, got_tag = fmt.parse_volume_header(h.body() + tag)
+    assert parsed == h
+    assert body == h.body()
+    assert got_tag == tag
+
+
+def test_slot_count_follows_the_flags() -> None:
+    assert fmt.slot_count(0) == fmt.slot_count(fmt.FEATURE_DIRID_LINKS) == 1
+    assert fmt.slot_count(fmt.FEATURE_DOUBLE) == fmt.slot_count(0xFFFFFFFF) == 2
+    assert fmt.volume_key_count(fmt.FEATURE_DOUBLE) == 2
+    with pytest.raises(ValueError, match="2 key slot"):
+        dataclasses.replace(double_header(), slots=double_header().slots[:1]).body()
+    with pytest.raises(ValueError, match="1 key slot"):
+        dataclasses.replace(sample_header(), slots=double_header().slots).body()
+    with pytest.raises(ValueError, match="outer cipher"):
+        double_header(outer_cipher=0).body()
+    with pytest.raises(ValueError, match="outer cipher"):
+        dataclasses.replace(sample_header(), outer_cipher=2).body()
+
+
+def test_double_without_slot_1_is_truncated() -> None:
+    """A header that sets DOUBLE but ends after slot 0 (or inside slot 1) is cut short."""
+    h = double_header()
+    raw = h.body() + b"\x5a" * fmt.HEADER_TAG_LEN
+    slot1_start = len(h.body()) - len(h.slots[1].pack())
+    with pytest.raises(FormatError, match="truncated"):  # slot 1 missing, tag in its place
+        fmt.parse_volume_header(raw[:slot1_start] + raw[-fmt.HEADER_TAG_LEN :])
+    for n in range(slot1_start, len(raw)):
+        with pytest.raises(FormatError, match="truncated") as info:
+            fmt.parse_volume_header(raw[:n])
+        assert not isinstance(info.value, UnsupportedFormat)
+    with pytest.raises(FormatError, match="truncated in vault URL of key slot 1"):
+        fmt.parse_volume_header(raw[: slot1_start + 4])
+    # A single-layer header with the DOUBLE bit set later: its tag is read as slot 1.
+    single = sample_header()
+    forged = bytearray(header_file(single))
+    forged[10:14] = struct.pack(">I", fmt.FEATURE_DOUBLE)
+    forged[15] = fmt.OUTER_CIPHER_CHACHA20_POLY1305
+    with pytest.raises(FormatError, match=r"truncated|tag bytes"):
+        fmt.parse_volume_header(bytes(forged))
+
+
+@pytest.mark.parametrize("outer", [1, 3, 0x80, 255])
+def test_unknown_outer_cipher_refused(outer: int) -> None:
+    raw = bytearray(header_file(double_header()))
+    raw[15] = outer
+    with pytest.raises(UnsupportedFormat, match=f"unknown outer content cipher id {outer}"):
+        fmt.parse_volume_header(bytes(raw))
+
+
+def test_double_without_outer_cipher_is_corrupt() -> None:
+    raw = bytearray(header_file(double_header()))
+    raw[15] = 0
+    with pytest.raises(FormatError, match="names no outer cipher") as info:
+        fmt.parse_volume_header(bytes(raw))
+    assert not isinstance(info.value, UnsupportedFormat)
+
+
+def test_double_geometry_worked_sizes() -> None:
+    """docs/FORMAT.md §5.2: 56 bytes per block, the file header unchanged."""
+    geo = fmt.Geometry.of(4096, fmt.FEATURE_DOUBLE | fmt.FEATURE_DIRID_LINKS)
+    assert geo.overhead == 56 and geo.cipher_block_size == 4152
+    assert fmt.Geometry.of(4096, fmt.FEATURE_DIRID_LINKS) == fmt.Geometry(4096)
+    table = {0: 0, 1: 75, 4096: 4170, 5000: 5130}
+    for plain, cipher in table.items():
+        assert geo.cipher_size(plain) == cipher, plain
+        assert geo.plain_size(cipher) == plain, plain
+    assert geo.plain_size(18 + 4152 + 56) == 4096  # a trailing fragment of <= 56 bytes adds nothing
+    assert geo.has_fragment(18 + 4152 + 56) and not geo.has_fragment(18 + 4152 + 57)
+    assert geo.block_cipher_off(3) == 18 + 3 * 4152
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_double_geometry_round_trip(block_size: int) -> None:
+    geo = fmt.Geometry.of(block_size, fmt.FEATURE_DOUBLE)
+    for plain in [0, 1, block_size - 1, block_size, block_size + 1, 7 * block_size + 3]:
+        assert geo.plain_size(geo.cipher_size(plain)) == plain
+        assert geo.block_count(geo.cipher_size(plain)) == -(-plain // block_size)
+
+
+def test_double_content_vector_sizes() -> None:
+    vec = vector("double-content.json")
+    geo = fmt.Geometry.of(vec["block_size"], fmt.FEATURE_DOUBLE)
+    for case in vec["cases"]:
+        assert (
+            geo.cipher_size(case["plain_size"]) == case["cipher_size"] == len(case["cipher"]) // 2
+        )
+
+
 # --- a rekey under way (§2.5) ---------------------------------------------------------------
 
 
@@ -476,9 +642,7 @@ def test_rekeying_header_vector_exact_bytes() -> None:
         cipher=1,
         block_size=f["block_size"],
         volume_id=bytes.fromhex(f["volume_id"]),
-        vault_url=f["vault_url"],
-        kek_version=f["kek_version"],
-        wrapped_key=f["wrapped_key"],
+        slots=(fmt.KeySlot(f["vault_url"], f["kek_version"], f["wrapped_key"]),),
         retiring=tuple(fmt.KeySlot(**slot) for slot in f["retiring"]),
     )
     assert header.rekeying and header.tag_len == 64
@@ -501,6 +665,20 @@ def test_rekeying_header_refuses_a_cut_retiring_slot_or_a_missing_tag() -> None:
     plain = raw[:10] + struct.pack(">I", flags & ~fmt.FEATURE_REKEYING) + raw[14:]
     with pytest.raises(FormatError):
         fmt.parse_volume_header(plain)
+
+
+def test_a_double_rekeying_header_holds_two_retiring_slots() -> None:
+    h = double_header()
+    rekeying = dataclasses.replace(
+        h, feature_flags=h.feature_flags | fmt.FEATURE_REKEYING, retiring=h.slots
+    )
+    raw = rekeying.body() + b"\x5a" * 64
+    parsed = fmt.parse_volume_header(raw)[0]
+    assert parsed.retiring == h.slots and parsed.slots == h.slots
+    with pytest.raises(ValueError):
+        dataclasses.replace(rekeying, retiring=h.slots[:1]).body()
+    with pytest.raises(FormatError):
+        fmt.parse_volume_header(raw[:-33])  # one tag, not two
 
 
 def test_a_header_has_retiring_slots_exactly_when_rekeying() -> None:

@@ -1,9 +1,10 @@
 """The frozen format-v1 volumes (tests/data/frozen-v1*) must stay readable by every encfs.
 
-One per format variant: ``frozen-v1`` (no feature flags: directory ids are files) and
-``frozen-v1-dirid-links`` (``DIRID_LINKS``: ids are links), with the same plaintext tree.
-Each KEK is a published TEST-ONLY key, imported into the session's fresh OpenBao with the
-transit BYOK API (tests/make_frozen_volume.py ``import_kek``). The volume is read three
+One per format variant: ``frozen-v1`` (no feature flags: directory ids are files),
+``frozen-v1-dirid-links`` (``DIRID_LINKS``: ids are links) and ``frozen-v1-double``
+(``DIRID_LINKS | DOUBLE``: two volume keys, two KEKs, two layers), with the same plaintext
+tree. Each KEK is a published TEST-ONLY key, imported into the session's fresh OpenBao with
+the transit BYOK API (tests/make_frozen_volume.py ``import_kek``). The volume is read three
 ways: offline straight from the format (names + cipherfile, key unwrapped locally), through
 ``volume.unlock`` + ``fsck`` with the real vault, and mounted with the real CLI
 (``encfs mount --vault URL`` on a copy), comparing the whole tree with EXPECTED.json.
@@ -31,7 +32,7 @@ from encfs import format as fmt
 from encfs.cipherfile import CipherFile
 from encfs.keys import VolumeKeys
 from encfs.names import Names
-from encfs.vault import VaultSettings, connect
+from encfs.vault import VaultSettings, connect, second_vault_settings
 from tests.harness import encfs, force_unmount, is_mounted
 from tests.make_frozen_volume import import_kek, read_test_kek, snapshot
 from tests.openbao import OpenBao
@@ -48,6 +49,15 @@ class Frozen:
     flags: int
 
     @property
+    def double(self) -> bool:
+        return bool(self.flags & fmt.FEATURE_DOUBLE)
+
+    @property
+    def kek_files(self) -> list[str]:
+        """The TEST-ONLY KEK of each key slot."""
+        return ["TEST-KEK.b64", "TEST-KEK2.b64"] if self.double else ["TEST-KEK.b64"]
+
+    @property
     def expected(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads((self.path / "EXPECTED.json").read_text())
         return result
@@ -56,6 +66,7 @@ class Frozen:
 VOLUMES = [
     Frozen(DATA / "frozen-v1", 0),
     Frozen(DATA / "frozen-v1-dirid-links", fmt.FEATURE_DIRID_LINKS),
+    Frozen(DATA / "frozen-v1-double", fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE),
 ]
 
 
@@ -79,26 +90,32 @@ def frozen_copy(frozen: Frozen, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def frozen_kek_url(frozen: Frozen, openbao: OpenBao) -> str:
-    """The volume's TEST-ONLY KEK imported into the session's OpenBao; returns its URL."""
-    name = "frozen-v1-" + secrets.token_hex(4)
-    import_kek(openbao, name, read_test_kek(frozen.path))
-    return openbao.url_for(name)
+def frozen_kek_urls(frozen: Frozen, openbao: OpenBao) -> list[str]:
+    """The volume's TEST-ONLY KEK(s) imported into the session's OpenBao; their URLs, in
+    key slot order."""
+    urls = []
+    for file in frozen.kek_files:
+        name = "frozen-v1-" + secrets.token_hex(4)
+        import_kek(openbao, name, read_test_kek(frozen.path, file))
+        urls.append(openbao.url_for(name))
+    return urls
 
 
-def unwrap_offline(frozen: Frozen, wrapped_key: str) -> bytearray:
+def unwrap_offline(frozen: Frozen, wrapped_key: str, slot: int = 0) -> bytearray:
     """Unwrap without a vault: a transit ``vault:v1:`` ciphertext of an aes256-gcm96 key is
     base64(nonce(12) || AES-256-GCM(KEK, nonce, plaintext, no AD))."""
     prefix, version, payload = wrapped_key.split(":", 2)
     assert (prefix, version) == ("vault", "v1")
     raw = base64.b64decode(payload)
-    return bytearray(AESGCM(read_test_kek(frozen.path)).decrypt(raw[:12], raw[12:], None))
+    kek = read_test_kek(frozen.path, frozen.kek_files[slot])
+    return bytearray(AESGCM(kek).decrypt(raw[:12], raw[12:], None))
 
 
 def read_tree_offline(cipher_dir: Path, keys: VolumeKeys, block_size: int) -> Tree:
     """The plaintext tree read straight from the backing files with names + cipherfile,
     in the shape of ``make_frozen_volume.snapshot``."""
-    geo = fmt.Geometry(block_size)
+    geo = keys.geometry
+    assert geo.block_size == block_size
     nm = Names(str(cipher_dir), keys)
     tree: Tree = {}
 
@@ -163,6 +180,11 @@ def test_frozen_header_is_untouched(frozen: Frozen) -> None:
     assert header.block_size == expected["block_size"]
     assert header.wrapped_key.startswith("vault:v1:")
     assert header.vault_url.endswith("/transit/" + expected["kek_name_at_creation"])
+    assert len(header.slots) == len(frozen.kek_files)
+    if frozen.double:
+        assert header.outer_cipher == fmt.OUTER_CIPHER_CHACHA20_POLY1305
+        assert header.slots[1].wrapped_key.startswith("vault:v1:")
+        assert header.slots[1].vault_url.endswith("/transit/" + expected["kek2_name_at_creation"])
 
 
 def test_frozen_ids_have_their_volumes_form(frozen: Frozen) -> None:
@@ -175,7 +197,18 @@ def test_frozen_ids_have_their_volumes_form(frozen: Frozen) -> None:
 
 
 def test_frozen_volumes_hold_the_same_tree() -> None:
-    assert VOLUMES[0].expected["tree"] == VOLUMES[1].expected["tree"]
+    for other in VOLUMES[1:]:
+        assert VOLUMES[0].expected["tree"] == other.expected["tree"], other.path.name
+
+
+def test_frozen_double_volume_has_two_layers() -> None:
+    """Its backing files have the double geometry (56 bytes per block): 1 byte -> 75,
+    4096 -> 4170, 5000 -> 5130."""
+    frozen = VOLUMES[-1]
+    assert frozen.double
+    sizes = {p.stat().st_size for p in (frozen.path / "cipher").iterdir() if p.is_file()}
+    assert {75, 4170, 5130} <= sizes
+    assert not {47, 4142, 5074} & sizes  # the single-layer sizes of the same files
 
 
 def test_frozen_expected_tree_covers_the_format(frozen: Frozen) -> None:
@@ -194,11 +227,17 @@ def test_frozen_volume_offline(frozen: Frozen, frozen_copy: Path) -> None:
     """Straight from the format: unwrap with the test KEK, verify the header tag, read every
     name, block, symlink and xattr with names + cipherfile."""
     hf = volume.read_header(frozen_copy)
-    key = unwrap_offline(frozen, hf.header.wrapped_key)
+    volume_keys = [unwrap_offline(frozen, s.wrapped_key, i) for i, s in enumerate(hf.header.slots)]
     try:
-        keys = VolumeKeys(key, volume_id=hf.header.volume_id, block_size=hf.header.block_size)
+        keys = VolumeKeys(
+            volume_keys[0],
+            volume_id=hf.header.volume_id,
+            block_size=hf.header.block_size,
+            outer_key=volume_keys[1] if frozen.double else None,
+        )
     finally:
-        key[:] = bytes(len(key))
+        for key in volume_keys:
+            key[:] = bytes(len(key))
     try:
         keys.verify_header(hf.body, hf.tag)
         tree = read_tree_offline(frozen_copy, keys, hf.header.block_size)
@@ -213,19 +252,26 @@ def test_frozen_volume_offline(frozen: Frozen, frozen_copy: Path) -> None:
 def test_frozen_volume_unlocks_and_is_clean(
     frozen: Frozen,
     frozen_copy: Path,
-    frozen_kek_url: str,
+    frozen_kek_urls: list[str],
     openbao: OpenBao,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     for var in ("BAO_TOKEN", "CREDENTIALS_DIRECTORY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
     hf = volume.read_header(frozen_copy)
-    vault = connect(frozen_kek_url, VaultSettings(timeout=10))
+    settings = VaultSettings(timeout=10)
+    token2 = _token_file(tmp_path, openbao.root_token)
+    second = second_vault_settings(
+        settings, token_file=token2, ca_file=None, client_cert=None, client_key=None
+    )
+    vaults = [connect(url, s) for url, s in zip(frozen_kek_urls, (settings, second), strict=False)]
     try:
-        keys = volume.unlock(hf, vault)
+        keys = volume.unlock(hf, *vaults)
     finally:
-        vault.close()
+        for vault in vaults:
+            vault.close()
     try:
         report = fsck.check(frozen_copy, keys, hf.header.block_size)
     finally:
@@ -245,13 +291,31 @@ def mountpoint(tmp_path: Path) -> Iterator[Path]:
     force_unmount(mp)
 
 
+def _token_file(tmp_path: Path, token: str) -> Path:
+    path = tmp_path / "vault2.token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    return path
+
+
 def test_frozen_volume_mounts_with_the_cli(
-    frozen: Frozen, frozen_copy: Path, frozen_kek_url: str, openbao: OpenBao, mountpoint: Path
+    frozen: Frozen,
+    frozen_copy: Path,
+    frozen_kek_urls: list[str],
+    openbao: OpenBao,
+    mountpoint: Path,
+    tmp_path: Path,
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env.pop("CREDENTIALS_DIRECTORY", None)
     env["VAULT_TOKEN"] = openbao.root_token
-    proc = encfs("mount", frozen_copy, mountpoint, "--vault", frozen_kek_url, env=env)
+    second: list[str | Path] = []
+    if frozen.double:
+        token2 = _token_file(tmp_path, openbao.root_token)
+        second = ["--vault2", frozen_kek_urls[1], "--vault2-token-file", token2]
+    proc = encfs("mount", frozen_copy, mountpoint, "--vault", frozen_kek_urls[0], *second, env=env)
     assert proc.returncode == 0, proc.stderr
     assert is_mounted(mountpoint)
     before = {p for p in frozen_copy.rglob("*") if p.is_dir()}

@@ -4,6 +4,7 @@ or URL problem), a missing header is not mistaken for an empty directory, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -224,9 +225,7 @@ def test_header_findings_need_no_vault(tmp_path: Path) -> None:
         cipher=1,
         block_size=4096,
         volume_id=bytes(range(16)),
-        vault_url="transit+http://127.0.0.1:8200/transit/k",
-        kek_version=2,
-        wrapped_key="vault:v2:" + "A" * 80,
+        slots=(fmt.KeySlot("transit+http://127.0.0.1:8200/transit/k", 2, "vault:v2:" + "A" * 80),),
     )
     hf = volume.HeaderFile(header, header.body(), bytes(32), tmp_path / "encfs.volume")
     assert volume.header_findings(hf, None) == []
@@ -241,13 +240,11 @@ def test_header_findings_need_no_vault(tmp_path: Path) -> None:
     )
     found = volume.header_findings(hf, pin)
     assert len(found) == 2 and "pinned" in found[0] and "block size 4096" in found[1]
-    from dataclasses import replace
-
-    bad = replace(header, kek_version=3, vault_url="transit+http://127.0.0.1:8200")
+    bad = header.with_slot(0, kek_version=3, vault_url="transit+http://127.0.0.1:8200")
     found = volume.header_findings(volume.HeaderFile(bad, bad.body(), bytes(32), hf.path), None)
     assert any("not a vault URL" in f for f in found)
     assert any("KEK version field says 3" in f for f in found)
-    bad = replace(header, wrapped_key="vault:v2:!!!")
+    bad = header.with_slot(0, wrapped_key="vault:v2:!!!")
     found = volume.header_findings(volume.HeaderFile(bad, bad.body(), bytes(32), hf.path), None)
     assert found and "not a transit ciphertext" in found[0]
 
@@ -306,7 +303,8 @@ def test_fsck_progress(make_volume: MakeVolume, capsys: pytest.CaptureFixture[st
 
 def test_readme_synopsis_lists_every_option() -> None:
     """Every option of every command (but -h and -v) appears in README's synopsis, in the
-    entry of its command (or in the "vault access" block the entry refers to)."""
+    entry of its command (or in the "vault access" / "second vault" block the entry refers
+    to)."""
     import argparse
     import re
 
@@ -323,8 +321,8 @@ def test_readme_synopsis_lists_every_option() -> None:
             entries[current] = entries.get(current, "") + line + "\n"
         elif line.startswith(" ") and current:
             entries[current] += line + "\n"
-        elif line.startswith("vault access:"):
-            current = "vault access"
+        elif line.startswith(("vault access:", "second vault:")):
+            current = line.split(":", 1)[0]
             entries[current] = line + "\n"
     top = build_parser()
     for action in top._actions:
@@ -337,6 +335,8 @@ def test_readme_synopsis_lists_every_option() -> None:
             text = entries[name]
             if "[vault access]" in text:
                 text += entries["vault access"]
+            if "[second vault]" in text:
+                text += entries["second vault"]
             for sub in [parser, *_subparsers(parser)]:
                 for opt in sub._actions:
                     if not opt.option_strings or opt.help == argparse.SUPPRESS:
@@ -347,3 +347,45 @@ def test_readme_synopsis_lists_every_option() -> None:
                     assert re.search(re.escape(longest) + r"(?![\w-])", text), (
                         f"README synopsis of `encfs {name}` lacks {longest}"
                     )
+
+
+def test_header_findings_of_a_double_volume(tmp_path: Path) -> None:
+    """Each key slot is checked on its own; against the pin, slot 1's URL and the volume's
+    kind (single-layer or double) never change after init."""
+    from encfs import pins, volume
+
+    url2 = "kmip://127.0.0.1:5696/outer"
+    header = fmt.VolumeHeader(
+        format_version=1,
+        feature_flags=fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE,
+        cipher=1,
+        block_size=4096,
+        volume_id=bytes(range(16)),
+        slots=(
+            fmt.KeySlot("transit+http://127.0.0.1:8200/transit/k", 2, "vault:v2:" + "A" * 80),
+            fmt.KeySlot(url2, 0, "kmip:v1:" + "B" * 80),
+        ),
+        outer_cipher=fmt.OUTER_CIPHER_CHACHA20_POLY1305,
+    )
+
+    def findings(h: fmt.VolumeHeader, pin: pins.Pin | None) -> list[str]:
+        return volume.header_findings(volume.HeaderFile(h, h.body(), bytes(32), tmp_path), pin)
+
+    def pin(**fields: str) -> pins.Pin:
+        return pins.Pin(str(tmp_path), bytes(range(16)).hex(), "00", "t", "init", **fields)
+
+    assert findings(header, None) == []
+    assert findings(header, pin(vault_url2=url2, key_check2="11")) == []
+    bad = header.with_slot(1, kek_version=3)
+    assert findings(bad, None) == ["its KEK version field (KEK 2) says 3; a kmip key has none (0)"]
+    bad = header.with_slot(1, wrapped_key="vault:v1:" + "C" * 80)
+    assert "wrapped key (KEK 2)" in findings(bad, None)[0]
+    moved = header.with_slot(1, vault_url="kmip://127.0.0.1:5696/other")
+    assert "vault URL (KEK 2)" in findings(moved, pin(vault_url2=url2, key_check2="11"))[0]
+    [only] = findings(header, pin())  # the pin of a single-layer volume
+    assert "double-encrypted, but this host pinned" in only
+    single = dataclasses.replace(
+        header, feature_flags=fmt.FEATURE_DIRID_LINKS, slots=header.slots[:1], outer_cipher=0
+    )
+    [only] = findings(single, pin(vault_url2=url2, key_check2="11"))
+    assert "single-layer, but this host pinned" in only

@@ -35,7 +35,7 @@ from encfs import format as fmt
 from encfs import volume
 from encfs.cli import ExitCode
 from encfs.keys import VolumeKeys
-from tests.conftest import TransitKey
+from tests.conftest import SecondKey, TransitKey
 from tests.harness import MakeVolume, Volume, encfs, force_unmount, is_mounted, wait_until
 from tests.openbao import OpenBao
 
@@ -99,7 +99,10 @@ def _rewrite_header(cipher_dir: Path, **changes: object) -> None:
     may write the cipher dir, but has no key, can do."""
     path = cipher_dir / fmt.VOLUME_HEADER_NAME
     header, _body, tag = fmt.parse_volume_header(path.read_bytes())
-    new = dataclasses.replace(header, **changes)  # type: ignore[arg-type]
+    slot_fields = {
+        k: changes.pop(k) for k in ("vault_url", "kek_version", "wrapped_key") if k in changes
+    }
+    new = dataclasses.replace(header, **changes).with_slot(0, **slot_fields)  # type: ignore[arg-type]
     path.write_bytes(new.body() + tag)
 
 
@@ -120,7 +123,7 @@ def _substitute_header(bao: OpenBao, key: str, cipher_dir: Path) -> None:
         name=key, key_type="plaintext", mount_point=bao.mount
     )
     real = volume.read_header(cipher_dir).header
-    forged = dataclasses.replace(real, wrapped_key=answer["data"]["ciphertext"])
+    forged = real.with_slot(0, wrapped_key=answer["data"]["ciphertext"])
     new_key = bytearray(base64.b64decode(answer["data"]["plaintext"]))
     keys = VolumeKeys(new_key, volume_id=forged.volume_id, block_size=forged.block_size)
     try:
@@ -534,3 +537,79 @@ def test_init_makes_the_cipher_dir_private(transit_key: TransitKey, tmp_path: Pa
     assert not any(foreign.iterdir())
     with contextlib.suppress(OSError):
         os.chown(foreign, 0, 0)
+
+
+# --- double encryption: either slot substituted ----------------------------------------------
+
+
+def _substitute_slot(bao: OpenBao, key: str, cipher_dir: Path, slot: int) -> None:
+    """§3 against a double volume: whoever may ask KEK ``slot + 1`` for a data key swaps that
+    slot's volume key for a fresh one and re-tags the header (here with the other volume
+    key unwrapped by root, the strongest form: only the pin can tell)."""
+    real = volume.read_header(cipher_dir).header
+    fresh = bao.admin.secrets.transit.generate_data_key(
+        name=key, key_type="plaintext", mount_point=bao.mount
+    )["data"]
+    volume_keys = []
+    for index, entry in enumerate(real.slots):
+        if index == slot:
+            volume_keys.append(bytearray(base64.b64decode(fresh["plaintext"])))
+            continue
+        other = entry.vault_url.rsplit("/", 1)[1]
+        plain = bao.admin.secrets.transit.decrypt_data(
+            name=other, ciphertext=entry.wrapped_key, mount_point=bao.mount
+        )["data"]["plaintext"]
+        volume_keys.append(bytearray(base64.b64decode(plain)))
+    forged = real.with_slot(slot, wrapped_key=fresh["ciphertext"])
+    keys = volume.keys_from(forged, volume_keys)
+    try:
+        raw = volume.build_header_bytes(forged, keys)
+    finally:
+        keys.close()
+    (cipher_dir / fmt.VOLUME_HEADER_NAME).write_bytes(raw)
+
+
+@pytest.mark.parametrize("slot", [0, 1], ids=["kek-1", "kek-2"])
+def test_double_volume_with_either_slot_substituted_is_refused(
+    make_volume: MakeVolume,
+    openbao: OpenBao,
+    transit_key: TransitKey,
+    second_key: SecondKey,
+    slot: int,
+) -> None:
+    """The host pins the check value of both volume keys: a header whose either wrapped key
+    was swapped (with a valid tag) is another volume, exit 8 naming the KEK."""
+    vol: Volume = make_volume(double=True)
+    (vol.mountpoint / "real").write_text("the real volume")
+    vol.unmount()
+    _substitute_slot(openbao, (transit_key.name, second_key.name)[slot], vol.cipher_dir, slot)
+    args = ["--vault", vol.vault_url, *vol.vault2_args()]
+    proc = encfs("mount", vol.cipher_dir, vol.mountpoint, *args, env=vol.env)
+    assert proc.returncode == ExitCode.VOLUME_MISMATCH, proc.stderr
+    assert f"volume key of KEK {slot + 1}" in proc.stderr
+    assert not is_mounted(vol.mountpoint)
+    proc = encfs("fsck", vol.cipher_dir, *args, env=vol.env)
+    assert proc.returncode == ExitCode.VOLUME_MISMATCH, proc.stderr
+
+
+def test_double_volume_on_a_host_pinned_otherwise_exits_8(
+    make_volume: MakeVolume, transit_key: TransitKey
+) -> None:
+    """A cipher dir pinned with one volume now holds a double-encrypted one (restored,
+    re-created): refused until re-pinned on purpose."""
+    single: Volume = make_volume(mount=False, name="first")
+    double: Volume = make_volume(double=True, mount=False, name="second")
+    pin_dir = Path(os.environ["ENCFS_PIN_DIR"])
+    before = {p.name for p in pin_dir.iterdir()}
+    shutil.rmtree(single.cipher_dir)
+    shutil.copytree(double.cipher_dir, single.cipher_dir, symlinks=True)
+    assert {p.name for p in pin_dir.iterdir()} == before  # nothing re-pinned the copy
+    args = ["--vault", double.vault_url, *double.vault2_args()]
+    proc = encfs("mount", single.cipher_dir, single.mountpoint, *args, env=single.env)
+    assert proc.returncode == ExitCode.VOLUME_MISMATCH, proc.stderr
+    assert "volume id" in proc.stderr
+    proc = encfs("mount", single.cipher_dir, single.mountpoint, *args, "--repin", env=single.env)
+    assert proc.returncode == 0, proc.stderr
+    force_unmount(single.mountpoint)
+    pin = json.loads(encfs("pin", "show", single.cipher_dir, "--json", check=True).stdout)
+    assert pin["vault_url2"] == double.vault2_url and len(pin["key_check2"]) == 32

@@ -240,6 +240,111 @@ def test_arena_is_one_page_and_slots_do_not_overlap() -> None:
     assert last_off + last_len <= keys_mod._ARENA_SIZE
 
 
+# --- double encryption: two volume keys ---------------------------------------------------------
+
+DOUBLE = vector("double-keys.json")
+OUTER_KEY = bytes.fromhex(DOUBLE["outer_key"])
+
+
+def make_double(block_size: int = 4096) -> VolumeKeys:
+    return VolumeKeys(
+        bytearray(VOLUME_KEY),
+        volume_id=VOLUME_ID,
+        block_size=block_size,
+        outer_key=bytearray(OUTER_KEY),
+    )
+
+
+def test_double_subkeys_match_vectors() -> None:
+    k = make_double()
+    try:
+        assert k.double
+        assert k.geometry == fmt.Geometry(4096, fmt.DOUBLE_BLOCK_OVERHEAD)
+        for sub in DOUBLE["subkeys"]:  # names, meta, header: from both keys
+            assert bytes(k._slot(sub["purpose"])).hex() == sub["key"], sub["purpose"]
+        assert bytes(k._slot("content")).hex() == DOUBLE["content_key"]  # as a single volume's
+        assert bytes(k._slot("outer_content")).hex() == DOUBLE["outer_content"]["key"]
+        assert bytes(k._slot("volume")) == VOLUME_KEY
+        assert bytes(k._slot("outer")) == OUTER_KEY
+        single = make_keys()
+        try:
+            for purpose in ("names", "meta", "header"):  # neither key alone gives them
+                assert bytes(k._slot(purpose)) != bytes(single._slot(purpose))
+        finally:
+            single.close()
+        for entry in DOUBLE["file_keys"]:
+            assert k.own_file_cipher(bytes.fromhex(entry["file_id"])).overhead == 56
+        assert bytes(k._slot("scratch")) == bytes(32)
+        assert bytes(k._slot("scratch_outer")) == bytes(32)
+    finally:
+        k.close()
+
+
+def test_double_header_tag_matches_vector() -> None:
+    vec = vector("double-header.json")
+    k = make_double()
+    try:
+        k.verify_header(bytes.fromhex(vec["body"]), bytes.fromhex(vec["tag"]))
+        with pytest.raises(HeaderAuthError):  # the single-layer header key does not do
+            make_keys().verify_header(bytes.fromhex(vec["body"]), bytes.fromhex(vec["tag"]))
+    finally:
+        k.close()
+
+
+def test_double_check_values_catch_either_key() -> None:
+    """One check value per key slot: substituting either key changes one of them; slot 0's
+    is a single volume's check value of the same key (pins of either kind compare it)."""
+    k = make_double()
+    other_outer = VolumeKeys(
+        bytearray(VOLUME_KEY), volume_id=VOLUME_ID, block_size=4096, outer_key=bytearray(32)
+    )
+    other_inner = VolumeKeys(
+        bytearray(32), volume_id=VOLUME_ID, block_size=4096, outer_key=bytearray(OUTER_KEY)
+    )
+    single = make_keys()
+    try:
+        a, b = k.check_values()
+        assert len({a, b}) == 2 and k.check_value() == a
+        assert keys_mod.key_check_value(bytearray(OUTER_KEY), VOLUME_ID, slot=1) == b
+        assert single.check_values() == (a,)
+        assert other_outer.check_values() == (a, other_outer.check_values()[1]) != (a, b)
+        assert other_inner.check_values()[1] == b and other_inner.check_values()[0] != a
+        # The same key in slot 1 does not give slot 0's value: the labels differ.
+        assert keys_mod.key_check_value(bytearray(VOLUME_KEY), VOLUME_ID, slot=1) != a
+    finally:
+        for keys in (k, other_outer, other_inner, single):
+            keys.close()
+
+
+def test_double_load_needs_exactly_its_keys() -> None:
+    k = make_double()
+    single = make_keys()
+    try:
+        k.wipe()
+        with pytest.raises(ValueError, match="outer key"):
+            k.load(bytearray(VOLUME_KEY))
+        with pytest.raises(ValueError, match="outer key"):
+            single.load(bytearray(VOLUME_KEY), bytearray(OUTER_KEY))
+        with pytest.raises(ValueError, match="32 bytes"):
+            k.load(bytearray(VOLUME_KEY), bytearray(31))
+        k.load(bytearray(VOLUME_KEY), bytearray(OUTER_KEY))
+        assert k.check_values() == make_double().check_values()
+    finally:
+        k.close()
+        single.close()
+
+
+def test_double_wipe_zeroes_both_keys() -> None:
+    k = make_double()
+    k.file_cipher(bytes(16))
+    assert VOLUME_KEY in arena_bytes(k) and OUTER_KEY in arena_bytes(k)
+    k.wipe()
+    assert arena_bytes(k) == bytes(len(arena_bytes(k)))
+    with pytest.raises(VolumeSuspended):
+        k.check_values()
+    k.close()
+
+
 # --- a rekey under way -------------------------------------------------------------------------
 
 NEW_KEY = bytes(range(0x40, 0x60))

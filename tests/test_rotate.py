@@ -15,8 +15,8 @@ import pytest
 
 from encfs import format as fmt
 from encfs.cli import ExitCode
-from tests.conftest import TransitKey
-from tests.harness import MakeVolume, Volume, encfs, is_mounted
+from tests.conftest import SecondKey, TransitKey
+from tests.harness import MakeVolume, Volume, encfs, is_mounted, wait_until
 from tests.openbao import OpenBao
 
 
@@ -244,3 +244,80 @@ def test_rotation_survives_a_missing_current_header(
     (vol.cipher_dir / "encfs.volume").unlink()
     vol.mount()
     assert (vol.mountpoint / "f").read_text() == "hello"
+
+
+# --- double encryption: one KEK at a time ---------------------------------------------------------
+
+
+def test_double_rotate_each_kek_while_mounted(
+    make_volume: MakeVolume,
+    openbao: OpenBao,
+    transit_key: TransitKey,
+    second_key: SecondKey,
+) -> None:
+    vol: Volume = make_volume(double=True, mount=False)
+    vol.mount("--check-interval", "0.3")
+    payload = os.urandom(300_000)
+    (vol.mountpoint / "f").write_bytes(payload)
+    os.sync()
+    before = data_files(vol)
+    args = vol.vault2_args()
+
+    def versions() -> tuple[object, object]:
+        doc = info(vol)
+        return doc["kek_version"], doc["kek_version2"]
+
+    assert openbao.rotate_key(transit_key.name) == 2
+    proc = rotate(vol, "--kek", "1", *map(str, args))
+    assert proc.returncode == 0, proc.stderr
+    assert "(KEK 1," in proc.stdout and "KEK version 2 (was 1)" in proc.stdout
+    assert versions() == (2, 1)
+    assert openbao.rotate_key(second_key.name) == 2
+    proc = rotate(vol, "--kek", "2", "--json", *map(str, args))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [(k["kek"], k["old_kek_version"], k["kek_version"]) for k in doc["keks"]] == [(2, 1, 2)]
+    assert versions() == (2, 2)
+    proc = rotate(vol, *map(str, args))  # both, and both are the newest already
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("already uses the newest KEK version (2)") == 2
+    assert openbao.rotate_key(transit_key.name) == 3
+    assert openbao.rotate_key(second_key.name) == 3
+    proc = rotate(vol, *map(str, args))
+    assert proc.returncode == 0, proc.stderr
+    assert versions() == (3, 3)
+    assert data_files(vol) == before, "rotation must not touch any data file"
+    assert (vol.mountpoint / "f").read_bytes() == payload  # the live mount never noticed
+
+    def adopted() -> bool:
+        status = json.loads(encfs("status", vol.mountpoint, "--json", check=True).stdout)
+        return [k["kek_version"] for k in status["keks"]] == [3, 3] and status["state"] == "active"
+
+    assert wait_until(adopted, timeout=10), "the watcher did not adopt the rotated header"
+    rotations = [e for e in vol.audit_events() if e["event"] == "rotate"]
+    assert {(e["kek"], e["kek_version"]) for e in rotations if e["changed"]} == {
+        (1, 2), (2, 2), (1, 3), (2, 3)
+    }  # fmt: skip
+    # The old versions retired: the rotated volume still mounts and reads.
+    openbao.set_min_decryption_version(transit_key.name, 3)
+    openbao.set_min_decryption_version(second_key.name, 3)
+    vol.remount()
+    assert (vol.mountpoint / "f").read_bytes() == payload
+
+
+def test_double_rotate_of_one_kek_needs_both_vaults(
+    make_volume: MakeVolume,
+    openbao: OpenBao,
+    transit_key: TransitKey,
+    second_key: SecondKey,
+) -> None:
+    """The header's tag is keyed by both volume keys: re-wrapping KEK 1 alone still asks
+    the second vault to unwrap; refused there, nothing is written."""
+    vol: Volume = make_volume(double=True, mount=False)
+    header = (vol.cipher_dir / fmt.VOLUME_HEADER_NAME).read_bytes()
+    openbao.rotate_key(transit_key.name)
+    openbao.revoke_token(second_key.token)
+    proc = rotate(vol, "--kek", "1", *map(str, vol.vault2_args()))
+    assert proc.returncode == ExitCode.VAULT_DENIED, proc.stderr
+    assert "KEK 2" in proc.stderr
+    assert (vol.cipher_dir / fmt.VOLUME_HEADER_NAME).read_bytes() == header

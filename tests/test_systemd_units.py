@@ -13,7 +13,8 @@ import pytest
 
 from encfs import service
 from encfs.cli import ExitCode
-from tests.harness import encfs
+from tests.conftest import SecondKey
+from tests.harness import MakeVolume, Volume, encfs
 
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (Debian systemd)"
@@ -173,6 +174,55 @@ def test_install_refuses_bad_input(args: list[str], complaint: str) -> None:
     proc = encfs("systemd", "install", *args, "--vault", "transit+https://v:8200/t/k", "--dry-run")
     assert proc.returncode != 0
     assert complaint in proc.stderr
+
+
+def test_install_of_a_double_volume_gets_its_second_vault_and_token(tmp_path: Path) -> None:
+    token, token2 = tmp_path / "host.token", tmp_path / "host2.token"
+    for path, text in ((token, "secret-one\n"), (token2, "secret-two\n")):
+        path.write_text(text)
+        path.chmod(0o600)
+    etc, units = tmp_path / "etc", tmp_path / "units"
+    proc = encfs("systemd", "install", "data", "--cipher-dir", "/srv/cipher", "--mountpoint",
+                 "/srv/data", "--vault", "transit+https://vault.example:8200/transit/data",
+                 "--token-file", token, "--vault2", "kmip://kms.example:5696/outer",
+                 "--vault2-token-file", token2, "--dry-run", "--etc-dir", etc,
+                 "--unit-dir", units)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for expected in (
+        "VAULT2=kmip://kms.example:5696/outer",
+        f"install the second vault's token {token2} as {etc}/data.token2 (0600)",
+        f"as {etc}/data.token (0600)",
+    ):
+        assert expected in proc.stdout, proc.stdout
+    assert "secret-" not in proc.stdout  # never a token itself
+
+
+def test_the_unit_passes_the_second_vaults_own_credential() -> None:
+    text = (service.UNIT_SOURCE / "encfs@.service").read_text()
+    assert "LoadCredential=vault2-token:/etc/encfs/%i.token2" in text
+    assert "SetCredential=vault2-token:-" in text
+
+
+def test_install_of_a_double_volume_needs_vault2(
+    make_volume: MakeVolume, second_key: SecondKey, tmp_path: Path
+) -> None:
+    vol: Volume = make_volume(double=True, mount=False)
+    common: list[str | Path] = [
+        "--cipher-dir", vol.cipher_dir, "--mountpoint", vol.mountpoint, "--vault",
+        vol.vault_url, "--dry-run", "--etc-dir", tmp_path / "etc", "--unit-dir",
+        tmp_path / "units",
+    ]  # fmt: skip
+    proc = encfs("systemd", "install", "data", *common)
+    assert proc.returncode == ExitCode.VAULT_NOT_PINNED, proc.stderr
+    assert "--vault2" in proc.stderr and second_key.url in proc.stderr
+    proc = encfs("systemd", "install", "data", *common, "--vault2", second_key.url)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: no --vault2-token-file" in proc.stdout
+    proc = encfs("systemd", "install", "scratch", "--cipher-dir", tmp_path / "s", "--mountpoint",
+                 tmp_path / "m", "--ephemeral", "--vault2", second_key.url, "--dry-run",
+                 "--etc-dir", tmp_path / "etc", "--unit-dir", tmp_path / "units")  # fmt: skip
+    assert proc.returncode == ExitCode.USAGE
+    assert "ephemeral volume is single-layer" in proc.stderr
 
 
 def test_install_pins_every_node_of_a_vault_cluster(tmp_path: Path) -> None:

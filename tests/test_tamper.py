@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ CBS = BS + fmt.BLOCK_OVERHEAD
 
 def _backing_of(vol: Volume, size: int) -> Path:
     """The backing file of the one plaintext file with ``size`` bytes."""
-    want = fmt.Geometry(BS).cipher_size(size)
+    want = vol.geometry.cipher_size(size)
     hits = [
         p
         for p in vol.cipher_dir.rglob("*")
@@ -46,14 +47,34 @@ def _read_fails_eio(path: Path, secret: bytes) -> None:
     assert info.value.errno == errno.EIO
 
 
-def _fsck(vol: Volume) -> tuple[int, str]:
-    proc = encfs("fsck", vol.cipher_dir, env=vol.env)
+def _fsck(vol: Volume, *extra: str) -> tuple[int, str]:
+    proc = _fsck_run(vol, *extra)
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def _fsck_run(vol: Volume, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``encfs fsck`` of ``vol`` (the first vault pinned by VAULT_ADDR, the second of a
+    double volume by its --vault2 options)."""
+    return encfs("fsck", vol.cipher_dir, *extra, *vol.vault2_args(), env=vol.env)
+
+
+LAYERS = ["single", "double"]
+"""The tests that run on both kinds of volume (``populated_either``, ``layers``): those
+about content blocks, their tampering and their repair, where the layers differ."""
 
 
 @pytest.fixture
 def populated(make_volume: MakeVolume) -> Volume:
-    vol: Volume = make_volume()
+    return _populate(make_volume())
+
+
+@pytest.fixture(params=LAYERS)
+def populated_either(make_volume: MakeVolume, request: pytest.FixtureRequest) -> Volume:
+    """``populated``, single-layer and double-encrypted."""
+    return _populate(make_volume(double=request.param == "double"))
+
+
+def _populate(vol: Volume) -> Volume:
     m = vol.mountpoint
     # fmt: off
     (m / "a.bin").write_bytes(b"A" * (3 * BS))           # 3 blocks
@@ -71,9 +92,10 @@ def populated(make_volume: MakeVolume) -> Volume:
     return vol
 
 
-def test_flip_bit_in_block(populated: Volume) -> None:
-    vol = populated
-    _flip(_backing_of(vol, 3 * BS), fmt.FILE_HEADER_LEN + CBS + 100)  # block 1
+def test_flip_bit_in_block(populated_either: Volume) -> None:
+    vol = populated_either
+    cbs = vol.geometry.cipher_block_size
+    _flip(_backing_of(vol, 3 * BS), fmt.FILE_HEADER_LEN + cbs + 100)  # block 1
     vol.mount()
     f = vol.mountpoint / "a.bin"
     with open(f, "rb") as h:
@@ -89,12 +111,13 @@ def test_flip_bit_in_block(populated: Volume) -> None:
     assert "block 1 of /a.bin" in out
 
 
-def test_swap_two_blocks(populated: Volume) -> None:
-    vol = populated
+def test_swap_two_blocks(populated_either: Volume) -> None:
+    vol = populated_either
+    cbs = vol.geometry.cipher_block_size
     backing = _backing_of(vol, 3 * BS)
     raw = bytearray(backing.read_bytes())
-    o0, o1 = fmt.FILE_HEADER_LEN, fmt.FILE_HEADER_LEN + CBS
-    raw[o0 : o0 + CBS], raw[o1 : o1 + CBS] = raw[o1 : o1 + CBS], raw[o0 : o0 + CBS]
+    o0, o1 = fmt.FILE_HEADER_LEN, fmt.FILE_HEADER_LEN + cbs
+    raw[o0 : o0 + cbs], raw[o1 : o1 + cbs] = raw[o1 : o1 + cbs], raw[o0 : o0 + cbs]
     backing.write_bytes(bytes(raw))
     vol.mount()
     _read_fails_eio(vol.mountpoint / "a.bin", b"A" * BS)
@@ -104,13 +127,14 @@ def test_swap_two_blocks(populated: Volume) -> None:
     assert "block 0 of /a.bin" in out and "block 1 of /a.bin" in out
 
 
-def test_block_copied_from_other_file(populated: Volume) -> None:
-    vol = populated
+def test_block_copied_from_other_file(populated_either: Volume) -> None:
+    vol = populated_either
+    cbs = vol.geometry.cipher_block_size
     a, b = _backing_of(vol, 3 * BS), _backing_of(vol, 3 * BS + 1)
     raw_a = bytearray(a.read_bytes())
     raw_b = b.read_bytes()
     o = fmt.FILE_HEADER_LEN
-    raw_a[o : o + CBS] = raw_b[o : o + CBS]
+    raw_a[o : o + cbs] = raw_b[o : o + cbs]
     a.write_bytes(bytes(raw_a))
     vol.mount()
     with pytest.raises(OSError) as info:
@@ -208,13 +232,14 @@ def test_corrupt_xattr_value(populated: Volume) -> None:
     assert code == ExitCode.CORRUPT and "xattr" in out
 
 
-def test_zeroed_block_reads_as_hole(populated: Volume) -> None:
+def test_zeroed_block_reads_as_hole(populated_either: Volume) -> None:
     """Documented limit (docs/FORMAT.md, README): a whole block zeroed on disk is a hole."""
-    vol = populated
+    vol = populated_either
+    cbs = vol.geometry.cipher_block_size
     a = _backing_of(vol, 3 * BS)
     raw = bytearray(a.read_bytes())
-    o = fmt.FILE_HEADER_LEN + CBS
-    raw[o : o + CBS] = bytes(CBS)
+    o = fmt.FILE_HEADER_LEN + cbs
+    raw[o : o + cbs] = bytes(cbs)
     a.write_bytes(bytes(raw))
     vol.mount()
     assert (vol.mountpoint / "a.bin").read_bytes() == b"A" * BS + bytes(BS) + b"A" * BS
@@ -339,11 +364,11 @@ def test_what_integrity_does_not_cover(populated: Volume) -> None:
     assert out.count("CORRUPT") == 1, out  # the rest is invisible to fsck too
 
 
-def test_fsck_repair_cuts_a_torn_tail_and_zeroes_a_torn_block(populated: Volume) -> None:
+def test_fsck_repair_cuts_a_torn_tail_and_zeroes_a_torn_block(populated_either: Volume) -> None:
     """A write torn by a crash leaves a block that fails forever; ``fsck --repair`` makes
     the file readable again and names exactly the plaintext range it gave up."""
-    vol = populated
-    geo = fmt.Geometry(BS)
+    vol = populated_either
+    geo = vol.geometry
     a = _backing_of(vol, 3 * BS)  # torn in the middle: block 1 half new, half old
     _flip(a, geo.block_cipher_off(1) + 100)
     b = _backing_of(vol, 3 * BS + 1)  # torn at the end: the last full block cut short
@@ -352,13 +377,13 @@ def test_fsck_repair_cuts_a_torn_tail_and_zeroes_a_torn_block(populated: Volume)
     assert code == ExitCode.CORRUPT
     assert "CORRUPT block 1 of /a.bin" in out and "block block" not in out
 
-    proc = encfs("fsck", vol.cipher_dir, "--repair", "--json", env=vol.env)
+    proc = _fsck_run(vol, "--repair", "--json")
     assert proc.returncode == ExitCode.OK, proc.stdout + proc.stderr
     items = [json.loads(line) for line in proc.stdout.splitlines()]
     summary = items.pop()
     assert summary["kind"] == "summary" and summary["problems"] == summary["repaired"] == 2
     lost = {item["plain_path"]: item["lost"] for item in items}
-    assert lost == {"/a.bin": [BS, 2 * BS], "/b.bin": [2 * BS, 2 * BS + 1000 - fmt.BLOCK_OVERHEAD]}
+    assert lost == {"/a.bin": [BS, 2 * BS], "/b.bin": [2 * BS, 2 * BS + 1000 - geo.overhead]}
     assert all("lost" in item["repaired"] for item in items)
     assert _fsck(vol)[0] == ExitCode.OK
     vol.mount()
@@ -394,18 +419,20 @@ def _undo_files(vol: Volume) -> dict[str, bytes]:
     return found
 
 
+@pytest.mark.parametrize("layers", LAYERS)
 def test_a_block_torn_mid_rewrite_is_restored_from_its_undo_record(
-    make_volume: MakeVolume,
+    make_volume: MakeVolume, layers: str
 ) -> None:
     """A partial-block rewrite (an append into the last block, an overwrite of part of a
     block) keeps the block's old content, sealed, in ``encfs.undo/`` while it is in
     flight. After a crash that tore the block, ``fsck --repair`` puts back the fsynced
     content (only the unsynced write is lost, no synced byte); after an fsync the record
     is dropped, after the last close the undo file is gone, and a crash's leftover is kept
-    by the next mount until fsck has used it."""
-    vol = make_volume()
+    by the next mount until fsck has used it. On a double volume the records hold blocks
+    sealed in both layers (FORMAT §10b: blocks of the volume's own kind)."""
+    vol = make_volume(double=layers == "double")
     m = vol.mountpoint
-    geo = fmt.Geometry(BS)
+    geo = vol.geometry
     log_data = os.urandom(3000)
     mid_data = os.urandom(3 * BS)
     (m / "log").write_bytes(log_data)
@@ -424,6 +451,12 @@ def test_a_block_torn_mid_rewrite_is_restored_from_its_undo_record(
     held = _undo_files(vol)
     assert len(held) == 3
     assert all(len(fmt.parse_undo(raw, geo.cipher_block_size)) == 1 for raw in held.values())
+    sealed_sizes = {
+        len(sealed)
+        for raw in held.values()
+        for sealed in fmt.parse_undo(raw, geo.cipher_block_size).values()
+    }
+    assert sealed_sizes <= {geo.cipher_block_size, 3000 + geo.overhead, 100 + geo.overhead}
     with open(m / "other", "r+b") as f:  # synced: its record goes at once ...
         f.seek(50)
         f.write(b"z")
@@ -469,7 +502,7 @@ def test_a_block_torn_mid_rewrite_is_restored_from_its_undo_record(
     assert code == ExitCode.CORRUPT
     assert out.count("torn by a crash; --repair restores it") == 2, out
     assert "2 undo file(s) left by a crash" in out
-    proc = encfs("fsck", vol.cipher_dir, "--repair", "--json", env=vol.env)
+    proc = _fsck_run(vol, "--repair", "--json")
     assert proc.returncode == ExitCode.OK, proc.stdout + proc.stderr
     items = [json.loads(line) for line in proc.stdout.splitlines()]
     summary = items.pop()
@@ -483,15 +516,18 @@ def test_a_block_torn_mid_rewrite_is_restored_from_its_undo_record(
     assert (m / "calm").read_bytes() == b"c" * 10 + b"D" + b"c" * 39 + b"C" + b"c" * 49
 
 
-def test_an_undo_record_is_used_only_where_it_authenticates(make_volume: MakeVolume) -> None:
+@pytest.mark.parametrize("layers", LAYERS)
+def test_an_undo_record_is_used_only_where_it_authenticates(
+    make_volume: MakeVolume, layers: str
+) -> None:
     """A record is genuine ciphertext of the file, but of another block: it must not be
     written back there (SECURITY.md: a planted record can bring back only an earlier
     version of its own block). The next mount says which undo files a crash left."""
-    vol = make_volume()
+    vol = make_volume(double=layers == "double")
     data = os.urandom(3 * BS)
     (vol.mountpoint / "f").write_bytes(data)
     vol.unmount()
-    geo = fmt.Geometry(BS)
+    geo = vol.geometry
     backing = _backing_of(vol, 3 * BS)
     raw = backing.read_bytes()
     file_id = fmt.parse_file_header(raw[: fmt.FILE_HEADER_LEN])
@@ -501,15 +537,54 @@ def test_an_undo_record_is_used_only_where_it_authenticates(make_volume: MakeVol
     (undo_dir / fmt.undo_file_name(file_id)).write_bytes(fmt.pack_undo([(0, block_1)]))
     _flip(backing, geo.block_cipher_off(0) + 100)
 
-    mounted = encfs("mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, env=vol.env)
+    mounted = encfs(
+        "mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *vol.vault2_args(),
+        env=vol.env,
+    )  # fmt: skip
     assert mounted.returncode == ExitCode.OK, mounted.stderr
     assert "1 undo record(s) left by a crash" in mounted.stderr  # said at mount time
     vol.unmount()
     code, out = _fsck(vol)
     assert code == ExitCode.CORRUPT and "--repair restores it" not in out, out
-    proc = encfs("fsck", vol.cipher_dir, "--repair", "--json", env=vol.env)
+    proc = _fsck_run(vol, "--repair", "--json")
     assert proc.returncode == ExitCode.OK, proc.stdout + proc.stderr
     item = json.loads(proc.stdout.splitlines()[0])
     assert item["lost"] == [0, BS] and "zeroed" in item["repaired"]
     vol.mount()
     assert (vol.mountpoint / "f").read_bytes() == bytes(BS) + data[BS:]
+
+
+@pytest.mark.parametrize(
+    ("where", "code", "complaint"),
+    [
+        ("byte 15", ExitCode.BAD_VOLUME, "unknown outer content cipher"),
+        ("slot 1 version", ExitCode.BAD_VOLUME, "KEK version field (KEK 2)"),
+        ("slot 1 url", ExitCode.BAD_VOLUME, "pinned for volume"),
+        ("tag", ExitCode.HEADER_AUTH, "tag"),
+    ],
+)
+def test_double_volume_header_tampered(
+    make_volume: MakeVolume, where: str, code: int, complaint: str
+) -> None:
+    """The second key slot and the outer cipher byte are as guarded as the rest."""
+    vol = make_volume(double=True, mount=False)
+    header = vol.cipher_dir / fmt.VOLUME_HEADER_NAME
+    raw = bytearray(header.read_bytes())
+    parsed, body, _tag = fmt.parse_volume_header(bytes(raw))
+    slot1 = len(body) - len(parsed.slots[1].pack())
+    url_len = len(parsed.slots[1].vault_url)
+    offset = {
+        "byte 15": 15,
+        "slot 1 version": slot1 + 2 + url_len + 3,
+        "slot 1 url": slot1 + 2 + url_len - 1,
+        "tag": len(raw) - 1,
+    }[where]
+    raw[offset] ^= 0x01
+    header.write_bytes(bytes(raw))
+    proc = encfs(
+        "mount", vol.cipher_dir, vol.mountpoint, "--vault", vol.vault_url, *vol.vault2_args(),
+        env=vol.env,
+    )  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    assert complaint in proc.stderr
+    assert not is_mounted(vol.mountpoint)

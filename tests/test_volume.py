@@ -81,9 +81,7 @@ def header_bytes(version: int = 1, url: str = "transit+https://v:8200/transit/k"
         cipher=fmt.CIPHER_AES256_GCM,
         block_size=4096,
         volume_id=bytes(16),
-        vault_url=url,
-        kek_version=1,
-        wrapped_key="vault:v1:AAAA",
+        slots=(fmt.KeySlot(url, 1, "vault:v1:AAAA"),),
     )
     return header.body() + bytes(32)
 
@@ -348,9 +346,7 @@ def test_rewrapped_header_replaces_atomically(
     assert rewrapped.startswith("vault:v2:")
     keys = volume.unlock(hf, vault)
     try:
-        from dataclasses import replace
-
-        new = replace(hf.header, wrapped_key=rewrapped, kek_version=2)
+        new = hf.header.with_slot(0, wrapped_key=rewrapped, kek_version=2)
         volume.write_header_atomic(cipher, volume.build_header_bytes(new, keys))
     finally:
         keys.close()

@@ -23,8 +23,8 @@ from encfs import volume
 from encfs.audit import AuditLog, AuditSettings
 from encfs.errors import VolumeSuspended
 from encfs.keys import VolumeKeys
-from encfs.vault import VaultSettings, connect
-from encfs.watcher import HeldHeader, KeyWatcher, MountState, WatchSettings
+from encfs.vault import VaultSettings, connect, second_vault_settings
+from encfs.watcher import HeldHeader, KeyWatcher, MountState, VaultLink, WatchSettings
 from tests.conftest import TransitKey
 from tests.harness import wait_until
 from tests.openbao import OpenBao
@@ -55,12 +55,15 @@ class KeysOnly:
         self.calls.append(("suspend", reason, revoked, unmount))
 
     def resume(
-        self, volume_key: bytearray, hf: volume.HeaderFile, retiring: Sequence[bytearray] = ()
+        self,
+        volume_keys: Sequence[bytearray],
+        hf: volume.HeaderFile,
+        retiring: Sequence[bytearray] = (),
     ) -> None:
-        self.keys.load(volume_key)
+        self.keys.load(volume_keys[0], volume_keys[1] if len(volume_keys) > 1 else None)
         try:
-            for old_key in retiring:
-                self.keys.load_retiring(old_key)
+            if retiring:
+                self.keys.load_retiring(retiring[0], retiring[1] if len(retiring) > 1 else None)
             self.keys.verify_header(hf.body, hf.tag)
         except BaseException:
             self.keys.wipe()
@@ -72,6 +75,21 @@ class KeysOnly:
     def verify_header(self, hf: volume.HeaderFile) -> None:
         self.keys.verify_header(hf.body, hf.tag)
         self.calls.append(("verify", hf.header.kek_version))
+
+
+@dataclass
+class Kek2:
+    """KEK 2 of a watched double volume: its vault, key, token file, policy and token."""
+
+    bao: OpenBao
+    key: str
+    token_file: Path
+    policy: str
+    token: str
+
+    def new_token(self) -> None:
+        self.token = self.bao.make_token([self.policy])
+        _write_token(self.token_file, self.token)
 
 
 @dataclass
@@ -88,10 +106,14 @@ class Watched:
     state: MountState
     held: HeldHeader | None
     watcher: KeyWatcher
+    kek2: Kek2 | None = None
 
     def new_token(self) -> None:
         self.token = self.bao.make_token([self.policy])
         _write_token(self.token_file, self.token)
+
+    def kek_states(self) -> list[object]:
+        return [k["state"] for k in self.state.snapshot()["keks"]]
 
     def suspensions(self) -> list[tuple[object, ...]]:
         return [call for call in self.control.calls if call[0] == "suspend"]
@@ -122,8 +144,11 @@ def watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WatchFact
         settings: WatchSettings = WATCH,
         *,
         ephemeral: bool = False,
+        second: tuple[OpenBao, str] | None = None,
         state: MountState | None = None,
     ) -> Watched:
+        """``second``: make a double-encrypted volume, KEK 2 that (vault, key), with its own
+        least-privilege token."""
         policy = bao.write_host_policy(key)
         token = bao.make_token([policy])
         token_file = tmp_path / f"host-{len(started)}.token"
@@ -131,15 +156,34 @@ def watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WatchFact
         url = bao.url_for(key)
         vault_settings = VaultSettings(token_file=token_file, timeout=5)
         vault = connect(url, vault_settings)
+        kek2: Kek2 | None = None
+        link: VaultLink | None = None
+        if second is not None:
+            bao2, key2 = second
+            bao2.create_key(key2)  # idempotent
+            policy2 = bao2.write_host_policy(key2)
+            kek2 = Kek2(bao2, key2, tmp_path / f"host2-{len(started)}.token", policy2, "")
+            kek2.new_token()
+            settings2 = second_vault_settings(
+                vault_settings,
+                token_file=kek2.token_file,
+                ca_file=None,
+                client_cert=None,
+                client_key=None,
+            )
+            link = VaultLink(
+                connect(bao2.url_for(key2), settings2), bao2.url_for(key2), settings2, None
+            )
         cipher_dir = tmp_path / f"cipher-{len(started)}"
         held: HeldHeader | None = None
         if ephemeral:
             _, keys = volume.start_ephemeral(cipher_dir)
         else:
-            volume.create(cipher_dir, vault)
+            outer = link.vault if link is not None else None
+            volume.create(cipher_dir, vault, outer_vault=outer)
             hf = volume.read_header(cipher_dir)
-            keys = volume.unlock(hf, vault)
-            held = HeldHeader(cipher_dir, hf, keys.check_value())
+            keys = volume.unlock(hf, vault, *([outer] if outer is not None else []))
+            held = HeldHeader(cipher_dir, hf, keys.check_values())
         state = state or MountState(tmp_path / "mnt")
         state.set("active")
         control = KeysOnly(keys, state)
@@ -153,8 +197,11 @@ def watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WatchFact
             audit=AuditLog(AuditSettings()),
             held=held,
             renew_in=None,
+            second=link,
         )
-        w = Watched(bao, key, cipher_dir, token_file, policy, token, control, state, held, watcher)
+        w = Watched(
+            bao, key, cipher_dir, token_file, policy, token, control, state, held, watcher, kek2
+        )
         started.append(w)
         watcher.start()
         return w
@@ -263,6 +310,146 @@ def test_an_ephemeral_volume_watches_its_key(watch: WatchFactory, transit_key: T
     [(_, reason, revoked, _)] = w.suspensions()
     assert "access revoked" in str(reason)
     assert revoked is True
+
+
+# --- double encryption: two KEKs, each checked every interval ------------------------------------
+
+
+@pytest.mark.parametrize("kek", [1, 2])
+def test_double_either_revoked_token_suspends_and_a_fresh_one_resumes(
+    watch: WatchFactory, transit_key: TransitKey, kek: int
+) -> None:
+    w = watch(transit_key.bao, transit_key.name, second=(transit_key.bao, "kek2-" + str(kek)))
+    assert w.held is not None and w.kek2 is not None
+    assert wait_until(lambda: w.kek_states() == ["ok", "ok"]), w.state.snapshot()
+    checks = w.held.check_values
+    assert len(checks) == 2
+    w.bao.revoke_token(w.token if kek == 1 else w.kek2.token)
+    _wait(w, "suspended")
+    [(_, reason, revoked, _)] = w.suspensions()
+    assert f"KEK {kek}:" in str(reason) and revoked is True
+    states = w.kek_states()
+    assert states[kek - 1] == "revoked" and states[2 - kek] == "ok", states
+    with pytest.raises(VolumeSuspended):
+        w.control.keys.check_values()  # both keys wiped
+    (w.new_token if kek == 1 else w.kek2.new_token)()
+    _wait(w, "active")
+    assert w.control.keys.check_values() == checks
+    assert w.kek_states() == ["ok", "ok"]
+    assert len(w.suspensions()) == 1
+
+
+def test_double_resumes_only_when_both_keks_unwrap(
+    watch: WatchFactory, transit_key: TransitKey
+) -> None:
+    w = watch(transit_key.bao, transit_key.name, second=(transit_key.bao, "kek2-both"))
+    assert w.kek2 is not None
+    w.bao.revoke_token(w.token)
+    w.bao.revoke_token(w.kek2.token)
+    _wait(w, "suspended")
+    w.new_token()  # KEK 1 back, KEK 2 still refused
+    assert wait_until(lambda: w.kek_states() == ["ok", "revoked"]), w.state.snapshot()
+    time.sleep(3 * INTERVAL)
+    assert w.state.name == "suspended" and w.control.suspended
+    w.kek2.new_token()
+    _wait(w, "active")
+
+
+def test_double_second_vault_unreachable_gets_its_grace(
+    watch: WatchFactory, transit_key: TransitKey
+) -> None:
+    """KEK 2 in a second OpenBao server: sealed, it is unreachable (not revoked): the
+    grace, then a suspension that is no revocation; unsealed, both unwrap and it resumes."""
+    with OpenBao() as bao2:
+        bao2.create_key("outer")
+        w = watch(
+            transit_key.bao,
+            transit_key.name,
+            WatchSettings(INTERVAL, offline_grace=1.5, on_revoke="unmount"),
+            second=(bao2, "outer"),
+        )
+        assert wait_until(lambda: w.kek_states() == ["ok", "ok"]), w.state.snapshot()
+        bao2.seal()
+        _wait(w, "offline-grace")
+        assert w.kek_states() == ["ok", "unreachable"]
+        assert w.state.snapshot()["vault_reachable"] is False
+        assert not w.control.suspended
+        _wait(w, "suspended")
+        [(_, reason, revoked, unmount)] = w.suspensions()
+        assert "vault unreachable" in str(reason) and "KEK 2" in str(reason)
+        assert (revoked, unmount) == (False, False)
+        bao2.unseal()
+        _wait(w, "active")
+        assert w.kek_states() == ["ok", "ok"]
+
+
+def test_double_rotation_of_either_kek_is_adopted(
+    watch: WatchFactory, transit_key: TransitKey
+) -> None:
+    w = watch(transit_key.bao, transit_key.name, second=(transit_key.bao, "kek2-rot"))
+    assert w.held is not None and w.kek2 is not None
+    held = w.held
+    w.bao.rotate_key("kek2-rot")
+    settings = VaultSettings(token_file=w.token_file, timeout=5)
+    vaults = [
+        connect(w.bao.url_for(w.key), settings),
+        connect(
+            w.bao.url_for("kek2-rot"),
+            second_vault_settings(
+                settings,
+                token_file=w.kek2.token_file,
+                ca_file=None,
+                client_cert=None,
+                client_key=None,
+            ),
+        ),
+    ]
+    try:
+        rotation = volume.rotate(w.cipher_dir, *vaults, slots=[1])
+    finally:
+        for vault in vaults:
+            vault.close()
+    assert rotation.changed and rotation.header.slots[1].kek_version == 2
+    assert wait_until(lambda: held.header.header.slots[1].kek_version == 2), "not adopted"
+    assert not w.control.suspended
+    assert [k["kek_version"] for k in w.state.snapshot()["keks"]] == [1, 2]
+
+
+def test_double_slot_substituted_while_watched_fails_closed(
+    watch: WatchFactory, transit_key: TransitKey, tmp_path: Path
+) -> None:
+    """Another double volume's header (the same two KEKs): slot by slot it unwraps, but
+    neither key is the one in use."""
+    w = watch(transit_key.bao, transit_key.name, second=(transit_key.bao, "kek2-sub"))
+    assert w.kek2 is not None
+    other = tmp_path / "other"
+    settings = VaultSettings(token_file=w.token_file, timeout=5)
+    vaults = [
+        connect(w.bao.url_for(w.key), settings),
+        connect(
+            w.bao.url_for("kek2-sub"),
+            second_vault_settings(
+                settings,
+                token_file=w.kek2.token_file,
+                ca_file=None,
+                client_cert=None,
+                client_key=None,
+            ),
+        ),
+    ]
+    try:
+        volume.create(other, vaults[0], outer_vault=vaults[1])
+    finally:
+        for vault in vaults:
+            vault.close()
+    header = volume.header_path(w.cipher_dir)
+    real = header.read_bytes()
+    shutil.copyfile(volume.header_path(other), header)
+    _wait(w, "suspended")
+    [(_, reason, revoked, _)] = w.suspensions()
+    assert "substituted header" in str(reason) and revoked is False
+    header.write_bytes(real)
+    _wait(w, "active")
 
 
 class Timed(MountState):

@@ -16,7 +16,7 @@ from typing import Any
 
 from encfs.cli.output import ExitCode, setup_logging
 from encfs.cli.parser import verbosity
-from encfs.cli.settings import audit_settings, vault_setting, vault_settings
+from encfs.cli.settings import audit_settings, vault2_settings, vault_setting, vault_settings
 from encfs.vault import env_vault_addr
 from encfs.watcher import WatchSettings
 
@@ -43,6 +43,10 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
     except argparse.ArgumentTypeError as exc:
         print(f"encfs: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    refusal = _double_refusal(args)
+    if refusal:
+        print(f"encfs: error: {refusal}", file=sys.stderr)
+        return ExitCode.USAGE
     if not args.foreground:
         return _spawn_background(argv, args)
     read_only = opts.get("ro", False) and not opts.get("rw", False)
@@ -55,6 +59,8 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
         vault=vault_settings(args),
         vault_url=vault_setting(args.vault_url),
         vault_addr=env_vault_addr(),
+        vault2=vault2_settings(args),
+        vault2_url=args.vault2_url,
         repin=args.repin,
         nonempty=opts.get("nonempty", False),
         allow_other=opts.get("allow_other", False),
@@ -89,6 +95,25 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> ExitCode:
 
     Daemon(config).run(on_ready=on_ready)
     return ExitCode.OK
+
+
+def _double_refusal(args: argparse.Namespace) -> str:
+    """Why these mount arguments ask for double encryption where there can be none (a
+    usage error), or "". A persistent volume's layers are in its header (``encfs init
+    --double``); an ephemeral volume is single-layer."""
+    if args.ephemeral and (args.double or args.vault2_url):
+        return (
+            "an ephemeral volume is single-layer: double encryption (--double, --vault2) "
+            "guards data that must outlive the loss of one KEK or one algorithm, and an "
+            "ephemeral volume has no KEK and lasts one mount. Use `encfs init --double` "
+            "for a persistent double-encrypted volume"
+        )
+    if args.double:
+        return (
+            "mount takes no --double: a volume is double-encrypted from `encfs init "
+            "--double` on (its header says so); mount it with --vault2 URL for its second vault"
+        )
+    return ""
 
 
 def _spawn_background(argv: Sequence[str], args: argparse.Namespace) -> ExitCode:
@@ -224,28 +249,38 @@ def _print_status(r: dict[str, Any]) -> None:
     reason = f" — {r['reason']}" if r.get("reason") else ""
     print(f"{r.get('mountpoint')}: {state} since {r.get('since')}{reason}")
     print(f"  cipher dir   {r.get('cipher_dir')}  (volume {r.get('volume_id')})")
-    print(f"  vault key    {r.get('vault')}  (KEK version {r.get('kek_version')})")
-    reach = {True: "reachable", False: "unreachable", None: "not checked yet"}[
-        r.get("vault_reachable")
-    ]
-    print(
-        f"  vault        {reach}, last check {r.get('last_check') or '-'}"
-        f" (every {r.get('check_interval')} s, offline grace {r.get('offline_grace')} s)"
-    )
+    reach = {True: "reachable", False: "unreachable", None: "not checked yet"}
+    keks = r.get("keks") or []
+    if r.get("double") and len(keks) > 1:
+        print(f"  layers       AES-256-GCM inside {r.get('outer_cipher')} (double-encrypted)")
+        for kek in keks:
+            state = kek.get("state") or "not checked yet"
+            print(
+                f"  KEK {kek.get('kek')}        {kek.get('vault')}  (KEK version "
+                f"{kek.get('kek_version')}): {state}"
+            )
+            if kek.get("last_error"):
+                print(f"    last error {kek['last_error']}")
+            _print_identity(kek.get("token") or {}, "    identity   ")
+        print(
+            f"  vaults       {reach[r.get('vault_reachable')]}, last check "
+            f"{r.get('last_check') or '-'} (every {r.get('check_interval')} s, offline grace "
+            f"{r.get('offline_grace')} s)"
+        )
+    else:
+        print(f"  vault key    {r.get('vault')}  (KEK version {r.get('kek_version')})")
+        print(
+            f"  vault        {reach[r.get('vault_reachable')]}, last check "
+            f"{r.get('last_check') or '-'} (every {r.get('check_interval')} s, offline grace "
+            f"{r.get('offline_grace')} s)"
+        )
+        if r.get("last_error"):
+            print(f"  last error   {r['last_error']}")
+        _print_identity(r.get("token") or {}, "  identity     ")
     addresses = r.get("vault_addresses") or []
     if len(addresses) > 1 or r.get("vault_node"):
         node = r.get("vault_node") or "-"
         print(f"  vault nodes  {', '.join(addresses)}; last answer from {node}")
-    if r.get("last_error"):
-        print(f"  last error   {r['last_error']}")
-    token = r.get("token") or {}
-    if token:
-        ttl = token.get("ttl")
-        print(
-            f"  identity     {token.get('accessor') or token.get('client_cert_subject') or '-'}"
-            f", token TTL {'never expires' if ttl is None else f'{ttl} s'}"
-            f"{', renewable' if token.get('renewable') else ''}"
-        )
     mem = r.get("memory") or {}
     if mem:
         locked = "locked" if mem.get("locked") else f"NOT locked ({mem.get('detail')})"
@@ -287,3 +322,14 @@ def _print_status(r: dict[str, Any]) -> None:
         )
     rss = r.get("rss")
     print(f"  daemon       pid {r.get('pid')}, RSS {int(rss) // 1024 if rss else '?'} KiB")
+
+
+def _print_identity(token: dict[str, Any], lead: str) -> None:
+    if not token:
+        return
+    ttl = token.get("ttl")
+    print(
+        f"{lead}{token.get('accessor') or token.get('client_cert_subject') or '-'}"
+        f", token TTL {'never expires' if ttl is None else f'{ttl} s'}"
+        f"{', renewable' if token.get('renewable') else ''}"
+    )

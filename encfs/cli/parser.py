@@ -39,6 +39,11 @@ vault address (where the token may go), first found wins:
   config file, space-separated), $VAULT_ADDR, $BAO_ADDR (one address; CA: --ca-file,
   $VAULT_CACERT, $BAO_CACERT). Never the URL in the volume header alone.
 
+double-encrypted volumes (init --double): a second vault key (KEK 2) with its own access:
+  --vault2 URL|https://HOST:PORT (VAULT2=), --vault2-token-file FILE (TOKEN_FILE2=, or
+  $CREDENTIALS_DIRECTORY/vault2-token), --vault2-ca-file, --vault2-client-cert/-key.
+  No environment variable stands in for them.
+
 volume pins: init and the first mount remember each cipher dir's volume (id and a key
   check value) in /var/lib/encfs/pins ($ENCFS_PIN_DIR); another volume there is refused
   (exit 8) until `encfs mount --repin` or `encfs pin reset CIPHERDIR`.
@@ -51,6 +56,9 @@ exit codes:
 examples:
   encfs init /srv/cipher --vault transit+https://vault.example:8200/transit/host-key \\
       --token-file /etc/encfs/host.token
+  encfs init /srv/cipher2 --double --token-file /etc/encfs/host.token \\
+      --vault transit+https://vault.example:8200/transit/host-key \\
+      --vault2 kmip://kms.example:5696/KEY-ID --vault2-client-cert /etc/encfs/host.pem
   encfs mount /srv/cipher /srv/data --token-file /etc/encfs/host.token \\
       --vault transit+https://vault.example:8200/transit/host-key
   encfs status /srv/data
@@ -149,6 +157,50 @@ def _vault_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _vault2_args(p: argparse.ArgumentParser, *, init: bool = False) -> None:
+    """The second vault of a double-encrypted volume: where (``--vault2``) and with which
+    credential; never the first vault's (``vault.second_vault_settings``)."""
+    g = p.add_argument_group(
+        "second vault (double-encrypted volumes: KEK 2, key slot 1; its own credential)"
+    )
+    g.add_argument(
+        "--vault2",
+        dest="vault2_url",
+        metavar="URL",
+        help="the vault key (KEK 2) that wraps the second volume key: "
+        "transit+https://HOST:PORT/MOUNT/KEY or kmip://HOST:PORT/KEY-ID; with --double"
+        if init
+        else "the vault of KEK 2: a full vault URL or an address https://HOST:PORT (the "
+        "header's key slot 1 mount and key on it). Required for a double-encrypted volume "
+        "(exit 9 without it); the URL in the header alone is never used",
+    )
+    g.add_argument(
+        "--vault2-token-file",
+        type=_abs_path,
+        metavar="FILE",
+        help="file holding the host's token for the second vault (mode 0600); default "
+        "$CREDENTIALS_DIRECTORY/vault2-token. The first vault's token is never used for it",
+    )
+    g.add_argument(
+        "--vault2-ca-file",
+        type=_abs_path,
+        metavar="FILE",
+        help="CA bundle of the second vault's TLS certificate (default: system CAs)",
+    )
+    g.add_argument(
+        "--vault2-client-cert",
+        type=_abs_path,
+        metavar="FILE",
+        help="PEM client certificate for the second vault (required for kmip://)",
+    )
+    g.add_argument(
+        "--vault2-client-key",
+        type=_abs_path,
+        metavar="FILE",
+        help="PEM private key of --vault2-client-cert (default: inside the certificate file)",
+    )
+
+
 def _vault_override_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vault",
@@ -195,7 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--vault",
         required=True,
         metavar="URL",
-        help="transit+https://HOST:PORT/MOUNT/KEY (transit+http only to loopback)",
+        help="transit+https://HOST:PORT/MOUNT/KEY (transit+http only to loopback) or "
+        "kmip://HOST:PORT/KEY-ID",
+    )
+    p.add_argument(
+        "--double",
+        action="store_true",
+        help="double encryption: a second, independent volume key from the vault key "
+        "--vault2 (KEK 2; another vault or another key in the same one), and every block "
+        "sealed twice: AES-256-GCM under the first key inside ChaCha20-Poly1305 under the "
+        "second. Names and metadata: one AES layer keyed by both. Needs --vault2",
     )
     p.add_argument(
         "--block-size",
@@ -207,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _vault_args(p)
+    _vault2_args(p, init=True)
 
     p = sub.add_parser(
         "mount",
@@ -307,7 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="error returned while suspended (default: "
         f"{errno.errorcode[_default(FsOptions, 'suspended_errno')]}; e.g. EIO, EPERM)",
     )
+    p.add_argument(
+        "--double",
+        action="store_true",
+        help=argparse.SUPPRESS,  # refused with a message: see cli.mount
+    )
     _vault_args(p)
+    _vault2_args(p)
 
     p = sub.add_parser(
         "unmount",
@@ -373,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _vault_override_arg(p)
     _vault_args(p)
+    _vault2_args(p)
 
     p = sub.add_parser(
         "rotate",
@@ -384,12 +453,22 @@ def build_parser() -> argparse.ArgumentParser:
         "durable). No file is re-encrypted; it takes seconds and works while the volume is "
         "mounted. Rotate the KEK in the vault first (bao write -f transit/keys/KEY/rotate); "
         "afterwards old KEK versions can be retired with min_decryption_version. The host "
-        "token needs update on MOUNT/rewrap/KEY and MOUNT/decrypt/KEY.",
+        "token needs update on MOUNT/rewrap/KEY and MOUNT/decrypt/KEY. A double-encrypted "
+        "volume has two KEKs: --kek chooses which slot(s) to re-wrap; both vaults must "
+        "unwrap either way (the header's tag is keyed by both volume keys).",
     )
     p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--kek",
+        choices=("1", "2", "both"),
+        default="both",
+        help="which KEK's slot to re-wrap on a double-encrypted volume: 1 (--vault), "
+        "2 (--vault2) or both (default: %(default)s; a single-layer volume has KEK 1 only)",
+    )
     _vault_override_arg(p)
     _vault_args(p)
+    _vault2_args(p)
 
     p = sub.add_parser(
         "rekey",
@@ -405,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         "nothing in the volume; header backups made before still unwrap the old key, which "
         "opens nothing any more. Entries that open under neither key (see encfs fsck) "
         "keep it from finishing: exit 30. The host token needs update on "
-        "MOUNT/datakey/plaintext/KEY and MOUNT/decrypt/KEY (what init and mount use).",
+        "MOUNT/datakey/plaintext/KEY and MOUNT/decrypt/KEY (what init and mount use). A "
+        "double-encrypted volume gets two new keys, one from each vault (--vault2 ...).",
     )
     p.add_argument("cipher_dir", type=_abs_path, metavar="CIPHERDIR")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -419,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _vault_override_arg(p)
     _vault_args(p)
+    _vault2_args(p)
 
     p = sub.add_parser(
         "status",
@@ -525,6 +606,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_abs_path,
         metavar="FILE",
         help="the host's vault token, copied to /etc/encfs/NAME.token (0600)",
+    )
+    p.add_argument(
+        "--vault2",
+        metavar="URL",
+        help="a double-encrypted volume's second vault (VAULT2= in the config; required "
+        "for such a volume): a full vault URL, or https://HOST:PORT with the header's key "
+        "slot 1 mount and key",
+    )
+    p.add_argument(
+        "--vault2-token-file",
+        type=_abs_path,
+        metavar="FILE",
+        help="the host's token for the second vault, copied to /etc/encfs/NAME.token2 "
+        "(0600; the unit passes it as the credential vault2-token)",
     )
     p.add_argument(
         "--ephemeral", action="store_true", help="a crypto-erased scratch volume (EPHEMERAL=yes)"

@@ -14,8 +14,7 @@ from typing import Any
 from encfs import backing, errors, mounts, rekey, volume
 from encfs.audit import AuditLog
 from encfs.cli.output import ExitCode
-from encfs.cli.settings import audit_settings, pinned_url, vault_settings
-from encfs.vault import connect
+from encfs.cli.settings import audit_settings, connect_vaults
 
 
 def cmd_rekey(args: argparse.Namespace) -> ExitCode:
@@ -31,25 +30,29 @@ def cmd_rekey(args: argparse.Namespace) -> ExitCode:
             )
         return rekey_mounted(args, mountpoint)
     hf = volume.read_checked_header(cipher_dir)
-    url = pinned_url(args, hf)
+    progress = rekey.RekeyProgress()
+    vaults = connect_vaults(args, hf)
+    context = {"vault2": str(vaults[1].url)} if len(vaults) > 1 else {}
     audit = AuditLog(
         audit_settings(args),
         cipher_dir=str(cipher_dir),
-        vault=str(url),
+        vault=str(vaults[0].url),
         volume_id=hf.header.volume_id.hex(),
+        **context,
     )
-    progress = rekey.RekeyProgress()
-    view = ProgressView.choose(args.progress, progress)
-    vault = connect(url, vault_settings(args))
+    view = None
     try:
-        vault.check_capabilities("init")  # datakey, as init: a new volume key
-        vault.check_capabilities("mount")
-        final = rekey.run_offline(cipher_dir, vault, progress, threading.Event())
+        for vault in vaults:
+            vault.check_capabilities("init")  # datakey, as init: a new volume key
+            vault.check_capabilities("mount")
+        view = ProgressView.choose(args.progress, progress)
+        final = rekey.run_offline(cipher_dir, vaults, progress, threading.Event())
     except errors.EncfsError as exc:
         audit.error("rekey", exc, **summary_fields(progress))
         raise
     finally:
-        vault.close()
+        for vault in vaults:
+            vault.close()
         if view is not None:
             view.stop()
     audit.event("rekey", kek_version=final.header.kek_version, **summary_fields(progress))

@@ -23,6 +23,11 @@ CONFIG_KEYS: dict[str, str] = {
     "CA_FILE": "--ca-file",
     "CLIENT_CERT": "--client-cert",
     "CLIENT_KEY": "--client-key",
+    "VAULT2": "--vault2",
+    "TOKEN_FILE2": "--vault2-token-file",
+    "CA_FILE2": "--vault2-ca-file",
+    "CLIENT_CERT2": "--vault2-client-cert",
+    "CLIENT_KEY2": "--vault2-client-key",
     "VAULT_TIMEOUT": "--vault-timeout",
     "KEY_RELEASE": "--key-release",
     "CHECK_INTERVAL": "--check-interval",
@@ -112,6 +117,8 @@ def cmd_systemd(args: argparse.Namespace) -> ExitCode:
     }
     if args.vault:
         settings["VAULT"] = " ".join(args.vault)
+    if args.vault2:
+        settings["VAULT2"] = args.vault2
     if args.ephemeral:
         settings["EPHEMERAL"] = "yes"
     for item in args.settings:
@@ -136,12 +143,35 @@ def cmd_systemd(args: argparse.Namespace) -> ExitCode:
             file=sys.stderr,
         )
         return ExitCode.VAULT_NOT_PINNED
-    if settings.get("VAULT"):
-        check_vault_setting(settings["VAULT"])
+    if args.ephemeral and (settings.get("VAULT2") or args.vault2_token_file):
+        print(
+            "encfs: error: an ephemeral volume is single-layer: VAULT2 (--vault2) and "
+            "--vault2-token-file are for double-encrypted volumes (`encfs init --double`)",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
+    if not settings.get("VAULT2") and not args.ephemeral:
+        header = None
+        with contextlib.suppress(errors.EncfsError, OSError):
+            header = volume.read_header(args.cipher_dir).header
+        if header is not None and header.double:
+            print(
+                "encfs: error: the volume in "
+                f"{args.cipher_dir} is double-encrypted: encfs systemd install needs "
+                "--vault2 URL for its second vault (VAULT2=; key slot 1 names "
+                f"{header.slots[1].vault_url}; check that it is yours) and its credential "
+                "(--vault2-token-file, or --set CLIENT_CERT2=...)",
+                file=sys.stderr,
+            )
+            return ExitCode.VAULT_NOT_PINNED
+    for key in ("VAULT", "VAULT2"):
+        if settings.get(key):
+            check_vault_setting(settings[key])
     plan = service.ServicePlan(
         name=args.name,
         settings=settings,
         token_file=args.token_file,
+        token2_file=args.vault2_token_file,
         etc_dir=args.etc_dir,
         unit_dir=args.unit_dir,
         enable=args.enable,

@@ -14,19 +14,43 @@ from encfs import backing, errors, pins, volume
 from encfs import format as fmt
 from encfs.audit import AuditLog
 from encfs.cli.output import ExitCode
-from encfs.cli.settings import audit_settings, pinned_url, vault_settings
+from encfs.cli.settings import audit_settings, connect_vaults, vault2_settings, vault_settings
 from encfs.keys import VolumeKeys
 from encfs.vault import connect, parse_vault_url
 
 
 def cmd_init(args: argparse.Namespace) -> ExitCode:
+    if args.double != bool(args.vault2_url):
+        print(
+            "encfs: error: "
+            + (
+                "--double needs --vault2 URL: the vault key (KEK 2) that wraps the second "
+                "volume key (another vault, or another key in the same one)"
+                if args.double
+                else "--vault2 is for a double-encrypted volume: add --double (or leave "
+                "--vault2 out for a single-layer volume)"
+            ),
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     url = parse_vault_url(args.vault)
+    url2 = parse_vault_url(args.vault2_url) if args.double else None
+    if url2 is not None and str(url2) == str(url):
+        print(
+            "encfs: error: --vault2 names the same vault key as --vault; double encryption "
+            "needs two independent keys (another key, or another vault)",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     try:
         fmt.validate_block_size(args.block_size)
     except ValueError as exc:
         print(f"encfs: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    audit = AuditLog(audit_settings(args), cipher_dir=str(args.cipher_dir), vault=str(url))
+    context = {} if url2 is None else {"vault2": str(url2)}
+    audit = AuditLog(
+        audit_settings(args), cipher_dir=str(args.cipher_dir), vault=str(url), **context
+    )
     note = volume.prepare_cipher_dir(args.cipher_dir)
     if note:
         print(f"encfs: note: {note}", file=sys.stderr)
@@ -39,20 +63,40 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
             by="init",
             vault_url=header.vault_url,
             block_size=header.block_size,
+            vault_url2=header.slots[1].vault_url if header.double else "",
         )
 
-    vault = connect(url, vault_settings(args))
+    vaults = []
     try:
-        vault.check_capabilities("init")
-        header = volume.create(args.cipher_dir, vault, block_size=args.block_size, on_keys=pin)
+        vaults.append(connect(url, vault_settings(args)))
+        if url2 is not None:
+            vaults.append(connect(url2, vault2_settings(args)))
+        for number, vault in enumerate(vaults, 1):
+            try:
+                vault.check_capabilities("init")
+            except errors.VaultError as exc:
+                if url2 is not None:
+                    exc.for_kek(number)
+                raise
+        header = volume.create(
+            args.cipher_dir,
+            vaults[0],
+            block_size=args.block_size,
+            on_keys=pin,
+            outer_vault=vaults[1] if url2 is not None else None,
+        )
     except errors.VaultError as exc:
-        audit.error("init", exc)
+        audit.error("init", exc, kek=exc.kek)
         raise
     finally:
-        vault.close()
-    audit.event("init", volume_id=header.volume_id.hex(), kek_version=header.kek_version)
+        for vault in vaults:
+            vault.close()
+    fields: dict[str, Any] = {}
+    if header.double:
+        fields = {"kek_version2": header.slots[1].kek_version}
+    audit.event("init", volume_id=header.volume_id.hex(), kek_version=header.kek_version, **fields)
     if args.json:
-        doc = {
+        doc: dict[str, Any] = {
             "cipher_dir": str(args.cipher_dir),
             "volume_id": header.volume_id.hex(),
             "vault": str(url),
@@ -61,14 +105,29 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
             "features": fmt.feature_names(header.feature_flags),
             "pin_file": str(pins.pin_path(args.cipher_dir)),
         }
+        if header.double:
+            doc["vault2"] = str(url2)
+            doc["kek_version2"] = header.slots[1].kek_version
+            doc["outer_cipher"] = fmt.OUTER_CIPHER_NAMES[header.outer_cipher]
         print(json.dumps(doc, indent=2))
         return ExitCode.OK
-    print(f"created volume {header.volume_id.hex()} in {args.cipher_dir}")
-    print(f"  vault key: {url} (KEK version {header.kek_version})")
+    print(
+        f"created {'double-encrypted ' if header.double else ''}volume "
+        f"{header.volume_id.hex()} in {args.cipher_dir}"
+    )
+    if header.double:
+        print(f"  KEK 1:     {url} (KEK version {header.kek_version}; inner layer AES-256-GCM)")
+        print(
+            f"  KEK 2:     {url2} (KEK version {header.slots[1].kek_version}; outer layer "
+            f"{fmt.OUTER_CIPHER_NAMES[header.outer_cipher]})"
+        )
+    else:
+        print(f"  vault key: {url} (KEK version {header.kek_version})")
     print(
         f"  pinned:    {pins.pin_path(args.cipher_dir)} (this host mounts only this volume there)"
     )
-    print(f"  mount it:  encfs mount {args.cipher_dir} MOUNTPOINT --vault {url}")
+    extra = f" --vault2 {url2}" if url2 is not None else ""
+    print(f"  mount it:  encfs mount {args.cipher_dir} MOUNTPOINT --vault {url}{extra}")
     return ExitCode.OK
 
 
@@ -79,23 +138,39 @@ def cmd_info(args: argparse.Namespace) -> ExitCode:
         key_name = parse_vault_url(h.vault_url).key_name
     except errors.VaultConfigError:
         key_name = ""
-    info = {
+    info: dict[str, Any] = {
         "cipher_dir": str(args.cipher_dir.resolve()),
         "format_version": h.format_version,
         "feature_flags": h.feature_flags,
         "features": fmt.feature_names(h.feature_flags),
         "volume_id": h.volume_id.hex(),
         "cipher": fmt.CIPHER_NAMES[h.cipher],
+    }
+    if h.double:
+        info["outer_cipher"] = fmt.OUTER_CIPHER_NAMES[h.outer_cipher]
+    info |= {
         "block_size": h.block_size,
         "vault": h.vault_url,
         "key_name": key_name,
         "kek_version": h.kek_version,
         "wrapped_key": h.wrapped_key,
-        "header_file": str(hf.path),
     }
-    for old in h.retiring:  # a rekey under way: `encfs rekey` finishes it
-        info["retiring_kek_version"] = old.kek_version
-        info["retiring_wrapped_key"] = old.wrapped_key
+    for number, slot in enumerate(h.slots[1:], 2):  # KEK 2 of a double volume
+        try:
+            name = parse_vault_url(slot.vault_url).key_name
+        except errors.VaultConfigError:
+            name = ""
+        info |= {
+            f"vault{number}": slot.vault_url,
+            f"key_name{number}": name,
+            f"kek_version{number}": slot.kek_version,
+            f"wrapped_key{number}": slot.wrapped_key,
+        }
+    for number, old in enumerate(h.retiring, 1):  # a rekey under way: `encfs rekey` ends it
+        suffix = "" if number == 1 else str(number)
+        info[f"retiring_kek_version{suffix}"] = old.kek_version
+        info[f"retiring_wrapped_key{suffix}"] = old.wrapped_key
+    info["header_file"] = str(hf.path)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -112,16 +187,17 @@ def cmd_fsck(args: argparse.Namespace) -> ExitCode:
     from encfs import fsck
 
     hf = volume.read_checked_header(args.cipher_dir)
-    vault = connect(pinned_url(args, hf), vault_settings(args))
+    vaults = connect_vaults(args, hf)
     try:
-        keys = volume.unlock(hf, vault)
+        keys = volume.unlock(hf, *vaults)
         try:
             pins.check_pin(args.cipher_dir, hf.header.volume_id, keys, create=False)
         except BaseException:
             keys.close()
             raise
     finally:
-        vault.close()
+        for vault in vaults:
+            vault.close()
     root = backing.open_root(str(args.cipher_dir))
     lock: int | None = None
     try:
@@ -239,53 +315,91 @@ class _FsckProgress:
 
 def cmd_rotate(args: argparse.Namespace) -> ExitCode:
     hf = volume.read_checked_header(args.cipher_dir)
-    url = pinned_url(args, hf)
+    header = hf.header
+    if args.kek == "2" and not header.double:
+        print(
+            f"encfs: error: --kek 2: {args.cipher_dir} is single-layer and has one KEK (1)",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
+    slots = {"1": [0], "2": [1], "both": list(range(len(header.slots)))}[args.kek]
+    vaults = connect_vaults(args, hf)
+    urls = [str(vault.url) for vault in vaults]
+    context = {"vault2": urls[1]} if header.double else {}
     audit = AuditLog(
         audit_settings(args),
         cipher_dir=str(args.cipher_dir),
-        vault=str(url),
-        volume_id=hf.header.volume_id.hex(),
+        vault=urls[0],
+        volume_id=header.volume_id.hex(),
+        **context,
     )
-    vault = connect(url, vault_settings(args))
     try:
-        vault.check_capabilities("rotate")
-        if pins.read_pin(args.cipher_dir) is not None:  # rotate only the volume pinned here
-            keys = volume.unlock(hf, vault)
+        for number, vault in enumerate(vaults, 1):
             try:
-                pins.check_pin(args.cipher_dir, hf.header.volume_id, keys, create=False)
+                vault.check_capabilities("rotate" if number - 1 in slots else "mount")
+            except errors.VaultError as exc:
+                if header.double:
+                    exc.for_kek(number)
+                raise
+        if pins.read_pin(args.cipher_dir) is not None:  # rotate only the volume pinned here
+            keys = volume.unlock(hf, *vaults)
+            try:
+                pins.check_pin(args.cipher_dir, header.volume_id, keys, create=False)
             finally:
                 keys.close()
-        result = volume.rotate(args.cipher_dir, vault)
+        result = volume.rotate(args.cipher_dir, *vaults, slots=slots)
     except errors.EncfsError as exc:
-        audit.error("rotate", exc, kek_version=hf.header.kek_version)
+        kek = exc.kek if isinstance(exc, errors.VaultError) else None
+        audit.error("rotate", exc, kek_version=header.kek_version, kek=kek)
         raise
     finally:
-        vault.close()
-    audit.event(
-        "rotate",
-        kek_version=result.new_version,
-        old_kek_version=result.old_version,
-        changed=result.changed,
-    )
+        for vault in vaults:
+            vault.close()
+    for done in result.slots:
+        fields: dict[str, Any] = {}
+        if header.double:
+            fields = {"kek": done.slot + 1, "vault": urls[done.slot]}
+        audit.event(
+            "rotate",
+            kek_version=done.new_version,
+            old_kek_version=done.old_version,
+            changed=done.changed,
+            **fields,
+        )
     if args.json:
-        doc = {
+        doc: dict[str, Any] = {
             "cipher_dir": str(args.cipher_dir),
-            "volume_id": hf.header.volume_id.hex(),
+            "volume_id": header.volume_id.hex(),
             "changed": result.changed,
             "old_kek_version": result.old_version,
             "kek_version": result.new_version,
         }
+        if header.double:
+            doc["keks"] = [
+                {
+                    "kek": done.slot + 1,
+                    "vault": urls[done.slot],
+                    "changed": done.changed,
+                    "old_kek_version": done.old_version,
+                    "kek_version": done.new_version,
+                }
+                for done in result.slots
+            ]
         print(json.dumps(doc, indent=2))
-    elif result.changed:
-        print(
-            f"rotated {args.cipher_dir}: volume key now wrapped with KEK version "
-            f"{result.new_version} (was {result.old_version}); no data re-encrypted"
-        )
-    else:
-        print(
-            f"{args.cipher_dir} already uses the newest KEK version ({result.new_version}); "
-            "rotate the key in the vault first (bao write -f MOUNT/keys/KEY/rotate)"
-        )
+        return ExitCode.OK
+    for done in result.slots:
+        which = f" (KEK {done.slot + 1}, {urls[done.slot]})" if header.double else ""
+        if done.changed:
+            print(
+                f"rotated {args.cipher_dir}{which}: volume key now wrapped with KEK version "
+                f"{done.new_version} (was {done.old_version}); no data re-encrypted"
+            )
+        else:
+            print(
+                f"{args.cipher_dir}{which} already uses the newest KEK version "
+                f"({done.new_version}); rotate the key in the vault first "
+                "(bao write -f MOUNT/keys/KEY/rotate)"
+            )
     return ExitCode.OK
 
 

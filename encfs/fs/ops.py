@@ -195,6 +195,8 @@ class EncfsOperations:
         dirid_links: bool = False,
         io: fastpath.Choice | None = None,
     ) -> None:
+        if block_size != keys.geometry.block_size:
+            raise ValueError("block size differs from the keys' block size")
         root = backing.open_root(cipher_dir)
         self.keys = keys
         native = self.native = None if io is None else io.native
@@ -204,7 +206,7 @@ class EncfsOperations:
         """Which path serves the hot requests, and why (``encfs status``)."""
         if native is not None:
             keys.attach_native(native)
-        self.geo = fmt.Geometry(block_size)
+        self.geo = keys.geometry
         self.options = options
         self.names = names.Names(root, keys, dirid_links=dirid_links)
         self.counters = Counters()
@@ -283,19 +285,19 @@ class EncfsOperations:
 
     def resume(
         self,
-        volume_key: bytearray,
+        volume_keys: Sequence[bytearray],
         header_body: bytes,
         header_tag: bytes,
         retiring: Sequence[bytearray] = (),
     ) -> None:
-        """Serve again with the volume key (copied; the caller wipes its own) and, for a
-        volume whose rekey is under way, the retiring key. The header tag(s) must verify
-        under them (``HeaderAuthError`` otherwise, and the keys stay wiped). Handles opened
-        before the suspension work again."""
-        self.keys.load(volume_key)
+        """Serve again with the volume key(s) (key slot order; copied, the caller wipes its
+        own) and, for a volume whose rekey is under way, the retiring ones (same order).
+        The header tag(s) must verify under them (``HeaderAuthError`` otherwise, and the
+        keys stay wiped). Handles opened before the suspension work again."""
+        self.keys.load(volume_keys[0], volume_keys[1] if len(volume_keys) > 1 else None)
         try:
-            for old_key in retiring:
-                self.keys.load_retiring(old_key)
+            if retiring:
+                self.keys.load_retiring(retiring[0], retiring[1] if len(retiring) > 1 else None)
             self.keys.verify_header(header_body, header_tag)
         except BaseException:
             self.keys.wipe()

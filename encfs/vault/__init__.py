@@ -241,7 +241,9 @@ class PinnedVault:
     """Set when the pinned URL differs from the one the volume header names."""
 
 
-def pin_vault_url(header_url: str, *, configured: str | None, addr: str | None) -> PinnedVault:
+def pin_vault_url(
+    header_url: str, *, configured: str | None, addr: str | None, slot: int = 0
+) -> PinnedVault:
     """Decide where the host's credential may go, never from the cipher dir alone.
 
     The volume header's URL is not authenticated before the key is unwrapped (its tag needs
@@ -259,12 +261,17 @@ def pin_vault_url(header_url: str, *, configured: str | None, addr: str | None) 
 
     Which key is used on that vault is still read from the header when only an address is
     pinned; the host's volume pin (``encfs.pins``) catches a header that names another key.
+
+    ``slot`` 1 is the second vault of a double-encrypted volume (its key slot 1, the
+    header URL given here): ``configured`` is then ``--vault2`` (``VAULT2=``), and ``addr``
+    must be None: ``VAULT_ADDR`` names the first vault only.
     Raises ``VaultNotPinned`` when nothing is configured, ``VaultConfigError`` when the
     configured value is invalid (an entry, a list naming two vaults or one address twice,
     a list mixing URLs and addresses, several addresses in ``VAULT_ADDR``).
     """
+    option, conf = ("--vault", "VAULT") if slot == 0 else ("--vault2", "VAULT2")
     if configured:
-        source = "--vault"
+        source = option
         items = split_vault_list(configured)
         bare = [urlsplit(item).scheme in ("http", "https") for item in items]
         if all(bare):
@@ -287,6 +294,16 @@ def pin_vault_url(header_url: str, *, configured: str | None, addr: str | None) 
                 "VAULT=ADDR1 ADDR2 ... in the volume's config file",
             )
         url = _at_address(addr, header_url, source)
+    elif slot:
+        raise VaultNotPinned(
+            f"no second vault is configured on this host for this double-encrypted volume; "
+            f"its key slot 1 names {header_url!r}, but a URL read only from the cipher dir "
+            "is never sent a credential (anyone who can edit the cipher dir could change it)",
+            hint=f"pin the second vault: --vault2 {header_url} with its own credential "
+            "(--vault2-token-file, or --vault2-client-cert/--vault2-client-key for KMIP; "
+            f"{conf}= and TOKEN_FILE2= in /etc/encfs/NAME.conf), after checking that it is "
+            "your vault",
+        )
     else:
         raise VaultNotPinned(
             f"no vault is configured on this host; the volume header names {header_url!r}, "
@@ -313,17 +330,19 @@ def pin_vault_url(header_url: str, *, configured: str | None, addr: str | None) 
 def _at_address(addr: str, header_url: str, source: str) -> VaultURL:
     """``http(s)://HOST:PORT`` plus the transit mount and key of ``header_url``."""
     parts = urlsplit(addr)
+    opt = "--vault2" if source == "--vault2" else "--vault"
     if parts.scheme not in ("http", "https") or parts.path.strip("/"):
         raise VaultConfigError(
             f"{source} {addr!r} is not a vault address (https://HOST:PORT); give a full "
-            "vault URL with --vault instead"
+            f"vault URL with {opt} instead"
         )
     header = parse_vault_url(header_url)  # an invalid one: VaultConfigError says why
     if header.is_kmip:
         raise VaultNotPinned(
             f"{source} {addr!r} gives only a transit address, but the volume header names "
             f"{header_url!r}",
-            hint="pin the full vault URL with --vault URL (or VAULT=URL in the config file)",
+            hint=f"pin the full vault URL with {opt} URL (or {opt[2:].upper()}=URL in the "
+            "config file)",
         )
     return parse_vault_url(
         f"transit+{parts.scheme}://{parts.netloc}/{header.mount}/{header.key_name}"
@@ -365,6 +384,44 @@ class VaultSettings:
     key_release: str = "unwrap"
     """``unwrap`` (the vault unwraps; the KEK never leaves it) or ``export`` (fetch an
     exportable KEK, unwrap locally, wipe it at once)."""
+    credential: str = "vault-token"
+    """The systemd credential (``$CREDENTIALS_DIRECTORY/NAME``) the token is read from when
+    no ``token_file`` is given."""
+    token_env: tuple[str, ...] = ("VAULT_TOKEN", "BAO_TOKEN")
+    """Environment variables the token may come from, last (none for a second vault)."""
+    option_prefix: str = "--"
+    """How this vault's access options begin, for messages: ``--token-file``, or
+    ``--vault2-token-file`` for the second vault of a double volume."""
+
+    @property
+    def second(self) -> bool:
+        """Whether these are the second vault's settings (``second_vault_settings``)."""
+        return self.option_prefix != "--"
+
+
+def second_vault_settings(
+    first: VaultSettings,
+    *,
+    token_file: Path | None,
+    ca_file: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+) -> VaultSettings:
+    """The access settings of the second vault of a double-encrypted volume: its own
+    credential (``--vault2-token-file``, else the credential ``vault2-token``; never the
+    first vault's token nor ``VAULT_TOKEN``), its own TLS files; the timeout and the key
+    release mode of ``first``."""
+    return VaultSettings(
+        token_file=token_file,
+        ca_file=ca_file,
+        client_cert=client_cert,
+        client_key=client_key,
+        timeout=first.timeout,
+        key_release=first.key_release,
+        credential="vault2-token",
+        token_env=(),
+        option_prefix="--vault2-",
+    )
 
 
 _TOKEN_SHAPE_RE = re.compile(r"(?:hv[sbr]|[sbr])\.[A-Za-z0-9_-]{8,}")
@@ -410,7 +467,9 @@ _MAX_TOKEN = 4096
 
 def read_token(settings: VaultSettings) -> LockedSecret:
     """Find the host token: ``--token-file``, then ``$CREDENTIALS_DIRECTORY/vault-token``
-    (systemd ``LoadCredential=``), then ``VAULT_TOKEN`` / ``BAO_TOKEN``.
+    (systemd ``LoadCredential=``), then ``VAULT_TOKEN`` / ``BAO_TOKEN`` (for the second
+    vault of a double volume: ``--vault2-token-file``, then the credential
+    ``vault2-token``; ``settings`` says which).
 
     The token comes back in locked memory (``keys.LockedSecret``; the caller closes it): a
     file is read with ``readv`` into a buffer that is zeroed afterwards, so no ``str`` of it
@@ -425,7 +484,7 @@ def read_token(settings: VaultSettings) -> LockedSecret:
         candidates.append(settings.token_file)
     else:
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        cred = Path(cred_dir) / "vault-token" if cred_dir else None
+        cred = Path(cred_dir) / settings.credential if cred_dir else None
         if cred is not None and cred.exists():
             # encfs@.service sets "-" when /etc/encfs/NAME.token is missing (SetCredential=).
             placeholder = _read_text(cred).strip() == "-"
@@ -462,7 +521,7 @@ def read_token(settings: VaultSettings) -> LockedSecret:
             raise VaultCredentialsError(f"cannot read token file {shown}: {exc.strerror}") from None
         finally:
             os.close(fd)
-    for var in ("VAULT_TOKEN", "BAO_TOKEN"):
+    for var in settings.token_env:
         value = os.environ.get(var, "")
         if value.strip():
             raw = bytearray(value, "utf-8")
@@ -470,11 +529,19 @@ def read_token(settings: VaultSettings) -> LockedSecret:
                 return _token_secret(raw, 0, len(raw), f"${var}")
             finally:
                 raw[:] = bytes(len(raw))
+    option = f"{settings.option_prefix}token-file"
     if placeholder:
+        file = "NAME.token2" if settings.second else "NAME.token"
         raise VaultCredentialsError(
-            "no vault token: the service's credential vault-token is empty because "
-            "/etc/encfs/NAME.token does not exist; install the host token there (mode 0600, "
-            "e.g. `encfs systemd install NAME --token-file FILE`)"
+            f"no vault token: the service's credential {settings.credential} is empty "
+            f"because /etc/encfs/{file} does not exist; install the host token there (mode "
+            f"0600, e.g. `encfs systemd install NAME {option} FILE`)"
+        )
+    if settings.second:
+        raise VaultCredentialsError(
+            f"no token for the second vault: pass {option} FILE (the second vault is never "
+            "sent the first one's token unless that file holds it)",
+            hint=f"give the second vault's token with {option} FILE (mode 0600)",
         )
     raise VaultCredentialsError(
         "no vault token: pass --token-file FILE or set VAULT_TOKEN (or BAO_TOKEN)"

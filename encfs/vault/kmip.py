@@ -266,7 +266,8 @@ class KmipClient(KeyWrapperClient):
         if settings.client_cert is None:
             raise errors.VaultCredentialsError(
                 f"KMIP server {self.serving} authenticates hosts by client certificate: "
-                "pass --client-cert FILE and --client-key FILE",
+                f"pass {settings.option_prefix}client-cert FILE and "
+                f"{settings.option_prefix}client-key FILE",
                 hint=_HINT_CREDENTIALS,
             )
         self._cert_info = _read_certificate(settings.client_cert)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 HERE = Path(__file__).resolve().parent
@@ -38,6 +38,7 @@ FILE_ID = bytes(range(0xF0, 0x100))
 BLOCK_SIZE = 4096
 DIR_ID = bytes(range(0xD0, 0xE0))
 OTHER_DIR_ID = bytes(range(0xE0, 0xF0))
+OUTER_KEY = bytes(range(0x20, 0x40))  # the second volume key of a DOUBLE volume (key slot 1)
 
 
 def nonce(tag: int, block_no: int = 0) -> bytes:
@@ -288,6 +289,194 @@ def header_vectors() -> dict[str, Any]:
     }
 
 
+# --- double encryption (feature flag DOUBLE, bit 1), added 2026-12 -----------------------------
+#
+# Written with the format flag, from docs/FORMAT.md §2.1, §3.1 and §5.2 alone: the keys,
+# files and header above stay exactly as they were.
+
+FEATURE_DOUBLE = 1 << 1
+OUTER_CHACHA20_POLY1305 = 2
+DOUBLE_SUBKEYS = {"names": 64, "meta": 32, "header": 32}
+
+
+def double_subkey(purpose: str) -> bytes:
+    """names / meta / header of a DOUBLE volume: IKM = volume key || outer key."""
+    info = b"encfs/v1/double/" + purpose.encode()
+    return hkdf(VOLUME_KEY + OUTER_KEY, VOLUME_ID, info, DOUBLE_SUBKEYS[purpose])
+
+
+def outer_content_key() -> bytes:
+    return hkdf(OUTER_KEY, VOLUME_ID, b"encfs/v1/outer-content", 32)
+
+
+def outer_file_key(file_id: bytes) -> bytes:
+    return hkdf(outer_content_key(), None, b"encfs/v1/outer-file" + file_id, 32)
+
+
+def seal_double_block(file_id: bytes, block_no: int, plain: bytes, tag: int) -> bytes:
+    """nonce2 || ChaCha20-Poly1305(outer file key, nonce2, inner block, AD) || tag2, with
+    inner block = nonce || AES-256-GCM(file key, nonce, plain, AD) || tag; one AD for both."""
+    ad = struct.pack(">16sQ", file_id, block_no)
+    n = nonce(tag, block_no)
+    inner = n + AESGCM(file_key(file_id)).encrypt(n, plain, ad)
+    n2 = nonce(tag + 1, block_no)
+    return n2 + ChaCha20Poly1305(outer_file_key(file_id)).encrypt(n2, inner, ad)
+
+
+def seal_double_file(file_id: bytes, plain: bytes, tag: int) -> bytes:
+    if not plain:
+        return b""
+    out = [struct.pack(">H16s", 1, file_id)]
+    for block_no, off in enumerate(range(0, len(plain), BLOCK_SIZE)):
+        out.append(seal_double_block(file_id, block_no, plain[off : off + BLOCK_SIZE], tag))
+    return b"".join(out)
+
+
+def double_keys_vectors() -> dict[str, Any]:
+    return {
+        "description": "Keys of a DOUBLE volume (docs/FORMAT.md §3.1): inner content and "
+        "file keys as in keys.json from the volume key (slot 0); outer content and outer "
+        "file keys from the outer key (slot 1); names, meta and header keys from both "
+        "(IKM = volume key || outer key)",
+        "volume_key": VOLUME_KEY.hex(),
+        "outer_key": OUTER_KEY.hex(),
+        "volume_id": VOLUME_ID.hex(),
+        "content_key": subkey("content").hex(),
+        "outer_content": {
+            "ikm": "outer_key",
+            "salt": "volume_id",
+            "info": "encfs/v1/outer-content",
+            "length": 32,
+            "key": outer_content_key().hex(),
+        },
+        "subkeys": [
+            {
+                "purpose": purpose,
+                "ikm": "volume_key || outer_key",
+                "salt": "volume_id",
+                "info": f"encfs/v1/double/{purpose}",
+                "length": length,
+                "key": double_subkey(purpose).hex(),
+            }
+            for purpose, length in DOUBLE_SUBKEYS.items()
+        ],
+        "file_keys": [
+            {
+                "file_id": fid.hex(),
+                "key": file_key(fid).hex(),
+                "outer_info_hex": (b"encfs/v1/outer-file" + fid).hex(),
+                "outer_key": outer_file_key(fid).hex(),
+            }
+            for fid in (FILE_ID, bytes(16))
+        ],
+    }
+
+
+def double_content_vectors() -> dict[str, Any]:
+    cases = []
+    for name, size, seed, tag in (
+        ("one byte", 1, 0x41, 0x11),
+        ("one full block", 4096, 0x07, 0x22),
+        ("two blocks, the second partial", 5000, 0x5A, 0x33),
+    ):
+        plain = pattern(size, seed)
+        sealed = seal_double_file(FILE_ID, plain, tag)
+        blocks = range(-(-size // BLOCK_SIZE))
+        cases.append(
+            {
+                "name": name,
+                "plain_size": size,
+                "plain": plain.hex(),
+                "plain_sha256": hashlib.sha256(plain).hexdigest(),
+                "inner_nonces": [nonce(tag, b).hex() for b in blocks],
+                "outer_nonces": [nonce(tag + 1, b).hex() for b in blocks],
+                "cipher_size": len(sealed),
+                "cipher": sealed.hex(),
+            }
+        )
+    tail = pattern(10, 0x99)
+    header = struct.pack(">H16s", 1, FILE_ID)
+    hole = header + bytes(BLOCK_SIZE + 56) + seal_double_block(FILE_ID, 1, tail, 0x44)
+    cases.append(
+        {
+            "name": "hole: all-zero block 0, then 10 bytes in block 1",
+            "plain_size": BLOCK_SIZE + 10,
+            "plain": (bytes(BLOCK_SIZE) + tail).hex(),
+            "plain_sha256": hashlib.sha256(bytes(BLOCK_SIZE) + tail).hexdigest(),
+            "inner_nonces": [None, nonce(0x44, 1).hex()],
+            "outer_nonces": [None, nonce(0x45, 1).hex()],
+            "cipher_size": len(hole),
+            "cipher": hole.hex(),
+        }
+    )
+    return {
+        "description": "Backing files of a DOUBLE volume: file header (u16be 1, file id) then "
+        "blocks nonce2(12) || ChaCha20-Poly1305(outer file key, nonce2, inner block, AD) || "
+        "tag2(16), inner block = nonce(12) || AES-256-GCM(file key, nonce, plain, AD) || "
+        "tag(16), AD = file_id || u64be(block_no) for both layers",
+        "volume_key": VOLUME_KEY.hex(),
+        "outer_key": OUTER_KEY.hex(),
+        "volume_id": VOLUME_ID.hex(),
+        "block_size": BLOCK_SIZE,
+        "file_id": FILE_ID.hex(),
+        "file_key": file_key(FILE_ID).hex(),
+        "outer_file_key": outer_file_key(FILE_ID).hex(),
+        "cases": cases,
+    }
+
+
+def double_header_vectors() -> dict[str, Any]:
+    url = "transit+https://vault.example:8200/transit/encfs-kek"
+    wrapped = "vault:v3:VGhpcyBpcyBub3QgYSByZWFsIHdyYXBwZWQga2V5LCBqdXN0IGJ5dGVzLg=="
+    url2 = "kmip://kms.example:5696/outer-kek-17"
+    wrapped2 = "kmip:v1:" + b64url(bytes(range(60)))
+    flags = 1 | FEATURE_DOUBLE  # DIRID_LINKS | DOUBLE, as `encfs init --double` makes it
+
+    def slot(u: str, version: int, w: str) -> bytes:
+        return b"".join(
+            (
+                struct.pack(">H", len(u)),
+                u.encode(),
+                struct.pack(">I", version),
+                struct.pack(">H", len(w)),
+                w.encode(),
+            )
+        )
+
+    body = b"".join(
+        (
+            struct.pack(
+                ">8sHIBBI16s", b"ENCFSVOL", 1, flags, 1, OUTER_CHACHA20_POLY1305, 8192, VOLUME_ID
+            ),
+            slot(url, 3, wrapped),
+            slot(url2, 0, wrapped2),
+        )
+    )
+    tag = hmac.new(double_subkey("header"), body, hashlib.sha256).digest()
+    return {
+        "description": "A complete DOUBLE volume header file: fixed part with byte 15 = outer "
+        "cipher 2 (ChaCha20-Poly1305), key slot 0 then key slot 1 (same shape), then "
+        "HMAC-SHA256(double header key, body)",
+        "volume_key": VOLUME_KEY.hex(),
+        "outer_key": OUTER_KEY.hex(),
+        "fields": {
+            "format_version": 1,
+            "feature_flags": flags,
+            "cipher": 1,
+            "outer_cipher": OUTER_CHACHA20_POLY1305,
+            "block_size": 8192,
+            "volume_id": VOLUME_ID.hex(),
+            "slots": [
+                {"vault_url": url, "kek_version": 3, "wrapped_key": wrapped},
+                {"vault_url": url2, "kek_version": 0, "wrapped_key": wrapped2},
+            ],
+        },
+        "body": body.hex(),
+        "tag": tag.hex(),
+        "file": (body + tag).hex(),
+    }
+
+
 NEW_VOLUME_KEY = bytes(range(0x40, 0x60))
 """The volume key a rekey replaces ``VOLUME_KEY`` with (TEST VALUE)."""
 
@@ -349,6 +538,9 @@ VECTORS = {
     "names.json": names_vectors,
     "meta.json": meta_vectors,
     "header.json": header_vectors,
+    "double-keys.json": double_keys_vectors,
+    "double-content.json": double_content_vectors,
+    "double-header.json": double_header_vectors,
     "rekeying.json": rekeying_vectors,
 }
 
