@@ -4,10 +4,12 @@ wraps its calls; nothing else in encfs calls into it.
 The library serves the hot requests of open files in C, without Python: block-aligned
 reads, whole-block overwrites, getattr by handle and the kernel's ``security.capability``
 probe (the C file's header comment lists the happy path and everything it hands back to
-Python). Three rooms use it, each through this module: ``fs.binding`` plugs ``NativeIO``
-into libfuse; ``cipherfile`` gives each open inode a ``NativeFile``, maps its handles and
-makes every change of its content visible to native readers (the seqlock) and orders its
-writers with them (the file lock); ``keys`` keys each file and wipes every context.
+Python), on single and double volumes alike; and it seals the Sealer's stream writes.
+Three rooms use it, each through this module: ``fs.binding`` plugs ``NativeIO`` into
+libfuse; ``cipherfile`` gives each open inode a ``NativeFile``, maps its handles, makes
+every change of its content visible to native readers (the seqlock), orders its writers
+with them (the file lock) and has its stream writes sealed (``seal_into``); ``keys`` keys
+each file and wipes every context.
 
 ``load`` returns None — and encfs serves every request in Python, exactly as without the
 library — when it is disabled (``ENCFS_NATIVE=0``), missing, stale (built from another
@@ -32,18 +34,28 @@ from pathlib import Path
 from encfs import format as fmt
 
 LIBRARY_NAME = "libencfs_fastpath.so"
-ABI_VERSION = 4
+ABI_VERSION = 5
 """``fp_version()`` of a library this module can drive (``FP_VERSION`` in the C file)."""
 SOURCE = Path(__file__).with_name("native") / "fastpath.c"
-NATIVE_FEATURES = fmt.FEATURE_DIRID_LINKS
-"""Volume feature flags the native path serves (none of them changes a file's content
-layout). Any other flag — a new content layout such as an outer cipher layer — makes
-``load`` refuse: such volumes are served in Python."""
+NATIVE_FEATURES = fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE
+"""Volume feature flags the native path serves: ``DOUBLE`` (its outer layer,
+ChaCha20-Poly1305, the only outer cipher FORMAT.md defines) it implements; the others do
+not change a file's content layout. Any other flag (``REKEYING``: blocks under two keys;
+a new content layout) makes ``load`` refuse: such volumes are served in Python."""
 MAX_FDS = 1 << 20
 WIPE_TIMEOUT_MS = 5000
 OPS = {"read": 0, "write": 1, "getattr": 2, "getxattr": 3}
 """libfuse operations the library serves (``FP_OP_*``)."""
-_COUNTERS = ("reads", "bytes_read", "writes", "bytes_written", "security_probes", "fallbacks")
+_COUNTERS = (
+    "reads",
+    "bytes_read",
+    "writes",
+    "bytes_written",
+    "security_probes",
+    "fallbacks",
+    "bytes_sealed",
+)
+"""``fp_counters`` in order (``bytes_sealed``: of the Sealer's stream writes, ``seal_into``)."""
 
 
 def library_path(environ: Mapping[str, str] = os.environ) -> Path:
@@ -133,15 +145,29 @@ class NativeFile:
         self.keyed = -1
 
     def set_key(self, file_id: bytes, key_address: int) -> bool:
-        """Key the entry for ``file_id`` from 32 bytes at ``key_address`` (lent by
-        ``VolumeKeys.lend_file_key`` from its locked arena); the library keeps only an
-        OpenSSL context. False if the entry's id is another by now."""
+        """Key the entry for ``file_id`` from the per-file key at ``key_address`` (lent by
+        ``VolumeKeys.lend_file_key`` from its locked arena: 32 bytes, followed on a
+        ``DOUBLE`` volume by the 32 of the outer per-file key); the library keeps only
+        OpenSSL contexts. False if the entry's id is another by now."""
         rc = self._lib.fp_file_set_key(self._ptr, file_id, ctypes.c_void_p(key_address))
         if rc == 0:
             return True
         if rc == -_ESTALE:
             return False
         raise OSError(-rc, "the native path could not set a key")
+
+    def seal_into(self, file_id: bytes, first_block_no: int, plain: bytes, out: bytearray) -> bool:
+        """Seal ``plain`` (whole blocks from ``first_block_no``) into ``out`` (exactly its
+        sealed length) with the entry's contexts, the GIL released: for the Sealer's stream
+        writes (``CipherFile.preseal``). False (``out`` unusable) if the entry is not keyed
+        for ``file_id`` or the gate is shut; the caller then seals in Python."""
+        buf = (ctypes.c_char * len(out)).from_buffer(out)
+        rc = self._waits.fp_file_seal(self._ptr, file_id, first_block_no, plain, len(plain), buf)
+        if rc == 0:
+            return True
+        if rc in (-_ESTALE, -_ESHUTDOWN):
+            return False
+        raise OSError(-rc, "the native path could not seal")
 
     def map(self, fd: int) -> None:
         """Serve handle ``fd`` (an open fd of this inode) natively from now on."""
@@ -165,6 +191,7 @@ class NativeFile:
 
 _ESTALE = 116
 _EBUSY = 16
+_ESHUTDOWN = 108
 
 
 class NativeIO:
@@ -182,6 +209,7 @@ class NativeIO:
         waits: ctypes.CDLL,
         path: Path,
         block_size: int,
+        double: bool,
         read_only: bool,
         foreign_errno: int,
     ) -> None:
@@ -192,7 +220,7 @@ class NativeIO:
         """Bumped by every ``wipe``: files keyed in an earlier one need their key again."""
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         nfds = MAX_FDS if hard == resource.RLIM_INFINITY else max(min(hard, MAX_FDS), 1024)
-        rc = lib.fp_setup(block_size, read_only, foreign_errno, nfds)
+        rc = lib.fp_setup(block_size, double, read_only, foreign_errno, nfds)
         if rc != 0:
             raise OSError(-rc, "fp_setup refused the mount's settings")
 
@@ -233,7 +261,8 @@ class NativeIO:
         self._lib.fp_test_between(None if address is None else ctypes.c_void_p(address))
 
     def counters(self) -> dict[str, int]:
-        """What the library served (reads, writes, bytes, probes) and handed to Python."""
+        """What the library served (reads, writes, bytes, probes), sealed for the Sealer
+        and handed to Python."""
         out = (ctypes.c_ulong * len(_COUNTERS))()
         self._lib.fp_counters(out)
         return dict(zip(_COUNTERS, out, strict=True))
@@ -243,7 +272,7 @@ def _declare(lib: ctypes.CDLL | ctypes.PyDLL) -> None:
     vp, sz, c_int, u32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_uint32
     for name, restype, argtypes in (
         ("fp_version", c_int, ()),
-        ("fp_setup", c_int, (u32, c_int, c_int, sz)),
+        ("fp_setup", c_int, (u32, c_int, c_int, c_int, sz)),
         ("fp_plug", vp, (c_int, vp, sz)),
         ("fp_gate_open", None, ()),
         ("fp_gate_close", c_int, (ctypes.c_long,)),
@@ -254,6 +283,7 @@ def _declare(lib: ctypes.CDLL | ctypes.PyDLL) -> None:
         ("fp_file_new", vp, ()),
         ("fp_file_set_id", c_int, (vp, ctypes.c_char_p, c_int)),
         ("fp_file_set_key", c_int, (vp, ctypes.c_char_p, vp)),
+        ("fp_file_seal", c_int, (vp, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_char_p, sz, vp)),
         ("fp_file_trylock", c_int, (vp,)),
         ("fp_file_lock", None, (vp,)),
         ("fp_file_unlock", None, (vp,)),
@@ -314,7 +344,15 @@ def load(
         version = lib.fp_version()
         if version != ABI_VERSION:
             return Choice(None, f"Python: {path} has ABI {version}, not {ABI_VERSION}", True)
-        native = NativeIO(lib, waits, path, block_size, read_only, foreign_errno)
+        native = NativeIO(
+            lib,
+            waits,
+            path,
+            block_size,
+            bool(features & fmt.FEATURE_DOUBLE),
+            read_only,
+            foreign_errno,
+        )
     except (OSError, AttributeError) as exc:
         return Choice(None, f"Python: cannot load {path}: {exc}", True)
     return Choice(native, f"native ({path})")

@@ -328,19 +328,29 @@ class VolumeKeys:
 
     def lend_file_key(self, file_id: bytes, use: Callable[[int], T]) -> T:
         """Derive ``file_id``'s key into the locked arena, call ``use`` with its address
-        (32 bytes, valid only during the call: native code makes its cipher context from
-        it and keeps no copy), zero it, and return what ``use`` returned. No Python object
-        ever holds the key. Raises ``VolumeSuspended`` when wiped."""
+        (32 bytes, followed on a double volume by the 32 of its outer per-file key; valid
+        only during the call: native code makes its cipher contexts from them and keeps no
+        copy), zero them, and return what ``use`` returned. No Python object ever holds a
+        key. Raises ``VolumeSuspended`` when wiped."""
         with self._lock:
             self._check()
             scratch = self._slot("scratch")
+            outer = self._slot("scratch_outer")  # the 32 bytes right after ``scratch``
             crypto.hkdf_into(
                 self._slot("content"), salt=None, info=b"encfs/v1/file" + file_id, out=scratch
             )
+            if self.double:
+                crypto.hkdf_into(
+                    self._slot("outer_content"),
+                    salt=None,
+                    info=b"encfs/v1/outer-file" + file_id,
+                    out=outer,
+                )
             try:
                 return use(self._arena.address + _SLOTS["scratch"][0])
             finally:
                 scratch[:] = bytes(len(scratch))
+                outer[:] = bytes(len(outer))
 
     def check_value(self) -> bytes:
         """The volume key's check value (module docstring); never the key."""

@@ -29,7 +29,6 @@ from encfs.fs.kcache import Gate
 from encfs.keys import VolumeKeys
 
 BS = 4096
-CBS = BS + fmt.BLOCK_OVERHEAD
 FH_OFFSET = 16  # where our fake struct fuse_file_info keeps fh
 FALLBACK = -131  # what the Python side answers here: -ENOTRECOVERABLE, never a real answer
 
@@ -144,24 +143,39 @@ class Setup:
     cfile: CipherFile
     fd: int
     path: Path
+    cbs: int
+    """Backing bytes per block: 4096 + 28, or + 56 on a double volume (FORMAT §5.2)."""
+    outer_key: bytes | None = None
+
+    def new_outer(self) -> bytearray | None:
+        """A fresh outer key if the volume is double (for a new key set), else None."""
+        return None if self.outer_key is None else bytearray(os.urandom(32))
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
+@pytest.fixture(params=["single", "double"])
+def setup(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
     """A file written by ``CipherFile`` (Python), its fd mapped natively, 8 whole blocks
-    and a partial one; keyed by two Python reads."""
-    native = _load()
+    and a partial one; keyed by two Python reads. Once on a volume with one layer, once
+    on a ``DOUBLE`` one (the native path seals and opens both layers)."""
+    double = request.param == "double"
+    native = _load(features=fmt.FEATURE_DOUBLE if double else 0)
     lib = Lib(native)
     volume_key = os.urandom(32)
-    keys = VolumeKeys(bytearray(volume_key), volume_id=os.urandom(16), block_size=BS)
+    outer_key = os.urandom(32) if double else None
+    keys = VolumeKeys(
+        bytearray(volume_key),
+        volume_id=os.urandom(16),
+        block_size=BS,
+        outer_key=None if outer_key is None else bytearray(outer_key),
+    )
     keys.attach_native(native)
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    cfile = CipherFile(keys, fmt.Geometry(BS), str(path), Sealer(), native=native)
+    cfile = CipherFile(keys, keys.geometry, str(path), Sealer(), native=native)
     cfile.attach_fd(fd)
     cfile.write(fd, 0, bytes(range(256)) * 16 * 8 + b"tail")
     _key(cfile, fd)
-    yield Setup(lib, keys, volume_key, cfile, fd, path)
+    yield Setup(lib, keys, volume_key, cfile, fd, path, keys.geometry.cipher_block_size, outer_key)
     cfile.forget_fd(fd)
     cfile.close()
     os.close(fd)
@@ -206,14 +220,17 @@ def test_load_says_why_the_native_path_is_not_used(tmp_path: Path) -> None:
     (tmp_path / "garbage.so.stamp").write_text(fastpath.source_digest())
     ok, reason, degraded = why({"ENCFS_FASTPATH_LIBRARY": str(garbage)})
     assert not ok and degraded and reason.startswith(f"Python: cannot load {garbage}")
-    # The seam for formats the native path does not implement (an outer cipher layer):
-    # any feature flag but the ones it knows keeps the volume in Python.
-    assert why({}, features=fmt.FEATURE_DIRID_LINKS | 1 << 1) == (
+    # The seam for formats the native path does not implement (blocks under two keys
+    # while a rekey runs, a new content layout): any feature flag but the ones it knows
+    # keeps the volume in Python.
+    assert why({}, features=fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_REKEYING) == (
         False,
-        "Python: the native path does not serve volume features 0x2",
+        "Python: the native path does not serve volume features 0x4",
         False,
     )
+    assert why({}, features=fmt.FEATURE_DIRID_LINKS | 1 << 9)[2] is False
     assert why({}, features=fmt.FEATURE_DIRID_LINKS)[0]
+    assert why({}, features=fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE)[0]
 
 
 # --- reads ----------------------------------------------------------------------------
@@ -253,7 +270,7 @@ def test_holes_and_tampered_blocks_go_to_python(setup: Setup) -> None:
     s.cfile.truncate(s.fd, 12 * BS)  # blocks 9..11 are a hole (block 8 padded)
     assert s.lib.read(s.fd, 10 * BS, BS) == FALLBACK
     assert s.cfile.read(s.fd, 10 * BS, BS) == bytes(BS)
-    os.pwrite(s.fd, b"\x01", fmt.FILE_HEADER_LEN + 2 * CBS + 50)  # flip a byte of block 2
+    os.pwrite(s.fd, b"\x01", fmt.FILE_HEADER_LEN + 2 * s.cbs + 50)  # flip a byte of block 2
     s.lib.fallbacks.clear()
     assert s.lib.read(s.fd, 0, 4 * BS) == FALLBACK
     assert s.lib.fallbacks == [("read", 4 * BS, 0)]
@@ -317,9 +334,42 @@ def test_overwrites_of_whole_blocks_are_sealed_natively(setup: Setup) -> None:
     assert os.fstat(s.fd).st_size == size  # in place
     assert _content(s) == before[: 2 * BS] + data + before[5 * BS :]  # Python reads it back
     assert s.lib.read(s.fd, 2 * BS, 3 * BS) == data
-    nonces = {os.pread(s.fd, 12, fmt.FILE_HEADER_LEN + n * CBS) for n in range(9)}
+    nonces = {os.pread(s.fd, 12, fmt.FILE_HEADER_LEN + n * s.cbs) for n in range(9)}
     assert len(nonces) == 9  # a fresh nonce per block
     assert s.lib.native.counters()["writes"] == 1
+
+
+def test_stream_writes_are_sealed_natively_once_keyed(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Sealer's whole-block jobs (``CipherFile.preseal``) of a keyed file are sealed in
+    C, both layers on a double volume, with fresh nonces; Python opens what it sealed.
+    Not keyed for that id, or wiped: Python seals."""
+    s = setup
+    nfile = s.cfile._nfile
+    assert nfile is not None and nfile.keyed == s.lib.native.generation
+    data = os.urandom(2 * STREAM_MIN)
+    python_seals: list[int] = []
+    file_cipher = s.keys.file_cipher
+
+    def counted(file_id: bytes) -> object:
+        python_seals.append(1)
+        return file_cipher(file_id)
+
+    monkeypatch.setattr(s.keys, "file_cipher", counted)
+    sealed = s.cfile.preseal(4 * BS, data)
+    assert sealed is not None and python_seals == []
+    file_id, blocks = sealed
+    nblocks = len(data) // BS
+    assert len(blocks) == nblocks * s.cbs
+    assert len({bytes(blocks[i * s.cbs : i * s.cbs + 12]) for i in range(nblocks)}) == nblocks
+    monkeypatch.undo()
+    s.cfile.write_now(s.fd, 4 * BS, data, presealed=sealed)
+    assert _content(s)[4 * BS :] == data  # Python opens both layers of what C sealed
+    out = bytearray(len(blocks))
+    assert not nfile.seal_into(os.urandom(16), 0, data, out)  # another id: not keyed for it
+    s.keys.wipe()
+    assert not nfile.seal_into(file_id, 0, data, out)  # no contexts after a wipe
 
 
 def test_every_other_write_goes_to_python(setup: Setup) -> None:
@@ -664,7 +714,8 @@ def test_wipe_drops_every_context_and_keying_again_brings_them_back(setup: Setup
     s.keys.wipe()  # the native path's contexts too (attach_native)
     assert s.lib.read(s.fd, 0, BS) == FALLBACK
     assert s.lib.write(s.fd, 0, content[:BS]) == FALLBACK
-    s.keys.load(bytearray(s.volume_key))  # resume: the next Python read keys it again
+    outer = None if s.outer_key is None else bytearray(s.outer_key)
+    s.keys.load(bytearray(s.volume_key), outer)  # resume: the next Python read keys it again
     s.cfile.read_into(s.fd, 0, memoryview(bytearray(BS)))
     assert s.lib.read(s.fd, 0, BS) == content[:BS]
 
@@ -676,7 +727,12 @@ def test_a_rekey_never_lets_the_native_path_seal_under_the_retiring_key(setup: S
     s = setup
     content = bytearray(_content(s))
     assert s.lib.write(s.fd, 0, bytes(content[:BS])) == BS  # keyed: native
-    new_keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=s.keys._volume_id, block_size=BS)
+    new_keys = VolumeKeys(
+        bytearray(os.urandom(32)),
+        volume_id=s.keys._volume_id,
+        block_size=BS,
+        outer_key=s.new_outer(),
+    )
     s.keys.retire(new_keys)
     data = os.urandom(BS)
     s.lib.write_fallback = lambda fd, buf, off: s.cfile.write(fd, off, buf)
@@ -708,17 +764,23 @@ def test_the_gate_shuts_native_requests_out(setup: Setup) -> None:
 
 
 def test_the_key_is_lent_from_the_locked_arena_and_zeroed_after(setup: Setup) -> None:
+    """32 bytes, the per-file key; on a double volume 64: then the outer per-file key.
+    Both are what the Python ciphers derive (the native path's blocks open in Python:
+    the tests above), distinct, and zero again once lent."""
     s = setup
     seen: list[bytes] = []
     file_id = os.urandom(16)
 
     def use(address: int) -> int:
         arena = s.keys._arena
-        assert arena.address <= address < arena.address + len(arena.view)
-        seen.append(ctypes.string_at(address, 32))
+        assert arena.address <= address and address + 64 <= arena.address + len(arena.view)
+        seen.append(ctypes.string_at(address, 64))
         return 7
 
     assert s.keys.lend_file_key(file_id, use) == 7
-    assert seen[0] != bytes(32)
+    inner, outer = seen[0][:32], seen[0][32:]
+    assert inner != bytes(32)
+    assert (outer != bytes(32)) == (s.outer_key is not None) and outer != inner
     scratch = keys_module._SLOTS["scratch"][0]
-    assert ctypes.string_at(s.keys._arena.address + scratch, 32) == bytes(32)
+    assert keys_module._SLOTS["scratch_outer"][0] == scratch + 32
+    assert ctypes.string_at(s.keys._arena.address + scratch, 64) == bytes(64)

@@ -233,8 +233,9 @@ class EncfsOperations:
 
     def counter_values(self) -> dict[str, int]:
         """``counters`` with what the native path served added in; with it, also how many
-        reads and writes it served (``native_reads``, ``native_writes``) and how many
-        requests it handed to Python (``native_fallbacks``)."""
+        reads and writes it served (``native_reads``, ``native_writes``), how many
+        requests it handed to Python (``native_fallbacks``) and how many bytes of stream
+        writes it sealed (``native_bytes_sealed``)."""
         values = asdict(self.counters)
         if self.native is not None:
             native = self.native.counters()
@@ -243,6 +244,7 @@ class EncfsOperations:
             values["native_reads"] = native["reads"]
             values["native_writes"] = native["writes"]
             values["native_fallbacks"] = native["fallbacks"]
+            values["native_bytes_sealed"] = native["bytes_sealed"]
         return values
 
     @property

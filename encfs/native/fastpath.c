@@ -28,10 +28,17 @@
  *   - GETATTR: by handle (fstat of the backing fd, plaintext size); GETXATTR: a name
  *     outside user.* (the kernel's security.capability probe) is answered here.
  *
+ * Besides libfuse's callbacks, one service for Python: fp_file_seal seals the whole
+ * blocks of a stream write for Python's Sealer (encfs/cipherfile.py), which writes them;
+ * one call per job with the GIL released, instead of a pyca call per block and layer.
+ *
  * Layout (docs/FORMAT.md section 5, as encfs/crypto.py BlockCipher): block n of B plaintext
  * bytes is at cipher offset 18 + n*(B+28): nonce(12) || AES-256-GCM(ct) || tag(16), with
- * associated data file_id(16) || u64be(n), a fresh random nonce per write. OpenSSL's
- * libcrypto does the AEAD and the nonces: the same algorithm, no cryptography of our own.
+ * associated data file_id(16) || u64be(n), a fresh random nonce per write. On a DOUBLE
+ * volume (section 5.2) that inner block is sealed again, whole, with ChaCha20-Poly1305
+ * under the outer per-file key, its own fresh nonce and the same associated data: block n
+ * is at 18 + n*(B+56), nonce2(12) || ChaCha20-Poly1305(inner block) || tag2(16). OpenSSL's
+ * libcrypto does the AEADs and the nonces: the same algorithms, no cryptography of our own.
  *
  * The cipher dir is hostile input: every length and offset is bounded here, and nothing
  * but a file already opened by encfs/backing.py (a regular file) is ever read or written.
@@ -58,11 +65,12 @@
 
 #define FP_API __attribute__((visibility("default"))) /* what fastpath.py calls */
 
-#define FP_VERSION 4             /* fastpath.py checks it: a stale build is not used */
+#define FP_VERSION 5             /* fastpath.py checks it: a stale build is not used */
 #define FP_HEADER_LEN 18         /* file header: version(2) || file_id(16) */
 #define FP_NONCE_LEN 12
 #define FP_TAG_LEN 16
-#define FP_OVERHEAD (FP_NONCE_LEN + FP_TAG_LEN)
+#define FP_OVERHEAD (FP_NONCE_LEN + FP_TAG_LEN) /* per layer; fp.overhead: per block */
+#define FP_KEY_LEN 32
 #define FP_FILE_ID_LEN 16
 #define FP_MIN_BLOCK 4096
 #define FP_MAX_BLOCK 65536
@@ -106,9 +114,11 @@ struct fp_file {
 	pthread_mutex_t lock;
 	pthread_mutex_t mu;        /* guards `master` and making slot contexts from it */
 	EVP_CIPHER_CTX *master;    /* keyed template; never used to encrypt or decrypt */
+	EVP_CIPHER_CTX *outer_master; /* the same for the outer layer (DOUBLE), else NULL */
 	struct {
 		atomic_int busy;
 		EVP_CIPHER_CTX *ctx;
+		EVP_CIPHER_CTX *outer;  /* DOUBLE only */
 	} slot[FP_SLOTS];
 	int has_id;                /* changed only while every slot is claimed */
 	unsigned char file_id[FP_FILE_ID_LEN];
@@ -123,6 +133,8 @@ static struct {
 	void *fallback[FP_NOPS];   /* the Python callbacks (mfusepy's thunks) */
 	size_t fh_offset;          /* offsetof(struct fuse_file_info, fh), from the binding */
 	uint32_t block_size;
+	uint32_t overhead;         /* per block: FP_OVERHEAD, twice that on a DOUBLE volume */
+	int double_;               /* DOUBLE: two layers (the outer one ChaCha20-Poly1305) */
 	int read_only;
 	int foreign_errno;         /* what a getxattr outside user.* answers */
 	_Atomic(struct fp_file *) *fds; /* fd -> entry; NULL: not served natively */
@@ -130,13 +142,13 @@ static struct {
 	atomic_int open;           /* the suspension gate, as Python's fs.kcache.Gate */
 	atomic_int aliases;        /* some file has other names to invalidate: writes to Python */
 	atomic_long inflight;      /* native requests inside the gate */
-	atomic_ulong counter[6];
+	atomic_ulong counter[7];
 	void (*between)(void);     /* tests only: runs where a write can race a native read */
 	pthread_mutex_t files_mu;
 	struct fp_file *files;
 } fp = {.files_mu = PTHREAD_MUTEX_INITIALIZER};
 
-enum { C_READS, C_READ_BYTES, C_WRITES, C_WRITE_BYTES, C_PROBES, C_FALLBACKS };
+enum { C_READS, C_READ_BYTES, C_WRITES, C_WRITE_BYTES, C_PROBES, C_FALLBACKS, C_SEALED, C_NCOUNTERS };
 
 static pthread_key_t buf_key;
 static pthread_once_t buf_once = PTHREAD_ONCE_INIT;
@@ -170,10 +182,12 @@ static void count(int which, unsigned long n) { atomic_fetch_add(&fp.counter[whi
 FP_API int fp_version(void) { return FP_VERSION; }
 
 /*
- * Reset the mount state (once per process, before libfuse serves): block size, read-only,
- * the errno of a getxattr outside user.*; `nfds` bounds the fds that can be served.
+ * Reset the mount state (once per process, before libfuse serves): block size, whether
+ * the volume is DOUBLE, read-only, the errno of a getxattr outside user.*; `nfds` bounds
+ * the fds that can be served.
  */
-FP_API int fp_setup(uint32_t block_size, int read_only, int foreign_errno, size_t nfds)
+FP_API int fp_setup(uint32_t block_size, int double_, int read_only, int foreign_errno,
+		    size_t nfds)
 {
 	if (block_size < FP_MIN_BLOCK || block_size > FP_MAX_BLOCK || block_size % FP_MIN_BLOCK)
 		return -EINVAL;
@@ -185,11 +199,13 @@ FP_API int fp_setup(uint32_t block_size, int read_only, int foreign_errno, size_
 		return -ENOMEM;
 	fp.nfds = nfds;
 	fp.block_size = block_size;
+	fp.double_ = double_ != 0;
+	fp.overhead = fp.double_ ? 2 * FP_OVERHEAD : FP_OVERHEAD;
 	fp.read_only = read_only;
 	fp.foreign_errno = foreign_errno;
 	memset(fp.fallback, 0, sizeof(fp.fallback));
 	fp.between = NULL;
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < C_NCOUNTERS; i++)
 		atomic_store(&fp.counter[i], 0);
 	atomic_store(&fp.aliases, 0);
 	atomic_store(&fp.open, 1);
@@ -249,9 +265,9 @@ FP_API void fp_set_aliases(int any) { atomic_store(&fp.aliases, any != 0); }
  */
 FP_API void fp_test_between(void (*between)(void)) { fp.between = between; }
 
-FP_API void fp_counters(unsigned long out[6])
+FP_API void fp_counters(unsigned long out[C_NCOUNTERS])
 {
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < C_NCOUNTERS; i++)
 		out[i] = atomic_load(&fp.counter[i]);
 }
 
@@ -312,10 +328,14 @@ static void drop_contexts(struct fp_file *f)
 	pthread_mutex_lock(&f->mu);
 	for (int i = 0; i < FP_SLOTS; i++) {
 		EVP_CIPHER_CTX_free(f->slot[i].ctx);
+		EVP_CIPHER_CTX_free(f->slot[i].outer);
 		f->slot[i].ctx = NULL;
+		f->slot[i].outer = NULL;
 	}
 	EVP_CIPHER_CTX_free(f->master);
+	EVP_CIPHER_CTX_free(f->outer_master);
 	f->master = NULL;
+	f->outer_master = NULL;
 	pthread_mutex_unlock(&f->mu);
 }
 
@@ -338,9 +358,21 @@ FP_API int fp_file_set_id(struct fp_file *f, const unsigned char *file_id, int w
 	return 0;
 }
 
+/* A context of `cipher` keyed with `key`, or NULL. */
+static EVP_CIPHER_CTX *keyed_context(const EVP_CIPHER *cipher, const unsigned char *key)
+{
+	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+	if (ctx == NULL || EVP_CipherInit_ex(ctx, cipher, NULL, key, NULL, 0) != 1) {
+		EVP_CIPHER_CTX_free(ctx);
+		return NULL;
+	}
+	return ctx;
+}
+
 /*
- * Key the entry with the 32-byte key at `key` (keys.py's locked arena; not kept: only
- * OpenSSL's context holds the schedule) for file id `file_id`. Returns 0, or -errno.
+ * Key the entry for file id `file_id` from the key at `key` (keys.py's locked arena; not
+ * kept: only OpenSSL's contexts hold the schedules): 32 bytes, the per-file key; on a
+ * DOUBLE volume 64, the per-file key then the outer per-file key. Returns 0, or -errno.
  * No-op if keyed; -ESTALE if the entry's id is another (it changed meanwhile). Called
  * with the file's lock held (as fp_file_set_id is: the id cannot change meanwhile).
  */
@@ -352,12 +384,17 @@ FP_API int fp_file_set_key(struct fp_file *f, const unsigned char *file_id,
 		return -ESTALE;
 	pthread_mutex_lock(&f->mu);
 	if (f->master == NULL) {
-		EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-		if (ctx == NULL || EVP_CipherInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL, 0) != 1) {
-			EVP_CIPHER_CTX_free(ctx);
+		EVP_CIPHER_CTX *inner = keyed_context(EVP_aes_256_gcm(), key);
+		EVP_CIPHER_CTX *outer = NULL;
+		if (inner != NULL && fp.double_)
+			outer = keyed_context(EVP_chacha20_poly1305(), key + FP_KEY_LEN);
+		if (inner == NULL || (fp.double_ && outer == NULL)) {
+			EVP_CIPHER_CTX_free(inner);
+			EVP_CIPHER_CTX_free(outer);
 			rc = -EIO;
 		} else {
-			f->master = ctx;
+			f->master = inner;
+			f->outer_master = outer;
 		}
 	}
 	pthread_mutex_unlock(&f->mu);
@@ -424,7 +461,18 @@ FP_API int fp_wipe(long timeout_ms)
 
 /* ---- serving ----------------------------------------------------------------------------- */
 
-/* A slot with a context for `f` (claimed: release_slot after use), or -1. */
+/* A copy of the keyed template `master`, or NULL. */
+static EVP_CIPHER_CTX *copy_context(const EVP_CIPHER_CTX *master)
+{
+	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+	if (ctx != NULL && EVP_CIPHER_CTX_copy(ctx, master) == 1)
+		return ctx;
+	EVP_CIPHER_CTX_free(ctx);
+	return NULL;
+}
+
+/* A slot with a context (two on a DOUBLE volume) for `f` (claimed: release_slot after
+ * use), or -1. */
 static int grab_slot(struct fp_file *f)
 {
 	for (int i = 0; i < FP_SLOTS; i++) {
@@ -434,11 +482,16 @@ static int grab_slot(struct fp_file *f)
 		if (f->slot[i].ctx == NULL && f->has_id) {
 			pthread_mutex_lock(&f->mu);
 			if (f->master != NULL) {
-				EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-				if (ctx != NULL && EVP_CIPHER_CTX_copy(ctx, f->master) == 1)
+				EVP_CIPHER_CTX *ctx = copy_context(f->master);
+				EVP_CIPHER_CTX *outer = NULL;
+				if (ctx != NULL && f->outer_master != NULL)
+					outer = copy_context(f->outer_master);
+				if (ctx != NULL && (f->outer_master == NULL || outer != NULL)) {
 					f->slot[i].ctx = ctx;
-				else
+					f->slot[i].outer = outer;
+				} else {
 					EVP_CIPHER_CTX_free(ctx);
+				}
 			}
 			pthread_mutex_unlock(&f->mu);
 		}
@@ -460,38 +513,66 @@ static void block_ad(unsigned char ad[FP_FILE_ID_LEN + 8], const unsigned char *
 		ad[FP_FILE_ID_LEN + i] = (unsigned char)(block_no >> (56 - 8 * i));
 }
 
-/* Open one whole block: 1 if it authenticates (plaintext in `out`), else 0. */
-static int open_block(EVP_CIPHER_CTX *ctx, const unsigned char *file_id, uint64_t block_no,
-		      const unsigned char *in, unsigned char *out, int plain_len)
+/* Open one layer, `in` = nonce || ciphertext (len bytes) || tag: 1 if it authenticates
+ * (its plaintext in `out`), else 0. */
+static int open_layer(EVP_CIPHER_CTX *ctx, const unsigned char ad[FP_FILE_ID_LEN + 8],
+		      const unsigned char *in, unsigned char *out, int len)
 {
-	unsigned char ad[FP_FILE_ID_LEN + 8];
 	unsigned char tag[FP_TAG_LEN];
-	int len;
-	block_ad(ad, file_id, block_no);
-	memcpy(tag, in + FP_NONCE_LEN + plain_len, FP_TAG_LEN);
+	int n;
+	memcpy(tag, in + FP_NONCE_LEN + len, FP_TAG_LEN);
 	return EVP_CipherInit_ex(ctx, NULL, NULL, NULL, in, 0) == 1
-	       && EVP_CipherUpdate(ctx, NULL, &len, ad, sizeof(ad)) == 1
-	       && EVP_CipherUpdate(ctx, out, &len, in + FP_NONCE_LEN, plain_len) == 1
-	       && len == plain_len
-	       && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, FP_TAG_LEN, tag) == 1
-	       && EVP_CipherFinal_ex(ctx, out + len, &len) == 1;
+	       && EVP_CipherUpdate(ctx, NULL, &n, ad, FP_FILE_ID_LEN + 8) == 1
+	       && EVP_CipherUpdate(ctx, out, &n, in + FP_NONCE_LEN, len) == 1
+	       && n == len
+	       && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, FP_TAG_LEN, tag) == 1
+	       && EVP_CipherFinal_ex(ctx, out + n, &n) == 1;
 }
 
-/* Seal one whole block into `out` (nonce || ciphertext || tag): 1, or 0 on failure. */
-static int seal_block(EVP_CIPHER_CTX *ctx, const unsigned char *file_id, uint64_t block_no,
-		      const unsigned char *in, unsigned char *out, int plain_len)
+/* Seal one layer of `len` bytes into `out` = nonce || ciphertext || tag: 1, or 0. */
+static int seal_layer(EVP_CIPHER_CTX *ctx, const unsigned char ad[FP_FILE_ID_LEN + 8],
+		      const unsigned char *in, unsigned char *out, int len)
 {
-	unsigned char ad[FP_FILE_ID_LEN + 8];
-	int len;
-	block_ad(ad, file_id, block_no);
+	int n;
 	return RAND_bytes(out, FP_NONCE_LEN) == 1
 	       && EVP_CipherInit_ex(ctx, NULL, NULL, NULL, out, 1) == 1
-	       && EVP_CipherUpdate(ctx, NULL, &len, ad, sizeof(ad)) == 1
-	       && EVP_CipherUpdate(ctx, out + FP_NONCE_LEN, &len, in, plain_len) == 1
-	       && len == plain_len
-	       && EVP_CipherFinal_ex(ctx, out + FP_NONCE_LEN + len, &len) == 1
-	       && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, FP_TAG_LEN,
-				      out + FP_NONCE_LEN + plain_len) == 1;
+	       && EVP_CipherUpdate(ctx, NULL, &n, ad, FP_FILE_ID_LEN + 8) == 1
+	       && EVP_CipherUpdate(ctx, out + FP_NONCE_LEN, &n, in, len) == 1
+	       && n == len
+	       && EVP_CipherFinal_ex(ctx, out + FP_NONCE_LEN + n, &n) == 1
+	       && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, FP_TAG_LEN,
+				      out + FP_NONCE_LEN + len) == 1;
+}
+
+/*
+ * Open one whole block of `plain_len` plaintext bytes: 1 if it authenticates (plaintext
+ * in `out`), else 0. `outer` (DOUBLE only, else NULL) first opens the outer layer into
+ * `inner_buf` (plain_len + FP_OVERHEAD bytes: the inner block, ciphertext still).
+ */
+static int open_block(EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *outer, const unsigned char *file_id,
+		      uint64_t block_no, const unsigned char *in, unsigned char *out,
+		      int plain_len, unsigned char *inner_buf)
+{
+	unsigned char ad[FP_FILE_ID_LEN + 8];
+	block_ad(ad, file_id, block_no);
+	if (outer == NULL)
+		return open_layer(ctx, ad, in, out, plain_len);
+	return open_layer(outer, ad, in, inner_buf, plain_len + FP_OVERHEAD)
+	       && open_layer(ctx, ad, inner_buf, out, plain_len);
+}
+
+/* Seal one whole block into `out` (its backing bytes): 1, or 0 on failure. `outer` and
+ * `inner_buf` as for open_block. */
+static int seal_block(EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *outer, const unsigned char *file_id,
+		      uint64_t block_no, const unsigned char *in, unsigned char *out,
+		      int plain_len, unsigned char *inner_buf)
+{
+	unsigned char ad[FP_FILE_ID_LEN + 8];
+	block_ad(ad, file_id, block_no);
+	if (outer == NULL)
+		return seal_layer(ctx, ad, in, out, plain_len);
+	return seal_layer(ctx, ad, in, inner_buf, plain_len)
+	       && seal_layer(outer, ad, inner_buf, out, plain_len + FP_OVERHEAD);
 }
 
 /* pread until `len` bytes or the end of the file; -1 on an error. */
@@ -551,7 +632,7 @@ static uint64_t fh_of(const void *fi)
 /* Whether [off, off+size) is whole blocks, and which; 0 if not (or out of range). */
 static int block_span(size_t size, off_t off, size_t max, uint64_t *first, size_t *nblocks)
 {
-	const size_t bs = fp.block_size, cbs = bs + FP_OVERHEAD;
+	const size_t bs = fp.block_size, cbs = bs + fp.overhead;
 	if (off < 0 || size == 0 || size > max || (uint64_t)off % bs || size % bs)
 		return 0;
 	*first = (uint64_t)off / bs;
@@ -563,7 +644,7 @@ static int block_span(size_t size, off_t off, size_t max, uint64_t *first, size_
 /* The read, or -1: not the happy path (the caller hands it to Python). */
 static int serve_read(uint64_t fh, char *buf, size_t size, off_t off)
 {
-	const size_t bs = fp.block_size, cbs = bs + FP_OVERHEAD;
+	const size_t bs = fp.block_size, cbs = bs + fp.overhead;
 	struct fp_file *f;
 	uint64_t seq, first;
 	size_t nblocks;
@@ -579,22 +660,23 @@ static int serve_read(uint64_t fh, char *buf, size_t size, off_t off)
 	seq = atomic_load_explicit(&f->seq, memory_order_acquire);
 	if (seq & 1 || atomic_load_explicit(&f->queued, memory_order_acquire))
 		goto out;
-	cipher = thread_buffer(nblocks * cbs);
+	cipher = thread_buffer(nblocks * cbs + bs + FP_OVERHEAD); /* + an inner block */
 	if (cipher == NULL)
 		goto out;
 	slot = grab_slot(f);
 	if (slot < 0)
 		goto out;
 	got = pread_full((int)fh, cipher, nblocks * cbs, (off_t)(FP_HEADER_LEN + first * cbs));
-	/* A partial last block (more than 28 bytes after the whole ones) goes to Python
-	 * (short blocks need its stack scrub); 1..28 trailing bytes hold no plaintext and
-	 * are not read, as format.Geometry.plain_size says. */
-	if (got >= 0 && (size_t)got % cbs <= FP_OVERHEAD) {
+	/* A partial last block (more than the overhead after the whole ones) goes to Python
+	 * (short blocks need its stack scrub); 1..overhead trailing bytes hold no plaintext
+	 * and are not read, as format.Geometry.plain_size says. */
+	if (got >= 0 && (size_t)got % cbs <= fp.overhead) {
 		size_t whole = (size_t)got / cbs;
 		rc = (int)(whole * bs);
 		for (size_t i = 0; i < whole && rc >= 0; i++)
-			if (!open_block(f->slot[slot].ctx, f->file_id, first + i, cipher + i * cbs,
-					(unsigned char *)buf + i * bs, (int)bs))
+			if (!open_block(f->slot[slot].ctx, f->slot[slot].outer, f->file_id, first + i,
+					cipher + i * cbs, (unsigned char *)buf + i * bs, (int)bs,
+					cipher + nblocks * cbs))
 				rc = -1;
 	}
 	release_slot(f, slot);
@@ -612,7 +694,7 @@ out:
 /* The write, or -1: not the happy path (nothing was written; Python does it). */
 static int serve_write(uint64_t fh, const char *buf, size_t size, off_t off)
 {
-	const size_t bs = fp.block_size, cbs = bs + FP_OVERHEAD;
+	const size_t bs = fp.block_size, cbs = bs + fp.overhead;
 	struct fp_file *f;
 	struct stat st;
 	uint64_t first;
@@ -631,7 +713,7 @@ static int serve_write(uint64_t fh, const char *buf, size_t size, off_t off)
 	if (atomic_load(&f->queued) || fstat((int)fh, &st) != 0 || st.st_size < FP_HEADER_LEN
 	    || first + nblocks > (uint64_t)(st.st_size - FP_HEADER_LEN) / cbs)
 		goto unlock; /* only blocks that exist whole: no size change */
-	cipher = thread_buffer(nblocks * cbs);
+	cipher = thread_buffer(nblocks * cbs + bs + FP_OVERHEAD); /* + an inner block */
 	if (cipher == NULL)
 		goto unlock;
 	slot = grab_slot(f);
@@ -639,8 +721,9 @@ static int serve_write(uint64_t fh, const char *buf, size_t size, off_t off)
 		goto unlock;
 	rc = (int)size;
 	for (size_t i = 0; i < nblocks && rc >= 0; i++)
-		if (!seal_block(f->slot[slot].ctx, f->file_id, first + i,
-				(const unsigned char *)buf + i * bs, cipher + i * cbs, (int)bs))
+		if (!seal_block(f->slot[slot].ctx, f->slot[slot].outer, f->file_id, first + i,
+				(const unsigned char *)buf + i * bs, cipher + i * cbs, (int)bs,
+				cipher + nblocks * cbs))
 			rc = -1;
 	release_slot(f, slot);
 	if (rc >= 0) {
@@ -657,10 +740,58 @@ out:
 	return rc;
 }
 
+/*
+ * Seal `len` bytes of plaintext at `in` (whole blocks, the first block number `first`)
+ * into `out` (len / B * (B + overhead) bytes) for Python's Sealer, which writes them
+ * (CipherFile.preseal): 0, or -errno and `out` is not to be used (-ESTALE: the entry is
+ * keyed for another id than `file_id`, or not keyed; -ESHUTDOWN: the gate is shut).
+ * Python calls it with its GIL released; it touches neither the file nor the seqlock.
+ */
+FP_API int fp_file_seal(struct fp_file *f, const unsigned char *file_id, uint64_t first,
+			const unsigned char *in, size_t len, unsigned char *out)
+{
+	const size_t bs = fp.block_size, cbs = bs + fp.overhead;
+	size_t nblocks;
+	unsigned char *inner;
+	int slot, rc = 0;
+
+	if (f == NULL || len == 0 || len % bs || len > (64u << 20)
+	    || first > UINT64_MAX - len / bs)
+		return -EINVAL;
+	nblocks = len / bs;
+	atomic_fetch_add(&fp.inflight, 1);
+	if (!atomic_load(&fp.open)) {
+		rc = -ESHUTDOWN;
+		goto out;
+	}
+	inner = thread_buffer(bs + FP_OVERHEAD);
+	if (inner == NULL) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	slot = grab_slot(f); /* holding it, the id cannot change (fp_file_set_id) */
+	if (slot < 0) {
+		rc = -ESTALE;
+		goto out;
+	}
+	if (memcmp(f->file_id, file_id, FP_FILE_ID_LEN) != 0)
+		rc = -ESTALE;
+	for (size_t i = 0; i < nblocks && rc == 0; i++)
+		if (!seal_block(f->slot[slot].ctx, f->slot[slot].outer, f->file_id, first + i,
+				in + i * bs, out + i * cbs, (int)bs, inner))
+			rc = -EIO;
+	release_slot(f, slot);
+	if (rc == 0)
+		count(C_SEALED, len);
+out:
+	leave();
+	return rc;
+}
+
 /* getattr by handle, or -1. Python's EncfsOperations.stat(fh) and binding._fill_stat. */
 static int serve_getattr(uint64_t fh, struct stat *out)
 {
-	const uint64_t cbs = fp.block_size + FP_OVERHEAD;
+	const uint64_t cbs = fp.block_size + fp.overhead;
 	struct fp_file *f = enter(fh);
 	int rc = -1;
 	if (f == NULL || atomic_load(&f->queued) || atomic_load(&f->seq) & 1)
@@ -673,7 +804,7 @@ static int serve_getattr(uint64_t fh, struct stat *out)
 		uint64_t body = (uint64_t)out->st_size - FP_HEADER_LEN;
 		uint64_t rest = body % cbs;
 		out->st_size = (off_t)(body / cbs * fp.block_size
-				       + (rest > FP_OVERHEAD ? rest - FP_OVERHEAD : 0));
+				       + (rest > fp.overhead ? rest - fp.overhead : 0));
 	}
 	out->st_dev = 0;
 	rc = 0;
