@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from tests.harness import Volume
+from tests.harness import MakeVolume, Volume
 
 NAMES = st.sampled_from(["a", "b", "c", "long" + "n" * 200, "ü"])
 DIRS = st.sampled_from(["", "d1", "d1/d2", "d3"])
@@ -133,11 +133,13 @@ class FsModel(RuleBasedStateMachine):
 
 
 @pytest.mark.slow
-def test_model(vol: Volume) -> None:
-    FsModel.vol = vol
+@pytest.mark.parametrize(("double", "examples"), [(False, 20), (True, 8)], ids=["single", "double"])
+def test_model(make_volume: MakeVolume, double: bool, examples: int) -> None:
+    """On a double volume too (both layers, in Python and in the native path)."""
+    FsModel.vol = make_volume(double=double)
     runner = FsModel.TestCase
     runner.settings = settings(
-        max_examples=20,
+        max_examples=examples,
         stateful_step_count=30,
         deadline=None,
         derandomize=True,
