@@ -162,7 +162,9 @@ class NativeFile:
         writes (``CipherFile.preseal``). False (``out`` unusable) if the entry is not keyed
         for ``file_id`` or the gate is shut; the caller then seals in Python."""
         buf = (ctypes.c_char * len(out)).from_buffer(out)
-        rc = self._waits.fp_file_seal(self._ptr, file_id, first_block_no, plain, len(plain), buf)
+        rc = self._waits.fp_file_seal(
+            self._ptr, file_id, first_block_no, plain, len(plain), buf, len(out)
+        )
         if rc == 0:
             return True
         if rc in (-_ESTALE, -_ESHUTDOWN):
@@ -283,7 +285,11 @@ def _declare(lib: ctypes.CDLL | ctypes.PyDLL) -> None:
         ("fp_file_new", vp, ()),
         ("fp_file_set_id", c_int, (vp, ctypes.c_char_p, c_int)),
         ("fp_file_set_key", c_int, (vp, ctypes.c_char_p, vp)),
-        ("fp_file_seal", c_int, (vp, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_char_p, sz, vp)),
+        (
+            "fp_file_seal",
+            c_int,
+            (vp, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_char_p, sz, vp, sz),
+        ),
         ("fp_file_trylock", c_int, (vp,)),
         ("fp_file_lock", None, (vp,)),
         ("fp_file_unlock", None, (vp,)),

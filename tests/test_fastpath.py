@@ -368,6 +368,9 @@ def test_stream_writes_are_sealed_natively_once_keyed(
     assert _content(s)[4 * BS :] == data  # Python opens both layers of what C sealed
     out = bytearray(len(blocks))
     assert not nfile.seal_into(os.urandom(16), 0, data, out)  # another id: not keyed for it
+    with pytest.raises(OSError) as exc:  # an output of another length is refused, not overrun
+        nfile.seal_into(file_id, 0, data, bytearray(len(blocks) - 1))
+    assert exc.value.errno == errno.EINVAL
     s.keys.wipe()
     assert not nfile.seal_into(file_id, 0, data, out)  # no contexts after a wipe
 

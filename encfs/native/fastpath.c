@@ -742,13 +742,14 @@ out:
 
 /*
  * Seal `len` bytes of plaintext at `in` (whole blocks, the first block number `first`)
- * into `out` (len / B * (B + overhead) bytes) for Python's Sealer, which writes them
- * (CipherFile.preseal): 0, or -errno and `out` is not to be used (-ESTALE: the entry is
- * keyed for another id than `file_id`, or not keyed; -ESHUTDOWN: the gate is shut).
- * Python calls it with its GIL released; it touches neither the file nor the seqlock.
+ * into `out` (`out_len` bytes, which must be len / B * (B + overhead)) for Python's
+ * Sealer, which writes them (CipherFile.preseal): 0, or -errno and `out` is not to be
+ * used (-ESTALE: the entry is keyed for another id than `file_id`, or not keyed;
+ * -ESHUTDOWN: the gate is shut; -EINVAL: the lengths do not fit). Python calls it with
+ * its GIL released; it touches neither the file nor the seqlock.
  */
 FP_API int fp_file_seal(struct fp_file *f, const unsigned char *file_id, uint64_t first,
-			const unsigned char *in, size_t len, unsigned char *out)
+			const unsigned char *in, size_t len, unsigned char *out, size_t out_len)
 {
 	const size_t bs = fp.block_size, cbs = bs + fp.overhead;
 	size_t nblocks;
@@ -756,7 +757,7 @@ FP_API int fp_file_seal(struct fp_file *f, const unsigned char *file_id, uint64_
 	int slot, rc = 0;
 
 	if (f == NULL || len == 0 || len % bs || len > (64u << 20)
-	    || first > UINT64_MAX - len / bs)
+	    || out_len != len / bs * cbs || first > UINT64_MAX - len / bs)
 		return -EINVAL;
 	nblocks = len / bs;
 	atomic_fetch_add(&fp.inflight, 1);
