@@ -39,7 +39,7 @@ import ctypes
 import logging
 import mmap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -287,29 +287,10 @@ class VolumeKeys:
         cipher = self._file_ciphers.get(file_id)
         if cipher is not None:
             return cipher
-        with self._lock:
-            self._check()
-            scratch = self._slot("scratch")
-            crypto.hkdf_into(
-                self._slot("content"), salt=None, info=b"encfs/v1/file" + file_id, out=scratch
+        with self._lock, self._file_keys(file_id) as (key, outer):
+            cipher = crypto.BlockCipher(
+                key, file_id, self._block_size, self._crypto_gate, outer_key=outer
             )
-            outer: memoryview | None = None
-            if self.double:
-                outer = self._slot("scratch_outer")
-                crypto.hkdf_into(
-                    self._slot("outer_content"),
-                    salt=None,
-                    info=b"encfs/v1/outer-file" + file_id,
-                    out=outer,
-                )
-            try:
-                cipher = crypto.BlockCipher(
-                    scratch, file_id, self._block_size, self._crypto_gate, outer_key=outer
-                )
-            finally:
-                scratch[:] = bytes(len(scratch))
-                if outer is not None:
-                    outer[:] = bytes(len(outer))
             if len(self._file_ciphers) >= _FILE_CIPHER_CACHE_MAX:
                 self._file_ciphers.clear()
             self._file_ciphers[file_id] = cipher
@@ -332,12 +313,20 @@ class VolumeKeys:
         only during the call: native code makes its cipher contexts from them and keeps no
         copy), zero them, and return what ``use`` returned. No Python object ever holds a
         key. Raises ``VolumeSuspended`` when wiped."""
-        with self._lock:
-            self._check()
-            scratch = self._slot("scratch")
-            outer = self._slot("scratch_outer")  # the 32 bytes right after ``scratch``
+        with self._lock, self._file_keys(file_id):
+            return use(self._arena.address + _SLOTS["scratch"][0])
+
+    @contextlib.contextmanager
+    def _file_keys(self, file_id: bytes) -> Iterator[tuple[memoryview, memoryview | None]]:
+        """``file_id``'s per-file key, and on a double volume its outer per-file key,
+        derived into the arena's scratch slots (adjacent: ``lend_file_key`` lends both
+        by one address) for the ``with`` block, zeroed after it. Caller holds ``_lock``.
+        Raises ``VolumeSuspended`` when wiped."""
+        self._check()
+        key, outer = self._slot("scratch"), self._slot("scratch_outer")
+        try:
             crypto.hkdf_into(
-                self._slot("content"), salt=None, info=b"encfs/v1/file" + file_id, out=scratch
+                self._slot("content"), salt=None, info=b"encfs/v1/file" + file_id, out=key
             )
             if self.double:
                 crypto.hkdf_into(
@@ -346,11 +335,10 @@ class VolumeKeys:
                     info=b"encfs/v1/outer-file" + file_id,
                     out=outer,
                 )
-            try:
-                return use(self._arena.address + _SLOTS["scratch"][0])
-            finally:
-                scratch[:] = bytes(len(scratch))
-                outer[:] = bytes(len(outer))
+            yield key, outer if self.double else None
+        finally:
+            key[:] = bytes(len(key))
+            outer[:] = bytes(len(outer))
 
     def check_value(self) -> bytes:
         """The volume key's check value (module docstring); never the key."""
