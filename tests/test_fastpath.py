@@ -6,6 +6,7 @@ writer, keys, wipe and the gate. Through a live mount: test_fs.py."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -170,15 +171,30 @@ def setup(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
     )
     keys.attach_native(native)
     path = tmp_path / "f"
+    with _open_file(path, native, keys) as (cfile, fd):
+        cfile.write(fd, 0, bytes(range(256)) * 16 * 8 + b"tail")
+        _key(cfile, fd)
+        cbs = keys.geometry.cipher_block_size
+        yield Setup(lib, keys, volume_key, cfile, fd, path, cbs, outer_key)
+
+
+@contextlib.contextmanager
+def _open_file(
+    path: Path, native: NativeIO, keys: VolumeKeys | None = None
+) -> Iterator[tuple[CipherFile, int]]:
+    """A new backing file at ``path`` as the daemon has it open: a ``CipherFile`` (of
+    ``keys``, else of a fresh single-layer key) with its fd attached; closed after."""
+    if keys is None:
+        keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=os.urandom(16), block_size=BS)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     cfile = CipherFile(keys, keys.geometry, str(path), Sealer(), native=native)
     cfile.attach_fd(fd)
-    cfile.write(fd, 0, bytes(range(256)) * 16 * 8 + b"tail")
-    _key(cfile, fd)
-    yield Setup(lib, keys, volume_key, cfile, fd, path, keys.geometry.cipher_block_size, outer_key)
-    cfile.forget_fd(fd)
-    cfile.close()
-    os.close(fd)
+    try:
+        yield cfile, fd
+    finally:
+        cfile.forget_fd(fd)
+        cfile.close()
+        os.close(fd)
 
 
 def _key(cfile: CipherFile, fd: int) -> None:
@@ -297,11 +313,7 @@ def test_a_file_being_written_or_with_queued_writes_goes_to_python(setup: Setup)
 def test_a_file_is_served_only_once_keyed_and_only_under_its_own_id(tmp_path: Path) -> None:
     native = _load()
     lib = Lib(native)
-    keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=os.urandom(16), block_size=BS)
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
-    cfile = CipherFile(keys, fmt.Geometry(BS), "f", Sealer(), native=native)
-    cfile.attach_fd(fd)
-    try:
+    with _open_file(tmp_path / "f", native) as (cfile, fd):
         first = os.urandom(4 * BS)
         cfile.write(fd, 0, first)
         assert lib.read(fd, 0, BS) == FALLBACK  # the entry has no key yet
@@ -315,10 +327,6 @@ def test_a_file_is_served_only_once_keyed_and_only_under_its_own_id(tmp_path: Pa
         assert lib.read(fd, 0, BS) == FALLBACK  # the old key is never used for it
         _key(cfile, fd)
         assert lib.read(fd, BS, BS) == second[BS : 2 * BS]
-    finally:
-        cfile.forget_fd(fd)
-        cfile.close()
-        os.close(fd)
 
 
 # --- writes ---------------------------------------------------------------------------
@@ -416,11 +424,7 @@ def test_what_python_must_see_is_known_to_an_entry_made_later(tmp_path: Path, re
     writes must go through Python: the entry starts out knowing it."""
     native = _load()
     lib = Lib(native)
-    keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=os.urandom(16), block_size=BS)
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
-    cfile = CipherFile(keys, fmt.Geometry(BS), "f", Sealer(), native=native)
-    cfile.attach_fd(fd)
-    try:
+    with _open_file(tmp_path / "f", native) as (cfile, fd):
         cfile.write(fd, 0, os.urandom(4 * BS))
         if reason == "set-ID bits":
             cfile.setid = True  # as OpenFiles.attach does for a set-ID file
@@ -430,10 +434,6 @@ def test_what_python_must_see_is_known_to_an_entry_made_later(tmp_path: Path, re
         _key(cfile, fd)
         assert cfile._nfile is not None and lib.read(fd, 0, BS) != FALLBACK  # made, keyed
         assert lib.write(fd, 0, bytes(BS)) == FALLBACK
-    finally:
-        cfile.forget_fd(fd)
-        cfile.close()
-        os.close(fd)
 
 
 def test_a_held_file_lock_sends_writes_to_python(setup: Setup) -> None:
@@ -451,19 +451,11 @@ def test_a_held_file_lock_sends_writes_to_python(setup: Setup) -> None:
 def test_a_read_only_mount_writes_nothing_natively(tmp_path: Path) -> None:
     native = _load(read_only=True)
     lib = Lib(native)
-    keys = VolumeKeys(bytearray(os.urandom(32)), volume_id=os.urandom(16), block_size=BS)
-    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
-    cfile = CipherFile(keys, fmt.Geometry(BS), "f", Sealer(), native=native)
-    cfile.attach_fd(fd)
-    try:
+    with _open_file(tmp_path / "f", native) as (cfile, fd):
         cfile.write(fd, 0, os.urandom(4 * BS))
         _key(cfile, fd)
         assert lib.read(fd, 0, BS) != FALLBACK
         assert lib.write(fd, 0, bytes(BS)) == FALLBACK
-    finally:
-        cfile.forget_fd(fd)
-        cfile.close()
-        os.close(fd)
 
 
 # --- getattr, getxattr ----------------------------------------------------------------
