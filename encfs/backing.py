@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from encfs import format as fmt
 from encfs.errors import VolumeBusy
 
+PAGE_SIZE = os.sysconf("SC_PAGESIZE")  # the page cache's unit (prefetch_edges)
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _O_FILE = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -338,6 +339,27 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
             raise OSError(errno.EIO, "short write to backing file")
         view = view[written:]
         offset += written
+
+
+def prefetch_edges(fd: int, cipher_off: int, cipher_len: int) -> None:
+    """Start reading the backing pages a ``pwrite`` of ``cipher_len`` bytes at
+    ``cipher_off`` covers only in part. The filesystem must read such a page before it can
+    change part of it, and does so inside the ``pwrite``, one page after the other; asked
+    for before the write (and before its blocks are sealed), both edges of a block come in
+    one request while the CPU works. Cipher blocks straddle pages, so every cold block
+    rewrite has two such edges. A cached page costs a lookup. Never raises: a filesystem
+    that cannot read ahead makes the ``pwrite`` read what it needs, as without this. The
+    native path's ``prefetch_edges`` does the same."""
+    end = cipher_off + cipher_len
+    head = cipher_off - cipher_off % PAGE_SIZE
+    tail = end - end % PAGE_SIZE
+    edges = [page for page, partial in ((head, cipher_off != head), (tail, end != tail)) if partial]
+    with contextlib.suppress(OSError):
+        if len(edges) == 2 and edges[1] - edges[0] <= PAGE_SIZE:  # one page or two adjacent
+            os.posix_fadvise(fd, edges[0], edges[1] + PAGE_SIZE - edges[0], os.POSIX_FADV_WILLNEED)
+        else:
+            for page in edges:
+                os.posix_fadvise(fd, page, PAGE_SIZE, os.POSIX_FADV_WILLNEED)
 
 
 def fallocate(fd: int, mode: int, cipher_off: int, cipher_len: int) -> None:

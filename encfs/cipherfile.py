@@ -674,6 +674,8 @@ class CipherFile:
         if presealed is not None:
             early_id, early = presealed
         elif early_id is not None and not plain_off % bs and not length % bs:
+            cipher_off = geo.block_cipher_off(first)
+            backing.prefetch_edges(fd, cipher_off, geo.block_cipher_off(end) - cipher_off)
             early = self.keys.file_cipher(early_id).seal(first, data)
         self._lock_write()
         try:

@@ -34,7 +34,7 @@ from pathlib import Path
 from encfs import format as fmt
 
 LIBRARY_NAME = "libencfs_fastpath.so"
-ABI_VERSION = 5
+ABI_VERSION = 6
 """``fp_version()`` of a library this module can drive (``FP_VERSION`` in the C file)."""
 SOURCE = Path(__file__).with_name("native") / "fastpath.c"
 NATIVE_FEATURES = fmt.FEATURE_DIRID_LINKS | fmt.FEATURE_DOUBLE
@@ -262,6 +262,11 @@ class NativeIO:
         decryption and its second look at the seqlock (None: nothing)."""
         self._lib.fp_test_between(None if address is None else ctypes.c_void_p(address))
 
+    def test_prefetch_edges(self, fd: int, cipher_off: int, cipher_len: int) -> None:
+        """Tests only: the library's ``prefetch_edges``, which its block rewrites call as
+        ``backing.prefetch_edges`` does Python's."""
+        self._lib.fp_test_prefetch_edges(fd, cipher_off, cipher_len)
+
     def counters(self) -> dict[str, int]:
         """What the library served (reads, writes, bytes, probes), sealed for the Sealer
         and handed to Python."""
@@ -282,6 +287,7 @@ def _declare(lib: ctypes.CDLL | ctypes.PyDLL) -> None:
         ("fp_wipe", c_int, (ctypes.c_long,)),
         ("fp_counters", None, (ctypes.POINTER(ctypes.c_ulong),)),
         ("fp_test_between", None, (vp,)),
+        ("fp_test_prefetch_edges", None, (c_int, ctypes.c_int64, sz)),
         ("fp_file_new", vp, ()),
         ("fp_file_set_id", c_int, (vp, ctypes.c_char_p, c_int)),
         ("fp_file_set_key", c_int, (vp, ctypes.c_char_p, vp)),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from encfs import fastpath
+from encfs import backing, fastpath
 from encfs import format as fmt
 from encfs import keys as keys_module
 from encfs.cipherfile import STREAM_MIN, CipherFile, Sealer
@@ -779,3 +779,63 @@ def test_the_key_is_lent_from_the_locked_arena_and_zeroed_after(setup: Setup) ->
     scratch = keys_module._SLOTS["scratch"][0]
     assert keys_module._SLOTS["scratch_outer"][0] == scratch + 32
     assert ctypes.string_at(s.keys._arena.address + scratch, 64) == bytes(64)
+
+
+PAGE = os.sysconf("SC_PAGESIZE")
+
+
+def _resident_pages(fd: int, npages: int) -> set[int]:
+    """Which of the file's first ``npages`` pages are in the page cache (mincore(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)  # fmt: skip
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    length = npages * PAGE
+    address = libc.mmap(None, length, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        vec = ctypes.create_string_buffer(npages)
+        assert libc.mincore(address, length, vec) == 0, os.strerror(ctypes.get_errno())
+        return {i for i in range(npages) if vec.raw[i] & 1}
+    finally:
+        libc.munmap(address, length)
+
+
+@pytest.mark.parametrize("side", ["python", "native"])
+@pytest.mark.parametrize(
+    ("cipher_off", "cipher_len", "pages"),
+    [
+        (PAGE + 16, 4124, {1, 2}),  # a block straddling two pages: both edges, one request
+        (PAGE, PAGE + 28, {2}),  # starts on a page: only the tail is partial
+        (PAGE - 28, PAGE + 28, {0}),  # ends on a page: only the head
+        (PAGE, 2 * PAGE, set()),  # whole pages: nothing to read
+        (100, 5 * PAGE, {0, 5}),  # the pages in between are overwritten whole: not read
+        (100, 200, {0}),  # inside one page
+    ],
+)
+def test_prefetch_edges_reads_exactly_the_pages_a_rewrite_covers_in_part(
+    tmp_path: Path, side: str, cipher_off: int, cipher_len: int, pages: set[int]
+) -> None:
+    """Before a rewrite of backing bytes, both the door (backing.prefetch_edges, Python's
+    block rewrites) and the library (its native rewrites) start reading the pages the
+    write covers only in part, which the filesystem would otherwise read one after the
+    other inside the pwrite; no other page (that would be a wasted disk read)."""
+    prefetch = backing.prefetch_edges if side == "python" else _load().test_prefetch_edges
+    path = tmp_path / "backing"
+    path.write_bytes(os.urandom(8 * PAGE))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if _resident_pages(fd, 8):
+            pytest.skip("this filesystem keeps clean pages after POSIX_FADV_DONTNEED")
+        prefetch(fd, cipher_off, cipher_len)
+        deadline = time.monotonic() + 5
+        while not pages <= _resident_pages(fd, 8) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)  # let a wrongly asked-for page arrive too
+        assert _resident_pages(fd, 8) == pages
+    finally:
+        os.close(fd)
