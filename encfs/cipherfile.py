@@ -674,6 +674,7 @@ class CipherFile:
         if presealed is not None:
             early_id, early = presealed
         elif early_id is not None and not plain_off % bs and not length % bs:
+            # Ask for the pages the write covers in part now; they arrive while we seal.
             cipher_off = geo.block_cipher_off(first)
             backing.prefetch_edges(fd, cipher_off, geo.block_cipher_off(end) - cipher_off)
             early = self.keys.file_cipher(early_id).seal(first, data)
@@ -726,8 +727,13 @@ class CipherFile:
                     plain = buf
                 if rewritten:
                     self._save_undo(fd, file_id, rewritten)
-                sealed = self.keys.file_cipher(file_id).seal(first, plain)
                 cipher_off = geo.block_cipher_off(first)
+                if plain is data and cipher_off < cipher_size_before:
+                    # Whole blocks over existing ones, not sealed early (the file's id was
+                    # not known yet: the first write after an open): as above. (Partial
+                    # blocks read theirs in _read_block.)
+                    backing.prefetch_edges(fd, cipher_off, geo.cipher_size(write_end) - cipher_off)
+                sealed = self.keys.file_cipher(file_id).seal(first, plain)
                 if header and cipher_off == len(header):
                     _pwritev_all(fd, [header, sealed], 0)  # one syscall for a new file
                 else:
