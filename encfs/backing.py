@@ -351,15 +351,16 @@ def prefetch_edges(fd: int, cipher_off: int, cipher_len: int) -> None:
     that cannot read ahead makes the ``pwrite`` read what it needs, as without this. The
     native path's ``prefetch_edges`` does the same."""
     end = cipher_off + cipher_len
-    head = cipher_off - cipher_off % PAGE_SIZE
-    tail = end - end % PAGE_SIZE
-    edges = [page for page, partial in ((head, cipher_off != head), (tail, end != tail)) if partial]
+    head, tail = cipher_off - cipher_off % PAGE_SIZE, end - end % PAGE_SIZE
+    partial_head, partial_tail = cipher_off != head, end != tail
     with contextlib.suppress(OSError):
-        if len(edges) == 2 and edges[1] - edges[0] <= PAGE_SIZE:  # one page or two adjacent
-            os.posix_fadvise(fd, edges[0], edges[1] + PAGE_SIZE - edges[0], os.POSIX_FADV_WILLNEED)
+        if partial_head and partial_tail and tail - head <= PAGE_SIZE:  # one page, or two adjacent
+            os.posix_fadvise(fd, head, tail + PAGE_SIZE - head, os.POSIX_FADV_WILLNEED)
         else:
-            for page in edges:
-                os.posix_fadvise(fd, page, PAGE_SIZE, os.POSIX_FADV_WILLNEED)
+            if partial_head:
+                os.posix_fadvise(fd, head, PAGE_SIZE, os.POSIX_FADV_WILLNEED)
+            if partial_tail:
+                os.posix_fadvise(fd, tail, PAGE_SIZE, os.POSIX_FADV_WILLNEED)
 
 
 def fallocate(fd: int, mode: int, cipher_off: int, cipher_len: int) -> None:
